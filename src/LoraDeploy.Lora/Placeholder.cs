@@ -1,0 +1,3 @@
+namespace LoraDeploy.Lora;
+
+internal static class Placeholder;
