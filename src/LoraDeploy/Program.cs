@@ -1,3 +1,3 @@
-var builder = WebApplication.CreateBuilder(args);
-var app = builder.Build();
-app.Run();
+using LoraDeploy.Cli;
+
+return await LoraDeployCli.Create().Parse(args).InvokeAsync();

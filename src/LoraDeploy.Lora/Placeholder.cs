@@ -1,3 +1,0 @@
-namespace LoraDeploy.Lora;
-
-internal static class Placeholder;
