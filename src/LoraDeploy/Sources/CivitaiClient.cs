@@ -32,19 +32,19 @@ public sealed class CivitaiClient(HttpClient http, IOptionsMonitor<CivitaiOption
         }
         catch (OutboundRequestRefusedException ex)
         {
-            return CivitaiResolveResult.Fail(ReasonClass.Refused, $"could not contact CivitAI at {civitai.BaseUri}: {ex.Message}");
+            return CivitaiResolveResult.Fail(ReasonClass.Refused, $"could not contact CivitAI at {civitai.GetBaseUri()}: {ex.Message}");
         }
         catch (TimeoutRejectedException)
         {
-            return CivitaiResolveResult.Fail(ReasonClass.Network, $"CivitAI at {civitai.BaseUri} did not answer in time; try again later");
+            return CivitaiResolveResult.Fail(ReasonClass.Network, $"CivitAI at {civitai.GetBaseUri()} did not answer in time; try again later");
         }
         catch (HttpRequestException ex)
         {
-            return CivitaiResolveResult.Fail(ReasonClass.Network, $"could not reach CivitAI at {civitai.BaseUri} ({ex.Message}); check the network and Civitai:BaseUrl");
+            return CivitaiResolveResult.Fail(ReasonClass.Network, $"could not reach CivitAI at {civitai.GetBaseUri()} ({ex.Message}); check the network and Civitai:BaseUrl");
         }
         catch (JsonException)
         {
-            return CivitaiResolveResult.Fail(ReasonClass.Upstream, $"CivitAI at {civitai.BaseUri} answered with JSON this service cannot read; check Civitai:BaseUrl");
+            return CivitaiResolveResult.Fail(ReasonClass.Upstream, $"CivitAI at {civitai.GetBaseUri()} answered with JSON this service cannot read; check Civitai:BaseUrl");
         }
     }
 
@@ -302,7 +302,7 @@ public sealed class CivitaiClient(HttpClient http, IOptionsMonitor<CivitaiOption
     private async Task<(HttpStatusCode Status, T? Body, string? Error)> GetJsonAsync<T>(string relative, JsonTypeInfo<T> typeInfo, CivitaiOptions civitai, CancellationToken ct)
         where T : class
     {
-        using var request = CivitaiHttp.CreateRequest(new Uri(civitai.BaseUri, relative), civitai);
+        using var request = CivitaiHttp.CreateRequest(new Uri(civitai.GetBaseUri(), relative), civitai);
         request.Headers.Accept.Add(new MediaTypeWithQualityHeaderValue("application/json"));
         using var response = await http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead, ct).ConfigureAwait(false);
         if (!response.IsSuccessStatusCode)
@@ -316,7 +316,7 @@ public sealed class CivitaiClient(HttpClient http, IOptionsMonitor<CivitaiOption
     }
 
     internal static Uri DownloadUrlFor(CivitaiOptions civitai, int versionId, int fileId) =>
-        new(civitai.BaseUri, $"api/download/models/{versionId}?fileId={fileId}");
+        new(civitai.GetBaseUri(), $"api/download/models/{versionId}?fileId={fileId}");
 }
 
 /// <summary>Request and error-body helpers shared by the resolver and the downloader.</summary>
@@ -331,7 +331,7 @@ internal static class CivitaiHttp
     public static HttpRequestMessage CreateRequest(Uri uri, CivitaiOptions civitai)
     {
         var request = new HttpRequestMessage(HttpMethod.Get, uri);
-        var baseUri = civitai.BaseUri;
+        var baseUri = civitai.GetBaseUri();
         if (civitai.HasToken && Uri.Compare(uri, baseUri, UriComponents.SchemeAndServer, UriFormat.Unescaped, StringComparison.OrdinalIgnoreCase) == 0)
         {
             request.Headers.Authorization = new AuthenticationHeaderValue("Bearer", civitai.Token!.Trim());

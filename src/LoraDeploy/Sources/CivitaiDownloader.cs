@@ -108,7 +108,7 @@ public sealed class CivitaiDownloader(
             using (response)
             {
                 var finalUri = response.RequestMessage?.RequestUri ?? request.RequestUri!;
-                var fromCivitai = SameOrigin(finalUri, s.Civitai.BaseUri);
+                var fromCivitai = SameOrigin(finalUri, s.Civitai.GetBaseUri());
                 var status = (int)response.StatusCode;
 
                 if (usingSigned && status is 400 or 401 or 403 or 404 or 410)

@@ -14,7 +14,7 @@ public sealed class CivitaiOptions : IValidatableObject
     /// <summary>Personal API key; sent as a Bearer header to the BaseUrl host only.</summary>
     public string? Token { get; set; }
 
-    public Uri BaseUri => new(BaseUrl.TrimEnd('/') + "/");
+    public Uri GetBaseUri() => new(BaseUrl.TrimEnd('/') + "/");
 
     public bool HasToken => !string.IsNullOrWhiteSpace(Token);
 
@@ -63,7 +63,8 @@ public sealed class NetworkOptions : IValidatableObject
     {
         if (IPNetwork.TryParse(entry, out network))
         {
-            return true;
+            // Insist on a clean base address: "192.168.1.5/16" is more likely a typo than a wish to allow a /16.
+            return HostBitsAreZero(network, entry);
         }
         // A bare address means just that address.
         if (IPAddress.TryParse(entry, out var address))
@@ -72,6 +73,24 @@ public sealed class NetworkOptions : IValidatableObject
             return true;
         }
         return false;
+    }
+
+    private static bool HostBitsAreZero(IPNetwork network, string entry)
+    {
+        var slash = entry.IndexOf('/', StringComparison.Ordinal);
+        if (slash < 0 || !IPAddress.TryParse(entry[..slash], out var written))
+        {
+            return true;
+        }
+        var bytes = written.GetAddressBytes();
+        for (var bit = network.PrefixLength; bit < bytes.Length * 8; bit++)
+        {
+            if ((bytes[bit / 8] & (0x80 >> (bit % 8))) != 0)
+            {
+                return false;
+            }
+        }
+        return true;
     }
 
     public IEnumerable<ValidationResult> Validate(ValidationContext validationContext)
