@@ -363,7 +363,8 @@ public static class SafetensorsReader
     }
 
     private static string FormatShape(long[] shape) =>
-        "[" + string.Join(", ", shape.Select(d => d.ToString(CultureInfo.InvariantCulture))) + "]";
+        "[" + string.Join(", ", shape.Take(8).Select(d => d.ToString(CultureInfo.InvariantCulture)))
+        + (shape.Length > 8 ? $", … ({shape.Length} dims)]" : "]");
 
     private static string Truncate(string value) => value.Length <= 120 ? value : value[..120] + "…";
 
