@@ -593,6 +593,10 @@ public static partial class LoraProber
             {
                 _warnings.Add("An alpha value is not a finite number.");
             }
+            if (sawAlpha && alphaUniform && alphaValue == 0)
+            {
+                _warnings.Add("Alpha is 0: ComfyUI applies that as scale 0 (no effect) while kohya treats it as alpha = rank.");
+            }
             double? uniformScale = null;
             if (scaleMin <= scaleMax && !alphaUnreadable)
             {
