@@ -592,6 +592,11 @@ public sealed class CivitaiSimulator : IAsyncDisposable
         for (var offset = 0L; offset < limit;)
         {
             var n = (int)Math.Min(64 * 1024, limit - offset);
+            if (faults.ChunkDelay > TimeSpan.Zero)
+            {
+                await ctx.Response.Body.FlushAsync(ctx.RequestAborted);
+                await Task.Delay(faults.ChunkDelay, ctx.RequestAborted);
+            }
             await ctx.Response.Body.WriteAsync(content.AsMemory((int)(start + offset), n), ctx.RequestAborted);
             offset += n;
         }
