@@ -237,8 +237,8 @@ public static partial class LoraProber
             {
                 e.SdxlMarkers++;
             }
-            var deep = DeepTransformerRegex().Match(n);
-            if (deep.Success && int.Parse(deep.Groups[1].ValueSpan, CultureInfo.InvariantCulture) >= 2)
+            var deep = n.IndexOf("_transformer_blocks_", StringComparison.Ordinal);
+            if (deep >= 0 && LeadingIndex(n, deep + 20) >= 2)
             {
                 e.SdxlMarkers++;
             }
@@ -396,8 +396,6 @@ public static partial class LoraProber
         [GeneratedRegex(@"^(input_blocks_[12]_1_|output_blocks_([6-9]|1[01])_1_)", RegexOptions.CultureInvariant)]
         private static partial Regex Sd12BlockRegex();
 
-        [GeneratedRegex(@"_transformer_blocks_(\d+)_", RegexOptions.CultureInvariant)]
-        private static partial Regex DeepTransformerRegex();
 
         // ---- metadata ----
 

@@ -29,7 +29,8 @@ public static partial class LoraProber
     /// <exception cref="SafetensorsFormatException">The file is not a well-formed safetensors file.</exception>
     public static ProbeReport ProbeFile(string path, bool hashes = false)
     {
-        using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 4096);
+        // Unbuffered: alpha scalars are read with one small positioned read each, not a 4 KB buffer fill.
+        using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 0);
         var header = SafetensorsReader.Read(file);
         var report = Probe(header, file);
         if (!hashes)
@@ -89,18 +90,24 @@ public static partial class LoraProber
         private readonly IReadOnlyDictionary<string, string> _metadata = header.Metadata;
         private readonly long _dataOffset = header.DataOffset;
         private readonly Stream? _file = file;
-        private readonly Dictionary<string, Module> _modules = new(StringComparer.Ordinal);
+        private readonly Dictionary<string, Module> _modules = new(header.Tensors.Count / 2, StringComparer.Ordinal);
+        private Dictionary<string, Module>.AlternateLookup<ReadOnlySpan<char>> _moduleLookup;
         private readonly List<string> _warnings = [];
         private readonly List<string> _unknownKeys = [];
         private int _plainWeightModules;
 
         public ProbeReport Run()
         {
+            _moduleLookup = _modules.GetAlternateLookup<ReadOnlySpan<char>>();
             long parameters = 0;
-            var dtypes = new SortedSet<string>(StringComparer.Ordinal);
+            var dtypes = new List<string>(2);
             foreach (var tensor in header.Tensors)
             {
-                dtypes.Add(tensor.Dtype);
+                // Dtype strings are interned by the reader, so reference comparison finds repeats cheaply.
+                if (!dtypes.Contains(tensor.Dtype))
+                {
+                    dtypes.Add(tensor.Dtype);
+                }
                 parameters += tensor.ElementCount;
                 Add(tensor);
             }
@@ -168,7 +175,7 @@ public static partial class LoraProber
                 RankMax = rankMax,
                 Alpha = alpha,
                 Scale = scale,
-                Dtypes = [.. dtypes],
+                Dtypes = [.. dtypes.Order(StringComparer.Ordinal)],
                 ParameterCount = parameters,
                 TriggerWords = triggerWords,
                 TopTags = topTags,
@@ -183,14 +190,16 @@ public static partial class LoraProber
 
         private void Add(SafetensorsTensor tensor)
         {
-            var kind = LoraKeys.Split(tensor.Name, out var moduleName);
+            var kind = LoraKeys.Split(tensor.Name, out var moduleLength);
             if (kind == ParamKind.Unknown)
             {
                 _unknownKeys.Add(tensor.Name);
                 return;
             }
-            if (!_modules.TryGetValue(moduleName, out var module))
+            // Look the module up by span so that only a module's first tensor allocates its name.
+            if (!_moduleLookup.TryGetValue(tensor.Name.AsSpan(0, moduleLength), out var module))
             {
+                var moduleName = tensor.Name[..moduleLength];
                 var normalized = LoraKeys.Normalize(moduleName, out var component, out var style);
                 module = new Module(moduleName, normalized, component, style);
                 _modules.Add(moduleName, module);

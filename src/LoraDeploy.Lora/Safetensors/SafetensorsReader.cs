@@ -91,8 +91,10 @@ public static class SafetensorsReader
             throw new SafetensorsFormatException("the header is not valid UTF-8");
         }
 
-        var tensors = new List<SafetensorsTensor>();
-        var byName = new Dictionary<string, SafetensorsTensor>(StringComparer.Ordinal);
+        // A tensor entry takes at least ~50 bytes of JSON and typically ~100-150; presizing saves rehashing.
+        var capacity = json.Length / 128;
+        var tensors = new List<SafetensorsTensor>(capacity);
+        var byName = new Dictionary<string, SafetensorsTensor>(capacity, StringComparer.Ordinal);
         IReadOnlyDictionary<string, string>? metadata = null;
         var scratch = new List<long>(8);
 
