@@ -596,7 +596,13 @@ public static partial class LoraProber
                 _warnings.Add("Alpha is 0: ComfyUI applies that as scale 0 (no effect) while kohya treats it as alpha = rank.");
             }
             double? uniformScale = null;
-            if (scaleMin <= scaleMax && !alphaUnreadable)
+            if (alphaValue is { } finite && !double.IsFinite(finite))
+            {
+                // JSON has no NaN/Infinity; the warning above carries the information.
+                alphaValue = null;
+                alphaUnreadable = true;
+            }
+            if (scaleMin <= scaleMax && double.IsFinite(scaleMin) && double.IsFinite(scaleMax) && !alphaUnreadable)
             {
                 if (scaleMax - scaleMin <= 1e-9 * Math.Max(1, Math.Abs(scaleMax)))
                 {

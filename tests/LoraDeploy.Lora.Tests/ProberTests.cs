@@ -389,6 +389,21 @@ public sealed class ProberTests
     }
 
     [Fact]
+    public void Non_finite_alpha_is_a_warning_and_still_serialises()
+    {
+        var w = new SafetensorsWriter()
+            .Lora("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 8, 2048, 640, alpha: double.NaN)
+            .Lora("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_v", 8, 2048, 640, alpha: double.PositiveInfinity);
+
+        var report = Probe(w);
+
+        Assert.Null(report.Alpha);
+        Assert.Null(report.Scale);
+        Assert.Contains(report.Warnings, x => x.Contains("Alpha differs", StringComparison.Ordinal));
+        Assert.Contains("\"alpha\": null", JsonSerializer.Serialize(report, ProbeJsonContext.Default.ProbeReport), StringComparison.Ordinal);
+    }
+
+    [Fact]
     public void Report_serialises_with_snake_case_names()
     {
         var report = Probe(new SafetensorsWriter().Lora("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 8, 2048, 640, alpha: 8));
