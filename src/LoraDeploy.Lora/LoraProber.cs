@@ -94,7 +94,6 @@ public static partial class LoraProber
         private Dictionary<string, Module>.AlternateLookup<ReadOnlySpan<char>> _moduleLookup;
         private readonly List<string> _warnings = [];
         private readonly List<string> _unknownKeys = [];
-        private int _plainWeightModules;
 
         public ProbeReport Run()
         {
@@ -103,7 +102,7 @@ public static partial class LoraProber
             var dtypes = new List<string>(2);
             foreach (var tensor in header.Tensors)
             {
-                // Dtype strings are interned by the reader, so reference comparison finds repeats cheaply.
+                // A file has one or two dtypes; a list beats a set here.
                 if (!dtypes.Contains(tensor.Dtype))
                 {
                     dtypes.Add(tensor.Dtype);
@@ -120,11 +119,13 @@ public static partial class LoraProber
             var architecture = DecideArchitecture(complete, out var mixed);
             var format = FormatOf(architecture);
 
-            var plainWeightMajority = _plainWeightModules > 0 && _plainWeightModules >= adapterModules;
+            // IA3 stores its vector as "<module>.weight" next to "on_input"; any other plain weight is a model weight.
+            var plainWeights = _modules.Values.Count(m => m.HasPlainWeight && !m.HasIa3);
+            var plainWeightMajority = plainWeights > 0 && plainWeights >= adapterModules;
             var isAdapter = !isLllite && !isControl && adapterModules > 0 && !plainWeightMajority;
-            if (_plainWeightModules > 0 && !plainWeightMajority)
+            if (plainWeights > 0 && !plainWeightMajority)
             {
-                _warnings.Add($"{_plainWeightModules} plain '.weight' tensors sit next to the adapter modules (a merged checkpoint can carry LoRA keys).");
+                _warnings.Add($"{plainWeights} plain '.weight' tensors sit next to the adapter modules (a merged checkpoint can carry LoRA keys).");
             }
 
             var (rankMin, rankMax, alpha, scale) = RanksAndScale(complete);
@@ -154,7 +155,7 @@ public static partial class LoraProber
             }
             else if (_unknownKeys.Count > 0)
             {
-                reason = $"{_unknownKeys.Count} tensors are not LoRA-family parameters (e.g. '{_unknownKeys[0]}')";
+                reason = $"{_unknownKeys.Count} tensors are not LoRA-family parameters (e.g. '{Truncate(_unknownKeys[0], 120)}')";
             }
             else if (complete.Count < _modules.Values.Count(m => m.Down is not null || m.Up is not null || m.IsComplete))
             {
@@ -206,13 +207,7 @@ public static partial class LoraProber
             }
             switch (kind)
             {
-                case ParamKind.PlainWeight:
-                    if (!module.HasPlainWeight)
-                    {
-                        _plainWeightModules++;
-                    }
-                    module.HasPlainWeight = true;
-                    break;
+                case ParamKind.PlainWeight: module.HasPlainWeight = true; break;
                 case ParamKind.Down: module.Down = tensor; break;
                 case ParamKind.Up: module.Up = tensor; break;
                 case ParamKind.Mid: module.Mid = tensor; break;

@@ -314,6 +314,22 @@ public sealed class ProberTests
     }
 
     [Fact]
+    public void Ia3_weight_vectors_are_adapter_tensors()
+    {
+        var w = new SafetensorsWriter()
+            .Tensor("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.weight", "F32", [640])
+            .Tensor("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.on_input", "BOOL", [])
+            .Tensor("lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_2.weight", "F32", [1280, 1])
+            .Tensor("lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_2.on_input", "BOOL", []);
+
+        var report = Probe(w);
+
+        Assert.True(report.IsAdapter);
+        Assert.Equal("ia3", report.Network);
+        Assert.Null(report.Scale);
+    }
+
+    [Fact]
     public void Peft_llm_adapter_is_an_adapter_but_not_for_images()
     {
         var w = new SafetensorsWriter()
