@@ -14,6 +14,8 @@ public class ProberBenchmarks
 
     internal MemoryStream File => _file;
 
+    internal byte[] HeaderJson => _headerJson;
+
     [GlobalSetup]
     public void Setup()
     {

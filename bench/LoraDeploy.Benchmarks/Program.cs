@@ -15,6 +15,29 @@ if (args is ["profile"])
         ("json", bench.JsonDocumentParse), ("read", bench.Read), ("read+probe", bench.ReadAndProbe),
         ("probe only", () => LoraDeploy.Lora.LoraProber.Probe(header, bench.File).ModuleCount),
         ("read+probe", bench.ReadAndProbe),
+        ("raw Utf8JsonReader pass", () =>
+        {
+            var reader = new System.Text.Json.Utf8JsonReader(bench.HeaderJson);
+            var n = 0;
+            while (reader.Read())
+            {
+                n++;
+            }
+            return n;
+        }),
+        ("Utf8JsonReader + GetString names", () =>
+        {
+            var reader = new System.Text.Json.Utf8JsonReader(bench.HeaderJson);
+            var n = 0;
+            while (reader.Read())
+            {
+                if (reader.TokenType == System.Text.Json.JsonTokenType.PropertyName && reader.CurrentDepth == 1)
+                {
+                    n += reader.GetString()!.Length;
+                }
+            }
+            return n;
+        }),
     })
     {
         var best = double.MaxValue;
