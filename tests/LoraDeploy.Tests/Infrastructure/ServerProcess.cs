@@ -1,0 +1,146 @@
+using System.Diagnostics;
+using System.Net;
+using System.Net.Http.Headers;
+using System.Net.Sockets;
+using System.Text;
+
+namespace LoraDeploy.Tests;
+
+/// <summary>
+/// The real <c>loradeploy serve</c> as a child process (the build output next to the tests), for tests that
+/// kill a server mid-work or run several replicas. Output is captured for failure messages.
+/// </summary>
+public sealed class ServerProcess : IAsyncDisposable
+{
+    private readonly Process _process;
+    private readonly StringBuilder _output = new();
+
+    private ServerProcess(Process process, Uri baseUrl)
+    {
+        _process = process;
+        BaseUrl = baseUrl;
+        process.OutputDataReceived += (_, e) => Append(e.Data);
+        process.ErrorDataReceived += (_, e) => Append(e.Data);
+        process.BeginOutputReadLine();
+        process.BeginErrorReadLine();
+    }
+
+    public Uri BaseUrl { get; }
+
+    public string Output
+    {
+        get
+        {
+            lock (_output)
+            {
+                return _output.ToString();
+            }
+        }
+    }
+
+    public bool HasExited => _process.HasExited;
+
+    public static string ExecutablePath => Path.Combine(AppContext.BaseDirectory, "loradeploy.dll");
+
+    /// <summary>Starts <c>serve</c> on a free loopback port with <paramref name="settings"/> as <c>--Key=value</c>; waits until ready.</summary>
+    public static async Task<ServerProcess> StartAsync(string dataDir, IReadOnlyDictionary<string, string?> settings, TimeSpan? readyTimeout = null)
+    {
+        var port = FreePort();
+        var start = new ProcessStartInfo("dotnet")
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            UseShellExecute = false,
+            WorkingDirectory = dataDir,
+        };
+        foreach (var arg in new[] { ExecutablePath, "serve", "--urls", $"http://127.0.0.1:{port}", "--data-dir", dataDir })
+        {
+            start.ArgumentList.Add(arg);
+        }
+        foreach (var (key, value) in settings)
+        {
+            if (value is not null)
+            {
+                start.ArgumentList.Add($"--{key}={value}");
+            }
+        }
+        start.Environment["DOTNET_NOLOGO"] = "1";
+        var process = Process.Start(start) ?? throw new InvalidOperationException("dotnet did not start");
+        var server = new ServerProcess(process, new Uri($"http://127.0.0.1:{port}"));
+        await server.WaitReadyAsync(readyTimeout ?? TimeSpan.FromSeconds(60));
+        return server;
+    }
+
+    public HttpClient CreateClient(string? token = null)
+    {
+        var client = new HttpClient { BaseAddress = BaseUrl };
+        if (token is not null)
+        {
+            client.DefaultRequestHeaders.Authorization = new AuthenticationHeaderValue("Bearer", token);
+        }
+        return client;
+    }
+
+    /// <summary>SIGKILL: no shutdown hooks, no flushing — what a crash looks like.</summary>
+    public async Task KillAsync()
+    {
+        if (!_process.HasExited)
+        {
+            _process.Kill(entireProcessTree: true);
+        }
+        await _process.WaitForExitAsync();
+    }
+
+    private async Task WaitReadyAsync(TimeSpan timeout)
+    {
+        using var client = new HttpClient { BaseAddress = BaseUrl, Timeout = TimeSpan.FromSeconds(2) };
+        var deadline = DateTime.UtcNow + timeout;
+        while (DateTime.UtcNow < deadline)
+        {
+            if (_process.HasExited)
+            {
+                throw new InvalidOperationException($"loradeploy serve exited with {_process.ExitCode}:\n{Output}");
+            }
+            try
+            {
+                if ((await client.GetAsync("/ready")).StatusCode == HttpStatusCode.OK)
+                {
+                    return;
+                }
+            }
+            catch (HttpRequestException)
+            {
+            }
+            catch (TaskCanceledException)
+            {
+            }
+            await Task.Delay(100);
+        }
+        throw new TimeoutException($"loradeploy serve was not ready within {timeout}:\n{Output}");
+    }
+
+    private void Append(string? line)
+    {
+        if (line is null)
+        {
+            return;
+        }
+        lock (_output)
+        {
+            _output.AppendLine(line);
+        }
+    }
+
+    public static int FreePort()
+    {
+        using var listener = new TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        return ((IPEndPoint)listener.LocalEndpoint).Port;
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await KillAsync();
+        _process.Dispose();
+    }
+}
