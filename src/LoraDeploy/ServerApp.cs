@@ -4,6 +4,7 @@ using LoraDeploy.Data;
 using LoraDeploy.Deploys;
 using LoraDeploy.Health;
 using LoraDeploy.Loras;
+using LoraDeploy.Observability;
 using LoraDeploy.OpenApi;
 using LoraDeploy.Pipeline;
 using LoraDeploy.Sources;
@@ -42,6 +43,7 @@ public static class ServerApp
         builder.Services.AddSources(builder.Configuration);
         builder.Services.AddImportPipeline();
         builder.Services.AddApiDocumentation();
+        builder.AddObservability();
 
         var app = builder.Build();
         app.UseDeepErrors();
@@ -52,6 +54,7 @@ public static class ServerApp
         app.UseAuthorization();
 
         app.MapHealth();
+        app.MapMetrics();
         app.MapApiDocumentation();
         app.MapBaseModels();
         app.MapLoras();

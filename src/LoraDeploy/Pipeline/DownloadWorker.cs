@@ -49,7 +49,10 @@ public sealed partial class DownloadWorker(
         var row = await db.Downloads.FirstAsync(d => d.Id == downloadId, stoppingToken);
         var file = JsonSerializer.Deserialize(row.ResolvedJson!, PipelineJsonContext.Default.ResolvedCivitaiFile)!;
         var staging = blobs.StagingPath($"download-{downloadId}.part");
-        using var scope = logger.BeginScope(new Dictionary<string, object> { ["DownloadId"] = downloadId, ["CivitaiFileId"] = file.FileId });
+        // Every line names the deploys this shared download serves, so a user's deploy id finds them.
+        var waiting = await db.Deploys.Where(d => d.DownloadId == downloadId && d.Status == DeployStatus.Downloading)
+            .Select(d => d.Id).ToListAsync(stoppingToken);
+        using var scope = logger.BeginScope("Download {DownloadId} for deploys {DeployIds}", downloadId, string.Join(",", waiting));
 
         using var work = CancellationTokenSource.CreateLinkedTokenSource(stoppingToken);
         var progress = new LatestProgress();

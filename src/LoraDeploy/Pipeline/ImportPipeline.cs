@@ -102,7 +102,7 @@ public sealed partial class ImportPipeline(
             if (await ClaimNewDeployAsync(deployId, token))
             {
                 Interlocked.Increment(ref claimed);
-                using var scope = logger.BeginScope(new Dictionary<string, object> { ["DeployId"] = deployId });
+                using var scope = logger.BeginScope("Deploy {DeployId}", deployId);
                 await GuardAsync(deployId, () => ResolveDeployAsync(deployId, token), token);
             }
         });
@@ -281,7 +281,7 @@ public sealed partial class ImportPipeline(
                 return;
             }
             Interlocked.Increment(ref claimed);
-            using var scope = logger.BeginScope(new Dictionary<string, object> { ["DeployId"] = candidate.DeployId });
+            using var scope = logger.BeginScope("Deploy {DeployId}", candidate.DeployId);
             await GuardAsync(candidate.DeployId, async () =>
             {
                 var download = await db.Downloads.FirstAsync(d => d.Id == candidate.DownloadId, token);

@@ -1,0 +1,86 @@
+using System.Diagnostics.Metrics;
+using LoraDeploy.Data;
+using LoraDeploy.Pipeline;
+using Microsoft.EntityFrameworkCore;
+using OpenTelemetry.Metrics;
+
+namespace LoraDeploy.Observability;
+
+/// <summary>Prometheus metrics at <c>/metrics</c> through OpenTelemetry, and console logs that carry scopes (deploy ids).</summary>
+public static class ObservabilityExtensions
+{
+    public static WebApplicationBuilder AddObservability(this WebApplicationBuilder builder)
+    {
+        builder.Logging.AddSimpleConsole(console =>
+        {
+            console.IncludeScopes = true;
+            console.SingleLine = true;
+            console.TimestampFormat = "yyyy-MM-ddTHH:mm:ss.fffZ ";
+            console.UseUtcTimestamp = true;
+        });
+        builder.Services.AddSingleton<DeployStatusGauge>();
+        builder.Services.AddHostedService(sp => sp.GetRequiredService<DeployStatusGauge>());
+        builder.Services.AddOpenTelemetry().WithMetrics(metrics => metrics
+            .AddAspNetCoreInstrumentation() // http.server.request.duration by route and status code
+            .AddMeter(PipelineMetrics.MeterName, DeployStatusGauge.MeterName)
+            .AddPrometheusExporter());
+        return builder;
+    }
+
+    public static IEndpointRouteBuilder MapMetrics(this IEndpointRouteBuilder app)
+    {
+        app.MapPrometheusScrapingEndpoint("/metrics").AllowAnonymous();
+        return app;
+    }
+}
+
+/// <summary>Deploys by status, sampled from the database every few seconds (a scrape never waits on a query).</summary>
+public sealed class DeployStatusGauge : BackgroundService
+{
+    public const string MeterName = "LoraDeploy.Deploys";
+    private static readonly TimeSpan Interval = TimeSpan.FromSeconds(10);
+
+    private readonly IDbContextFactory<LoraDeployDbContext> _contexts;
+    private readonly ILogger<DeployStatusGauge> _logger;
+    private volatile IReadOnlyDictionary<string, long> _counts = new Dictionary<string, long>();
+
+    public DeployStatusGauge(IMeterFactory meters, IDbContextFactory<LoraDeployDbContext> contexts, ILogger<DeployStatusGauge> logger)
+    {
+        _contexts = contexts;
+        _logger = logger;
+        meters.Create(MeterName).CreateObservableGauge("loradeploy.deploys", Observe, description: "Deploys by status");
+    }
+
+    private IEnumerable<Measurement<long>> Observe()
+    {
+        var counts = _counts;
+        return DeployStatus.All.Select(status => new Measurement<long>(
+            counts.GetValueOrDefault(status), new KeyValuePair<string, object?>("status", status)));
+    }
+
+    protected override async Task ExecuteAsync(CancellationToken stoppingToken)
+    {
+        while (!stoppingToken.IsCancellationRequested)
+        {
+            try
+            {
+                await using var db = await _contexts.CreateDbContextAsync(stoppingToken);
+                _counts = await db.Deploys.GroupBy(d => d.Status)
+                    .Select(g => new { Status = g.Key, Count = g.LongCount() })
+                    .ToDictionaryAsync(g => g.Status, g => g.Count, stoppingToken);
+            }
+            catch (Exception e) when (e is not OperationCanceledException)
+            {
+                _logger.LogWarning(e, "Could not sample deploy counts");
+            }
+            try
+            {
+                await Task.Delay(Interval, stoppingToken);
+            }
+            catch (OperationCanceledException)
+            {
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+using System.Net;
+using LoraDeploy.Tests.Pipeline;
+
+namespace LoraDeploy.Tests.Observability;
+
+public sealed class ObservabilityTests
+{
+    [Fact]
+    public async Task Metrics_are_exported_for_prometheus()
+    {
+        await using var h = await PipelineHarness.StartAsync();
+        var version = h.Simulator.AddLora(AdapterFiles.Flux1(), baseModel: "Flux.1 D");
+        (await h.CreateAndWaitAsync("metered", PipelineHarness.ModelUrl(version))).AssertDeploying();
+        (await h.CreateAndWaitAsync("metered-again", PipelineHarness.ModelUrl(version))).AssertDeploying();
+        (await h.CreateAndWaitAsync("metered-missing", "https://civitai.com/models/999999")).AssertFailed();
+        await h.User.Client.GetAsync("/deploy/list");
+
+        using var anonymous = h.Server.CreateClient();
+        string text = "";
+        await ImportPipelineTests.WaitUntilAsync(async () =>
+        {
+            var response = await anonymous.GetAsync("/metrics");
+            Assert.Equal(HttpStatusCode.OK, response.StatusCode);
+            text = await response.Content.ReadAsStringAsync();
+            return text.Contains("loradeploy_deploys{", StringComparison.Ordinal) && text.Contains("status=\"deploying\"", StringComparison.Ordinal);
+        });
+
+        Assert.Contains("http_server_request_duration_seconds", text);
+        Assert.Contains("http_route=\"/deploy/list\"", text);
+        Assert.Contains("loradeploy_imports_started", text);
+        Assert.Contains("loradeploy_imports_succeeded", text);
+        Assert.Contains("loradeploy_imports_failed", text);
+        Assert.Contains("reason=\"not_found\"", text);
+        Assert.Contains("loradeploy_download_bytes", text);
+        Assert.Contains("loradeploy_download_duration_seconds", text);
+        Assert.Contains("loradeploy_imports_dedup_hits", text);
+        Assert.Contains("loradeploy_pipeline_queue_depth", text);
+    }
+
+    [Fact]
+    public async Task Logs_carry_deploy_ids_and_never_a_token()
+    {
+        await using var simulator = await Simulator.CivitaiSimulator.StartAsync();
+        var version = simulator.AddLora(AdapterFiles.Flux1(), baseModel: "Flux.1 D");
+        var dataDir = Path.Combine(Path.GetTempPath(), "loradeploy-tests", Guid.NewGuid().ToString("N"));
+        Directory.CreateDirectory(dataDir);
+        var settings = new Dictionary<string, string?>(PipelineHarness.FastSettings());
+        foreach (var (key, value) in simulator.Configuration(withToken: true))
+        {
+            settings[key] = value;
+        }
+
+        await using var server = await ServerProcess.StartAsync(dataDir, settings);
+        var adminToken = server.Output.Split('\n').Select(l => l.Trim()).Last(l => l.Contains("ld_", StringComparison.Ordinal)).Split(' ')[^1];
+        using var client = server.CreateClient(adminToken);
+        var created = await (await client.PostJsonAsync("/v1/lora/create", new
+        {
+            lora_name = "logged",
+            base_model = PipelineHarness.Flux,
+            source = new { type = "civitai", civit_url = $"https://civitai.com/api/download/models/{version.Id}?token=pasted-secret-token" },
+            @private = true,
+        })).ExpectAsync(HttpStatusCode.OK);
+        var deployId = created.GetProperty("deploy_id").GetString()!;
+        using var bad = server.CreateClient("ld_aaaaaaaaaaaa_" + new string('b', 43));
+        await bad.GetAsync("/deploy/list");
+
+        await ImportPipelineTests.WaitUntilAsync(async () =>
+            (await (await client.GetAsync($"/deploy/{deployId}")).ExpectAsync(HttpStatusCode.OK)).GetProperty("status").GetString() == "deploying");
+        await Task.Delay(300);
+
+        var log = server.Output;
+        var secretPart = adminToken[(adminToken.LastIndexOf('_') + 1)..];
+        Assert.Equal(1, CountOccurrences(log, secretPart)); // printed once, at first start, by design
+        Assert.DoesNotContain("pasted-secret-token", log);
+        Assert.DoesNotContain(simulator.ValidToken, log);
+        Assert.DoesNotContain(new string('b', 43), log);
+        Assert.Contains(deployId, log);
+        var pipelineLines = log.Split('\n').Where(l => l.Contains("LoraDeploy.Pipeline", StringComparison.Ordinal)).ToList();
+        Assert.NotEmpty(pipelineLines);
+        Assert.All(pipelineLines, l => Assert.Contains(deployId, l));
+    }
+
+    private static int CountOccurrences(string text, string value)
+    {
+        var count = 0;
+        for (var i = text.IndexOf(value, StringComparison.Ordinal); i >= 0; i = text.IndexOf(value, i + 1, StringComparison.Ordinal))
+        {
+            count++;
+        }
+        return count;
+    }
+}
