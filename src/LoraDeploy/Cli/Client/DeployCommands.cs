@@ -97,7 +97,7 @@ internal static partial class DeployCommands
                 {
                     PrintSummary(response.Json, output);
                 }
-                return ExitCodeFor(response.Json, output, printReason: ctx.Json);
+                return ExitCodeFor(response.Json, output, printReason: ctx.Json, watched: false);
             }
 
             var loraName = Json.LoraNameOf(response.Json.Str("model_name"));
@@ -113,7 +113,7 @@ internal static partial class DeployCommands
                 return ExitCodeFor(final, output, printReason: true);
             }
             PrintSummary(final, output);
-            return ExitCodeFor(final, output, printReason: false);
+            return ExitCodeFor(final, output, printReason: true);
         }));
         return command;
     }
@@ -340,7 +340,8 @@ internal static partial class DeployCommands
     private static string Required(string? value, string what) =>
         string.IsNullOrWhiteSpace(value) ? throw new ClientException($"missing {what}", ExitCodes.Usage) : value.Trim();
 
-    private static int ExitCodeFor(JsonElement final, ClientOutput output, bool printReason)
+    /// <summary>0 unless the deploy failed (1); a watch that ends in <c>deleted</c> is a failure too.</summary>
+    private static int ExitCodeFor(JsonElement final, ClientOutput output, bool printReason, bool watched = true)
     {
         switch (final.Str("status"))
         {
@@ -350,7 +351,7 @@ internal static partial class DeployCommands
                     output.Fail($"deploy failed: {OrUnknown(final.Str("fail_reason"))}");
                 }
                 return ExitCodes.ServerError;
-            case "deleted":
+            case "deleted" when watched:
                 if (printReason)
                 {
                     output.Fail("the deploy was deleted");
