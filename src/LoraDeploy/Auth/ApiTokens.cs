@@ -1,0 +1,76 @@
+using System.Security.Cryptography;
+using System.Text;
+using LoraDeploy.Data;
+using Microsoft.EntityFrameworkCore;
+
+namespace LoraDeploy.Auth;
+
+/// <summary>
+/// Tokens look like <c>ld_{id}_{secret}</c>. The id finds the row; only SHA-256(secret) is stored, and it is
+/// compared in constant time, so neither a database leak nor response timing reveals a usable token.
+/// </summary>
+public static class ApiTokens
+{
+    private const string Prefix = "ld_";
+    private const int IdLength = 12;
+    private const string IdAlphabet = "abcdefghijklmnopqrstuvwxyz0123456789";
+
+    public readonly record struct ParsedToken(string Id, byte[] SecretHash);
+
+    /// <summary>Creates a token for <paramref name="user"/> and returns it in full; it is never shown again.</summary>
+    public static async Task<string> CreateAsync(LoraDeployDbContext db, User user, string? label, DateTime now, CancellationToken ct)
+    {
+        var id = RandomId(IdLength);
+        var secret = Convert.ToBase64String(RandomNumberGenerator.GetBytes(32))
+            .TrimEnd('=').Replace('+', '-').Replace('/', '_');
+        db.ApiTokens.Add(new ApiToken
+        {
+            Id = id,
+            UserId = user.Id,
+            SecretHash = HashSecret(secret),
+            Label = label,
+            CreatedAt = now,
+        });
+        await db.SaveChangesAsync(ct);
+        return $"{Prefix}{id}_{secret}";
+    }
+
+    public static bool TryParse(string? token, out ParsedToken parsed)
+    {
+        parsed = default;
+        if (token is null || token.Length != Prefix.Length + IdLength + 1 + 43 || !token.StartsWith(Prefix, StringComparison.Ordinal)
+            || token[Prefix.Length + IdLength] != '_')
+        {
+            return false;
+        }
+        parsed = new ParsedToken(token.Substring(Prefix.Length, IdLength), HashSecret(token.AsSpan(Prefix.Length + IdLength + 1)));
+        return true;
+    }
+
+    public static bool Matches(ParsedToken presented, byte[] storedHash) =>
+        CryptographicOperations.FixedTimeEquals(presented.SecretHash, storedHash);
+
+    /// <summary>Lowercase alphanumeric random id (deploy ids, token ids).</summary>
+    public static string RandomId(int length) => RandomNumberGenerator.GetString(IdAlphabet, length);
+
+    private static byte[] HashSecret(ReadOnlySpan<char> secret)
+    {
+        Span<byte> utf8 = stackalloc byte[Encoding.UTF8.GetMaxByteCount(secret.Length)];
+        var count = Encoding.UTF8.GetBytes(secret, utf8);
+        return SHA256.HashData(utf8[..count]);
+    }
+
+    /// <summary>Finds or creates <paramref name="userName"/>, then issues a token for it.</summary>
+    public static async Task<string> CreateForUserAsync(
+        LoraDeployDbContext db, string userName, bool isAdmin, string? label, DateTime now, CancellationToken ct)
+    {
+        var user = await db.Users.AsTracking().FirstOrDefaultAsync(u => u.Name == userName, ct);
+        if (user is null)
+        {
+            user = new User { Name = userName, IsAdmin = isAdmin, CreatedAt = now };
+            db.Users.Add(user);
+            await db.SaveChangesAsync(ct);
+        }
+        return await CreateAsync(db, user, label, now, ct);
+    }
+}

@@ -1,0 +1,23 @@
+using Microsoft.AspNetCore.Http.HttpResults;
+
+namespace LoraDeploy.BaseModels;
+
+public static class BaseModelEndpoints
+{
+    public static IEndpointRouteBuilder MapBaseModels(this IEndpointRouteBuilder app)
+    {
+        app.MapGet("/v1/base-models", ListBaseModels)
+            .WithTags("LoRA")
+            .WithSummary("Base models a LoRA can be deployed on")
+            .AllowAnonymous();
+        return app;
+    }
+
+    internal static Ok<List<BaseModelOut>> ListBaseModels(BaseModelRegistry registry) =>
+        TypedResults.Ok(registry.Names
+            .Select(name => registry.TryGetFamily(name, out var family)
+                ? new BaseModelOut(name, family, BaseModelRegistry.Display(family))
+                : null)
+            .OfType<BaseModelOut>()
+            .ToList());
+}

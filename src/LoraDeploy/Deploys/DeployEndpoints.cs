@@ -1,0 +1,201 @@
+using LoraDeploy.Auth;
+using LoraDeploy.Data;
+using LoraDeploy.OpenApi;
+using LoraDeploy.Validation;
+using Microsoft.AspNetCore.Http.HttpResults;
+using Microsoft.EntityFrameworkCore;
+using Microsoft.Extensions.Options;
+
+namespace LoraDeploy.Deploys;
+
+/// <summary>Settings section <c>Deploy</c>.</summary>
+public sealed class DeployOptions
+{
+    public const string Section = "Deploy";
+
+    /// <summary>Upper bound for <c>max_instances</c>.</summary>
+    [System.ComponentModel.DataAnnotations.Range(1, 1024)]
+    public int MaxInstances { get; set; } = 4;
+}
+
+public static class DeployEndpoints
+{
+    public static IEndpointRouteBuilder MapDeploys(this IEndpointRouteBuilder app)
+    {
+        var deploy = app.MapGroup("/deploy").WithTags("Deploy").RequireAuthorization();
+
+        deploy.MapGet("/list", ListDeploys).WithName("ListDeploys").WithSummary("Your deployments")
+            .Produces<HTTPValidationError>(StatusCodes.Status422UnprocessableEntity);
+        deploy.MapGet("/{deploy_id}", GetDeploy).WithName("GetDeploy").WithSummary("Deploy status");
+        deploy.MapPut("/{deploy_id}", UpdateDeploy)
+            .WithRequestBody<DeployLLMUpdateIn>()
+            .Produces<HTTPValidationError>(StatusCodes.Status422UnprocessableEntity)
+            .WithSummary("Change scale settings");
+        deploy.MapDelete("/{deploy_id}", DeleteDeploy).WithSummary("Delete a deployment (idempotent)");
+        deploy.MapPost("/{deploy_id}/stop", StopDeploy).WithSummary("Stop a deploying or running deployment");
+        deploy.MapPost("/{deploy_id}/start", StartDeploy).WithSummary("Start a stopped deployment");
+        return app;
+    }
+
+    internal static async Task<Results<Ok<List<DeploymentOut>>, JsonHttpResult<HTTPValidationError>>> ListDeploys(
+        string? status, HttpContext http, LoraDeployDbContext db, CancellationToken ct)
+    {
+        var user = CurrentUser.From(http.User);
+        var query = db.Deploys.Where(d => d.UserId == user.Id);
+        if (string.IsNullOrWhiteSpace(status))
+        {
+            query = query.Where(d => d.Status != DeployStatus.Deleted);
+        }
+        else
+        {
+            var wanted = status.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries).Distinct().ToList();
+            var unknown = wanted.Where(s => !DeployStatus.All.Contains(s)).ToList();
+            if (unknown.Count > 0)
+            {
+                var errors = new ValidationErrors();
+                errors.Add(["query", "status"],
+                    $"Value error, unknown status {string.Join(", ", unknown.Select(u => $"'{u}'"))}; expected a comma-separated list of: {string.Join(", ", DeployStatus.All)}",
+                    "value_error");
+                return errors.ToResult();
+            }
+            query = query.Where(d => wanted.Contains(d.Status));
+        }
+        var deploys = await query.OrderByDescending(d => d.CreatedAt).ThenByDescending(d => d.Id).ToOut().ToListAsync(ct);
+        return TypedResults.Ok(deploys);
+    }
+
+    internal static async Task<Results<Ok<DeploymentOut>, NotFound<DeepError>>> GetDeploy(
+        string deploy_id, HttpContext http, LoraDeployDbContext db, CancellationToken ct)
+    {
+        var user = CurrentUser.From(http.User);
+        var deploy = await db.Deploys.Where(d => d.Id == deploy_id && d.UserId == user.Id).ToOut().FirstOrDefaultAsync(ct);
+        return deploy is null ? DeployNotFound(deploy_id) : TypedResults.Ok(deploy);
+    }
+
+    internal static async Task<IResult> UpdateDeploy(
+        string deploy_id, HttpContext http, LoraDeployDbContext db, IOptions<DeployOptions> options, TimeProvider time, CancellationToken ct)
+    {
+        var user = CurrentUser.From(http.User);
+        var (document, error) = await RequestBody.ReadAsync(http.Request, ct);
+        if (error is not null)
+        {
+            return error;
+        }
+        using var body = document;
+        var errors = new ValidationErrors();
+        var settings = errors.Object(document!.RootElement, "settings", ["body", "settings"], required: true);
+        var cap = options.Value.MaxInstances;
+        int? min = null, max = null;
+        if (settings is { } s)
+        {
+            min = errors.Int(s, "min_instances", ["body", "settings", "min_instances"], required: false) ?? (s.TryGetProperty("min_instances", out _) ? null : 1);
+            max = errors.Int(s, "max_instances", ["body", "settings", "max_instances"], required: false) ?? (s.TryGetProperty("max_instances", out _) ? null : 1);
+            if (min < 0)
+            {
+                errors.Add(["body", "settings", "min_instances"], "Input should be greater than or equal to 0", "greater_than_equal");
+            }
+            if (max < 0)
+            {
+                errors.Add(["body", "settings", "max_instances"], "Input should be greater than or equal to 0", "greater_than_equal");
+            }
+            if (max > cap)
+            {
+                errors.Add(["body", "settings", "max_instances"], $"Input should be less than or equal to {cap}", "less_than_equal");
+            }
+            if (min > cap)
+            {
+                errors.Add(["body", "settings", "min_instances"], $"Input should be less than or equal to {cap}", "less_than_equal");
+            }
+            if (!errors.Any && min > max)
+            {
+                errors.Add(["body", "settings"], "Value error, min_instances must not be greater than max_instances", "value_error");
+            }
+        }
+        if (errors.Any || min is null || max is null)
+        {
+            return errors.ToResult();
+        }
+
+        var now = time.GetUtcNow().UtcDateTime;
+        var updated = await db.Deploys
+            .Where(d => d.Id == deploy_id && d.UserId == user.Id && d.Status != DeployStatus.Deleted && d.Status != DeployStatus.Failed)
+            .ExecuteUpdateAsync(set => set
+                .SetProperty(d => d.MinInstances, min.Value)
+                .SetProperty(d => d.MaxInstances, max.Value)
+                .SetProperty(d => d.UpdatedAt, now), ct);
+        if (updated == 1)
+        {
+            return TypedResults.Ok(new DeployStatusOut(deploy_id));
+        }
+        var current = await StatusOf(db, user, deploy_id, ct);
+        return current is null
+            ? DeployNotFound(deploy_id)
+            : ApiErrors.BadRequest($"Deploy {deploy_id} is {current}; its settings can no longer be changed.");
+    }
+
+    internal static async Task<Results<Ok<DeployStatusOut>, NotFound<DeepError>, BadRequest<DeepError>>> DeleteDeploy(
+        string deploy_id, HttpContext http, LoraDeployDbContext db, TimeProvider time, CancellationToken ct)
+    {
+        var user = CurrentUser.From(http.User);
+        if (await StatusOf(db, user, deploy_id, ct) is null)
+        {
+            return DeployNotFound(deploy_id);
+        }
+        await MarkDeletedAsync(db, deploy_id, time.GetUtcNow().UtcDateTime, ct);
+        return TypedResults.Ok(new DeployStatusOut(deploy_id));
+    }
+
+    internal static Task<Results<Ok<DeployStatusOut>, NotFound<DeepError>, BadRequest<DeepError>>> StopDeploy(
+        string deploy_id, HttpContext http, LoraDeployDbContext db, TimeProvider time, CancellationToken ct) =>
+        TransitionAsync(db, CurrentUser.From(http.User), deploy_id, [DeployStatus.Deploying, DeployStatus.Running], DeployStatus.Stopped,
+            "only a deploying or running deployment can be stopped", time, ct);
+
+    internal static Task<Results<Ok<DeployStatusOut>, NotFound<DeepError>, BadRequest<DeepError>>> StartDeploy(
+        string deploy_id, HttpContext http, LoraDeployDbContext db, TimeProvider time, CancellationToken ct) =>
+        TransitionAsync(db, CurrentUser.From(http.User), deploy_id, [DeployStatus.Stopped], DeployStatus.Deploying,
+            "only a stopped deployment can be started", time, ct);
+
+    /// <summary>Marks a deploy and its LoRA deleted. Idempotent; the pipeline notices and cancels any fetch.</summary>
+    internal static async Task MarkDeletedAsync(LoraDeployDbContext db, string deployId, DateTime now, CancellationToken ct)
+    {
+        await using var transaction = await db.Database.BeginTransactionAsync(ct);
+        await db.Deploys
+            .Where(d => d.Id == deployId && d.Status != DeployStatus.Deleted)
+            .ExecuteUpdateAsync(set => set
+                .SetProperty(d => d.Status, DeployStatus.Deleted)
+                .SetProperty(d => d.RunningInstances, 0)
+                .SetProperty(d => d.PendingInstances, 0)
+                .SetProperty(d => d.UpdatedAt, now), ct);
+        await db.Loras
+            .Where(l => l.DeployId == deployId && !l.Deleted)
+            .ExecuteUpdateAsync(set => set.SetProperty(l => l.Deleted, true).SetProperty(l => l.UpdatedAt, now), ct);
+        await transaction.CommitAsync(ct);
+    }
+
+    /// <summary>A conditional update: the transition happens only from the allowed statuses, even under races.</summary>
+    private static async Task<Results<Ok<DeployStatusOut>, NotFound<DeepError>, BadRequest<DeepError>>> TransitionAsync(
+        LoraDeployDbContext db, CurrentUser user, string deployId, string[] from, string to, string rule, TimeProvider time, CancellationToken ct)
+    {
+        var now = time.GetUtcNow().UtcDateTime;
+        var updated = await db.Deploys
+            .Where(d => d.Id == deployId && d.UserId == user.Id && from.Contains(d.Status))
+            .ExecuteUpdateAsync(set => set
+                .SetProperty(d => d.Status, to)
+                .SetProperty(d => d.RunningInstances, 0)
+                .SetProperty(d => d.PendingInstances, 0)
+                .SetProperty(d => d.UpdatedAt, now), ct);
+        if (updated == 1)
+        {
+            return TypedResults.Ok(new DeployStatusOut(deployId));
+        }
+        var current = await StatusOf(db, user, deployId, ct);
+        return current is null
+            ? DeployNotFound(deployId)
+            : ApiErrors.BadRequest($"Deploy {deployId} is {current}; {rule}.");
+    }
+
+    private static Task<string?> StatusOf(LoraDeployDbContext db, CurrentUser user, string deployId, CancellationToken ct) =>
+        db.Deploys.Where(d => d.Id == deployId && d.UserId == user.Id).Select(d => d.Status).FirstOrDefaultAsync(ct);
+
+    private static NotFound<DeepError> DeployNotFound(string id) => ApiErrors.NotFound($"Deploy '{id}' not found.");
+}

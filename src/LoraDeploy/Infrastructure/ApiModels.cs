@@ -1,0 +1,151 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
+
+namespace LoraDeploy;
+
+// Wire types. Names match DeepInfra's OpenAPI schema names, which our OpenAPI document reuses.
+
+/// <summary>DeepInfra's error body for every 4xx but validation.</summary>
+public sealed record DeepError(string Error);
+
+/// <summary>FastAPI's 422 body.</summary>
+public sealed record HTTPValidationError(IReadOnlyList<ValidationError> Detail);
+
+/// <summary>One validation problem; <c>loc</c> items are strings or integers.</summary>
+public sealed record ValidationError(IReadOnlyList<object> Loc, string Msg, string Type);
+
+public sealed record SourceModel(string Type, string? CivitUrl);
+
+public sealed record CreateLoraApiRequest(string BaseModel, string LoraName, SourceModel Source, bool Private, string? Description = "");
+
+public sealed record UpdateLoraApiRequest(bool? Private, string? Description);
+
+public sealed record DeployInstances(int Running, int Pending);
+
+public sealed record ScaleSettings(int MinInstances = 1, int MaxInstances = 1);
+
+public sealed record DeployLLMUpdateIn(ScaleSettings Settings);
+
+/// <summary>Never filled for LoRA deploys yet (no serving pool); present so the schema is complete.</summary>
+public sealed record DeployLLMConfig(string Gpu, int NumGpus, int MaxBatchSize);
+
+public sealed record DeploymentOut(
+    string DeployId,
+    string ModelName,
+    string Version,
+    string Task,
+    string Status,
+    string FailReason,
+    string CreatedAt,
+    string UpdatedAt,
+    DeployInstances? Instances,
+    DeployLLMConfig? Config,
+    ScaleSettings? Settings,
+    string Type = "lora");
+
+/// <summary>DeepInfra's <c>DeployStatusOut</c>/<c>DeployDelete</c>: just the id.</summary>
+public sealed record DeployStatusOut(string DeployId);
+
+public sealed record CivitaiInfo(
+    int? ModelId,
+    int? VersionId,
+    int? FileId,
+    string? FileName,
+    string? BaseModel,
+    IReadOnlyList<string> TrainedWords,
+    string Url);
+
+/// <summary>Our shape for <c>GET /v1/lora/{lora_name}</c> (DeepInfra leaves it untyped).</summary>
+public sealed record LoraOut(
+    string LoraName,
+    string ModelName,
+    string BaseModel,
+    SourceModel Source,
+    bool Private,
+    string Description,
+    string DeployId,
+    string Status,
+    string FailReason,
+    string Version,
+    long? SizeBytes,
+    long DownloadedBytes,
+    CivitaiInfo? Civitai,
+    JsonElement? Probe,
+    IReadOnlyList<string> Warnings,
+    string CreatedAt,
+    string UpdatedAt);
+
+public sealed record LoraStatusOut(
+    string LoraName,
+    string ModelName,
+    string DeployId,
+    string Status,
+    string FailReason,
+    string Version,
+    long? SizeBytes,
+    long DownloadedBytes);
+
+public sealed record LoraDeleteOut(string LoraName, string DeployId);
+
+public sealed record ModelPricingImageUnits(
+    double CentsPerImageUnit,
+    int DefaultWidth,
+    int DefaultHeight,
+    int DefaultIterations,
+    bool UsageFromCost,
+    string Type = "image_units");
+
+public sealed record ModelOut(
+    string ModelName,
+    string Type,
+    string ReportedType,
+    string Description,
+    string CoverImgUrl,
+    IReadOnlyList<string> Tags,
+    ModelPricingImageUnits Pricing,
+    int Private = 0);
+
+public sealed record BaseModelOut(string Name, string Family, string Display);
+
+public sealed record HealthOut(string Status);
+
+[JsonSourceGenerationOptions(
+    JsonSerializerDefaults.Web,
+    PropertyNamingPolicy = JsonKnownNamingPolicy.SnakeCaseLower,
+    DefaultIgnoreCondition = JsonIgnoreCondition.Never)]
+[JsonSerializable(typeof(DeepError))]
+[JsonSerializable(typeof(HTTPValidationError))]
+[JsonSerializable(typeof(CreateLoraApiRequest))]
+[JsonSerializable(typeof(UpdateLoraApiRequest))]
+[JsonSerializable(typeof(DeployLLMUpdateIn))]
+[JsonSerializable(typeof(DeploymentOut))]
+[JsonSerializable(typeof(List<DeploymentOut>))]
+[JsonSerializable(typeof(DeployStatusOut))]
+[JsonSerializable(typeof(LoraOut))]
+[JsonSerializable(typeof(List<LoraOut>))]
+[JsonSerializable(typeof(LoraStatusOut))]
+[JsonSerializable(typeof(LoraDeleteOut))]
+[JsonSerializable(typeof(List<ModelOut>))]
+[JsonSerializable(typeof(List<BaseModelOut>))]
+[JsonSerializable(typeof(HealthOut))]
+[JsonSerializable(typeof(List<string>))]
+[JsonSerializable(typeof(string))]
+[JsonSerializable(typeof(int))]
+public sealed partial class AppJsonContext : JsonSerializerContext;
+
+/// <summary>DeepInfra's timestamp format: ISO-8601 UTC with an explicit <c>+00:00</c>, whole seconds.</summary>
+public static class Timestamps
+{
+    public static string Format(DateTime utc) =>
+        utc.ToString("yyyy'-'MM'-'dd'T'HH':'mm':'ss'+00:00'", System.Globalization.CultureInfo.InvariantCulture);
+}
+
+/// <summary>The serializer for every response: source-generated, snake_case, readable (no <c>\u0027</c> escapes).</summary>
+public static class ApiJson
+{
+    public static readonly AppJsonContext Context = new(new JsonSerializerOptions(JsonSerializerDefaults.Web)
+    {
+        PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower,
+        Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping,
+    });
+}

@@ -1,0 +1,181 @@
+using LoraDeploy.Auth;
+using LoraDeploy.Data;
+using LoraDeploy.OpenApi;
+using LoraDeploy.Deploys;
+using LoraDeploy.Validation;
+using Microsoft.AspNetCore.Http.HttpResults;
+using Microsoft.EntityFrameworkCore;
+using Microsoft.Extensions.Options;
+
+namespace LoraDeploy.Loras;
+
+public static class LoraEndpoints
+{
+    public static IEndpointRouteBuilder MapLoras(this IEndpointRouteBuilder app)
+    {
+        var lora = app.MapGroup("/v1").WithTags("LoRA").RequireAuthorization();
+
+        lora.MapPost("/lora/create", CreateLora.HandleAsync)
+            .WithName("CreateLora")
+            .WithSummary("Create a LoRA from a CivitAI URL and deploy it")
+            .WithRequestBody<CreateLoraApiRequest>()
+            .Produces<DeploymentOut>()
+            .Produces<DeepError>(StatusCodes.Status409Conflict)
+            .Produces<DeepError>(StatusCodes.Status413PayloadTooLarge)
+            .Produces<HTTPValidationError>(StatusCodes.Status422UnprocessableEntity);
+        lora.MapGet("/lora/{lora_name}", GetLora).WithSummary("Your LoRA");
+        lora.MapGet("/lora/{owner}/{lora_name}", GetLoraByModelName)
+            .WithSummary("A LoRA by model name: yours, or anyone's public one");
+        lora.MapGet("/lora/{lora_name}/status", GetLoraStatus).WithSummary("Your LoRA's deploy status");
+        lora.MapPatch("/lora/{lora_name}", UpdateLora)
+            .WithRequestBody<UpdateLoraApiRequest>()
+            .Produces<HTTPValidationError>(StatusCodes.Status422UnprocessableEntity)
+            .WithSummary("Change privacy or description");
+        lora.MapDelete("/lora/{lora_name}", DeleteLora).WithSummary("Delete your LoRA and its deploy");
+        lora.MapGet("/user/loras", ListUserLoras).WithSummary("Your LoRAs");
+        lora.MapGet("/model/{org}/{name}/loras", (string org, string name, HttpContext http, LoraDeployDbContext db, CancellationToken ct) =>
+                ListBaseModelLoras($"{org}/{name}", http, db, ct))
+            .WithSummary("Your and public LoRAs on a base model");
+        lora.MapGet("/model/{model_name}/loras", ListBaseModelLoras).ExcludeFromDescription();
+
+        app.MapGet("/models/lora/list", ListPublicModels)
+            .WithTags("LoRA")
+            .WithSummary("Public LoRAs")
+            .AllowAnonymous();
+        return app;
+    }
+
+    private static IQueryable<LoraRow> Own(LoraDeployDbContext db, CurrentUser user, string name) =>
+        LoraRow.Query(db).Where(r => r.Lora.UserId == user.Id && r.Lora.Name == name && !r.Lora.Deleted);
+
+    internal static async Task<Results<Ok<LoraOut>, NotFound<DeepError>>> GetLora(
+        string lora_name, HttpContext http, LoraDeployDbContext db, CancellationToken ct)
+    {
+        var row = await Own(db, CurrentUser.From(http.User), lora_name).FirstOrDefaultAsync(ct);
+        return row is null
+            ? LoraNotFound(lora_name)
+            : TypedResults.Ok(row.ToOut());
+    }
+
+    internal static async Task<Results<Ok<LoraOut>, NotFound<DeepError>>> GetLoraByModelName(
+        string owner, string lora_name, HttpContext http, LoraDeployDbContext db, CancellationToken ct)
+    {
+        var user = CurrentUser.From(http.User);
+        var row = await LoraRow.Query(db)
+            .Where(r => r.OwnerName == owner && r.Lora.Name == lora_name && !r.Lora.Deleted
+                && (r.Lora.UserId == user.Id || !r.Lora.Private))
+            .FirstOrDefaultAsync(ct);
+        return row is null
+            ? LoraNotFound($"{owner}/{lora_name}")
+            : TypedResults.Ok(row.ToOut());
+    }
+
+    internal static async Task<Results<Ok<LoraStatusOut>, NotFound<DeepError>>> GetLoraStatus(
+        string lora_name, HttpContext http, LoraDeployDbContext db, CancellationToken ct)
+    {
+        var row = await Own(db, CurrentUser.From(http.User), lora_name).FirstOrDefaultAsync(ct);
+        return row is null
+            ? LoraNotFound(lora_name)
+            : TypedResults.Ok(row.ToStatus());
+    }
+
+    internal static async Task<IResult> UpdateLora(
+        string lora_name, HttpContext http, LoraDeployDbContext db, TimeProvider time, CancellationToken ct)
+    {
+        var user = CurrentUser.From(http.User);
+        var (document, error) = await RequestBody.ReadAsync(http.Request, ct);
+        if (error is not null)
+        {
+            return error;
+        }
+        using var body = document;
+        var errors = new ValidationErrors();
+        var isPrivate = errors.Bool(document!.RootElement, "private", ["body", "private"], required: false, nullable: true);
+        var description = errors.String(document.RootElement, "description", ["body", "description"], required: false, nullable: true);
+        if (errors.Any)
+        {
+            return errors.ToResult();
+        }
+
+        var now = time.GetUtcNow().UtcDateTime;
+        var updated = await db.Loras
+            .Where(l => l.UserId == user.Id && l.Name == lora_name && !l.Deleted)
+            .ExecuteUpdateAsync(set => set
+                .SetProperty(l => l.Private, l => isPrivate ?? l.Private)
+                .SetProperty(l => l.Description, l => description ?? l.Description)
+                .SetProperty(l => l.UpdatedAt, now), ct);
+        if (updated == 0)
+        {
+            return LoraNotFound(lora_name);
+        }
+        var row = await Own(db, user, lora_name).FirstAsync(ct);
+        return TypedResults.Ok(row.ToOut());
+    }
+
+    internal static async Task<Results<Ok<LoraDeleteOut>, NotFound<DeepError>>> DeleteLora(
+        string lora_name, HttpContext http, LoraDeployDbContext db, TimeProvider time, CancellationToken ct)
+    {
+        var user = CurrentUser.From(http.User);
+        var deployId = await db.Loras
+            .Where(l => l.UserId == user.Id && l.Name == lora_name && !l.Deleted)
+            .Select(l => l.DeployId)
+            .FirstOrDefaultAsync(ct);
+        if (deployId is null)
+        {
+            return LoraNotFound(lora_name);
+        }
+        await DeployEndpoints.MarkDeletedAsync(db, deployId, time.GetUtcNow().UtcDateTime, ct);
+        return TypedResults.Ok(new LoraDeleteOut(lora_name, deployId));
+    }
+
+    internal static async Task<Ok<List<LoraOut>>> ListUserLoras(
+        HttpContext http, LoraDeployDbContext db, CancellationToken ct)
+    {
+        var user = CurrentUser.From(http.User);
+        var rows = await LoraRow.Query(db)
+            .Where(r => r.Lora.UserId == user.Id && !r.Lora.Deleted)
+            .OrderByDescending(r => r.Lora.CreatedAt).ThenByDescending(r => r.Lora.Id)
+            .ToListAsync(ct);
+        return TypedResults.Ok(rows.Select(r => r.ToOut()).ToList());
+    }
+
+    internal static async Task<Ok<List<LoraOut>>> ListBaseModelLoras(
+        string model_name, HttpContext http, LoraDeployDbContext db, CancellationToken ct)
+    {
+        var user = CurrentUser.From(http.User);
+        var rows = await LoraRow.Query(db)
+            .Where(r => r.Lora.BaseModel == model_name && !r.Lora.Deleted && (r.Lora.UserId == user.Id || !r.Lora.Private))
+            .OrderByDescending(r => r.Lora.CreatedAt).ThenByDescending(r => r.Lora.Id)
+            .ToListAsync(ct);
+        return TypedResults.Ok(rows.Select(r => r.ToOut()).ToList());
+    }
+
+    internal static async Task<Ok<List<ModelOut>>> ListPublicModels(
+        LoraDeployDbContext db, IOptions<PricingOptions> pricing, CancellationToken ct)
+    {
+        var rows = await db.Loras
+            .Where(l => !l.Private && !l.Deleted)
+            .OrderByDescending(l => l.CreatedAt).ThenByDescending(l => l.Id)
+            .Select(l => new { Owner = l.User!.Name, l.Name, l.Description, l.BaseModel })
+            .ToListAsync(ct);
+        var price = pricing.Value;
+        var unit = new ModelPricingImageUnits(price.CentsPerImageUnit, price.DefaultWidth, price.DefaultHeight, price.DefaultIterations, UsageFromCost: false);
+        return TypedResults.Ok(
+            rows.Select(r => new ModelOut($"{r.Owner}/{r.Name}", "text-to-image", "text-to-image", r.Description, "", ["lora", r.BaseModel], unit)).ToList());
+    }
+
+    private static NotFound<DeepError> LoraNotFound(string name) => ApiErrors.NotFound($"LoRA '{name}' not found.");
+}
+
+/// <summary>Settings section <c>Pricing</c>: what <c>/models/lora/list</c> reports (DeepInfra's image-unit pricing).</summary>
+public sealed class PricingOptions
+{
+    public const string Section = "Pricing";
+
+    [System.ComponentModel.DataAnnotations.Range(0, double.MaxValue)]
+    public double CentsPerImageUnit { get; set; }
+
+    public int DefaultWidth { get; set; } = 1024;
+    public int DefaultHeight { get; set; } = 1024;
+    public int DefaultIterations { get; set; } = 28;
+}

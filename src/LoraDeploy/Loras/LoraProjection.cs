@@ -1,0 +1,65 @@
+using System.Text.Json;
+using LoraDeploy.Data;
+
+namespace LoraDeploy.Loras;
+
+/// <summary>The columns a LoRA response needs, read in one query (LoRA ⋈ deploy ⟕ download).</summary>
+public sealed class LoraRow
+{
+    // Settable properties (not a constructor) so EF can keep composing Where/OrderBy over the projection.
+    public required Data.Lora Lora { get; init; }
+    public required string OwnerName { get; init; }
+    public required string Status { get; init; }
+    public required string FailReason { get; init; }
+    public required string Version { get; init; }
+    public long? DownloadBytesDone { get; init; }
+
+    public static IQueryable<LoraRow> Query(LoraDeployDbContext db) =>
+        from lora in db.Loras
+        join deploy in db.Deploys on lora.DeployId equals deploy.Id
+        select new LoraRow
+        {
+            Lora = lora,
+            OwnerName = lora.User!.Name,
+            Status = deploy.Status,
+            FailReason = deploy.FailReason,
+            Version = deploy.Version,
+            DownloadBytesDone = deploy.Download == null ? null : deploy.Download.BytesDone,
+        };
+
+    public string ModelName => $"{OwnerName}/{Lora.Name}";
+
+    /// <summary>Bytes in hand: the shared download's progress while fetching, the whole file once stored.</summary>
+    public long DownloadedBytes => Lora.Sha256 is not null ? Lora.SizeBytes ?? 0 : DownloadBytesDone ?? 0;
+
+    public LoraOut ToOut() => new(
+        Lora.Name,
+        ModelName,
+        Lora.BaseModel,
+        new SourceModel(Lora.SourceType, Lora.SourceUrl),
+        Lora.Private,
+        Lora.Description,
+        Lora.DeployId,
+        Status,
+        FailReason,
+        Version,
+        Lora.SizeBytes,
+        DownloadedBytes,
+        Lora.CivitaiVersionId is null
+            ? null
+            : new CivitaiInfo(
+                Lora.CivitaiModelId,
+                Lora.CivitaiVersionId,
+                Lora.CivitaiFileId,
+                Lora.FileName,
+                Lora.CivitaiBaseModel,
+                Lora.TrainedWordsJson is null ? [] : JsonSerializer.Deserialize(Lora.TrainedWordsJson, ApiJson.Context.ListString) ?? [],
+                Lora.SourceUrl),
+        Lora.ProbeJson is null ? null : JsonDocument.Parse(Lora.ProbeJson).RootElement.Clone(),
+        Lora.WarningsJson is null ? [] : JsonSerializer.Deserialize(Lora.WarningsJson, ApiJson.Context.ListString) ?? [],
+        Timestamps.Format(Lora.CreatedAt),
+        Timestamps.Format(Lora.UpdatedAt));
+
+    public LoraStatusOut ToStatus() =>
+        new(Lora.Name, ModelName, Lora.DeployId, Status, FailReason, Version, Lora.SizeBytes, DownloadedBytes);
+}

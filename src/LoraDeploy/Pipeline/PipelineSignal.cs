@@ -1,0 +1,29 @@
+using System.Threading.Channels;
+
+namespace LoraDeploy.Pipeline;
+
+/// <summary>
+/// Wakes the import pipeline as soon as there is new work in this process. The database stays the queue;
+/// this only saves the wait for the next poll (other replicas find the work by polling).
+/// </summary>
+public sealed class PipelineSignal
+{
+    private readonly Channel<bool> _channel = Channel.CreateBounded<bool>(
+        new BoundedChannelOptions(1) { FullMode = BoundedChannelFullMode.DropWrite });
+
+    public void Wake() => _channel.Writer.TryWrite(true);
+
+    /// <summary>Waits for a wake-up or the timeout, whichever comes first.</summary>
+    public async Task WaitAsync(TimeSpan timeout, TimeProvider time, CancellationToken ct)
+    {
+        using var timeoutSource = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        timeoutSource.CancelAfter(timeout);
+        try
+        {
+            await _channel.Reader.ReadAsync(timeoutSource.Token);
+        }
+        catch (OperationCanceledException) when (!ct.IsCancellationRequested)
+        {
+        }
+    }
+}

@@ -1,0 +1,69 @@
+using LoraDeploy.Auth;
+using LoraDeploy.BaseModels;
+using LoraDeploy.Data;
+using LoraDeploy.Deploys;
+using LoraDeploy.Health;
+using LoraDeploy.Loras;
+using LoraDeploy.OpenApi;
+using LoraDeploy.Pipeline;
+
+namespace LoraDeploy;
+
+/// <summary>The server: what it is made of, in order. Details live in each feature's AddXxx/MapXxx.</summary>
+public static class ServerApp
+{
+    public static WebApplication Build(string[] args, Action<WebApplicationBuilder>? configure = null)
+    {
+        var builder = WebApplication.CreateBuilder(new WebApplicationOptions
+        {
+            Args = args,
+            ContentRootPath = AppContext.BaseDirectory,
+            WebRootPath = Path.Combine(AppContext.BaseDirectory, "wwwroot"),
+        });
+        builder.WebHost.ConfigureKestrel(kestrel => kestrel.Limits.MaxRequestBodySize = 1024 * 1024);
+        builder.Services.AddSingleton(TimeProvider.System);
+        builder.Services.ConfigureHttpJsonOptions(json =>
+        {
+            json.SerializerOptions.PropertyNamingPolicy = System.Text.Json.JsonNamingPolicy.SnakeCaseLower;
+            json.SerializerOptions.Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping;
+            json.SerializerOptions.TypeInfoResolverChain.Insert(0, ApiJson.Context);
+        });
+
+        builder.Services.AddDatabase(builder.Configuration);
+        builder.Services.AddTokenAuth();
+        builder.Services.AddSingleton<BaseModelRegistry>();
+        builder.Services.AddOptions<DeployOptions>().BindConfiguration(DeployOptions.Section).ValidateDataAnnotations().ValidateOnStart();
+        builder.Services.AddOptions<PricingOptions>().BindConfiguration(PricingOptions.Section).ValidateDataAnnotations().ValidateOnStart();
+        builder.Services.AddSingleton<PipelineSignal>();
+        builder.Services.AddApiDocumentation();
+        configure?.Invoke(builder);
+
+        var app = builder.Build();
+        app.UseDeepErrors();
+        app.UseRouting();
+        app.UseDefaultFiles();
+        app.UseStaticFiles();
+        app.UseAuthentication();
+        app.UseAuthorization();
+
+        app.MapHealth();
+        app.MapApiDocumentation();
+        app.MapBaseModels();
+        app.MapLoras();
+        app.MapDeploys();
+        return app;
+    }
+
+    /// <summary>Migrates, creates the first admin, then serves until stopped.</summary>
+    public static async Task RunAsync(WebApplication app, CancellationToken ct)
+    {
+        await app.Services.GetRequiredService<DatabaseMigrator>().MigrateAsync(ct);
+        await app.BootstrapAdminAsync(ct);
+        await app.StartAsync(ct);
+        foreach (var address in app.Urls)
+        {
+            Console.Out.WriteLine($"LoraDeploy is listening on {address} (dashboard: {address}/, API reference: {address}/docs)");
+        }
+        await app.WaitForShutdownAsync(ct);
+    }
+}
