@@ -379,7 +379,10 @@ async function renderNew() {
         const unplaced = [];
         for (const d of err.detail) {
           const f = fieldForLoc(d.loc);
-          if (f) first ??= showFieldError(f, d.msg);
+          if (f) {
+            const control = showFieldError(f, d.msg);
+            first ??= control;
+          }
           else unplaced.push(`${(d.loc ?? []).join(".")}: ${d.msg}`);
         }
         if (unplaced.length) fill(formError, notice("error", unplaced.join(" ")));
