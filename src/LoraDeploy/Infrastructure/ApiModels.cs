@@ -14,7 +14,7 @@ public sealed record HTTPValidationError(IReadOnlyList<ValidationError> Detail);
 /// <summary>One validation problem; <c>loc</c> items are strings or integers.</summary>
 public sealed record ValidationError(IReadOnlyList<object> Loc, string Msg, string Type);
 
-public sealed record SourceModel(string Type, string? CivitUrl);
+public sealed record SourceModel(string Type, string? CivitUrl = null);
 
 public sealed record CreateLoraApiRequest(string BaseModel, string LoraName, SourceModel Source, bool Private, string? Description = "");
 

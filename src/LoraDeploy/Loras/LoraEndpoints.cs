@@ -143,8 +143,9 @@ public static class LoraEndpoints
         string model_name, HttpContext http, LoraDeployDbContext db, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
+        var baseModel = Uri.UnescapeDataString(model_name); // routing leaves an escaped '/' (%2F) as it came
         var rows = await LoraRow.Query(db)
-            .Where(r => r.Lora.BaseModel == model_name && !r.Lora.Deleted && (r.Lora.UserId == user.Id || !r.Lora.Private))
+            .Where(r => r.Lora.BaseModel == baseModel && !r.Lora.Deleted && (r.Lora.UserId == user.Id || !r.Lora.Private))
             .OrderByDescending(r => r.Lora.CreatedAt).ThenByDescending(r => r.Lora.Id)
             .ToListAsync(ct);
         return TypedResults.Ok(rows.Select(r => r.ToOut()).ToList());

@@ -1,0 +1,430 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using System.Net;
+using System.Net.Http.Headers;
+using System.Security.Cryptography;
+using Microsoft.Extensions.Options;
+using Polly.Timeout;
+
+namespace LoraDeploy.Sources;
+
+/// <summary>
+/// Streams a resolved CivitAI file into a staging path while hashing it, resuming with Range after drops
+/// and crashes, and asking CivitAI for a fresh signed link when the old one stops working.
+/// Durability (fsync, rename, storing) is the caller's job.
+/// </summary>
+public sealed class CivitaiDownloader(
+    HttpClient http,
+    IOptionsMonitor<CivitaiOptions> civitaiOptions,
+    IOptionsMonitor<ImportOptions> importOptions,
+    TimeProvider time,
+    ILogger<CivitaiDownloader> logger)
+{
+    private const int BufferSize = 1024 * 1024;
+    // A safetensors header bigger than this is not a LoRA (real ones are a few hundred KiB at most).
+    private const ulong MaxHeaderBytes = 100 * 1024 * 1024;
+
+    public async Task<DownloadResult> DownloadAsync(ResolvedCivitaiFile file, string stagingPath, IProgress<long>? progress, CancellationToken cancellationToken)
+    {
+        var state = new State(file, civitaiOptions.CurrentValue, importOptions.CurrentValue, stagingPath, progress);
+        try
+        {
+            await using (var output = new FileStream(stagingPath, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None, bufferSize: 1, FileOptions.Asynchronous))
+            {
+                state.Output = output;
+                await RunAsync(state, cancellationToken).ConfigureAwait(false);
+                await output.FlushAsync(cancellationToken).ConfigureAwait(false);
+            }
+            var sha = Convert.ToHexStringLower(state.Hash.GetHashAndReset());
+            logger.LogInformation("Downloaded CivitAI file {FileId} ({Bytes} bytes, sha256 {Sha256})", file.FileId, state.Have, sha);
+            return new DownloadResult(sha, state.Have);
+        }
+        catch (DownloadFailedException ex) when (ex.DiscardStaging)
+        {
+            // The bytes themselves are the problem (too big, not safetensors): resuming them later would be wrong.
+            TryDelete(stagingPath);
+            throw;
+        }
+        finally
+        {
+            state.Hash.Dispose();
+        }
+    }
+
+    private sealed class State(ResolvedCivitaiFile file, CivitaiOptions civitai, ImportOptions import, string path, IProgress<long>? progress)
+    {
+        public ResolvedCivitaiFile File { get; } = file;
+        public CivitaiOptions Civitai { get; } = civitai;
+        public ImportOptions Import { get; } = import;
+        public string Path { get; } = path;
+        public IProgress<long>? Progress { get; } = progress;
+        public FileStream Output { get; set; } = null!;
+        public IncrementalHash Hash { get; } = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        public long Have { get; set; }
+        public byte[] Head { get; } = new byte[9];
+        public bool HeadChecked { get; set; }
+        public string Name => $"CivitAI file {File.FileId} of version {File.VersionId}";
+    }
+
+    private async Task RunAsync(State s, CancellationToken ct)
+    {
+        await HashExistingAsync(s, ct).ConfigureAwait(false);
+        if (s.Have > s.Import.MaxFileBytes)
+        {
+            Restart(s);
+        }
+        if (s.Have > 0)
+        {
+            logger.LogInformation("Resuming {File} from byte {Offset} of an existing staging file", s.Name, s.Have);
+        }
+
+        Uri? signed = null;
+        var failures = 0;
+        while (true)
+        {
+            ct.ThrowIfCancellationRequested();
+            var usingSigned = signed is not null;
+            using var request = usingSigned ? new HttpRequestMessage(HttpMethod.Get, signed) : CivitaiHttp.CreateRequest(s.File.DownloadUrl, s.Civitai);
+            if (s.Have > 0)
+            {
+                request.Headers.Range = new RangeHeaderValue(s.Have, null);
+            }
+
+            HttpResponseMessage response;
+            try
+            {
+                response = await http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead, ct).ConfigureAwait(false);
+            }
+            catch (OutboundRequestRefusedException ex)
+            {
+                throw new DownloadFailedException($"the download of {s.Name} was refused: {ex.Message}", ReasonClass.Refused, ex);
+            }
+            catch (Exception ex) when (ex is HttpRequestException or TimeoutRejectedException && !ct.IsCancellationRequested)
+            {
+                GiveUpAfter(ref failures, s, ex, $"could not download {s.Name} ({ex.Message}); check the network and try again");
+                continue;
+            }
+
+            using (response)
+            {
+                var finalUri = response.RequestMessage?.RequestUri ?? request.RequestUri!;
+                var fromCivitai = SameOrigin(finalUri, s.Civitai.GetBaseUri());
+                var status = (int)response.StatusCode;
+
+                if (usingSigned && status is 400 or 401 or 403 or 404 or 410)
+                {
+                    // Signed links expire (about a day at CivitAI); ask CivitAI for a fresh one.
+                    logger.LogInformation("Signed link for {File} answered {Status}; asking CivitAI for a fresh one", s.Name, status);
+                    signed = null;
+                    GiveUpAfter(ref failures, s, null, $"the storage links CivitAI gave for {s.Name} keep failing ({status}); try again later");
+                    continue;
+                }
+
+                if (status == 416 && s.Have > 0)
+                {
+                    if (response.Content.Headers.ContentRange?.Length is { } length && length == s.Have)
+                    {
+                        break; // the staging file already holds every byte
+                    }
+                    Restart(s);
+                    GiveUpAfter(ref failures, s, null, $"the server rejected every byte range for {s.Name}; try again later");
+                    continue;
+                }
+
+                if (!response.IsSuccessStatusCode)
+                {
+                    if (fromCivitai)
+                    {
+                        var body = await CivitaiHttp.ReadErrorAsync(response, ct).ConfigureAwait(false);
+                        var (reasonClass, reason) = CivitaiHttp.DescribeDownloadError(response.StatusCode, body, s.File.VersionId, s.Civitai.HasToken, time);
+                        throw new DownloadFailedException(reason, reasonClass);
+                    }
+                    var storageFailure = status >= 300 && status < 400
+                        ? $"the download of {s.Name} was redirected more than Import:MaxRedirects allows"
+                        : $"the storage host {finalUri.Host} answered {status} for {s.Name}; try again later";
+                    GiveUpAfter(ref failures, s, null, storageFailure, status == 429 ? ReasonClass.RateLimited : ReasonClass.Upstream);
+                    continue;
+                }
+
+                if (!fromCivitai)
+                {
+                    signed = finalUri;
+                }
+
+                var range = response.Content.Headers.ContentRange;
+                if (response.StatusCode == HttpStatusCode.PartialContent)
+                {
+                    if (range?.From != s.Have)
+                    {
+                        logger.LogWarning("{File}: asked for bytes from {Offset} but got {Range}; starting over", s.Name, s.Have, range);
+                        Restart(s);
+                        continue;
+                    }
+                }
+                else if (s.Have > 0)
+                {
+                    // 200 to a Range request: the server ignored it, so the body starts at byte 0.
+                    logger.LogInformation("{File}: server ignored Range; starting over", s.Name);
+                    Restart(s);
+                }
+
+                long? total = range?.Length ?? (response.Content.Headers.ContentLength is { } cl ? cl + s.Have : null);
+                if (total > s.Import.MaxFileBytes)
+                {
+                    throw new DownloadFailedException(
+                        $"{s.Name} is {total} bytes, over Import:MaxFileBytes ({s.Import.MaxFileBytes}); raise the limit to import it",
+                        ReasonClass.TooLarge) { DiscardStaging = true };
+                }
+                CheckContentType(s, response.Content.Headers.ContentType?.MediaType);
+
+                var before = s.Have;
+                try
+                {
+                    await using var body = await response.Content.ReadAsStreamAsync(ct).ConfigureAwait(false);
+                    await CopyAsync(s, body, ct).ConfigureAwait(false);
+                }
+                catch (BodyInterruptedException ex)
+                {
+                    if (s.Have > before)
+                    {
+                        failures = 0;
+                    }
+                    logger.LogInformation("{File}: connection dropped at byte {Offset} ({Error}); resuming", s.Name, s.Have, ex.InnerException?.Message);
+                    GiveUpAfter(ref failures, s, ex.InnerException, $"the download of {s.Name} kept breaking off at byte {s.Have}; try again later");
+                    continue;
+                }
+
+                if (total is { } t && s.Have < t)
+                {
+                    if (s.Have > before)
+                    {
+                        failures = 0;
+                    }
+                    GiveUpAfter(ref failures, s, null, $"the download of {s.Name} kept ending early at byte {s.Have} of {t}; try again later");
+                    continue;
+                }
+                break;
+            }
+        }
+
+        if (!s.HeadChecked)
+        {
+            CheckHead(s, s.Have);
+        }
+    }
+
+    private void GiveUpAfter(ref int failures, State s, Exception? inner, string reason, string reasonClass = ReasonClass.Network)
+    {
+        if (++failures > s.Import.MaxResumeAttempts)
+        {
+            throw new DownloadFailedException(reason, reasonClass, inner);
+        }
+    }
+
+    private static async Task HashExistingAsync(State s, CancellationToken ct)
+    {
+        var output = s.Output;
+        if (output.Length == 0)
+        {
+            return;
+        }
+        output.Position = 0;
+        var buffer = ArrayPool<byte>.Shared.Rent(BufferSize);
+        try
+        {
+            int n;
+            while ((n = await output.ReadAsync(buffer.AsMemory(0, BufferSize), ct).ConfigureAwait(false)) > 0)
+            {
+                NoteHead(s, buffer.AsSpan(0, n));
+                s.Hash.AppendData(buffer, 0, n);
+                s.Have += n;
+            }
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
+        }
+
+        // A partial file that does not start like safetensors is left over from something else; start clean.
+        if (s.Have >= s.Head.Length)
+        {
+            s.HeadChecked = LooksLikeSafetensors(s.Head, null);
+            if (!s.HeadChecked)
+            {
+                Restart(s);
+            }
+        }
+    }
+
+    /// <summary>Reads the body with two buffers so the next network read overlaps hashing and writing the current one.</summary>
+    private async Task CopyAsync(State s, Stream body, CancellationToken ct)
+    {
+        var idleTimeout = s.Import.ReadIdleTimeout;
+        using var idle = new CancellationTokenSource(Timeout.InfiniteTimeSpan, time);
+        await using var link = ct.UnsafeRegister(static o => ((CancellationTokenSource)o!).Cancel(), idle);
+        byte[][] buffers = [ArrayPool<byte>.Shared.Rent(BufferSize), ArrayPool<byte>.Shared.Rent(BufferSize)];
+        var current = 0;
+        Task<int> pending = Task.FromResult(0);
+        try
+        {
+            idle.CancelAfter(idleTimeout);
+            pending = body.ReadAsync(buffers[current].AsMemory(0, BufferSize), idle.Token).AsTask();
+            while (true)
+            {
+                int n;
+                try
+                {
+                    n = await pending.ConfigureAwait(false);
+                }
+                catch (Exception ex) when (ex is IOException or HttpRequestException or OperationCanceledException && !ct.IsCancellationRequested)
+                {
+                    throw new BodyInterruptedException(ex);
+                }
+                if (n == 0)
+                {
+                    return;
+                }
+
+                var chunk = buffers[current];
+                current ^= 1;
+                idle.CancelAfter(idleTimeout);
+                pending = body.ReadAsync(buffers[current].AsMemory(0, BufferSize), idle.Token).AsTask();
+
+                if (s.Have + n > s.Import.MaxFileBytes)
+                {
+                    throw new DownloadFailedException(
+                        $"{s.Name} grew past Import:MaxFileBytes ({s.Import.MaxFileBytes} bytes) while downloading; raise the limit to import it",
+                        ReasonClass.TooLarge) { DiscardStaging = true };
+                }
+                if (!s.HeadChecked)
+                {
+                    NoteHead(s, chunk.AsSpan(0, n));
+                    if (s.Have + n >= s.Head.Length)
+                    {
+                        CheckHead(s, s.Have + n);
+                    }
+                }
+                s.Hash.AppendData(chunk, 0, n);
+                await s.Output.WriteAsync(chunk.AsMemory(0, n), ct).ConfigureAwait(false);
+                s.Have += n;
+                s.Progress?.Report(s.Have);
+            }
+        }
+        finally
+        {
+            // Never hand a buffer back to the pool while a read may still be filling it.
+            if (!pending.IsCompleted)
+            {
+                await body.DisposeAsync().ConfigureAwait(false);
+                try
+                {
+                    await pending.ConfigureAwait(false);
+                }
+                catch (Exception)
+                {
+                    // The read was aborted on purpose; its error is not the one to report.
+                }
+            }
+            ArrayPool<byte>.Shared.Return(buffers[0]);
+            ArrayPool<byte>.Shared.Return(buffers[1]);
+        }
+    }
+
+    private static void NoteHead(State s, ReadOnlySpan<byte> data)
+    {
+        var offset = s.Have;
+        for (var i = 0; i < data.Length && offset + i < s.Head.Length; i++)
+        {
+            s.Head[offset + i] = data[i];
+        }
+    }
+
+    private static void CheckHead(State s, long knownBytes)
+    {
+        s.HeadChecked = true;
+        var known = (int)Math.Min(knownBytes, s.Head.Length);
+        if (known < s.Head.Length || !LooksLikeSafetensors(s.Head, null))
+        {
+            throw new DownloadFailedException(
+                $"{s.Name} is {Describe(s.Head.AsSpan(0, known))}, not a safetensors file; CivitAI may have served an error or login page instead of the file",
+                ReasonClass.NotSafetensors) { DiscardStaging = true };
+        }
+    }
+
+    /// <summary>safetensors starts with an 8-byte little-endian header length, then the JSON header's '{'.</summary>
+    internal static bool LooksLikeSafetensors(ReadOnlySpan<byte> head, long? total)
+    {
+        if (head.Length < 9)
+        {
+            return false;
+        }
+        var headerLength = BinaryPrimitives.ReadUInt64LittleEndian(head);
+        return headerLength >= 2 && headerLength <= MaxHeaderBytes && head[8] == (byte)'{'
+               && (total is null || (ulong)total.Value >= headerLength + 8);
+    }
+
+    private static string Describe(ReadOnlySpan<byte> head)
+    {
+        var trimmed = head.TrimStart(" \t\r\n"u8);
+        if (trimmed.Length == 0)
+        {
+            return head.Length == 0 ? "empty" : "too short";
+        }
+        return trimmed[0] switch
+        {
+            (byte)'<' => "an HTML or XML page",
+            (byte)'{' or (byte)'[' => "a JSON document",
+            (byte)'P' when trimmed.Length > 1 && trimmed[1] == (byte)'K' => "a zip archive",
+            _ => "something else",
+        };
+    }
+
+    private static void CheckContentType(State s, string? mediaType)
+    {
+        if (mediaType is null)
+        {
+            return;
+        }
+        var what = mediaType.ToLowerInvariant() switch
+        {
+            "text/html" or "application/xhtml+xml" => "an HTML page",
+            "application/json" or "text/json" or "application/problem+json" => "a JSON document",
+            "text/plain" => "plain text",
+            "application/xml" or "text/xml" => "an XML document",
+            _ => null,
+        };
+        if (what is not null)
+        {
+            throw new DownloadFailedException(
+                $"{s.Name} came back as {what} ({mediaType}), not a safetensors file; CivitAI may have served an error or login page instead of the file",
+                ReasonClass.NotSafetensors) { DiscardStaging = true };
+        }
+    }
+
+    private static void Restart(State s)
+    {
+        s.Output.SetLength(0);
+        s.Output.Position = 0;
+        s.Hash.GetHashAndReset();
+        s.Have = 0;
+        s.HeadChecked = false;
+        Array.Clear(s.Head);
+    }
+
+    private static bool SameOrigin(Uri a, Uri b) =>
+        Uri.Compare(a, b, UriComponents.SchemeAndServer, UriFormat.Unescaped, StringComparison.OrdinalIgnoreCase) == 0;
+
+    private static void TryDelete(string path)
+    {
+        try
+        {
+            File.Delete(path);
+        }
+        catch (IOException)
+        {
+            // Best effort; the caller owns the staging folder and sweeps it.
+        }
+    }
+
+    private sealed class BodyInterruptedException(Exception inner) : Exception(inner.Message, inner);
+}

@@ -1,0 +1,85 @@
+using System.Net;
+using Microsoft.Extensions.Options;
+
+namespace LoraDeploy.Sources;
+
+/// <summary>
+/// Follows redirects hop by hop (auto-redirect is off on the primary handler) so that every hop goes back
+/// through the connect guard, and drops <c>Authorization</c> as soon as the origin changes.
+/// </summary>
+internal sealed class RedirectHandler(IOptionsMonitor<ImportOptions> import) : DelegatingHandler
+{
+    /// <summary>Set to false on a request to get the 3xx itself (used to probe CivitAI's download endpoint).</summary>
+    public static readonly HttpRequestOptionsKey<bool> FollowRedirects = new("LoraDeploy.FollowRedirects");
+
+    protected override async Task<HttpResponseMessage> SendAsync(HttpRequestMessage request, CancellationToken cancellationToken)
+    {
+        var follow = !request.Options.TryGetValue(FollowRedirects, out var f) || f;
+        var maxHops = import.CurrentValue.MaxRedirects;
+        var authOrigin = request.Headers.Authorization is not null ? Origin(request.RequestUri!) : null;
+        var current = request;
+        for (var hop = 0; ; hop++)
+        {
+            var response = await SendUnwrappedAsync(current, cancellationToken).ConfigureAwait(false);
+            if (!follow || !IsRedirect(response.StatusCode) || response.Headers.Location is null)
+            {
+                return response;
+            }
+            if (hop >= maxHops)
+            {
+                response.Dispose();
+                throw new HttpRequestException($"gave up after {maxHops} redirects starting at {Redact(request.RequestUri!)}");
+            }
+
+            var target = response.Headers.Location.IsAbsoluteUri
+                ? response.Headers.Location
+                : new Uri(current.RequestUri!, response.Headers.Location);
+            response.Dispose();
+            if (target.Scheme != Uri.UriSchemeHttp && target.Scheme != Uri.UriSchemeHttps)
+            {
+                throw new OutboundRequestRefusedException($"refused to follow a redirect to a {target.Scheme}: URL; only http and https are fetched");
+            }
+
+            var next = new HttpRequestMessage(HttpMethod.Get, target) { Version = current.Version, VersionPolicy = current.VersionPolicy };
+            foreach (var header in current.Headers)
+            {
+                next.Headers.TryAddWithoutValidation(header.Key, header.Value);
+            }
+            foreach (var option in current.Options)
+            {
+                ((IDictionary<string, object?>)next.Options)[option.Key] = option.Value;
+            }
+            // Never hand a credential to an origin other than the one it was set for (signed storage links reject it anyway).
+            if (authOrigin is null || Origin(target) != authOrigin)
+            {
+                next.Headers.Authorization = null;
+            }
+            if (!ReferenceEquals(current, request))
+            {
+                current.Dispose();
+            }
+            current = next;
+        }
+    }
+
+    private async Task<HttpResponseMessage> SendUnwrappedAsync(HttpRequestMessage request, CancellationToken cancellationToken)
+    {
+        try
+        {
+            return await base.SendAsync(request, cancellationToken).ConfigureAwait(false);
+        }
+        catch (HttpRequestException ex) when (ex.InnerException is OutboundRequestRefusedException refused)
+        {
+            // Surface the refusal itself so the retry strategy does not treat it as a transient network error.
+            throw new OutboundRequestRefusedException(refused.Message);
+        }
+    }
+
+    private static bool IsRedirect(HttpStatusCode status) => status is HttpStatusCode.MovedPermanently or HttpStatusCode.Found
+        or HttpStatusCode.SeeOther or HttpStatusCode.TemporaryRedirect or HttpStatusCode.PermanentRedirect;
+
+    private static string Origin(Uri uri) => $"{uri.Scheme}://{uri.IdnHost}:{uri.Port}".ToLowerInvariant();
+
+    /// <summary>A URL for messages: no query (signed links and tokens live there).</summary>
+    internal static string Redact(Uri uri) => uri.GetLeftPart(UriPartial.Path);
+}

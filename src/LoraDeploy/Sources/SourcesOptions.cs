@@ -1,0 +1,170 @@
+using System.ComponentModel.DataAnnotations;
+using System.Net;
+
+namespace LoraDeploy.Sources;
+
+/// <summary>Settings section <c>Civitai</c>.</summary>
+public sealed class CivitaiOptions : IValidatableObject
+{
+    public const string SectionName = "Civitai";
+
+    /// <summary>Where the CivitAI API is called, whatever host the user pasted.</summary>
+    public string BaseUrl { get; set; } = "https://civitai.com";
+
+    /// <summary>Personal API key; sent as a Bearer header to the BaseUrl host only.</summary>
+    public string? Token { get; set; }
+
+    public Uri GetBaseUri() => new(BaseUrl.TrimEnd('/') + "/");
+
+    public bool HasToken => !string.IsNullOrWhiteSpace(Token);
+
+    public IEnumerable<ValidationResult> Validate(ValidationContext validationContext)
+    {
+        if (!Uri.TryCreate(BaseUrl, UriKind.Absolute, out var uri) || (uri.Scheme != Uri.UriSchemeHttps && uri.Scheme != Uri.UriSchemeHttp))
+        {
+            yield return new ValidationResult($"Civitai:BaseUrl must be an absolute http(s) URL; got '{BaseUrl}'", [nameof(BaseUrl)]);
+        }
+        if (Token is { } t && t.Any(char.IsWhiteSpace) && !string.IsNullOrWhiteSpace(t))
+        {
+            yield return new ValidationResult("Civitai:Token must not contain whitespace", [nameof(Token)]);
+        }
+    }
+}
+
+/// <summary>Settings section <c>Network</c>: what the outbound guard lets through.</summary>
+public sealed class NetworkOptions : IValidatableObject
+{
+    public const string SectionName = "Network";
+
+    /// <summary>CIDR ranges (e.g. <c>127.0.0.1/32</c>, <c>10.0.0.0/8</c>) of otherwise-refused addresses that may be contacted.</summary>
+    public List<string> AllowedPrivateRanges { get; set; } = [];
+
+    /// <summary>TCP connect timeout per address.</summary>
+    public TimeSpan ConnectTimeout { get; set; } = TimeSpan.FromSeconds(15);
+
+    internal IReadOnlyList<IPNetwork> ParsedRanges()
+    {
+        var list = new List<IPNetwork>();
+        foreach (var entry in Entries())
+        {
+            if (TryParseRange(entry, out var net))
+            {
+                list.Add(net);
+            }
+        }
+        return list;
+    }
+
+    // A single entry may hold a comma-separated list, so `--Network:AllowedPrivateRanges:0=a,b` works too.
+    private IEnumerable<string> Entries() =>
+        AllowedPrivateRanges.SelectMany(e => (e ?? "").Split([',', ';', ' '], StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries));
+
+    private static bool TryParseRange(string entry, out IPNetwork network)
+    {
+        if (IPNetwork.TryParse(entry, out network))
+        {
+            // Insist on a clean base address: "192.168.1.5/16" is more likely a typo than a wish to allow a /16.
+            return HostBitsAreZero(network, entry);
+        }
+        // A bare address means just that address.
+        if (IPAddress.TryParse(entry, out var address))
+        {
+            network = new IPNetwork(address, address.AddressFamily == System.Net.Sockets.AddressFamily.InterNetwork ? 32 : 128);
+            return true;
+        }
+        return false;
+    }
+
+    private static bool HostBitsAreZero(IPNetwork network, string entry)
+    {
+        var slash = entry.IndexOf('/', StringComparison.Ordinal);
+        if (slash < 0 || !IPAddress.TryParse(entry[..slash], out var written))
+        {
+            return true;
+        }
+        var bytes = written.GetAddressBytes();
+        for (var bit = network.PrefixLength; bit < bytes.Length * 8; bit++)
+        {
+            if ((bytes[bit / 8] & (0x80 >> (bit % 8))) != 0)
+            {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    public IEnumerable<ValidationResult> Validate(ValidationContext validationContext)
+    {
+        foreach (var entry in Entries())
+        {
+            if (!TryParseRange(entry, out _))
+            {
+                yield return new ValidationResult(
+                    $"Network:AllowedPrivateRanges entry '{entry}' is not a CIDR range like 10.0.0.0/8 or fd00::/8 (host bits must be zero)",
+                    [nameof(AllowedPrivateRanges)]);
+            }
+        }
+        if (ConnectTimeout <= TimeSpan.Zero)
+        {
+            yield return new ValidationResult("Network:ConnectTimeout must be positive", [nameof(ConnectTimeout)]);
+        }
+    }
+}
+
+/// <summary>Settings section <c>Import</c>: limits and retry knobs for fetching adapters.</summary>
+public sealed class ImportOptions : IValidatableObject
+{
+    public const string SectionName = "Import";
+
+    /// <summary>Largest adapter file accepted (default 4 GiB).</summary>
+    public long MaxFileBytes { get; set; } = 4L * 1024 * 1024 * 1024;
+
+    /// <summary>Retries after the first attempt for 429/5xx/timeouts (so at most this + 1 attempts per request).</summary>
+    public int MaxRetryAttempts { get; set; } = 4;
+
+    /// <summary>First backoff delay; later ones grow exponentially with jitter.</summary>
+    public TimeSpan RetryBaseDelay { get; set; } = TimeSpan.FromSeconds(1);
+
+    /// <summary>Cap on any single retry delay, including one asked for by Retry-After.</summary>
+    public TimeSpan RetryMaxDelay { get; set; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>Time allowed for one attempt to get response headers.</summary>
+    public TimeSpan AttemptTimeout { get; set; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>A body read that makes no progress for this long counts as a dropped connection.</summary>
+    public TimeSpan ReadIdleTimeout { get; set; } = TimeSpan.FromSeconds(60);
+
+    /// <summary>How many times a download may resume (Range) or refresh its signed link in a row without new bytes.</summary>
+    public int MaxResumeAttempts { get; set; } = 5;
+
+    /// <summary>Redirect hops followed per request.</summary>
+    public int MaxRedirects { get; set; } = 5;
+
+    public IEnumerable<ValidationResult> Validate(ValidationContext validationContext)
+    {
+        if (MaxFileBytes <= 0)
+        {
+            yield return new ValidationResult("Import:MaxFileBytes must be positive", [nameof(MaxFileBytes)]);
+        }
+        if (MaxRetryAttempts is < 0 or > 20)
+        {
+            yield return new ValidationResult("Import:MaxRetryAttempts must be between 0 and 20", [nameof(MaxRetryAttempts)]);
+        }
+        if (RetryBaseDelay < TimeSpan.Zero || RetryMaxDelay < RetryBaseDelay)
+        {
+            yield return new ValidationResult("Import:RetryBaseDelay must be ≥ 0 and ≤ Import:RetryMaxDelay", [nameof(RetryBaseDelay)]);
+        }
+        if (AttemptTimeout <= TimeSpan.Zero || ReadIdleTimeout <= TimeSpan.Zero)
+        {
+            yield return new ValidationResult("Import:AttemptTimeout and Import:ReadIdleTimeout must be positive", [nameof(AttemptTimeout)]);
+        }
+        if (MaxResumeAttempts is < 0 or > 100)
+        {
+            yield return new ValidationResult("Import:MaxResumeAttempts must be between 0 and 100", [nameof(MaxResumeAttempts)]);
+        }
+        if (MaxRedirects is < 0 or > 20)
+        {
+            yield return new ValidationResult("Import:MaxRedirects must be between 0 and 20", [nameof(MaxRedirects)]);
+        }
+    }
+}

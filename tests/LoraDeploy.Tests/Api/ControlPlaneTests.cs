@@ -1,0 +1,516 @@
+using System.Net;
+using System.Net.Http.Headers;
+using System.Text.Json;
+using System.Text.RegularExpressions;
+using LoraDeploy.Data;
+using Microsoft.EntityFrameworkCore;
+
+namespace LoraDeploy.Tests.Api;
+
+/// <summary>The DeepInfra contract, end to end over HTTP. Runs on SQLite and on PostgreSQL (see the two subclasses).</summary>
+public abstract partial class ControlPlaneTests(ServerFixture fixture)
+{
+    private const string Flux = "black-forest-labs/FLUX-1-dev";
+    private const string Sdxl = "stabilityai/stable-diffusion-xl-base-1.0";
+    private const string CivitUrl = "https://civitai.com/models/1102?modelVersionId=1002";
+
+    private LoraDeployServer Server => fixture.Server;
+
+    [GeneratedRegex(@"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\+00:00$")]
+    private static partial Regex Timestamp();
+
+    private static object CreateBody(string name, bool isPrivate = true, string baseModel = Flux, string url = CivitUrl, string? description = null) => new
+    {
+        lora_name = name,
+        base_model = baseModel,
+        source = new { type = "civitai", civit_url = url },
+        @private = isPrivate,
+        description,
+    };
+
+    private static async Task<JsonElement> CreateAsync(TestUser user, string name, bool isPrivate = true, string baseModel = Flux)
+    {
+        var response = await user.Client.PostJsonAsync("/v1/lora/create", CreateBody(name, isPrivate, baseModel));
+        return await response.ExpectAsync(HttpStatusCode.OK);
+    }
+
+    private Task SetStatusAsync(string deployId, string status) =>
+        Server.QueryAsync(db => db.Deploys.Where(d => d.Id == deployId)
+            .ExecuteUpdateAsync(set => set.SetProperty(d => d.Status, status)));
+
+    // ---- success shapes against the contract ----
+
+    [Fact]
+    public async Task Create_answers_a_DeploymentOut_for_a_lora()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        var deploy = await CreateAsync(alice, "pixel-art");
+
+        ContractSchema.AssertMatches("DeploymentOut", deploy);
+        Assert.Equal("DeploymentOut", ContractSchema.ResponseSchemaName("/v1/lora/create", "post"));
+        Assert.Equal("lora", deploy.GetProperty("type").GetString());
+        Assert.Equal("text-to-image", deploy.GetProperty("task").GetString());
+        Assert.Equal("initializing", deploy.GetProperty("status").GetString());
+        Assert.Equal($"{alice.Name}/pixel-art", deploy.GetProperty("model_name").GetString());
+        Assert.Equal("", deploy.GetProperty("version").GetString());
+        Assert.Equal("", deploy.GetProperty("fail_reason").GetString());
+        Assert.Matches(Timestamp(), deploy.GetProperty("created_at").GetString()!);
+        Assert.Matches(Timestamp(), deploy.GetProperty("updated_at").GetString()!);
+        Assert.Equal(JsonValueKind.Null, deploy.GetProperty("config").ValueKind);
+        Assert.Equal(1, deploy.GetProperty("settings").GetProperty("min_instances").GetInt32());
+        Assert.Equal(1, deploy.GetProperty("settings").GetProperty("max_instances").GetInt32());
+        Assert.Equal(0, deploy.GetProperty("instances").GetProperty("running").GetInt32());
+    }
+
+    [Fact]
+    public async Task Deploy_routes_answer_contract_shapes()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        var id = (await CreateAsync(alice, "one")).GetProperty("deploy_id").GetString()!;
+
+        var got = await (await alice.Client.GetAsync($"/deploy/{id}")).ExpectAsync(HttpStatusCode.OK);
+        ContractSchema.AssertMatches(ContractSchema.ResponseSchemaName("/deploy/{deploy_id}", "get")!, got);
+        Assert.Equal(id, got.GetProperty("deploy_id").GetString());
+
+        var list = await (await alice.Client.GetAsync("/deploy/list")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal("DeploymentOut[]", ContractSchema.ResponseSchemaName("/deploy/list", "get"));
+        ContractSchema.AssertArrayOf("DeploymentOut", list);
+        Assert.Single(list.EnumerateArray());
+
+        var put = await (await alice.Client.PutAsync($"/deploy/{id}", HttpAssertions.Json(new { settings = new { min_instances = 0, max_instances = 2 } })))
+            .ExpectAsync(HttpStatusCode.OK);
+        ContractSchema.AssertMatches("DeployStatusOut", put);
+        var scaled = await (await alice.Client.GetAsync($"/deploy/{id}")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal(0, scaled.GetProperty("settings").GetProperty("min_instances").GetInt32());
+        Assert.Equal(2, scaled.GetProperty("settings").GetProperty("max_instances").GetInt32());
+
+        await SetStatusAsync(id, DeployStatus.Running);
+        ContractSchema.AssertMatches("DeployStatusOut", await (await alice.Client.PostAsync($"/deploy/{id}/stop", null)).ExpectAsync(HttpStatusCode.OK));
+        ContractSchema.AssertMatches("DeployStatusOut", await (await alice.Client.PostAsync($"/deploy/{id}/start", null)).ExpectAsync(HttpStatusCode.OK));
+        var deleted = await (await alice.Client.DeleteAsync($"/deploy/{id}")).ExpectAsync(HttpStatusCode.OK);
+        ContractSchema.AssertMatches("DeployDelete", deleted);
+        Assert.Equal(id, deleted.GetProperty("deploy_id").GetString());
+    }
+
+    [Fact]
+    public async Task Lora_routes_answer_our_documented_shapes()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        var deploy = await CreateAsync(alice, "shape", isPrivate: false);
+        var id = deploy.GetProperty("deploy_id").GetString();
+
+        var lora = await (await alice.Client.GetAsync("/v1/lora/shape")).ExpectAsync(HttpStatusCode.OK);
+        AssertLoraOut(lora);
+        Assert.Equal("shape", lora.GetProperty("lora_name").GetString());
+        Assert.Equal($"{alice.Name}/shape", lora.GetProperty("model_name").GetString());
+        Assert.Equal(Flux, lora.GetProperty("base_model").GetString());
+        Assert.Equal("civitai", lora.GetProperty("source").GetProperty("type").GetString());
+        Assert.Equal(id, lora.GetProperty("deploy_id").GetString());
+        Assert.Equal(JsonValueKind.Null, lora.GetProperty("probe").ValueKind);
+
+        var status = await (await alice.Client.GetAsync("/v1/lora/shape/status")).ExpectAsync(HttpStatusCode.OK);
+        foreach (var field in new[] { "lora_name", "model_name", "deploy_id", "status", "fail_reason", "version" })
+        {
+            Assert.Equal(JsonValueKind.String, status.GetProperty(field).ValueKind);
+        }
+        Assert.Equal(JsonValueKind.Number, status.GetProperty("downloaded_bytes").ValueKind);
+
+        var patched = await (await alice.Client.PatchAsync("/v1/lora/shape", HttpAssertions.Json(new { description = "pixels", @private = true })))
+            .ExpectAsync(HttpStatusCode.OK);
+        AssertLoraOut(patched);
+        Assert.Equal("pixels", patched.GetProperty("description").GetString());
+        Assert.True(patched.GetProperty("private").GetBoolean());
+
+        var mine = await (await alice.Client.GetAsync("/v1/user/loras")).ExpectAsync(HttpStatusCode.OK);
+        AssertLoraOut(Assert.Single(mine.EnumerateArray()));
+
+        foreach (var url in new[] { $"/v1/model/{Flux}/loras", $"/v1/model/{Uri.EscapeDataString(Flux)}/loras" })
+        {
+            var onBase = await (await alice.Client.GetAsync(url)).ExpectAsync(HttpStatusCode.OK);
+            Assert.Contains(onBase.EnumerateArray(), l => l.GetProperty("deploy_id").GetString() == id);
+        }
+
+        var deleted = await (await alice.Client.DeleteAsync("/v1/lora/shape")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal(id, deleted.GetProperty("deploy_id").GetString());
+        await (await alice.Client.GetAsync("/v1/lora/shape")).ExpectErrorAsync(HttpStatusCode.NotFound);
+        var deletedDeploy = await (await alice.Client.GetAsync($"/deploy/{id}")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal("deleted", deletedDeploy.GetProperty("status").GetString());
+    }
+
+    private static void AssertLoraOut(JsonElement lora)
+    {
+        foreach (var field in new[] { "lora_name", "model_name", "base_model", "description", "deploy_id", "status", "fail_reason", "version", "created_at", "updated_at" })
+        {
+            Assert.True(lora.GetProperty(field).ValueKind == JsonValueKind.String, $"{field} should be a string in {lora}");
+        }
+        Assert.True(lora.GetProperty("private").ValueKind is JsonValueKind.True or JsonValueKind.False);
+        ContractSchema.AssertMatches("SourceModel", lora.GetProperty("source"));
+        Assert.Equal(JsonValueKind.Number, lora.GetProperty("downloaded_bytes").ValueKind);
+        Assert.Equal(JsonValueKind.Array, lora.GetProperty("warnings").ValueKind);
+        Assert.True(lora.TryGetProperty("probe", out _));
+        Assert.True(lora.TryGetProperty("size_bytes", out _));
+        Assert.True(lora.TryGetProperty("civitai", out _));
+    }
+
+    [Fact]
+    public async Task Public_lora_list_needs_no_token_and_answers_ModelOut()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        await CreateAsync(alice, "public-one", isPrivate: false);
+        await CreateAsync(alice, "private-one", isPrivate: true);
+
+        using var anonymous = Server.CreateClient();
+        var list = await (await anonymous.GetAsync("/models/lora/list")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal("ModelOut[]", ContractSchema.ResponseSchemaName("/models/lora/list", "get"));
+        ContractSchema.AssertArrayOf("ModelOut", list);
+        var names = list.EnumerateArray().Select(m => m.GetProperty("model_name").GetString()).ToList();
+        Assert.Contains($"{alice.Name}/public-one", names);
+        Assert.DoesNotContain($"{alice.Name}/private-one", names);
+        var item = list.EnumerateArray().First(m => m.GetProperty("model_name").GetString() == $"{alice.Name}/public-one");
+        Assert.Equal("text-to-image", item.GetProperty("type").GetString());
+        Assert.Equal("text-to-image", item.GetProperty("reported_type").GetString());
+        ContractSchema.AssertMatches("ModelPricingImageUnits", item.GetProperty("pricing"));
+    }
+
+    [Fact]
+    public async Task Deploy_list_filters_by_status_and_hides_deleted_by_default()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        var keep = (await CreateAsync(alice, "keep")).GetProperty("deploy_id").GetString();
+        var gone = (await CreateAsync(alice, "gone")).GetProperty("deploy_id").GetString();
+        await (await alice.Client.DeleteAsync($"/deploy/{gone}")).ExpectAsync(HttpStatusCode.OK);
+
+        var all = await (await alice.Client.GetAsync("/deploy/list")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal([keep], all.EnumerateArray().Select(d => d.GetProperty("deploy_id").GetString()));
+
+        var deleted = await (await alice.Client.GetAsync("/deploy/list?status=deleted")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal([gone], deleted.EnumerateArray().Select(d => d.GetProperty("deploy_id").GetString()));
+
+        var both = await (await alice.Client.GetAsync("/deploy/list?status=initializing,deleted")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal(2, both.GetArrayLength());
+    }
+
+    [Fact]
+    public async Task Deploy_list_refuses_an_unknown_status()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        var error = await (await alice.Client.GetAsync("/deploy/list?status=running,bogus")).ExpectValidationErrorAsync("query", "status");
+        Assert.Contains("bogus", error.GetProperty("msg").GetString());
+    }
+
+    // ---- validation ----
+
+    public static TheoryData<string, string[]> InvalidCreateBodies => new()
+    {
+        { """{"base_model":"black-forest-labs/FLUX-1-dev","source":{"type":"civitai","civit_url":"https://civitai.com/models/1"},"private":true}""", ["body", "lora_name"] },
+        { """{"lora_name":"x","source":{"type":"civitai","civit_url":"https://civitai.com/models/1"},"private":true}""", ["body", "base_model"] },
+        { """{"lora_name":"x","base_model":"black-forest-labs/FLUX-1-dev","private":true}""", ["body", "source"] },
+        { """{"lora_name":"x","base_model":"black-forest-labs/FLUX-1-dev","source":{"type":"civitai","civit_url":"https://civitai.com/models/1"}}""", ["body", "private"] },
+        { """{"lora_name":"x","base_model":"black-forest-labs/FLUX-1-dev","source":{"civit_url":"https://civitai.com/models/1"},"private":true}""", ["body", "source", "type"] },
+        { """{"lora_name":"x","base_model":"black-forest-labs/FLUX-1-dev","source":{"type":"civitai"},"private":true}""", ["body", "source", "civit_url"] },
+        { """{"lora_name":42,"base_model":"black-forest-labs/FLUX-1-dev","source":{"type":"civitai","civit_url":"https://civitai.com/models/1"},"private":true}""", ["body", "lora_name"] },
+        { """{"lora_name":"x","base_model":["a"],"source":{"type":"civitai","civit_url":"https://civitai.com/models/1"},"private":true}""", ["body", "base_model"] },
+        { """{"lora_name":"x","base_model":"black-forest-labs/FLUX-1-dev","source":"civitai","private":true}""", ["body", "source"] },
+        { """{"lora_name":"x","base_model":"black-forest-labs/FLUX-1-dev","source":{"type":"civitai","civit_url":"https://civitai.com/models/1"},"private":"yes"}""", ["body", "private"] },
+        { """{"lora_name":"x","base_model":"black-forest-labs/FLUX-1-dev","source":{"type":"civitai","civit_url":7},"private":true}""", ["body", "source", "civit_url"] },
+        { """{"lora_name":"x","base_model":"black-forest-labs/FLUX-1-dev","source":{"type":"civitai","civit_url":"https://civitai.com/models/1"},"private":true,"description":5}""", ["body", "description"] },
+        { """{"lora_name":"x","base_model":"black-forest-labs/FLUX-1-dev","source":{"type":"huggingface","civit_url":"https://civitai.com/models/1"},"private":true}""", ["body", "source", "type"] },
+        { """{"lora_name":"x","base_model":"black-forest-labs/FLUX-1-dev","source":{"type":"civitai","civit_url":"https://example.com/models/1"},"private":true}""", ["body", "source", "civit_url"] },
+        { """{"lora_name":"x","base_model":"black-forest-labs/FLUX-1-dev","source":{"type":"civitai","civit_url":"not a url"},"private":true}""", ["body", "source", "civit_url"] },
+        { """{"lora_name":"x","base_model":"runwayml/stable-diffusion-v9","source":{"type":"civitai","civit_url":"https://civitai.com/models/1"},"private":true}""", ["body", "base_model"] },
+        { """{"lora_name":"-starts-with-dash","base_model":"black-forest-labs/FLUX-1-dev","source":{"type":"civitai","civit_url":"https://civitai.com/models/1"},"private":true}""", ["body", "lora_name"] },
+        { """{"lora_name":"has/slash","base_model":"black-forest-labs/FLUX-1-dev","source":{"type":"civitai","civit_url":"https://civitai.com/models/1"},"private":true}""", ["body", "lora_name"] },
+        { """{"lora_name":"","base_model":"black-forest-labs/FLUX-1-dev","source":{"type":"civitai","civit_url":"https://civitai.com/models/1"},"private":true}""", ["body", "lora_name"] },
+        { """{"lora_name":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","base_model":"black-forest-labs/FLUX-1-dev","source":{"type":"civitai","civit_url":"https://civitai.com/models/1"},"private":true}""", ["body", "lora_name"] },
+        { """{"lora_name":"sp ace","base_model":"black-forest-labs/FLUX-1-dev","source":{"type":"civitai","civit_url":"https://civitai.com/models/1"},"private":true}""", ["body", "lora_name"] },
+        { """["not","an","object"]""", ["body"] },
+    };
+
+    [Theory]
+    [MemberData(nameof(InvalidCreateBodies))]
+    public async Task Create_refuses_bad_input_with_a_422_naming_the_field(string body, string[] loc)
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        var response = await alice.Client.PostAsync("/v1/lora/create", HttpAssertions.Json(body));
+        await response.ExpectValidationErrorAsync([.. loc]);
+        Assert.Empty(await (await alice.Client.GetAsync("/deploy/list")).ExpectAsync(HttpStatusCode.OK) is var list ? list.EnumerateArray() : default);
+    }
+
+    [Fact]
+    public async Task Create_refuses_malformed_json_with_a_422()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        var response = await alice.Client.PostAsync("/v1/lora/create", HttpAssertions.Json("""{"lora_name": "x", """));
+        var json = await response.ExpectAsync(HttpStatusCode.UnprocessableEntity);
+        ContractSchema.AssertMatches("HTTPValidationError", json);
+        var detail = json.GetProperty("detail")[0];
+        Assert.Equal("body", detail.GetProperty("loc")[0].GetString());
+        Assert.Equal("json_invalid", detail.GetProperty("type").GetString());
+    }
+
+    [Fact]
+    public async Task Create_refuses_bodies_over_64_KiB_with_413()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        var huge = JsonSerializer.Serialize(CreateBody("big", description: new string('x', 70 * 1024)));
+        await (await alice.Client.PostAsync("/v1/lora/create", HttpAssertions.Json(huge))).ExpectErrorAsync(HttpStatusCode.RequestEntityTooLarge);
+    }
+
+    [Fact]
+    public async Task Scale_settings_are_validated()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        var id = (await CreateAsync(alice, "scale")).GetProperty("deploy_id").GetString();
+        async Task Expect(object body, params object[] loc) =>
+            await (await alice.Client.PutAsync($"/deploy/{id}", HttpAssertions.Json(body))).ExpectValidationErrorAsync(loc);
+
+        await Expect(new { }, "body", "settings");
+        await Expect(new { settings = new { min_instances = -1, max_instances = 1 } }, "body", "settings", "min_instances");
+        await Expect(new { settings = new { min_instances = 0, max_instances = 1000 } }, "body", "settings", "max_instances");
+        await Expect(new { settings = new { min_instances = 3, max_instances = 2 } }, "body", "settings");
+        await Expect(new { settings = new { min_instances = "one", max_instances = 2 } }, "body", "settings", "min_instances");
+    }
+
+    // ---- auth ----
+
+    [Fact]
+    public async Task Missing_or_bad_tokens_get_401_through_either_header()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        using var client = Server.CreateClient();
+        var wrongSecret = alice.Token[..^4] + (alice.Token.EndsWith("AAAA", StringComparison.Ordinal) ? "BBBB" : "AAAA");
+
+        async Task Expect401(Action<HttpRequestHeaders> setHeaders)
+        {
+            using var request = new HttpRequestMessage(HttpMethod.Get, "/deploy/list");
+            setHeaders(request.Headers);
+            var response = await client.SendAsync(request);
+            Assert.Equal("Bearer", response.Headers.WwwAuthenticate.Single().Scheme);
+            await response.ExpectErrorAsync(HttpStatusCode.Unauthorized);
+        }
+
+        await Expect401(_ => { });
+        await Expect401(h => h.Authorization = new AuthenticationHeaderValue("Bearer", "nonsense"));
+        await Expect401(h => h.Authorization = new AuthenticationHeaderValue("Bearer", wrongSecret));
+        await Expect401(h => h.Add("xi-api-key", "nonsense"));
+        await Expect401(h => h.Add("xi-api-key", wrongSecret));
+        await Expect401(h => h.Authorization = new AuthenticationHeaderValue("Basic", alice.Token));
+
+        foreach (var setHeaders in new Action<HttpRequestHeaders>[]
+                 {
+                     h => h.Authorization = new AuthenticationHeaderValue("Bearer", alice.Token),
+                     h => h.TryAddWithoutValidation("Authorization", "bearer " + alice.Token),
+                     h => h.Add("xi-api-key", alice.Token),
+                 })
+        {
+            using var request = new HttpRequestMessage(HttpMethod.Get, "/deploy/list");
+            setHeaders(request.Headers);
+            await (await client.SendAsync(request)).ExpectAsync(HttpStatusCode.OK);
+        }
+
+        await (await client.PostAsync("/v1/lora/create", HttpAssertions.Json(CreateBody("x")))).ExpectErrorAsync(HttpStatusCode.Unauthorized);
+    }
+
+    [Fact]
+    public async Task Tokens_are_stored_only_as_hashes()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        var stored = await Server.QueryAsync(db => db.ApiTokens.Where(t => t.User!.Name == alice.Name).ToListAsync());
+        var token = Assert.Single(stored);
+        Assert.Equal(32, token.SecretHash.Length);
+        var secret = alice.Token[(alice.Token.LastIndexOf('_') + 1)..];
+        Assert.NotEqual(secret, Convert.ToBase64String(token.SecretHash));
+        Assert.DoesNotContain(secret, System.Text.Encoding.UTF8.GetString(token.SecretHash));
+    }
+
+    // ---- tenants ----
+
+    [Fact]
+    public async Task Another_users_private_objects_are_invisible_and_untouchable()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        var bob = await Server.CreateUserAsync("bob");
+        var secretDeploy = (await CreateAsync(alice, "secret", isPrivate: true)).GetProperty("deploy_id").GetString();
+        await SetStatusAsync(secretDeploy!, DeployStatus.Running);
+
+        await (await bob.Client.GetAsync($"/deploy/{secretDeploy}")).ExpectErrorAsync(HttpStatusCode.NotFound);
+        await (await bob.Client.PutAsync($"/deploy/{secretDeploy}", HttpAssertions.Json(new { settings = new { min_instances = 0, max_instances = 0 } })))
+            .ExpectErrorAsync(HttpStatusCode.NotFound);
+        await (await bob.Client.PostAsync($"/deploy/{secretDeploy}/stop", null)).ExpectErrorAsync(HttpStatusCode.NotFound);
+        await (await bob.Client.PostAsync($"/deploy/{secretDeploy}/start", null)).ExpectErrorAsync(HttpStatusCode.NotFound);
+        await (await bob.Client.DeleteAsync($"/deploy/{secretDeploy}")).ExpectErrorAsync(HttpStatusCode.NotFound);
+        await (await bob.Client.GetAsync("/v1/lora/secret")).ExpectErrorAsync(HttpStatusCode.NotFound);
+        await (await bob.Client.GetAsync($"/v1/lora/{alice.Name}/secret")).ExpectErrorAsync(HttpStatusCode.NotFound);
+        await (await bob.Client.GetAsync("/v1/lora/secret/status")).ExpectErrorAsync(HttpStatusCode.NotFound);
+        await (await bob.Client.PatchAsync("/v1/lora/secret", HttpAssertions.Json(new { @private = false }))).ExpectErrorAsync(HttpStatusCode.NotFound);
+        await (await bob.Client.DeleteAsync("/v1/lora/secret")).ExpectErrorAsync(HttpStatusCode.NotFound);
+
+        Assert.Empty((await (await bob.Client.GetAsync("/deploy/list?status=initializing,downloading,deploying,running,stopped,failed,deleted")).ExpectAsync(HttpStatusCode.OK)).EnumerateArray());
+        Assert.Empty((await (await bob.Client.GetAsync("/v1/user/loras")).ExpectAsync(HttpStatusCode.OK)).EnumerateArray());
+        Assert.DoesNotContain((await (await bob.Client.GetAsync($"/v1/model/{Flux}/loras")).ExpectAsync(HttpStatusCode.OK)).EnumerateArray(),
+            l => l.GetProperty("deploy_id").GetString() == secretDeploy);
+
+        // Nothing bob did touched it.
+        var intact = await (await alice.Client.GetAsync($"/deploy/{secretDeploy}")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal("running", intact.GetProperty("status").GetString());
+        var lora = await (await alice.Client.GetAsync("/v1/lora/secret")).ExpectAsync(HttpStatusCode.OK);
+        Assert.True(lora.GetProperty("private").GetBoolean());
+    }
+
+    [Fact]
+    public async Task A_public_lora_is_readable_by_others_but_only_its_owner_changes_it()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        var bob = await Server.CreateUserAsync("bob");
+        var deployId = (await CreateAsync(alice, "shared", isPrivate: false, baseModel: Sdxl)).GetProperty("deploy_id").GetString();
+
+        var seen = await (await bob.Client.GetAsync($"/v1/lora/{alice.Name}/shared")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal($"{alice.Name}/shared", seen.GetProperty("model_name").GetString());
+        var onBase = await (await bob.Client.GetAsync($"/v1/model/{Sdxl}/loras")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Contains(onBase.EnumerateArray(), l => l.GetProperty("model_name").GetString() == $"{alice.Name}/shared");
+
+        // bob's own namespace has no "shared", and alice's deploy is not his.
+        await (await bob.Client.PatchAsync("/v1/lora/shared", HttpAssertions.Json(new { description = "mine now" }))).ExpectErrorAsync(HttpStatusCode.NotFound);
+        await (await bob.Client.DeleteAsync("/v1/lora/shared")).ExpectErrorAsync(HttpStatusCode.NotFound);
+        await (await bob.Client.DeleteAsync($"/deploy/{deployId}")).ExpectErrorAsync(HttpStatusCode.NotFound);
+        await (await bob.Client.GetAsync($"/deploy/{deployId}")).ExpectErrorAsync(HttpStatusCode.NotFound);
+        Assert.Empty((await (await bob.Client.GetAsync("/v1/user/loras")).ExpectAsync(HttpStatusCode.OK)).EnumerateArray());
+
+        var still = await (await alice.Client.GetAsync("/v1/lora/shared")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal("", still.GetProperty("description").GetString());
+    }
+
+    // ---- conflicts and idempotency ----
+
+    [Fact]
+    public async Task A_duplicate_name_is_a_409_until_the_first_is_deleted()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        var bob = await Server.CreateUserAsync("bob");
+        await CreateAsync(alice, "dup");
+        var message = await (await alice.Client.PostJsonAsync("/v1/lora/create", CreateBody("dup"))).ExpectErrorAsync(HttpStatusCode.Conflict);
+        Assert.Contains("dup", message);
+
+        await CreateAsync(bob, "dup"); // names are per user
+
+        await (await alice.Client.DeleteAsync("/v1/lora/dup")).ExpectAsync(HttpStatusCode.OK);
+        await CreateAsync(alice, "dup");
+    }
+
+    [Fact]
+    public async Task Idempotency_key_returns_the_same_deploy_for_the_same_body_and_422_for_another()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        async Task<HttpResponseMessage> Post(object body, string key)
+        {
+            using var request = new HttpRequestMessage(HttpMethod.Post, "/v1/lora/create") { Content = HttpAssertions.Json(body) };
+            request.Headers.Add("Idempotency-Key", key);
+            return await alice.Client.SendAsync(request);
+        }
+
+        var first = await (await Post(CreateBody("idem"), "key-1")).ExpectAsync(HttpStatusCode.OK);
+        var again = await (await Post(CreateBody("idem"), "key-1")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal(first.GetProperty("deploy_id").GetString(), again.GetProperty("deploy_id").GetString());
+
+        await (await Post(CreateBody("idem-other"), "key-1")).ExpectValidationErrorAsync("header", "Idempotency-Key");
+        await (await Post(CreateBody("idem"), "key-2")).ExpectErrorAsync(HttpStatusCode.Conflict);
+
+        var list = await (await alice.Client.GetAsync("/deploy/list")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Single(list.EnumerateArray());
+    }
+
+    [Fact]
+    public async Task Concurrent_creates_of_one_name_make_exactly_one_deploy()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        var responses = await Task.WhenAll(Enumerable.Range(0, 8).Select(_ => alice.Client.PostJsonAsync("/v1/lora/create", CreateBody("race"))));
+        Assert.Equal(1, responses.Count(r => r.StatusCode == HttpStatusCode.OK));
+        Assert.All(responses.Where(r => r.StatusCode != HttpStatusCode.OK), r => Assert.Equal(HttpStatusCode.Conflict, r.StatusCode));
+        Assert.Single((await (await alice.Client.GetAsync("/deploy/list")).ExpectAsync(HttpStatusCode.OK)).EnumerateArray());
+    }
+
+    // ---- transitions ----
+
+    [Fact]
+    public async Task Stop_start_and_delete_follow_the_lifecycle()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        var id = (await CreateAsync(alice, "life")).GetProperty("deploy_id").GetString()!;
+
+        Assert.Contains("initializing", await (await alice.Client.PostAsync($"/deploy/{id}/stop", null)).ExpectErrorAsync(HttpStatusCode.BadRequest));
+        Assert.Contains("initializing", await (await alice.Client.PostAsync($"/deploy/{id}/start", null)).ExpectErrorAsync(HttpStatusCode.BadRequest));
+
+        foreach (var from in new[] { DeployStatus.Deploying, DeployStatus.Running })
+        {
+            await SetStatusAsync(id, from);
+            await (await alice.Client.PostAsync($"/deploy/{id}/stop", null)).ExpectAsync(HttpStatusCode.OK);
+            var stopped = await (await alice.Client.GetAsync($"/deploy/{id}")).ExpectAsync(HttpStatusCode.OK);
+            Assert.Equal("stopped", stopped.GetProperty("status").GetString());
+            Assert.Equal(0, stopped.GetProperty("instances").GetProperty("running").GetInt32());
+            Assert.Contains("stopped", await (await alice.Client.PostAsync($"/deploy/{id}/stop", null)).ExpectErrorAsync(HttpStatusCode.BadRequest));
+            await (await alice.Client.PostAsync($"/deploy/{id}/start", null)).ExpectAsync(HttpStatusCode.OK);
+            Assert.Equal("deploying", (await (await alice.Client.GetAsync($"/deploy/{id}")).ExpectAsync(HttpStatusCode.OK)).GetProperty("status").GetString());
+        }
+
+        await SetStatusAsync(id, DeployStatus.Failed);
+        Assert.Contains("failed", await (await alice.Client.PostAsync($"/deploy/{id}/stop", null)).ExpectErrorAsync(HttpStatusCode.BadRequest));
+        Assert.Contains("failed", await (await alice.Client.PutAsync($"/deploy/{id}", HttpAssertions.Json(new { settings = new { min_instances = 1, max_instances = 1 } })))
+            .ExpectErrorAsync(HttpStatusCode.BadRequest));
+
+        await (await alice.Client.DeleteAsync($"/deploy/{id}")).ExpectAsync(HttpStatusCode.OK);
+        await (await alice.Client.DeleteAsync($"/deploy/{id}")).ExpectAsync(HttpStatusCode.OK); // idempotent
+        Assert.Contains("deleted", await (await alice.Client.PostAsync($"/deploy/{id}/start", null)).ExpectErrorAsync(HttpStatusCode.BadRequest));
+        Assert.Contains("deleted", await (await alice.Client.PostAsync($"/deploy/{id}/stop", null)).ExpectErrorAsync(HttpStatusCode.BadRequest));
+        Assert.Contains("deleted", await (await alice.Client.PutAsync($"/deploy/{id}", HttpAssertions.Json(new { settings = new { min_instances = 1, max_instances = 1 } })))
+            .ExpectErrorAsync(HttpStatusCode.BadRequest));
+        await (await alice.Client.GetAsync("/v1/lora/life")).ExpectErrorAsync(HttpStatusCode.NotFound);
+    }
+
+    [Fact]
+    public async Task Unknown_deploys_and_routes_are_404_with_an_error_body()
+    {
+        var alice = await Server.CreateUserAsync("alice");
+        await (await alice.Client.GetAsync("/deploy/doesnotexist")).ExpectErrorAsync(HttpStatusCode.NotFound);
+        await (await alice.Client.DeleteAsync("/deploy/doesnotexist")).ExpectErrorAsync(HttpStatusCode.NotFound);
+        await (await alice.Client.GetAsync("/no/such/route")).ExpectErrorAsync(HttpStatusCode.NotFound);
+    }
+
+    // ---- service endpoints ----
+
+    [Fact]
+    public async Task Health_ready_openapi_and_docs_are_served()
+    {
+        using var client = Server.CreateClient();
+        Assert.Equal("ok", (await (await client.GetAsync("/health")).ExpectAsync(HttpStatusCode.OK)).GetProperty("status").GetString());
+        await (await client.GetAsync("/ready")).ExpectAsync(HttpStatusCode.OK);
+
+        var openApi = await (await client.GetAsync("/openapi/v1.json")).ExpectAsync(HttpStatusCode.OK);
+        var schemas = openApi.GetProperty("components").GetProperty("schemas");
+        foreach (var name in new[] { "CreateLoraApiRequest", "SourceModel", "DeploymentOut", "DeployInstances", "DeployLLMConfig", "ScaleSettings", "HTTPValidationError", "DeepError" })
+        {
+            Assert.True(schemas.TryGetProperty(name, out _), $"OpenAPI lacks schema {name}");
+        }
+        var paths = openApi.GetProperty("paths");
+        foreach (var path in new[] { "/v1/lora/create", "/deploy/list", "/deploy/{deploy_id}", "/v1/lora/{lora_name}", "/models/lora/list" })
+        {
+            Assert.True(paths.TryGetProperty(path, out _), $"OpenAPI lacks {path}");
+        }
+
+        var docs = await client.GetAsync("/docs");
+        Assert.Equal(HttpStatusCode.OK, docs.StatusCode);
+        Assert.Contains("text/html", docs.Content.Headers.ContentType?.MediaType);
+    }
+
+    [Fact]
+    public async Task Base_models_list_the_registry()
+    {
+        using var client = Server.CreateClient();
+        var models = await (await client.GetAsync("/v1/base-models")).ExpectAsync(HttpStatusCode.OK);
+        var flux = models.EnumerateArray().Single(m => m.GetProperty("name").GetString() == Flux);
+        Assert.Equal("flux1", flux.GetProperty("family").GetString());
+    }
+}
+
+public sealed class SqliteControlPlaneTests(SqliteServerFixture fixture) : ControlPlaneTests(fixture), IClassFixture<SqliteServerFixture>;
+
+public sealed class PostgresControlPlaneTests(PostgresServerFixture fixture) : ControlPlaneTests(fixture), IClassFixture<PostgresServerFixture>;
