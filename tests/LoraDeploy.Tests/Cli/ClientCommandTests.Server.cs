@@ -1,11 +1,12 @@
 using System.Text.Json;
+using System.Text.RegularExpressions;
 using LoraDeploy.Tests.Dashboard;
 
 namespace LoraDeploy.Tests.Cli;
 
 /// <summary>
 /// The real <c>loradeploy</c> client against a real server on loopback (its own process) that resolves and
-/// downloads from <see cref="MiniCivitai"/>. Output is redirected here, so the plain (non-ANSI) rendering is checked.
+/// downloads from the CivitAI simulator (<see cref="E2eEnvironment"/>). Output is redirected here, so the plain (non-ANSI) rendering is checked.
 /// </summary>
 public sealed class ClientCommandServerTests(E2eEnvironment env) : IClassFixture<E2eEnvironment>, IAsyncLifetime
 {
@@ -26,12 +27,12 @@ public sealed class ClientCommandServerTests(E2eEnvironment env) : IClassFixture
     [Fact]
     public async Task Create_without_waiting_then_status_list_scale_and_delete()
     {
-        var created = await env.CliAsync("create", "--civitai", MiniCivitai.GoodUrl, "--base", E2eEnvironment.Flux,
+        var created = await env.CliAsync("create", "--civitai", env.GoodUrl, "--base", E2eEnvironment.Flux,
             "--name", "cli-nowait", "--description", "from the CLI", "--no-wait", "--json");
         Assert.True(created.ExitCode == 0, created.ToString());
         var deploy = ParseOnly(created);
         Assert.Equal("lora", deploy.GetProperty("type").GetString());
-        Assert.Equal("alice/cli-nowait", deploy.GetProperty("model_name").GetString());
+        Assert.Equal($"{env.User}/cli-nowait", deploy.GetProperty("model_name").GetString());
         var id = deploy.GetProperty("deploy_id").GetString()!;
 
         // Private unless --public; the description arrives.
@@ -50,7 +51,7 @@ public sealed class ClientCommandServerTests(E2eEnvironment env) : IClassFixture
 
         var plain = await env.CliAsync("status", id);
         Assert.True(plain.ExitCode == 0, plain.ToString());
-        Assert.Contains($"alice/cli-nowait", plain.StdOut);
+        Assert.Contains($"{env.User}/cli-nowait", plain.StdOut);
         Assert.Contains($"(deploy {id})", plain.StdOut);
         Assert.DoesNotContain("\u001b[", plain.StdOut);
 
@@ -84,42 +85,43 @@ public sealed class ClientCommandServerTests(E2eEnvironment env) : IClassFixture
     [Fact]
     public async Task Create_follows_the_deploy_until_it_deploys_and_prints_the_final_deploy()
     {
-        var result = await env.CliAsync("create", "--civitai", MiniCivitai.GoodUrl, "--base", E2eEnvironment.Flux,
+        var result = await env.CliAsync("create", "--civitai", env.GoodUrl, "--base", E2eEnvironment.Flux,
             "--name", "cli-json", "--json");
 
         Assert.True(result.ExitCode == 0, result.ToString());
         var deploy = ParseOnly(result);
         Assert.Contains(deploy.GetProperty("status").GetString(), new[] { "deploying", "running" });
-        Assert.Equal(env.Civitai.Sha256, deploy.GetProperty("version").GetString());
+        Assert.Equal(env.Sha256, deploy.GetProperty("version").GetString());
         Assert.Equal("", deploy.GetProperty("fail_reason").GetString());
 
         var lora = await env.CliAsync("status", "cli-json", "--json");
         var body = ParseOnly(lora);
-        Assert.Equal(env.Civitai.File.Length, body.GetProperty("size_bytes").GetInt64());
-        Assert.Equal(env.Civitai.File.Length, body.GetProperty("downloaded_bytes").GetInt64());
+        Assert.Equal(env.File.Length, body.GetProperty("size_bytes").GetInt64());
+        Assert.Equal(env.File.Length, body.GetProperty("downloaded_bytes").GetInt64());
         Assert.Equal("flux1", body.GetProperty("probe").GetProperty("architecture").GetString());
     }
 
     [Fact]
     public async Task Create_in_plain_output_prints_each_step_and_the_final_status_line()
     {
-        var result = await env.CliAsync("create", "--civitai", MiniCivitai.GoodUrl, "--base", E2eEnvironment.Flux,
+        var result = await env.CliAsync("create", "--civitai", env.GoodUrl, "--base", E2eEnvironment.Flux,
             "--name", "cli-plain", "--public");
 
         Assert.True(result.ExitCode == 0, result.ToString());
         Assert.DoesNotContain("\u001b", result.StdOut);
         var lines = result.StdOut.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
-        Assert.StartsWith("created alice/cli-plain deploy ", lines[0]);
-        Assert.Contains("downloading", lines);
-        Assert.Matches(@"^alice/cli-plain (deploying|running) \(deploy [a-z0-9]+\)$", lines[^1]);
-        Assert.Contains(lines, l => l.StartsWith("version", StringComparison.Ordinal) && l.EndsWith(env.Civitai.Sha256, StringComparison.Ordinal));
+        Assert.StartsWith($"created {env.User}/cli-plain deploy ", lines[0]);
+        // Each step is a line of its own (a fast download may pass between two polls).
+        Assert.Contains(lines, l => l is "initializing" or "downloading" or "deploying");
+        Assert.Matches($@"^{Regex.Escape(env.User)}/cli-plain (deploying|running) \(deploy [a-z0-9]+\)$", lines[^1]);
+        Assert.Contains(lines, l => l.StartsWith("version", StringComparison.Ordinal) && l.EndsWith(env.Sha256, StringComparison.Ordinal));
         Assert.False((await env.GetJsonAsync("v1/lora/cli-plain")).GetProperty("private").GetBoolean());
     }
 
     [Fact]
     public async Task Status_watch_follows_an_existing_deploy()
     {
-        var deploy = await env.CreateViaApiAsync("cli-watch", MiniCivitai.GoodUrl);
+        var deploy = await env.CreateViaApiAsync("cli-watch", env.GoodUrl);
         var id = deploy.GetProperty("deploy_id").GetString()!;
 
         var result = await env.CliAsync("status", id, "--watch", "--json");
@@ -133,7 +135,7 @@ public sealed class ClientCommandServerTests(E2eEnvironment env) : IClassFixture
     [Fact]
     public async Task Stop_and_start_only_where_the_lifecycle_allows()
     {
-        var created = await env.CliAsync("create", "--civitai", MiniCivitai.GoodUrl, "--base", E2eEnvironment.Flux,
+        var created = await env.CliAsync("create", "--civitai", env.GoodUrl, "--base", E2eEnvironment.Flux,
             "--name", "cli-stop", "--json");
         Assert.True(created.ExitCode == 0, created.ToString());
         var id = ParseOnly(created).GetProperty("deploy_id").GetString()!;
@@ -155,7 +157,7 @@ public sealed class ClientCommandServerTests(E2eEnvironment env) : IClassFixture
     [Fact]
     public async Task Start_of_a_deploy_that_is_not_stopped_names_its_status()
     {
-        var deploy = await env.CreateViaApiAsync("cli-early-stop", MiniCivitai.MissingUrl);
+        var deploy = await env.CreateViaApiAsync("cli-early-stop", env.MissingUrl);
         var id = deploy.GetProperty("deploy_id").GetString()!;
 
         var start = await env.CliAsync("start", id);
@@ -169,11 +171,11 @@ public sealed class ClientCommandServerTests(E2eEnvironment env) : IClassFixture
     [Fact]
     public async Task Failed_create_prints_the_fail_reason_and_exits_1()
     {
-        var result = await env.CliAsync("create", "--civitai", MiniCivitai.MissingUrl, "--base", E2eEnvironment.Flux,
+        var result = await env.CliAsync("create", "--civitai", env.MissingUrl, "--base", E2eEnvironment.Flux,
             "--name", "cli-missing");
 
         Assert.Equal(1, result.ExitCode);
-        Assert.Contains("alice/cli-missing failed", result.StdOut);
+        Assert.Contains($"{env.User}/cli-missing failed", result.StdOut);
         var line = Assert.Single(ErrorLines(result));
         Assert.StartsWith("error: deploy failed: ", line);
         Assert.True(line.Length > "error: deploy failed: ".Length + 10, line);
@@ -203,9 +205,9 @@ public sealed class ClientCommandServerTests(E2eEnvironment env) : IClassFixture
     [Fact]
     public async Task A_second_create_with_the_same_name_is_a_conflict()
     {
-        await env.CreateViaApiAsync("cli-dup", MiniCivitai.MissingUrl);
+        await env.CreateViaApiAsync("cli-dup", env.MissingUrl);
 
-        var result = await env.CliAsync("create", "--civitai", MiniCivitai.GoodUrl, "--base", E2eEnvironment.Flux,
+        var result = await env.CliAsync("create", "--civitai", env.GoodUrl, "--base", E2eEnvironment.Flux,
             "--name", "cli-dup", "--no-wait", "--json");
 
         Assert.Equal(1, result.ExitCode);

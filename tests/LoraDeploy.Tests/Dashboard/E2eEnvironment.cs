@@ -1,44 +1,63 @@
-using System.Net.Http.Headers;
 using System.Net.Http.Json;
 using System.Text.Json;
+using LoraDeploy.Tests.Simulator;
 
 namespace LoraDeploy.Tests.Dashboard;
 
 /// <summary>
-/// A real LoraDeploy server (its own process, throwaway data dir) wired to <see cref="MiniCivitai"/>, and a
-/// token for user <c>alice</c>. Started on first use, so a test that skips starts nothing.
+/// The real server (<see cref="LoraDeployServer"/>: the real host on loopback, throwaway SQLite) with its
+/// pipeline on, resolving and downloading from the <see cref="CivitaiSimulator"/>, which lists one FLUX.1 LoRA.
+/// A token for a fresh user. Started on first use, so a test that skips starts nothing.
 /// </summary>
 public sealed class E2eEnvironment : IAsyncDisposable
 {
+    public const string Flux = "black-forest-labs/FLUX-1-dev";
+
     private readonly SemaphoreSlim _gate = new(1, 1);
-    private MiniCivitai? _civitai;
-    private LoraDeployProcess? _server;
-    private string? _token;
+    private CivitaiSimulator? _civitai;
+    private LoraDeployServer? _server;
+    private TestUser? _user;
+    private SimVersion? _lora;
 
-    public MiniCivitai Civitai => _civitai ?? throw new InvalidOperationException("call StartAsync first");
+    public CivitaiSimulator Civitai => _civitai ?? throw NotStarted();
 
-    public LoraDeployProcess Server => _server ?? throw new InvalidOperationException("call StartAsync first");
+    public LoraDeployServer Server => _server ?? throw NotStarted();
 
     public Uri BaseUrl => Server.BaseUrl;
 
-    public string Token => _token ?? throw new InvalidOperationException("call StartAsync first");
+    public string User => (_user ?? throw NotStarted()).Name;
 
-    public const string User = "alice";
+    public string Token => (_user ?? throw NotStarted()).Token;
 
-    public const string Flux = "black-forest-labs/FLUX-1-dev";
+    /// <summary>The adapter file CivitAI lists for <see cref="GoodUrl"/>.</summary>
+    public byte[] File => (_lora ?? throw NotStarted()).File.Content;
+
+    public string Sha256 => (_lora ?? throw NotStarted()).File.Sha256;
+
+    /// <summary>What a user pastes: CivitAI's own host; the server asks Civitai:BaseUrl (the simulator).</summary>
+    public string GoodUrl => $"https://civitai.com/models/{_lora!.Model.Id}?modelVersionId={_lora.Id}";
+
+    /// <summary>A version CivitAI does not have: the deploy fails with a reason.</summary>
+    public string MissingUrl => $"https://civitai.com/models/{_lora!.Model.Id}?modelVersionId=987654";
 
     public async Task StartAsync()
     {
         await _gate.WaitAsync();
         try
         {
-            if (_token is not null)
+            if (_user is not null)
             {
                 return;
             }
-            _civitai ??= await MiniCivitai.StartAsync();
-            _server ??= await LoraDeployProcess.StartAsync(_civitai.BaseUrl);
-            _token = await _server.CreateTokenAsync(User);
+            _civitai ??= await CivitaiSimulator.StartAsync();
+            _lora ??= _civitai.AddLora(TestLoras.BuildFluxKohyaLora(rank: 4), baseModel: "Flux.1 D",
+                fileName: "pixel-sprites.safetensors", trainedWords: ["pxlsprite"], modelName: "Pixel sprites");
+            _server ??= await LoraDeployServer.StartAsync(TestDatabase.Sqlite, new Dictionary<string, string?>
+            {
+                ["Civitai:BaseUrl"] = _civitai.ApiBaseUrl,
+                ["Network:AllowedPrivateRanges:0"] = _civitai.AllowedRange,
+            });
+            _user = await _server.CreateUserAsync("e2e");
         }
         finally
         {
@@ -55,12 +74,7 @@ public sealed class E2eEnvironment : IAsyncDisposable
 
     public Task<CliResult> CliAsync(params string[] args) => LoraDeployExe.RunAsync(args, ClientEnv, TimeSpan.FromSeconds(120));
 
-    public HttpClient Http()
-    {
-        var http = new HttpClient { BaseAddress = BaseUrl };
-        http.DefaultRequestHeaders.Authorization = new AuthenticationHeaderValue("Bearer", Token);
-        return http;
-    }
+    public HttpClient Http() => Server.CreateClient(Token);
 
     /// <summary>Creates a LoRA through the API (not the code under test) and returns the <c>DeploymentOut</c>.</summary>
     public async Task<JsonElement> CreateViaApiAsync(string name, string civitUrl, bool isPrivate = true, string description = "")
@@ -85,6 +99,8 @@ public sealed class E2eEnvironment : IAsyncDisposable
         var text = await http.GetStringAsync(path);
         return JsonDocument.Parse(text).RootElement.Clone();
     }
+
+    private static InvalidOperationException NotStarted() => new("call StartAsync first");
 
     public async ValueTask DisposeAsync()
     {
