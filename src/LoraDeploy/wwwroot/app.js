@@ -548,6 +548,12 @@ function route() {
   return renderNotFound();
 }
 
+// The skip link moves focus without touching the route.
+document.querySelector(".skip-link")?.addEventListener("click", (e) => {
+  e.preventDefault();
+  main.focus();
+});
+
 window.addEventListener("hashchange", () => {
   route();
   main.focus({ preventScroll: true });
