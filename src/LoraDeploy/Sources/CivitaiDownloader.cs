@@ -26,7 +26,7 @@ public sealed class CivitaiDownloader(
 
     public async Task<DownloadResult> DownloadAsync(ResolvedCivitaiFile file, string stagingPath, IProgress<long>? progress, CancellationToken cancellationToken)
     {
-        var state = new State(file, civitaiOptions.CurrentValue, importOptions.CurrentValue, stagingPath, progress);
+        var state = new State(file, civitaiOptions.CurrentValue, importOptions.CurrentValue, progress);
         try
         {
             await using (var output = new FileStream(stagingPath, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None, bufferSize: 1, FileOptions.Asynchronous))
@@ -51,12 +51,11 @@ public sealed class CivitaiDownloader(
         }
     }
 
-    private sealed class State(ResolvedCivitaiFile file, CivitaiOptions civitai, ImportOptions import, string path, IProgress<long>? progress)
+    private sealed class State(ResolvedCivitaiFile file, CivitaiOptions civitai, ImportOptions import, IProgress<long>? progress)
     {
         public ResolvedCivitaiFile File { get; } = file;
         public CivitaiOptions Civitai { get; } = civitai;
         public ImportOptions Import { get; } = import;
-        public string Path { get; } = path;
         public IProgress<long>? Progress { get; } = progress;
         public FileStream Output { get; set; } = null!;
         public IncrementalHash Hash { get; } = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);

@@ -28,7 +28,8 @@ internal sealed class RedirectHandler(IOptionsMonitor<ImportOptions> import) : D
             if (hop >= maxHops)
             {
                 response.Dispose();
-                throw new HttpRequestException($"gave up after {maxHops} redirects starting at {Redact(request.RequestUri!)}");
+                // A redirect loop will not fix itself, so this is a refusal rather than a retryable network error.
+                throw new OutboundRequestRefusedException($"gave up after {maxHops} redirects starting at {Redact(request.RequestUri!)}; raise Import:MaxRedirects if this is expected");
             }
 
             var target = response.Headers.Location.IsAbsoluteUri
@@ -43,7 +44,11 @@ internal sealed class RedirectHandler(IOptionsMonitor<ImportOptions> import) : D
             var next = new HttpRequestMessage(HttpMethod.Get, target) { Version = current.Version, VersionPolicy = current.VersionPolicy };
             foreach (var header in current.Headers)
             {
-                next.Headers.TryAddWithoutValidation(header.Key, header.Value);
+                // Host and Cookie belong to the previous hop; Range, Accept and User-Agent carry over.
+                if (!header.Key.Equals("Host", StringComparison.OrdinalIgnoreCase) && !header.Key.Equals("Cookie", StringComparison.OrdinalIgnoreCase))
+                {
+                    next.Headers.TryAddWithoutValidation(header.Key, header.Value);
+                }
             }
             foreach (var option in current.Options)
             {

@@ -154,9 +154,14 @@ public sealed class ImportOptions : IValidatableObject
         {
             yield return new ValidationResult("Import:RetryBaseDelay must be ≥ 0 and ≤ Import:RetryMaxDelay", [nameof(RetryBaseDelay)]);
         }
-        if (AttemptTimeout <= TimeSpan.Zero || ReadIdleTimeout <= TimeSpan.Zero)
+        // Polly refuses attempt timeouts outside 10 ms .. 1 day.
+        if (AttemptTimeout < TimeSpan.FromMilliseconds(10) || AttemptTimeout > TimeSpan.FromDays(1) || ReadIdleTimeout <= TimeSpan.Zero)
         {
-            yield return new ValidationResult("Import:AttemptTimeout and Import:ReadIdleTimeout must be positive", [nameof(AttemptTimeout)]);
+            yield return new ValidationResult("Import:AttemptTimeout must be between 10 ms and 1 day, and Import:ReadIdleTimeout positive", [nameof(AttemptTimeout)]);
+        }
+        if (RetryMaxDelay > TimeSpan.FromDays(1))
+        {
+            yield return new ValidationResult("Import:RetryMaxDelay must be at most 1 day", [nameof(RetryMaxDelay)]);
         }
         if (MaxResumeAttempts is < 0 or > 100)
         {

@@ -59,16 +59,19 @@ public static class SourcesServiceCollectionExtensions
         {
             var import = context.ServiceProvider.GetRequiredService<IOptions<ImportOptions>>().Value;
             var time = context.ServiceProvider.GetRequiredService<TimeProvider>();
-            pipeline.AddRetry(new HttpRetryStrategyOptions
+            if (import.MaxRetryAttempts > 0)
             {
-                ShouldRetryAfterHeader = false, // replaced by our own generator below, which caps the wait
-                MaxRetryAttempts = Math.Max(import.MaxRetryAttempts, 0),
-                BackoffType = DelayBackoffType.Exponential,
-                UseJitter = true,
-                Delay = import.RetryBaseDelay,
-                MaxDelay = import.RetryMaxDelay,
-                DelayGenerator = args => ValueTask.FromResult(RetryAfterDelay(args.Outcome.Result, time, import.RetryMaxDelay)),
-            });
+                pipeline.AddRetry(new HttpRetryStrategyOptions
+                {
+                    ShouldRetryAfterHeader = false, // replaced by our own generator below, which caps the wait
+                    MaxRetryAttempts = import.MaxRetryAttempts,
+                    BackoffType = DelayBackoffType.Exponential,
+                    UseJitter = true,
+                    Delay = import.RetryBaseDelay,
+                    MaxDelay = import.RetryMaxDelay,
+                    DelayGenerator = args => ValueTask.FromResult(RetryAfterDelay(args.Outcome.Result, time, import.RetryMaxDelay)),
+                });
+            }
             pipeline.AddTimeout(import.AttemptTimeout);
         });
         builder.AddHttpMessageHandler<RedirectHandler>();

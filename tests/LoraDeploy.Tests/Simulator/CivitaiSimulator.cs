@@ -74,6 +74,23 @@ public sealed class CivitaiSimulator : IAsyncDisposable
     /// <summary>Range a test should allow in Network:AllowedPrivateRanges to reach both hosts.</summary>
     public string AllowedRange => "127.0.0.0/8";
 
+    /// <summary>The JSON endpoints (<c>/api/v1/…</c>) answer 503 this many times first (with <see cref="ApiRetryAfterSeconds"/>).</summary>
+    public int Api503Times { get; set; }
+    /// <summary>The JSON endpoints answer 429 this many times first.</summary>
+    public int Api429Times { get; set; }
+    public int? ApiRetryAfterSeconds { get; set; }
+
+    /// <summary>
+    /// Settings that point LoraDeploy at this simulator (Civitai:BaseUrl, the token if wanted, and loopback allowed),
+    /// ready for <c>AddInMemoryCollection</c> or <c>--Section:Key=value</c> arguments.
+    /// </summary>
+    public Dictionary<string, string?> Configuration(bool withToken = false) => new()
+    {
+        ["Civitai:BaseUrl"] = ApiBaseUrl,
+        ["Civitai:Token"] = withToken ? ValidToken : null,
+        ["Network:AllowedPrivateRanges:0"] = AllowedRange,
+    };
+
     public static async Task<CivitaiSimulator> StartAsync(CivitaiSimulatorOptions? options = null, CancellationToken cancellationToken = default)
     {
         options ??= new CivitaiSimulatorOptions();
@@ -180,6 +197,18 @@ public sealed class CivitaiSimulator : IAsyncDisposable
     private Task HandleApiAsync(HttpContext ctx)
     {
         var segments = ctx.Request.Path.Value!.Split('/', StringSplitOptions.RemoveEmptyEntries);
+        if (segments is ["api", "v1", ..])
+        {
+            var fault = TakeApiFault(429) ? 429 : TakeApiFault(503) ? 503 : 0;
+            if (fault != 0)
+            {
+                if (ApiRetryAfterSeconds is { } ra)
+                {
+                    ctx.Response.Headers.RetryAfter = ra.ToString(CultureInfo.InvariantCulture);
+                }
+                return JsonAsync(ctx, fault, new Dictionary<string, object?> { ["error"] = fault == 429 ? "Too many requests" : "Service unavailable" });
+            }
+        }
         return segments switch
         {
             ["api", "v1", "models", var id] => ModelAsync(ctx, id),
@@ -445,6 +474,26 @@ public sealed class CivitaiSimulator : IAsyncDisposable
         await RedirectAsync(ctx, $"{StorageBaseUrl}/file/{file.Id}/{Uri.EscapeDataString(file.Name)}?X-Amz-Expires={expires.ToUnixTimeSeconds()}&X-Amz-Signature={sig}&response-content-disposition={disposition}");
     }
 
+    private bool TakeApiFault(int status)
+    {
+        lock (Gate)
+        {
+            if (status == 429 ? Api429Times <= 0 : Api503Times <= 0)
+            {
+                return false;
+            }
+            if (status == 429)
+            {
+                Api429Times--;
+            }
+            else
+            {
+                Api503Times--;
+            }
+        }
+        return true;
+    }
+
     private static SimFile? SelectFile(SimVersion v, IQueryCollection q)
     {
         if (q.TryGetValue("fileId", out var rawFid))
@@ -543,6 +592,11 @@ public sealed class CivitaiSimulator : IAsyncDisposable
         for (var offset = 0L; offset < limit;)
         {
             var n = (int)Math.Min(64 * 1024, limit - offset);
+            if (faults.ChunkDelay > TimeSpan.Zero)
+            {
+                await ctx.Response.Body.FlushAsync(ctx.RequestAborted);
+                await Task.Delay(faults.ChunkDelay, ctx.RequestAborted);
+            }
             await ctx.Response.Body.WriteAsync(content.AsMemory((int)(start + offset), n), ctx.RequestAborted);
             offset += n;
         }

@@ -151,6 +151,8 @@ public sealed class SimFileFaults
     public bool OmitContentLength { get; set; }
     /// <summary>The storage host ignores Range and always answers 200 with the whole file.</summary>
     public bool IgnoreRange { get; set; }
+    /// <summary>The storage host pauses this long before each 64 KiB chunk (a slow or stalled link).</summary>
+    public TimeSpan ChunkDelay { get; set; }
     /// <summary>Each signed link works this many times (0 = until it expires).</summary>
     public int SignedLinkUses { get; set; }
 }

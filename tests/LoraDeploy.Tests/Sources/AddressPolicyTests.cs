@@ -101,3 +101,19 @@ public class AddressPolicyTests
         return services.BuildServiceProvider();
     }
 }
+
+public class AddSourcesHostTests
+{
+    [Fact]
+    public async Task Bad_settings_stop_the_host_at_start()
+    {
+        var builder = Microsoft.Extensions.Hosting.Host.CreateApplicationBuilder();
+        builder.Configuration.AddInMemoryCollection(new Dictionary<string, string?> { ["Network:AllowedPrivateRanges:0"] = "10.0.0.0/99" });
+        builder.Services.AddSources(builder.Configuration);
+        using var host = builder.Build();
+
+        var ex = await Assert.ThrowsAsync<OptionsValidationException>(() => host.StartAsync(TestContext.Current.CancellationToken));
+
+        Assert.Contains("Network:AllowedPrivateRanges", ex.Message, StringComparison.Ordinal);
+    }
+}

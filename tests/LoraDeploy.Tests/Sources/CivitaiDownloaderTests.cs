@@ -243,3 +243,42 @@ public class CivitaiDownloaderTests
         public void Report(long value) => report(value);
     }
 }
+
+public class CivitaiDownloaderTimeoutTests
+{
+    private static CancellationToken Ct => TestContext.Current.CancellationToken;
+
+    [Fact]
+    public async Task A_body_slower_than_the_attempt_timeout_still_completes()
+    {
+        await using var sim = await CivitaiSimulator.StartAsync(cancellationToken: Ct);
+        var v = sim.AddLora(SimContent.Safetensors(10 * 64 * 1024));
+        await using var h = new SourcesHarness(sim, extra: new() { ["Import:AttemptTimeout"] = "00:00:00.200" });
+        var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
+        v.File.Faults.ChunkDelay = TimeSpan.FromMilliseconds(60); // ~660 ms in all, each gap well under the idle timeout
+
+        var result = await h.Downloader.DownloadAsync(file, h.StagingPath(), null, Ct);
+
+        Assert.Equal(v.File.Sha256, result.Sha256);
+        Assert.Empty(sim.RangeRequests);
+    }
+
+    [Fact]
+    public async Task A_stalled_body_hits_the_idle_timeout_and_gives_up_after_the_resume_budget()
+    {
+        await using var sim = await CivitaiSimulator.StartAsync(cancellationToken: Ct);
+        var v = sim.AddLora(SimContent.Safetensors(4 * 64 * 1024));
+        await using var h = new SourcesHarness(sim, extra: new()
+        {
+            ["Import:ReadIdleTimeout"] = "00:00:00.100",
+            ["Import:MaxResumeAttempts"] = "1",
+        });
+        var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
+        v.File.Faults.ChunkDelay = TimeSpan.FromSeconds(2);
+
+        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.StagingPath(), null, Ct));
+
+        Assert.Equal(ReasonClass.Network, ex.ReasonClass);
+        Assert.Equal(2, sim.DownloadsStarted(v.File.Id));
+    }
+}

@@ -251,3 +251,53 @@ public class CivitaiResolverTests
         Assert.Equal(4, sim.DownloadEndpointHits(v.File.Id)); // 1 attempt + Import:MaxRetryAttempts (3)
     }
 }
+
+public class CivitaiResolverRetryTests
+{
+    [Fact]
+    public async Task Api_503_and_429_are_retried()
+    {
+        await using var sim = await CivitaiSimulator.StartAsync(cancellationToken: TestContext.Current.CancellationToken);
+        var v = sim.AddLora(SimContent.Safetensors());
+        sim.Api503Times = 1;
+        sim.Api429Times = 1;
+        await using var h = new SourcesHarness(sim);
+
+        var file = await h.ResolveOkAsync($"https://civitai.com/models/{v.Model.Id}");
+
+        Assert.Equal(v.File.Id, file.FileId);
+        Assert.Equal(3, sim.Requests.Count(r => r.PathAndQuery.StartsWith("/api/v1/", StringComparison.Ordinal)));
+    }
+
+    [Fact]
+    public async Task Api_down_for_good_is_reported_as_upstream_error()
+    {
+        await using var sim = await CivitaiSimulator.StartAsync(cancellationToken: TestContext.Current.CancellationToken);
+        var v = sim.AddLora(SimContent.Safetensors());
+        sim.Api503Times = 100;
+        await using var h = new SourcesHarness(sim);
+
+        var result = await h.ResolveAsync($"https://civitai.com/model-versions/{v.Id}");
+
+        Assert.Equal(ReasonClass.Upstream, result.ReasonClass);
+        Assert.Contains("503", result.FailReason);
+    }
+
+    [Fact]
+    public async Task Nothing_listening_is_a_network_failure()
+    {
+        int port;
+        using (var probe = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0))
+        {
+            probe.Start();
+            port = ((System.Net.IPEndPoint)probe.LocalEndpoint).Port;
+        }
+        await using var sim = await CivitaiSimulator.StartAsync(cancellationToken: TestContext.Current.CancellationToken);
+        await using var h = new SourcesHarness(sim, extra: new() { ["Civitai:BaseUrl"] = $"http://127.0.0.1:{port}", ["Import:MaxRetryAttempts"] = "1" });
+
+        var result = await h.ResolveAsync("https://civitai.com/model-versions/1");
+
+        Assert.Equal(ReasonClass.Network, result.ReasonClass);
+        Assert.Contains($"http://127.0.0.1:{port}/", result.FailReason);
+    }
+}

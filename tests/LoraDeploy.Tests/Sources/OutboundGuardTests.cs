@@ -72,3 +72,23 @@ public class OutboundGuardTests
         Assert.True(sim.StorageConnections > 0);
     }
 }
+
+public class RedirectLimitTests
+{
+    [Fact]
+    public async Task Redirect_loops_stop_after_the_limit_without_retry_storms()
+    {
+        await using var sim = await CivitaiSimulator.StartAsync(cancellationToken: TestContext.Current.CancellationToken);
+        var v = sim.AddLora(SimContent.Safetensors());
+        await using var h = new SourcesHarness(sim);
+        var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
+        v.File.Faults.RedirectTo = new Uri($"{sim.ApiBaseUrl}{v.File.DownloadPath}");
+
+        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() =>
+            h.Downloader.DownloadAsync(file, h.StagingPath(), null, TestContext.Current.CancellationToken));
+
+        Assert.Equal(ReasonClass.Refused, ex.ReasonClass);
+        Assert.Contains("5 redirects", ex.FailReason);
+        Assert.Equal(1 + 6, sim.DownloadEndpointHits(v.File.Id)); // probe + first request and 5 hops
+    }
+}

@@ -1,0 +1,330 @@
+using LoraDeploy.Lora.Safetensors;
+
+namespace LoraDeploy.Lora;
+
+/// <summary>
+/// Decides what a safetensors file is — LoRA-family adapter or not, network type, key format, target
+/// architecture — from tensor names and shapes (reference §2–§3), using metadata only to break ties.
+/// </summary>
+public static partial class LoraProber
+{
+    private const int MaxMetadataValueLength = 500;
+    private const int TopTagCount = 10;
+
+    /// <summary>
+    /// Probes a validated header. When <paramref name="file"/> (the seekable stream the header came from)
+    /// is given, scalar <c>alpha</c> tensors are read from it so that alpha and scale are exact; otherwise
+    /// they come from <c>ss_network_alpha</c> metadata when available.
+    /// </summary>
+    public static ProbeReport Probe(SafetensorsHeader header, Stream? file = null)
+    {
+        ArgumentNullException.ThrowIfNull(header);
+        return new Analysis(header, file).Run();
+    }
+
+    /// <summary>
+    /// Reads, validates and probes the file at <paramref name="path"/>; with <paramref name="hashes"/>
+    /// also fills <see cref="ProbeReport.FileSha256"/> and <see cref="ProbeReport.DataSha256"/> (reads the whole file).
+    /// </summary>
+    /// <exception cref="SafetensorsFormatException">The file is not a well-formed safetensors file.</exception>
+    public static ProbeReport ProbeFile(string path, bool hashes = false)
+    {
+        using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 4096);
+        var header = SafetensorsReader.Read(file);
+        var report = Probe(header, file);
+        if (!hashes)
+        {
+            return report;
+        }
+        var dataSha = SafetensorsHashes.DataSha256(file, header);
+        file.Position = 0;
+        var fileSha = Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(file));
+        return report with { FileSha256 = fileSha, DataSha256 = dataSha };
+    }
+
+    private sealed class Module(string name, string normalized, Component component, PrefixStyle style)
+    {
+        public string Name { get; } = name;
+        public string Normalized { get; } = normalized;
+        public Component Component { get; } = component;
+        public PrefixStyle Style { get; } = style;
+        public SafetensorsTensor? Down, Up, Mid, Alpha, W1, W1A, W1B, W2, W2A, W2B, HadaW1A, HadaW1B, Diff, GloraA1, GloraA2;
+        public bool HasDora, HasUpBias, HasHada, HasLokr, HasIa3, HasGlora, HasDiff, HasNorm, HasOft, HasScale, HasPlainWeight, HasEmbedding;
+
+        /// <summary>Input width of the adapted layer ("dim" in reference §3.3), 0 if unknown.</summary>
+        public long InDim =>
+            Down is { Shape.Length: >= 2 } ? Down.Shape[1]
+            : HadaW1B is { Shape.Length: 2 } ? HadaW1B.Shape[1]
+            : HasLokr ? Factor(W1, W1B, 1) * Factor(W2, W2B, 1)
+            : Diff is { Shape.Length: >= 2 } ? Diff.Shape[1]
+            : 0;
+
+        /// <summary>Output width of the adapted layer, 0 if unknown.</summary>
+        public long OutDim =>
+            Up is { Shape.Length: >= 1 } ? Up.Shape[0]
+            : HadaW1A is { Shape.Length: 2 } ? HadaW1A.Shape[0]
+            : HasLokr ? Factor(W1, W1A, 0) * Factor(W2, W2A, 0)
+            : Diff is { Shape.Length: >= 1 } ? Diff.Shape[0]
+            : 0;
+
+        public int? Rank =>
+            Down is { Shape.Length: >= 1 } ? (int)Math.Min(Down.Shape[0], int.MaxValue)
+            : HadaW1B is { Shape.Length: >= 1 } ? (int)Math.Min(HadaW1B.Shape[0], int.MaxValue)
+            : W1B is { Shape.Length: >= 1 } ? (int)Math.Min(W1B.Shape[0], int.MaxValue)
+            : W2B is { Shape.Length: >= 1 } ? (int)Math.Min(W2B.Shape[0], int.MaxValue)
+            : GloraA1 is { Shape.Length: 2 } ? (int)Math.Min(GloraA1.Shape[1], int.MaxValue)
+            : null;
+
+        public bool IsComplete =>
+            (Down is not null && Up is not null) || HasEmbedding || HasHada || HasLokr || HasIa3 || HasGlora || HasDiff || HasNorm || HasOft;
+
+        private static long Factor(SafetensorsTensor? full, SafetensorsTensor? part, int axis) =>
+            full is { Shape.Length: >= 2 } ? full.Shape[axis]
+            : part is { Shape.Length: >= 2 } ? part.Shape[axis]
+            : 1;
+    }
+
+    private sealed partial class Analysis(SafetensorsHeader header, Stream? file)
+    {
+        private readonly IReadOnlyDictionary<string, string> _metadata = header.Metadata;
+        private readonly long _dataOffset = header.DataOffset;
+        private readonly Stream? _file = file;
+        private readonly Dictionary<string, Module> _modules = new(StringComparer.Ordinal);
+        private readonly List<string> _warnings = [];
+        private readonly List<string> _unknownKeys = [];
+        private int _plainWeightModules;
+
+        public ProbeReport Run()
+        {
+            long parameters = 0;
+            var dtypes = new SortedSet<string>(StringComparer.Ordinal);
+            foreach (var tensor in header.Tensors)
+            {
+                dtypes.Add(tensor.Dtype);
+                parameters += tensor.ElementCount;
+                Add(tensor);
+            }
+
+            var complete = _modules.Values.Where(m => m.IsComplete).ToList();
+            var adapterModules = complete.Count;
+            var isLllite = _modules.Values.Any(m => m.Component == Component.Lllite);
+            var isControl = IsControlLora();
+            var network = isLllite ? "lllite" : isControl ? "control-lora" : NetworkOf(complete);
+            var architecture = DecideArchitecture(complete, out var mixed);
+            var format = FormatOf(architecture);
+
+            var plainWeightMajority = _plainWeightModules > 0 && _plainWeightModules >= adapterModules;
+            var isAdapter = !isLllite && !isControl && adapterModules > 0 && !plainWeightMajority;
+            if (_plainWeightModules > 0 && !plainWeightMajority)
+            {
+                _warnings.Add($"{_plainWeightModules} plain '.weight' tensors sit next to the adapter modules (a merged checkpoint can carry LoRA keys).");
+            }
+
+            var (rankMin, rankMax, alpha, scale) = RanksAndScale(complete);
+            CheckPairs(complete);
+            CheckMetadataAgreement(architecture);
+
+            string? reason = null;
+            if (!isAdapter)
+            {
+                reason = isLllite ? "this is a ControlNet-LLLite network, not a LoRA; it needs a control image"
+                    : isControl ? "this is a FLUX Control-LoRA (Canny/Depth); it widens img_in and needs a control image"
+                    : plainWeightMajority ? "this is a full model checkpoint (plain weights), not an adapter"
+                    : "no LoRA-family modules were found";
+                network = isLllite || isControl ? network : "none";
+            }
+            else if (architecture == ArchitectureFamilies.LanguageModel)
+            {
+                reason = "this is a language-model (PEFT) adapter, not an image-model LoRA";
+            }
+            else if (mixed is not null)
+            {
+                reason = $"the modules target more than one architecture ({mixed})";
+            }
+            else if (architecture == ArchitectureFamilies.Unknown)
+            {
+                reason = "the target architecture could not be determined from the keys";
+            }
+            else if (_unknownKeys.Count > 0)
+            {
+                reason = $"{_unknownKeys.Count} tensors are not LoRA-family parameters (e.g. '{_unknownKeys[0]}')";
+            }
+            else if (complete.Count < _modules.Values.Count(m => m.Down is not null || m.Up is not null || m.IsComplete))
+            {
+                reason = "some modules lack their up/down pair";
+            }
+
+            var (triggerWords, topTags) = TagsFromMetadata();
+            return new ProbeReport
+            {
+                Format = format,
+                Network = network,
+                Architecture = architecture,
+                ArchitectureDisplay = ArchitectureFamilies.Display(architecture),
+                Targets = TargetsOf(complete, architecture),
+                ModuleCount = adapterModules,
+                TensorCount = header.Tensors.Count,
+                RankMin = rankMin,
+                RankMax = rankMax,
+                Alpha = alpha,
+                Scale = scale,
+                Dtypes = [.. dtypes],
+                ParameterCount = parameters,
+                TriggerWords = triggerWords,
+                TopTags = topTags,
+                BaseModelVersion = NonEmpty("ss_base_model_version") ?? NonEmpty("modelspec.architecture"),
+                Metadata = SelectedMetadata(),
+                IsAdapter = isAdapter,
+                Applicable = reason is null,
+                NotApplicableReason = reason,
+                Warnings = _warnings,
+            };
+        }
+
+        private void Add(SafetensorsTensor tensor)
+        {
+            var kind = LoraKeys.Split(tensor.Name, out var moduleName);
+            if (kind == ParamKind.Unknown)
+            {
+                _unknownKeys.Add(tensor.Name);
+                return;
+            }
+            if (!_modules.TryGetValue(moduleName, out var module))
+            {
+                var normalized = LoraKeys.Normalize(moduleName, out var component, out var style);
+                module = new Module(moduleName, normalized, component, style);
+                _modules.Add(moduleName, module);
+            }
+            switch (kind)
+            {
+                case ParamKind.PlainWeight:
+                    if (!module.HasPlainWeight)
+                    {
+                        _plainWeightModules++;
+                    }
+                    module.HasPlainWeight = true;
+                    break;
+                case ParamKind.Down: module.Down = tensor; break;
+                case ParamKind.Up: module.Up = tensor; break;
+                case ParamKind.Mid: module.Mid = tensor; break;
+                case ParamKind.UpBias: module.HasUpBias = true; break;
+                case ParamKind.Alpha: module.Alpha = tensor; break;
+                case ParamKind.DoraScale or ParamKind.Magnitude: module.HasDora = true; break;
+                case ParamKind.HadaW1A: module.HasHada = true; module.HadaW1A = tensor; break;
+                case ParamKind.HadaW1B: module.HasHada = true; module.HadaW1B = tensor; break;
+                case ParamKind.HadaW2A or ParamKind.HadaW2B or ParamKind.HadaT: module.HasHada = true; break;
+                case ParamKind.LokrW1: module.HasLokr = true; module.W1 = tensor; break;
+                case ParamKind.LokrW1A: module.HasLokr = true; module.W1A = tensor; break;
+                case ParamKind.LokrW1B: module.HasLokr = true; module.W1B = tensor; break;
+                case ParamKind.LokrW2: module.HasLokr = true; module.W2 = tensor; break;
+                case ParamKind.LokrW2A: module.HasLokr = true; module.W2A = tensor; break;
+                case ParamKind.LokrW2B: module.HasLokr = true; module.W2B = tensor; break;
+                case ParamKind.LokrT2: module.HasLokr = true; break;
+                case ParamKind.OnInput: module.HasIa3 = true; break;
+                case ParamKind.GloraA1: module.HasGlora = true; module.GloraA1 = tensor; break;
+                case ParamKind.GloraA2: module.HasGlora = true; module.GloraA2 = tensor; break;
+                case ParamKind.GloraB1 or ParamKind.GloraB2 or ParamKind.GloraBm: module.HasGlora = true; break;
+                case ParamKind.Diff: module.HasDiff = true; module.Diff = tensor; break;
+                case ParamKind.DiffB: module.HasDiff = true; break;
+                case ParamKind.NormW or ParamKind.NormB: module.HasNorm = true; break;
+                case ParamKind.OftBlocks or ParamKind.Rescale: module.HasOft = true; break;
+                case ParamKind.Scale or ParamKind.ReshapeWeight or ParamKind.SetWeight: module.HasScale = true; break;
+                case ParamKind.EmbeddingA or ParamKind.EmbeddingB: module.HasEmbedding = true; break;
+            }
+        }
+
+        private bool IsControlLora() =>
+            _modules.Values.Any(m => m.Normalized == "img_in" && m.Down is { Shape: [_, 128] })
+            && _modules.Values.Any(m => m.HasUpBias || (m.HasScale && m.Normalized.EndsWith("_norm", StringComparison.Ordinal)));
+
+        private static string NetworkOf(List<Module> modules)
+        {
+            if (modules.Count == 0)
+            {
+                return "none";
+            }
+            if (modules.Any(m => m.HasDora))
+            {
+                return "dora";
+            }
+            var counts = new Dictionary<string, int>(StringComparer.Ordinal);
+            foreach (var m in modules)
+            {
+                var type = m.HasHada ? "loha"
+                    : m.HasLokr ? "lokr"
+                    : m.HasOft ? "oft"
+                    : m.HasGlora ? "glora"
+                    : m.HasIa3 ? "ia3"
+                    : m.HasDiff ? "full"
+                    : m.HasNorm ? "norm"
+                    : IsConvLoCon(m) ? "locon"
+                    : "lora";
+                counts[type] = counts.GetValueOrDefault(type) + 1;
+            }
+            // A LoRA file that adapts any k×k convolution is a LoCon file.
+            if (counts.ContainsKey("locon") && counts.Keys.All(k => k is "lora" or "locon" or "norm"))
+            {
+                return "locon";
+            }
+            return counts.Where(kv => kv.Key != "norm").DefaultIfEmpty(counts.First()).MaxBy(kv => kv.Value).Key;
+        }
+
+        private static bool IsConvLoCon(Module m) =>
+            m.Mid is not null
+            || m.Down is { Shape: [_, _, var kh, var kw] } && (kh > 1 || kw > 1);
+
+        private string FormatOf(string architecture)
+        {
+            var styles = new Dictionary<PrefixStyle, int>();
+            var xlabs = false;
+            var bflNames = false;
+            foreach (var m in _modules.Values)
+            {
+                styles[m.Style] = styles.GetValueOrDefault(m.Style) + 1;
+                xlabs |= m.Normalized.Contains("_processor_", StringComparison.Ordinal) && m.Up is not null && m.Name.Contains(".processor.", StringComparison.Ordinal);
+                bflNames |= m.Normalized.StartsWith("double_blocks_", StringComparison.Ordinal) || m.Normalized.StartsWith("single_blocks_", StringComparison.Ordinal);
+            }
+            if (styles.Count == 0)
+            {
+                return "unknown";
+            }
+            if (xlabs)
+            {
+                return "xlabs";
+            }
+            if (styles.ContainsKey(PrefixStyle.OneTrainer))
+            {
+                return "onetrainer";
+            }
+            var style = styles.MaxBy(kv => kv.Value).Key;
+            return style switch
+            {
+                PrefixStyle.Kohya => "kohya",
+                PrefixStyle.Lycoris => "lycoris",
+                PrefixStyle.Peft => "peft",
+                PrefixStyle.DiffusionModel => bflNames ? "bfl" : "native",
+                PrefixStyle.Diffusers => bflNames ? "bfl" : "diffusers",
+                PrefixStyle.ComfyText => "native",
+                _ => bflNames ? "bfl" : architecture == ArchitectureFamilies.LanguageModel ? "peft" : "diffusers",
+            };
+        }
+
+        private IReadOnlyList<string> TargetsOf(List<Module> modules, string architecture)
+        {
+            var isUnet = architecture is ArchitectureFamilies.Sd1 or ArchitectureFamilies.Sd2 or ArchitectureFamilies.Sdxl;
+            var targets = new SortedSet<string>(StringComparer.Ordinal);
+            foreach (var m in modules)
+            {
+                targets.Add(m.Component switch
+                {
+                    Component.TextEncoder1 => "text_encoder_1",
+                    Component.TextEncoder2 => "text_encoder_2",
+                    Component.TextEncoder3 => "text_encoder_3",
+                    Component.Lllite => "controlnet",
+                    _ => architecture == ArchitectureFamilies.LanguageModel ? "language_model" : isUnet ? "unet" : "transformer",
+                });
+            }
+            return [.. targets];
+        }
+    }
+}

@@ -1,0 +1,381 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using System.Globalization;
+using System.Text.Json;
+using System.Text.Unicode;
+
+namespace LoraDeploy.Lora.Safetensors;
+
+/// <summary>
+/// Strict safetensors header reader. Applies every check of the reference Rust crate
+/// (<c>SafeTensors::read_metadata</c> + <c>Metadata::validate</c>) and additionally rejects duplicate
+/// keys. Reads the header only and allocates in proportion to it, never to the tensor data.
+/// </summary>
+public static class SafetensorsReader
+{
+    /// <summary>Largest accepted JSON header, in bytes (the reference crate's <c>MAX_HEADER_SIZE</c>).</summary>
+    public const long MaxHeaderLength = 100_000_000;
+
+    private const string MetadataKey = "__metadata__";
+
+    // Header JSON is at most 3 levels deep (object -> tensor -> shape); the slack allows unknown
+    // extra fields in tensor entries, which the reference crate ignores.
+    private const int MaxJsonDepth = 32;
+
+    /// <summary>Reads and validates the header of the file at <paramref name="path"/>.</summary>
+    /// <exception cref="SafetensorsFormatException">The file is not a well-formed safetensors file.</exception>
+    public static SafetensorsHeader ReadFile(string path)
+    {
+        using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 1);
+        return Read(file);
+    }
+
+    /// <summary>
+    /// Reads and validates the header of a safetensors file from a readable, seekable stream
+    /// positioned anywhere; the file is taken to start at position 0 and end at <see cref="Stream.Length"/>.
+    /// </summary>
+    /// <exception cref="SafetensorsFormatException">The bytes are not a well-formed safetensors file.</exception>
+    /// <exception cref="ArgumentException">The stream cannot seek or read.</exception>
+    public static SafetensorsHeader Read(Stream stream)
+    {
+        ArgumentNullException.ThrowIfNull(stream);
+        if (!stream.CanSeek || !stream.CanRead)
+        {
+            throw new ArgumentException("the stream must be readable and seekable", nameof(stream));
+        }
+
+        var fileLength = stream.Length;
+        stream.Position = 0;
+        Span<byte> prefix = stackalloc byte[8];
+        if (fileLength < 8 || stream.ReadAtLeast(prefix, 8, throwOnEndOfStream: false) < 8)
+        {
+            throw new SafetensorsFormatException(
+                $"the file is {fileLength} bytes; a safetensors file starts with an 8-byte header length");
+        }
+
+        var headerLength = BinaryPrimitives.ReadUInt64LittleEndian(prefix);
+        if (headerLength > MaxHeaderLength)
+        {
+            throw new SafetensorsFormatException(
+                $"header length {headerLength} exceeds the limit of {MaxHeaderLength:N0} bytes");
+        }
+        if ((long)headerLength > fileLength - 8)
+        {
+            throw new SafetensorsFormatException(
+                $"header length {headerLength} runs past the end of the file ({fileLength} bytes)");
+        }
+
+        var length = (int)headerLength;
+        var buffer = ArrayPool<byte>.Shared.Rent(Math.Max(length, 1));
+        try
+        {
+            var read = stream.ReadAtLeast(buffer.AsSpan(0, length), length, throwOnEndOfStream: false);
+            if (read < length)
+            {
+                throw new SafetensorsFormatException(
+                    $"the file ended after {read} of {length} header bytes");
+            }
+            return Parse(buffer.AsSpan(0, length), fileLength);
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
+        }
+    }
+
+    /// <summary>Parses and validates header JSON for a file of <paramref name="fileLength"/> bytes.</summary>
+    internal static SafetensorsHeader Parse(ReadOnlySpan<byte> json, long fileLength)
+    {
+        if (!Utf8.IsValid(json))
+        {
+            throw new SafetensorsFormatException("the header is not valid UTF-8");
+        }
+
+        var tensors = new List<SafetensorsTensor>();
+        var byName = new Dictionary<string, SafetensorsTensor>(StringComparer.Ordinal);
+        IReadOnlyDictionary<string, string>? metadata = null;
+        var scratch = new List<long>(8);
+
+        var reader = new Utf8JsonReader(json, new JsonReaderOptions { MaxDepth = MaxJsonDepth });
+        try
+        {
+            if (!reader.Read() || reader.TokenType != JsonTokenType.StartObject)
+            {
+                throw new SafetensorsFormatException("the header is not a JSON object");
+            }
+            while (reader.Read() && reader.TokenType == JsonTokenType.PropertyName)
+            {
+                var name = reader.GetString()!;
+                reader.Read();
+                if (name == MetadataKey)
+                {
+                    if (metadata is not null)
+                    {
+                        throw new SafetensorsFormatException($"duplicate key '{MetadataKey}' in the header");
+                    }
+                    metadata = ReadMetadata(ref reader);
+                    continue;
+                }
+                if (byName.ContainsKey(name))
+                {
+                    throw new SafetensorsFormatException($"duplicate tensor name '{Truncate(name)}' in the header");
+                }
+                var tensor = ReadTensor(ref reader, name, scratch);
+                tensors.Add(tensor);
+                byName.Add(name, tensor);
+            }
+            if (reader.Read())
+            {
+                throw new SafetensorsFormatException("unexpected content after the header object");
+            }
+        }
+        catch (JsonException e)
+        {
+            throw new SafetensorsFormatException($"the header is not valid JSON: {e.Message}", e);
+        }
+        catch (InvalidOperationException e)
+        {
+            // Utf8JsonReader.GetString throws this for escapes that decode to invalid UTF-16.
+            throw new SafetensorsFormatException($"the header contains an invalid string: {e.Message}", e);
+        }
+
+        var headerLength = json.Length;
+        Validate(tensors, fileLength - 8 - headerLength);
+        return new SafetensorsHeader(tensors, byName, metadata ?? EmptyMetadata, headerLength, fileLength);
+    }
+
+    private static readonly IReadOnlyDictionary<string, string> EmptyMetadata =
+        new Dictionary<string, string>(StringComparer.Ordinal);
+
+    private static Dictionary<string, string>? ReadMetadata(ref Utf8JsonReader reader)
+    {
+        if (reader.TokenType == JsonTokenType.Null)
+        {
+            return null;
+        }
+        if (reader.TokenType != JsonTokenType.StartObject)
+        {
+            throw new SafetensorsFormatException($"'{MetadataKey}' must be an object of strings, not {Describe(reader.TokenType)}");
+        }
+        var metadata = new Dictionary<string, string>(StringComparer.Ordinal);
+        while (reader.Read() && reader.TokenType == JsonTokenType.PropertyName)
+        {
+            var key = reader.GetString()!;
+            reader.Read();
+            if (reader.TokenType != JsonTokenType.String)
+            {
+                throw new SafetensorsFormatException(
+                    $"'{MetadataKey}' value for '{Truncate(key)}' is {Describe(reader.TokenType)}; metadata values must be strings");
+            }
+            if (!metadata.TryAdd(key, reader.GetString()!))
+            {
+                throw new SafetensorsFormatException($"duplicate key '{Truncate(key)}' in '{MetadataKey}'");
+            }
+        }
+        return metadata;
+    }
+
+    private static SafetensorsTensor ReadTensor(ref Utf8JsonReader reader, string name, List<long> scratch)
+    {
+        if (reader.TokenType != JsonTokenType.StartObject)
+        {
+            throw new SafetensorsFormatException($"tensor '{Truncate(name)}' must be a JSON object, not {Describe(reader.TokenType)}");
+        }
+
+        string? dtype = null;
+        long[]? shape = null;
+        long begin = 0, end = 0;
+        var haveOffsets = false;
+        while (reader.Read() && reader.TokenType == JsonTokenType.PropertyName)
+        {
+            if (reader.ValueTextEquals("dtype"u8))
+            {
+                if (dtype is not null)
+                {
+                    throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has a duplicate 'dtype' field");
+                }
+                reader.Read();
+                if (reader.TokenType != JsonTokenType.String)
+                {
+                    throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has a dtype that is {Describe(reader.TokenType)}, not a string");
+                }
+                dtype = (reader.ValueIsEscaped ? null : SafetensorsDtype.Intern(reader.ValueSpan))
+                    ?? KnownDtypeOrThrow(reader.GetString()!, name);
+            }
+            else if (reader.ValueTextEquals("shape"u8))
+            {
+                if (shape is not null)
+                {
+                    throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has a duplicate 'shape' field");
+                }
+                reader.Read();
+                ReadIntegers(ref reader, name, "shape", scratch);
+                shape = scratch.Count == 0 ? [] : scratch.ToArray();
+            }
+            else if (reader.ValueTextEquals("data_offsets"u8))
+            {
+                if (haveOffsets)
+                {
+                    throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has a duplicate 'data_offsets' field");
+                }
+                reader.Read();
+                ReadIntegers(ref reader, name, "data_offsets", scratch);
+                if (scratch.Count != 2)
+                {
+                    throw new SafetensorsFormatException(
+                        $"tensor '{Truncate(name)}' has {scratch.Count} data_offsets; expected [begin, end]");
+                }
+                (begin, end, haveOffsets) = (scratch[0], scratch[1], true);
+            }
+            else
+            {
+                // The reference crate ignores unknown fields in tensor entries.
+                reader.Read();
+                reader.Skip();
+            }
+        }
+
+        if (dtype is null)
+        {
+            throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has no 'dtype'");
+        }
+        if (shape is null)
+        {
+            throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has no 'shape'");
+        }
+        if (!haveOffsets)
+        {
+            throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has no 'data_offsets'");
+        }
+        return new SafetensorsTensor(name, dtype, shape, begin, end);
+    }
+
+    private static string KnownDtypeOrThrow(string dtype, string name) =>
+        SafetensorsDtype.BitSize(dtype) > 0
+            ? dtype
+            : throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has unknown dtype '{Truncate(dtype)}'");
+
+    private static void ReadIntegers(ref Utf8JsonReader reader, string name, string field, List<long> values)
+    {
+        if (reader.TokenType != JsonTokenType.StartArray)
+        {
+            throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has a '{field}' that is {Describe(reader.TokenType)}, not an array");
+        }
+        values.Clear();
+        while (reader.Read() && reader.TokenType != JsonTokenType.EndArray)
+        {
+            if (reader.TokenType != JsonTokenType.Number || !reader.TryGetUInt64(out var value))
+            {
+                throw new SafetensorsFormatException(
+                    $"tensor '{Truncate(name)}' has a '{field}' entry that is not a non-negative integer");
+            }
+            if (value > long.MaxValue)
+            {
+                throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has a '{field}' entry {value} that is too large");
+            }
+            values.Add((long)value);
+        }
+    }
+
+    private static void Validate(List<SafetensorsTensor> tensors, long dataLength)
+    {
+        // Validation walks tensors in data order. Writers usually emit them sorted already;
+        // only sort (a copy) when they are not.
+        IReadOnlyList<SafetensorsTensor> ordered = tensors;
+        for (var i = 1; i < tensors.Count; i++)
+        {
+            if (CompareOffsets(tensors[i - 1], tensors[i]) > 0)
+            {
+                var copy = tensors.ToArray();
+                Array.Sort(copy, CompareOffsets);
+                ordered = copy;
+                break;
+            }
+        }
+
+        long previousEnd = 0;
+        SafetensorsTensor? previous = null;
+        foreach (var tensor in ordered)
+        {
+            if (tensor.DataStart != previousEnd)
+            {
+                throw new SafetensorsFormatException(previous is null
+                    ? $"tensor '{Truncate(tensor.Name)}' starts at byte {tensor.DataStart}; the data section must start with a tensor at byte 0"
+                    : $"tensor '{Truncate(tensor.Name)}' starts at byte {tensor.DataStart} but tensor '{Truncate(previous.Name)}' ends at byte {previousEnd} ({(tensor.DataStart > previousEnd ? "gap" : "overlap")})");
+            }
+            if (tensor.DataEnd < tensor.DataStart)
+            {
+                throw new SafetensorsFormatException(
+                    $"tensor '{Truncate(tensor.Name)}' ends at byte {tensor.DataEnd}, before it starts at byte {tensor.DataStart}");
+            }
+
+            ulong elements = 1;
+            foreach (var dim in tensor.Shape)
+            {
+                if (!TryMultiply(elements, (ulong)dim, out elements))
+                {
+                    throw new SafetensorsFormatException(
+                        $"tensor '{Truncate(tensor.Name)}' has shape {FormatShape(tensor.Shape)} whose element count overflows");
+                }
+            }
+            var bitSize = (ulong)SafetensorsDtype.BitSize(tensor.Dtype);
+            if (!TryMultiply(elements, bitSize, out var bits))
+            {
+                throw new SafetensorsFormatException(
+                    $"tensor '{Truncate(tensor.Name)}' has shape {FormatShape(tensor.Shape)} whose size in bits overflows");
+            }
+            if (bits % 8 != 0)
+            {
+                throw new SafetensorsFormatException(
+                    $"tensor '{Truncate(tensor.Name)}' holds {bits} bits of {tensor.Dtype}, which is not a whole number of bytes");
+            }
+            var span = (ulong)(tensor.DataEnd - tensor.DataStart);
+            if (bits / 8 != span)
+            {
+                throw new SafetensorsFormatException(
+                    $"tensor '{Truncate(tensor.Name)}' is {tensor.Dtype} {FormatShape(tensor.Shape)} = {bits / 8} bytes but its data_offsets span {span} bytes");
+            }
+            previousEnd = tensor.DataEnd;
+            previous = tensor;
+        }
+
+        if (previousEnd != dataLength)
+        {
+            throw new SafetensorsFormatException(previousEnd > dataLength
+                ? $"tensor '{Truncate(previous!.Name)}' ends at byte {previousEnd} but the file has {dataLength} data bytes"
+                : previous is null
+                    ? $"the header lists no tensors but the file has {dataLength} data bytes after it"
+                    : $"the file has {dataLength - previousEnd} trailing bytes after the last tensor '{Truncate(previous.Name)}' (ends at byte {previousEnd} of {dataLength})");
+        }
+    }
+
+    private static int CompareOffsets(SafetensorsTensor a, SafetensorsTensor b)
+    {
+        var c = a.DataStart.CompareTo(b.DataStart);
+        return c != 0 ? c : a.DataEnd.CompareTo(b.DataEnd);
+    }
+
+    private static bool TryMultiply(ulong a, ulong b, out ulong product)
+    {
+        var wide = Math.BigMul(a, b, out var low);
+        product = low;
+        return wide == 0;
+    }
+
+    private static string FormatShape(long[] shape) =>
+        "[" + string.Join(", ", shape.Take(8).Select(d => d.ToString(CultureInfo.InvariantCulture)))
+        + (shape.Length > 8 ? $", … ({shape.Length} dims)]" : "]");
+
+    private static string Truncate(string value) => value.Length <= 120 ? value : value[..120] + "…";
+
+    private static string Describe(JsonTokenType token) => token switch
+    {
+        JsonTokenType.StartObject => "an object",
+        JsonTokenType.StartArray => "an array",
+        JsonTokenType.String => "a string",
+        JsonTokenType.Number => "a number",
+        JsonTokenType.True or JsonTokenType.False => "a boolean",
+        JsonTokenType.Null => "null",
+        _ => token.ToString(),
+    };
+}
