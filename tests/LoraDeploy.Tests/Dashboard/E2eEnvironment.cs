@@ -52,11 +52,7 @@ public sealed class E2eEnvironment : IAsyncDisposable
             _civitai ??= await CivitaiSimulator.StartAsync();
             _lora ??= _civitai.AddLora(TestLoras.BuildFluxKohyaLora(rank: 4), baseModel: "Flux.1 D",
                 fileName: "pixel-sprites.safetensors", trainedWords: ["pxlsprite"], modelName: "Pixel sprites");
-            _server ??= await LoraDeployServer.StartAsync(TestDatabase.Sqlite, new Dictionary<string, string?>
-            {
-                ["Civitai:BaseUrl"] = _civitai.ApiBaseUrl,
-                ["Network:AllowedPrivateRanges:0"] = _civitai.AllowedRange,
-            });
+            _server ??= await LoraDeployServer.StartAsync(TestDatabase.Sqlite, _civitai.Configuration());
             _user = await _server.CreateUserAsync("e2e");
         }
         finally
