@@ -51,6 +51,10 @@ public class ClientCommandTests
     [InlineData("give both --min N and --max N", "scale", "abc123def456", "--min", "1")]
     [InlineData("need 0 <= --min <= --max", "scale", "abc123def456", "--min", "3", "--max", "1")]
     [InlineData("--server must be an http(s) URL", "list", "--server", "ftp://example")]
+    [InlineData("--max must be a whole number", "scale", "abc123def456", "--min", "0", "--max", "many")]
+    [InlineData("give a LoRA name or a deploy id", "status")]
+    [InlineData("give a LoRA name or a deploy id", "delete")]
+    [InlineData("missing ID", "stop")]
     public async Task Usage_errors_exit_2_with_one_line(string message, params string[] args)
     {
         // Nothing listens here: a usage error must be caught before any request.

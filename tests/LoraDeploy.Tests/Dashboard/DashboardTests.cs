@@ -163,8 +163,9 @@ public sealed class DashboardTests(E2eEnvironment env) : IClassFixture<E2eEnviro
 
         await page.GotoAsync(Url("#/public"));
         await page.GetByRole(AriaRole.Heading, new() { Name = "Public LoRAs" }).WaitForAsync();
-        await Assertions.Expect(page.GetByText($"{env.User}/dash-public")).ToBeVisibleAsync();
-        await Assertions.Expect(page.GetByText("shared with everyone")).ToBeVisibleAsync();
+        var row = page.Locator("tbody tr").Filter(new() { Has = page.GetByText($"{env.User}/dash-public", new() { Exact = true }) });
+        await Assertions.Expect(row).ToHaveCountAsync(1);
+        await Assertions.Expect(row).ToContainTextAsync("shared with everyone");
         await Assertions.Expect(page.GetByText($"{env.User}/dash-private")).ToHaveCountAsync(0);
         await Assertions.Expect(page.GetByRole(AriaRole.Button, new() { Name = "Sign out" })).ToBeHiddenAsync();
         await DashboardBrowser.ScreenshotAsync(page, "12-public");

@@ -77,7 +77,7 @@ internal static partial class DeployCommands
     public static Command StatusCommand()
     {
         var common = new CommonOptions();
-        var target = new Argument<string>("NAME|ID") { Description = "A LoRA name or a deploy id." };
+        var target = new Argument<string>("NAME|ID") { Description = "A LoRA name or a deploy id.", Arity = ArgumentArity.ZeroOrOne };
         var watch = new Option<bool>("--watch", "-w") { Description = "Follow the deploy until it deploys or fails." };
         var command = new Command("status", "Show a deploy or LoRA; with --watch follow it live.");
         command.Arguments.Add(target);
@@ -180,7 +180,7 @@ internal static partial class DeployCommands
     public static Command DeleteCommand()
     {
         var common = new CommonOptions();
-        var target = new Argument<string>("NAME|ID") { Description = "A LoRA name or a deploy id." };
+        var target = new Argument<string>("NAME|ID") { Description = "A LoRA name or a deploy id.", Arity = ArgumentArity.ZeroOrOne };
         var command = new Command("delete", "Delete a deploy and its LoRA (idempotent).");
         command.Arguments.Add(target);
         common.AddTo(command);
@@ -207,7 +207,7 @@ internal static partial class DeployCommands
     public static Command TransitionCommand(string verb, string description)
     {
         var common = new CommonOptions();
-        var id = new Argument<string>("ID") { Description = "The deploy id." };
+        var id = new Argument<string>("ID") { Description = "The deploy id.", Arity = ArgumentArity.ZeroOrOne };
         var command = new Command(verb, description);
         command.Arguments.Add(id);
         common.AddTo(command);
@@ -232,9 +232,10 @@ internal static partial class DeployCommands
     public static Command ScaleCommand()
     {
         var common = new CommonOptions();
-        var id = new Argument<string>("ID") { Description = "The deploy id." };
-        var min = new Option<int?>("--min") { Description = "Minimum instances (0 or more).", HelpName = "N" };
-        var max = new Option<int?>("--max") { Description = "Maximum instances (at least --min).", HelpName = "N" };
+        var id = new Argument<string>("ID") { Description = "The deploy id.", Arity = ArgumentArity.ZeroOrOne };
+        // Parsed here rather than by the parser, so a bad number is a usage error (exit 2) like the rest.
+        var min = new Option<string?>("--min") { Description = "Minimum instances (0 or more).", HelpName = "N" };
+        var max = new Option<string?>("--max") { Description = "Maximum instances (at least --min).", HelpName = "N" };
         var command = new Command("scale", "Change a deploy's instance limits.");
         command.Arguments.Add(id);
         command.Options.Add(min);
@@ -244,10 +245,12 @@ internal static partial class DeployCommands
         command.SetAction(Run(common, async (r, ctx, client, output, ct) =>
         {
             var deployId = Required(r.GetValue(id), "ID");
-            if (r.GetValue(min) is not { } lo || r.GetValue(max) is not { } hi)
+            if (r.GetValue(min) is not { } minText || r.GetValue(max) is not { } maxText)
             {
                 throw new ClientException("give both --min N and --max N", ExitCodes.Usage);
             }
+            var lo = Count(minText, "--min");
+            var hi = Count(maxText, "--max");
             if (lo < 0 || hi < lo)
             {
                 throw new ClientException($"need 0 <= --min <= --max, got --min {lo} --max {hi}", ExitCodes.Usage);
@@ -336,6 +339,11 @@ internal static partial class DeployCommands
 
     [GeneratedRegex("^[a-z0-9]{8,40}$")]
     private static partial Regex DeployIdShape();
+
+    private static int Count(string text, string option) =>
+        int.TryParse(text, System.Globalization.NumberStyles.AllowLeadingSign, System.Globalization.CultureInfo.InvariantCulture, out var n)
+            ? n
+            : throw new ClientException($"{option} must be a whole number, got '{text}'", ExitCodes.Usage);
 
     private static string Required(string? value, string what) =>
         string.IsNullOrWhiteSpace(value) ? throw new ClientException($"missing {what}", ExitCodes.Usage) : value.Trim();
