@@ -12,6 +12,10 @@ public class ProberBenchmarks
     private byte[] _headerJson = [];
     private MemoryStream _file = new();
 
+    internal MemoryStream File => _file;
+
+    internal byte[] HeaderJson => _headerJson;
+
     [GlobalSetup]
     public void Setup()
     {
@@ -53,9 +57,9 @@ public class FileSizeBenchmarks
     {
         _dir = Path.Combine(Path.GetTempPath(), "loradeploy-bench-" + Environment.ProcessId);
         Directory.CreateDirectory(_dir);
-        // Rank 1 with widths divided by 8 gives ~1 MB; rank 64 with real widths gives ~1 GB.
+        // Rank 1 with widths divided by 8 gives ~1 MB; rank 200 with real widths gives ~1 GB.
         _small = Write("small.safetensors", KohyaSdxlHeader.Build(rank: 1, scaleWidth: w => w / 8));
-        _large = Write("large.safetensors", KohyaSdxlHeader.Build(rank: 64, scaleWidth: w => w));
+        _large = Write("large.safetensors", KohyaSdxlHeader.Build(rank: 200, scaleWidth: w => w));
     }
 
     [GlobalCleanup]

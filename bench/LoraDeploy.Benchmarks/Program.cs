@@ -1,4 +1,54 @@
+using System.Diagnostics;
 using BenchmarkDotNet.Running;
+using LoraDeploy.Benchmarks;
 
 // dotnet run -c Release --project bench/LoraDeploy.Benchmarks -- --filter '*' --job short
+// "profile" prints best-of-N timings without BenchmarkDotNet (quick check on a busy machine).
+if (args is ["profile"])
+{
+    var bench = new ProberBenchmarks();
+    bench.Setup();
+    var header = LoraDeploy.Lora.Safetensors.SafetensorsReader.Read(bench.File);
+    foreach (var (name, action) in new (string, Func<int>)[]
+    {
+        ("probe only", () => LoraDeploy.Lora.LoraProber.Probe(header, bench.File).ModuleCount),
+        ("json", bench.JsonDocumentParse), ("read", bench.Read), ("read+probe", bench.ReadAndProbe),
+        ("probe only", () => LoraDeploy.Lora.LoraProber.Probe(header, bench.File).ModuleCount),
+        ("read+probe", bench.ReadAndProbe),
+        ("raw Utf8JsonReader pass", () =>
+        {
+            var reader = new System.Text.Json.Utf8JsonReader(bench.HeaderJson);
+            var n = 0;
+            while (reader.Read())
+            {
+                n++;
+            }
+            return n;
+        }),
+        ("Utf8JsonReader + GetString names", () =>
+        {
+            var reader = new System.Text.Json.Utf8JsonReader(bench.HeaderJson);
+            var n = 0;
+            while (reader.Read())
+            {
+                if (reader.TokenType == System.Text.Json.JsonTokenType.PropertyName && reader.CurrentDepth == 1)
+                {
+                    n += reader.GetString()!.Length;
+                }
+            }
+            return n;
+        }),
+    })
+    {
+        var best = double.MaxValue;
+        for (var i = 0; i < 1000; i++)
+        {
+            var watch = Stopwatch.StartNew();
+            action();
+            best = Math.Min(best, watch.Elapsed.TotalMilliseconds);
+        }
+        Console.WriteLine($"{name}: best {best:0.000} ms");
+    }
+    return;
+}
 BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args);

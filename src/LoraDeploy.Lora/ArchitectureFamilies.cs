@@ -24,6 +24,8 @@ public static class ArchitectureFamilies
     public const string Wan = "wan";
     /// <summary>Qwen-Image.</summary>
     public const string QwenImage = "qwen-image";
+    /// <summary>LTX-Video.</summary>
+    public const string Ltx = "ltx";
     /// <summary>Anima (Cosmos-based DiT with a Qwen3 text encoder).</summary>
     public const string Anima = "anima";
     /// <summary>Krea 2.</summary>
@@ -44,6 +46,7 @@ public static class ArchitectureFamilies
         [HunyuanVideo] = "HunyuanVideo",
         [Wan] = "Wan",
         [QwenImage] = "Qwen-Image",
+        [Ltx] = "LTX-Video",
         [Anima] = "Anima",
         [Krea2] = "Krea 2",
         [LanguageModel] = "language model",

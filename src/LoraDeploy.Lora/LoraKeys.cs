@@ -68,13 +68,13 @@ internal enum PrefixStyle
 
 internal static class LoraKeys
 {
-    /// <summary>Splits a tensor name into its module name and parameter kind.</summary>
-    public static ParamKind Split(string key, out string module)
+    /// <summary>Splits a tensor name into its module name (always a prefix of the key, given as its length) and parameter kind.</summary>
+    public static ParamKind Split(string key, out int module)
     {
         var lastDot = key.LastIndexOf('.');
         if (lastDot <= 0)
         {
-            module = key;
+            module = key.Length;
             return ParamKind.Unknown;
         }
         var last = key.AsSpan(lastDot + 1);
@@ -114,12 +114,12 @@ internal static class LoraKeys
         };
         if (kind != ParamKind.Unknown)
         {
-            module = key[..lastDot];
+            module = lastDot;
             return kind;
         }
         if (last is not ("weight" or "bias"))
         {
-            module = key;
+            module = key.Length;
             return ParamKind.Unknown;
         }
 
@@ -134,7 +134,7 @@ internal static class LoraKeys
             var third = thirdDot < 0 ? rest : rest[(thirdDot + 1)..];
             if (!isBias && third is "lora_A" or "lora_B" && thirdDot > 0)
             {
-                module = key[..thirdDot];
+                module = thirdDot;
                 return third is "lora_A" ? ParamKind.Down : ParamKind.Up;
             }
         }
@@ -159,15 +159,15 @@ internal static class LoraKeys
             if (second is "down" or "up" && rest.EndsWith(".lora") || rest.EndsWith(".lora_linear_layer"))
             {
                 // Old diffusers: <module>.lora.down.weight / <module>.lora_linear_layer.down.weight
-                module = key[..rest.LastIndexOf('.')];
+                module = rest.LastIndexOf('.');
             }
             else
             {
-                module = key[..secondDot];
+                module = secondDot;
             }
             return kind;
         }
-        module = key[..lastDot];
+        module = lastDot;
         return isBias ? ParamKind.Unknown : ParamKind.PlainWeight;
     }
 

@@ -61,6 +61,7 @@ public static partial class LoraProber
                         _ => ArchitectureFamilies.Unknown,
                     },
                     "sd" => SdVariant(e),
+                    "attn12-blocks" => e.SelfAttnHidden == 2048 ? ArchitectureFamilies.Ltx : ArchitectureFamilies.Unknown,
                     _ => group,
                 };
                 families[family] = families.GetValueOrDefault(family) + count;
@@ -83,8 +84,9 @@ public static partial class LoraProber
                 }
                 return family;
             }
-            if (votes.ContainsKey("other"))
+            if (votes.Count > 0)
             {
+                // Denoiser modules that fit no known family: do not guess from the text encoder.
                 return ArchitectureFamilies.Unknown;
             }
             return TextEncoderOnly(e);
@@ -93,7 +95,7 @@ public static partial class LoraProber
         private sealed class Evidence
         {
             public int Flux1Ratios, Flux2Ratios, MaxDouble = -1, MaxSingle = -1, MaxTransformerBlock = -1;
-            public long FluxHidden, DitHidden;
+            public long FluxHidden, DitHidden, SelfAttnHidden;
             public bool Flux2Diffusers, HasModulation;
             public int SdxlMarkers, Sd12Markers;
             public readonly HashSet<long> Attn2Dims = [];
@@ -158,8 +160,12 @@ public static partial class LoraProber
             if (n is "img_in" or "txt_in" or "x_embedder" or "context_embedder" or "proj_out" or "norm_out_linear" or "pos_embed"
                 || n.StartsWith("time_in_", StringComparison.Ordinal) || n.StartsWith("vector_in_", StringComparison.Ordinal)
                 || n.StartsWith("guidance_in_", StringComparison.Ordinal) || n.StartsWith("final_layer_", StringComparison.Ordinal)
-                || n.StartsWith("time_text_embed_", StringComparison.Ordinal))
+                || n.StartsWith("time_text_embed_", StringComparison.Ordinal)
+                || n.StartsWith("text_embedding_", StringComparison.Ordinal) || n.StartsWith("time_embedding_", StringComparison.Ordinal)
+                || n.StartsWith("time_projection_", StringComparison.Ordinal) || n.StartsWith("img_emb_", StringComparison.Ordinal)
+                || n is "head_head")
             {
+                // Embedders and heads exist in several DiTs/UNets and say nothing about which one.
                 return null;
             }
             if (n.StartsWith("single_transformer_blocks_", StringComparison.Ordinal))
@@ -183,6 +189,15 @@ public static partial class LoraProber
                 {
                     e.DitHidden = m.InDim;
                 }
+                if (n.Contains("_attn1_", StringComparison.Ordinal) || n.Contains("_attn2_", StringComparison.Ordinal))
+                {
+                    // attn1/attn2 blocks: LTX-Video (hidden 2048), but also PixArt (1152) and Sana (2240).
+                    if (n.EndsWith("_attn1_to_q", StringComparison.Ordinal))
+                    {
+                        e.SelfAttnHidden = m.InDim;
+                    }
+                    return "attn12-blocks";
+                }
                 return "dit-blocks";
             }
             if (n.StartsWith("joint_blocks_", StringComparison.Ordinal))
@@ -203,7 +218,11 @@ public static partial class LoraProber
             }
             if (n.StartsWith("down_blocks_", StringComparison.Ordinal) || n.StartsWith("up_blocks_", StringComparison.Ordinal)
                 || n.StartsWith("mid_block_", StringComparison.Ordinal) || n.StartsWith("input_blocks_", StringComparison.Ordinal)
-                || n.StartsWith("middle_block_", StringComparison.Ordinal) || n.StartsWith("output_blocks_", StringComparison.Ordinal))
+                || n.StartsWith("middle_block_", StringComparison.Ordinal) || n.StartsWith("output_blocks_", StringComparison.Ordinal)
+                || n.StartsWith("conv_in", StringComparison.Ordinal) || n.StartsWith("conv_out", StringComparison.Ordinal)
+                || n.StartsWith("conv_norm_out", StringComparison.Ordinal) || n.StartsWith("time_embed_", StringComparison.Ordinal)
+                || n.StartsWith("label_emb_", StringComparison.Ordinal) || n.StartsWith("add_embedding_", StringComparison.Ordinal)
+                || n is "out_0" or "out_2")
             {
                 CollectSd(m, e);
                 return "sd";
@@ -237,8 +256,8 @@ public static partial class LoraProber
             {
                 e.SdxlMarkers++;
             }
-            var deep = DeepTransformerRegex().Match(n);
-            if (deep.Success && int.Parse(deep.Groups[1].ValueSpan, CultureInfo.InvariantCulture) >= 2)
+            var deep = n.IndexOf("_transformer_blocks_", StringComparison.Ordinal);
+            if (deep >= 0 && LeadingIndex(n, deep + 20) >= 2)
             {
                 e.SdxlMarkers++;
             }
@@ -396,8 +415,6 @@ public static partial class LoraProber
         [GeneratedRegex(@"^(input_blocks_[12]_1_|output_blocks_([6-9]|1[01])_1_)", RegexOptions.CultureInvariant)]
         private static partial Regex Sd12BlockRegex();
 
-        [GeneratedRegex(@"_transformer_blocks_(\d+)_", RegexOptions.CultureInvariant)]
-        private static partial Regex DeepTransformerRegex();
 
         // ---- metadata ----
 
@@ -598,7 +615,13 @@ public static partial class LoraProber
                 _warnings.Add("Alpha is 0: ComfyUI applies that as scale 0 (no effect) while kohya treats it as alpha = rank.");
             }
             double? uniformScale = null;
-            if (scaleMin <= scaleMax && !alphaUnreadable)
+            if (alphaValue is { } finite && !double.IsFinite(finite))
+            {
+                // JSON has no NaN/Infinity; the warning above carries the information.
+                alphaValue = null;
+                alphaUnreadable = true;
+            }
+            if (scaleMin <= scaleMax && double.IsFinite(scaleMin) && double.IsFinite(scaleMax) && !alphaUnreadable)
             {
                 if (scaleMax - scaleMin <= 1e-9 * Math.Max(1, Math.Abs(scaleMax)))
                 {

@@ -29,7 +29,8 @@ public static partial class LoraProber
     /// <exception cref="SafetensorsFormatException">The file is not a well-formed safetensors file.</exception>
     public static ProbeReport ProbeFile(string path, bool hashes = false)
     {
-        using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 4096);
+        // Unbuffered: alpha scalars are read with one small positioned read each, not a 4 KB buffer fill.
+        using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 0);
         var header = SafetensorsReader.Read(file);
         var report = Probe(header, file);
         if (!hashes)
@@ -89,18 +90,23 @@ public static partial class LoraProber
         private readonly IReadOnlyDictionary<string, string> _metadata = header.Metadata;
         private readonly long _dataOffset = header.DataOffset;
         private readonly Stream? _file = file;
-        private readonly Dictionary<string, Module> _modules = new(StringComparer.Ordinal);
+        private readonly Dictionary<string, Module> _modules = new(header.Tensors.Count / 2, StringComparer.Ordinal);
+        private Dictionary<string, Module>.AlternateLookup<ReadOnlySpan<char>> _moduleLookup;
         private readonly List<string> _warnings = [];
         private readonly List<string> _unknownKeys = [];
-        private int _plainWeightModules;
 
         public ProbeReport Run()
         {
+            _moduleLookup = _modules.GetAlternateLookup<ReadOnlySpan<char>>();
             long parameters = 0;
-            var dtypes = new SortedSet<string>(StringComparer.Ordinal);
+            var dtypes = new List<string>(2);
             foreach (var tensor in header.Tensors)
             {
-                dtypes.Add(tensor.Dtype);
+                // A file has one or two dtypes; a list beats a set here.
+                if (!dtypes.Contains(tensor.Dtype))
+                {
+                    dtypes.Add(tensor.Dtype);
+                }
                 parameters += tensor.ElementCount;
                 Add(tensor);
             }
@@ -113,11 +119,13 @@ public static partial class LoraProber
             var architecture = DecideArchitecture(complete, out var mixed);
             var format = FormatOf(architecture);
 
-            var plainWeightMajority = _plainWeightModules > 0 && _plainWeightModules >= adapterModules;
+            // IA3 stores its vector as "<module>.weight" next to "on_input"; any other plain weight is a model weight.
+            var plainWeights = _modules.Values.Count(m => m.HasPlainWeight && !m.HasIa3);
+            var plainWeightMajority = plainWeights > 0 && plainWeights >= adapterModules;
             var isAdapter = !isLllite && !isControl && adapterModules > 0 && !plainWeightMajority;
-            if (_plainWeightModules > 0 && !plainWeightMajority)
+            if (plainWeights > 0 && !plainWeightMajority)
             {
-                _warnings.Add($"{_plainWeightModules} plain '.weight' tensors sit next to the adapter modules (a merged checkpoint can carry LoRA keys).");
+                _warnings.Add($"{plainWeights} plain '.weight' tensors sit next to the adapter modules (a merged checkpoint can carry LoRA keys).");
             }
 
             var (rankMin, rankMax, alpha, scale) = RanksAndScale(complete);
@@ -147,7 +155,7 @@ public static partial class LoraProber
             }
             else if (_unknownKeys.Count > 0)
             {
-                reason = $"{_unknownKeys.Count} tensors are not LoRA-family parameters (e.g. '{_unknownKeys[0]}')";
+                reason = $"{_unknownKeys.Count} tensors are not LoRA-family parameters (e.g. '{Truncate(_unknownKeys[0], 120)}')";
             }
             else if (complete.Count < _modules.Values.Count(m => m.Down is not null || m.Up is not null || m.IsComplete))
             {
@@ -168,7 +176,7 @@ public static partial class LoraProber
                 RankMax = rankMax,
                 Alpha = alpha,
                 Scale = scale,
-                Dtypes = [.. dtypes],
+                Dtypes = [.. dtypes.Order(StringComparer.Ordinal)],
                 ParameterCount = parameters,
                 TriggerWords = triggerWords,
                 TopTags = topTags,
@@ -183,27 +191,23 @@ public static partial class LoraProber
 
         private void Add(SafetensorsTensor tensor)
         {
-            var kind = LoraKeys.Split(tensor.Name, out var moduleName);
+            var kind = LoraKeys.Split(tensor.Name, out var moduleLength);
             if (kind == ParamKind.Unknown)
             {
                 _unknownKeys.Add(tensor.Name);
                 return;
             }
-            if (!_modules.TryGetValue(moduleName, out var module))
+            // Look the module up by span so that only a module's first tensor allocates its name.
+            if (!_moduleLookup.TryGetValue(tensor.Name.AsSpan(0, moduleLength), out var module))
             {
+                var moduleName = tensor.Name[..moduleLength];
                 var normalized = LoraKeys.Normalize(moduleName, out var component, out var style);
                 module = new Module(moduleName, normalized, component, style);
                 _modules.Add(moduleName, module);
             }
             switch (kind)
             {
-                case ParamKind.PlainWeight:
-                    if (!module.HasPlainWeight)
-                    {
-                        _plainWeightModules++;
-                    }
-                    module.HasPlainWeight = true;
-                    break;
+                case ParamKind.PlainWeight: module.HasPlainWeight = true; break;
                 case ParamKind.Down: module.Down = tensor; break;
                 case ParamKind.Up: module.Up = tensor; break;
                 case ParamKind.Mid: module.Mid = tensor; break;

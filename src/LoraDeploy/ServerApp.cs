@@ -6,6 +6,8 @@ using LoraDeploy.Health;
 using LoraDeploy.Loras;
 using LoraDeploy.OpenApi;
 using LoraDeploy.Pipeline;
+using LoraDeploy.Sources;
+using LoraDeploy.Storage;
 
 namespace LoraDeploy;
 
@@ -20,6 +22,8 @@ public static class ServerApp
             ContentRootPath = AppContext.BaseDirectory,
             WebRootPath = Path.Combine(AppContext.BaseDirectory, "wwwroot"),
         });
+        // First, so settings a host adds (tests, tools) are seen by every registration below.
+        configure?.Invoke(builder);
         builder.WebHost.ConfigureKestrel(kestrel => kestrel.Limits.MaxRequestBodySize = 1024 * 1024);
         builder.Services.AddSingleton(TimeProvider.System);
         builder.Services.ConfigureHttpJsonOptions(json =>
@@ -34,9 +38,10 @@ public static class ServerApp
         builder.Services.AddSingleton<BaseModelRegistry>();
         builder.Services.AddOptions<DeployOptions>().BindConfiguration(DeployOptions.Section).ValidateDataAnnotations().ValidateOnStart();
         builder.Services.AddOptions<PricingOptions>().BindConfiguration(PricingOptions.Section).ValidateDataAnnotations().ValidateOnStart();
-        builder.Services.AddSingleton<PipelineSignal>();
+        builder.Services.AddBlobStorage(builder.Configuration);
+        builder.Services.AddSources(builder.Configuration);
+        builder.Services.AddImportPipeline();
         builder.Services.AddApiDocumentation();
-        configure?.Invoke(builder);
 
         var app = builder.Build();
         app.UseDeepErrors();

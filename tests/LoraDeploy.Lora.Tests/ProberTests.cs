@@ -281,6 +281,55 @@ public sealed class ProberTests
     }
 
     [Fact]
+    public void Sdxl_locon_with_unet_stem_and_head_modules_has_no_unrecognised_names()
+    {
+        var w = new SafetensorsWriter()
+            .Lora("lora_unet_input_blocks_0_0", 8, 4, 320, alpha: 4, kernel: 3)
+            .Lora("lora_unet_time_embed_0", 8, 320, 1280, alpha: 4)
+            .Lora("lora_unet_label_emb_0_0", 8, 2816, 1280, alpha: 4)
+            .Lora("lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k", 8, 2048, 640, alpha: 4)
+            .Lora("lora_unet_out_2", 8, 320, 4, alpha: 4, kernel: 3);
+
+        var report = Probe(w);
+
+        Assert.Equal(("sdxl", "locon"), (report.Architecture, report.Network));
+        Assert.Empty(report.Warnings);
+    }
+
+    [Fact]
+    public void Ltx_video_and_unrecognised_dit_widths()
+    {
+        var ltx = new SafetensorsWriter()
+            .Peft("transformer.transformer_blocks.0.attn1.to_q", 32, 2048, 2048)
+            .Peft("transformer.transformer_blocks.0.attn2.to_k", 32, 4096, 2048)
+            .Peft("transformer.transformer_blocks.27.ff.net.0.proj", 32, 2048, 8192);
+        Assert.Equal("ltx", Probe(ltx).Architecture);
+
+        var pixart = new SafetensorsWriter()
+            .Peft("transformer.transformer_blocks.0.attn1.to_q", 16, 1152, 1152)
+            .Peft("text_encoder.encoder.block.0.layer.0.SelfAttention.q", 16, 4096, 4096);
+        var report = Probe(pixart);
+        Assert.Equal("unknown", report.Architecture);
+        Assert.False(report.Applicable);
+    }
+
+    [Fact]
+    public void Ia3_weight_vectors_are_adapter_tensors()
+    {
+        var w = new SafetensorsWriter()
+            .Tensor("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.weight", "F32", [640])
+            .Tensor("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.on_input", "BOOL", [])
+            .Tensor("lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_2.weight", "F32", [1280, 1])
+            .Tensor("lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_2.on_input", "BOOL", []);
+
+        var report = Probe(w);
+
+        Assert.True(report.IsAdapter);
+        Assert.Equal("ia3", report.Network);
+        Assert.Null(report.Scale);
+    }
+
+    [Fact]
     public void Peft_llm_adapter_is_an_adapter_but_not_for_images()
     {
         var w = new SafetensorsWriter()
@@ -386,6 +435,21 @@ public sealed class ProberTests
 
         Assert.Equal(4, report.Alpha);
         Assert.Equal(0.5, report.Scale);
+    }
+
+    [Fact]
+    public void Non_finite_alpha_is_a_warning_and_still_serialises()
+    {
+        var w = new SafetensorsWriter()
+            .Lora("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 8, 2048, 640, alpha: double.NaN)
+            .Lora("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_v", 8, 2048, 640, alpha: double.PositiveInfinity);
+
+        var report = Probe(w);
+
+        Assert.Null(report.Alpha);
+        Assert.Null(report.Scale);
+        Assert.Contains(report.Warnings, x => x.Contains("Alpha differs", StringComparison.Ordinal));
+        Assert.Contains("\"alpha\": null", JsonSerializer.Serialize(report, ProbeJsonContext.Default.ProbeReport), StringComparison.Ordinal);
     }
 
     [Fact]

@@ -17,6 +17,7 @@ public static class SafetensorsReader
     public const long MaxHeaderLength = 100_000_000;
 
     private const string MetadataKey = "__metadata__";
+    private const int PooledHeaderLimit = 4 * 1024 * 1024;
 
     // Header JSON is at most 3 levels deep (object -> tensor -> shape); the slack allows unknown
     // extra fields in tensor entries, which the reference crate ignores.
@@ -66,7 +67,9 @@ public static class SafetensorsReader
         }
 
         var length = (int)headerLength;
-        var buffer = ArrayPool<byte>.Shared.Rent(Math.Max(length, 1));
+        // Pool the common small headers; a hostile 100 MB header should not stay cached in the pool.
+        var pooled = length <= PooledHeaderLimit;
+        var buffer = pooled ? ArrayPool<byte>.Shared.Rent(Math.Max(length, 1)) : new byte[length];
         try
         {
             var read = stream.ReadAtLeast(buffer.AsSpan(0, length), length, throwOnEndOfStream: false);
@@ -79,7 +82,10 @@ public static class SafetensorsReader
         }
         finally
         {
-            ArrayPool<byte>.Shared.Return(buffer);
+            if (pooled)
+            {
+                ArrayPool<byte>.Shared.Return(buffer);
+            }
         }
     }
 
@@ -91,8 +97,10 @@ public static class SafetensorsReader
             throw new SafetensorsFormatException("the header is not valid UTF-8");
         }
 
-        var tensors = new List<SafetensorsTensor>();
-        var byName = new Dictionary<string, SafetensorsTensor>(StringComparer.Ordinal);
+        // A tensor entry takes at least ~50 bytes of JSON and typically ~100-150; presizing saves rehashing.
+        var capacity = json.Length / 128;
+        var tensors = new List<SafetensorsTensor>(capacity);
+        var byName = new Dictionary<string, SafetensorsTensor>(capacity, StringComparer.Ordinal);
         IReadOnlyDictionary<string, string>? metadata = null;
         var scratch = new List<long>(8);
 

@@ -1,3 +1,4 @@
+using LoraDeploy.Lora;
 using Microsoft.AspNetCore.Http.HttpResults;
 
 namespace LoraDeploy.BaseModels;
@@ -16,7 +17,7 @@ public static class BaseModelEndpoints
     internal static Ok<List<BaseModelOut>> ListBaseModels(BaseModelRegistry registry) =>
         TypedResults.Ok(registry.Names
             .Select(name => registry.TryGetFamily(name, out var family)
-                ? new BaseModelOut(name, family, BaseModelRegistry.Display(family))
+                ? new BaseModelOut(name, family, ArchitectureFamilies.Display(family))
                 : null)
             .OfType<BaseModelOut>()
             .ToList());

@@ -51,18 +51,6 @@ public sealed class BaseModelRegistry
 
     public bool TryGetFamily(string baseModel, out string family) => _families.TryGetValue(baseModel, out family!);
 
-    // TODO(merge): use the prober's ArchitectureFamilies.Display once the Lora library lands.
-    public static string Display(string family) => family switch
-    {
-        "sd1" => "SD 1.x",
-        "sd2" => "SD 2.x",
-        "sdxl" => "SDXL",
-        "sd3" => "SD3",
-        "flux1" => "FLUX.1",
-        "flux2" => "FLUX.2",
-        _ => family,
-    };
-
     /// <summary>
     /// The family of a CivitAI <c>baseModel</c> string. CivitAI's list is open-ended and renamed now and then, so
     /// this matches by prefix and returns null for anything unknown rather than guessing.

@@ -1,0 +1,212 @@
+using System.Diagnostics;
+using System.Text.Json;
+using LoraDeploy.Data;
+using LoraDeploy.Lora;
+using LoraDeploy.Lora.Safetensors;
+using LoraDeploy.Sources;
+using LoraDeploy.Storage;
+using Microsoft.EntityFrameworkCore;
+using Microsoft.Extensions.Options;
+
+namespace LoraDeploy.Pipeline;
+
+/// <summary>
+/// Runs one claimed download: fetch into a staging file named after the download row (so whichever replica
+/// holds the lease resumes the same bytes), verify the hash and the safetensors container, store the blob,
+/// then mark the row done. Renews its lease while it works, publishes progress, and cancels itself when no
+/// deploy waits for the file any more.
+/// </summary>
+public sealed partial class DownloadWorker(
+    string owner,
+    IDbContextFactory<LoraDeployDbContext> contexts,
+    CivitaiDownloader downloader,
+    IBlobStore blobs,
+    PipelineMetrics metrics,
+    IOptions<PipelineOptions> options,
+    TimeProvider time,
+    ILogger<DownloadWorker> logger)
+{
+    private DateTime Now => time.GetUtcNow().UtcDateTime;
+    private TimeSpan Lease => options.Value.LeaseDuration;
+
+    public async Task<bool> ClaimAsync(long downloadId, CancellationToken ct)
+    {
+        await using var db = await contexts.CreateDbContextAsync(ct);
+        var now = Now;
+        return await db.Downloads
+            .Where(d => d.Id == downloadId && (d.Status == DownloadStatus.Pending || (d.Status == DownloadStatus.Downloading && d.LeaseExpiresAt < now)))
+            .ExecuteUpdateAsync(set => set
+                .SetProperty(d => d.Status, DownloadStatus.Downloading)
+                .SetProperty(d => d.LeaseOwner, owner)
+                .SetProperty(d => d.LeaseExpiresAt, now + Lease)
+                .SetProperty(d => d.Attempts, d => d.Attempts + 1)
+                .SetProperty(d => d.UpdatedAt, now), ct) == 1;
+    }
+
+    public async Task RunAsync(long downloadId, CancellationToken stoppingToken)
+    {
+        await using var db = await contexts.CreateDbContextAsync(stoppingToken);
+        var row = await db.Downloads.FirstAsync(d => d.Id == downloadId, stoppingToken);
+        var file = JsonSerializer.Deserialize(row.ResolvedJson!, PipelineJsonContext.Default.ResolvedCivitaiFile)!;
+        var staging = blobs.StagingPath($"download-{downloadId}.part");
+        using var scope = logger.BeginScope(new Dictionary<string, object> { ["DownloadId"] = downloadId, ["CivitaiFileId"] = file.FileId });
+
+        using var work = CancellationTokenSource.CreateLinkedTokenSource(stoppingToken);
+        var progress = new LatestProgress();
+        var abandoned = false;
+        var renewal = RenewWhileRunningAsync(downloadId, progress, () => { abandoned = true; work.Cancel(); }, work.Token);
+        var clock = Stopwatch.StartNew();
+        var startBytes = File.Exists(staging) ? new FileInfo(staging).Length : 0;
+        LogStarting(downloadId, file.FileId, file.VersionId, startBytes);
+        try
+        {
+            var result = await downloader.DownloadAsync(file, staging, progress, work.Token);
+            metrics.BytesDownloaded(result.Bytes - startBytes);
+            await work.CancelAsync();
+            await renewal;
+            await VerifyAndStoreAsync(db, downloadId, file, staging, result, stoppingToken);
+            metrics.DownloadCompleted(clock.Elapsed);
+        }
+        catch (OperationCanceledException) when (abandoned)
+        {
+            await renewal;
+            TryDelete(staging);
+            await EndAsync(db, downloadId, DownloadStatus.Cancelled, "", "", null, CancellationToken.None);
+            LogAbandoned(downloadId);
+        }
+        catch (OperationCanceledException) when (stoppingToken.IsCancellationRequested)
+        {
+            // Shutting down: keep the lease's row and the staging file; whoever claims it next resumes with Range.
+            await renewal;
+        }
+        catch (DownloadFailedException e)
+        {
+            await work.CancelAsync();
+            await renewal;
+            await EndAsync(db, downloadId, DownloadStatus.Failed, e.ReasonClass, e.FailReason, null, CancellationToken.None);
+        }
+        catch (OutboundRequestRefusedException e)
+        {
+            await work.CancelAsync();
+            await renewal;
+            await EndAsync(db, downloadId, DownloadStatus.Failed, Sources.ReasonClass.Refused, e.Message, null, CancellationToken.None);
+        }
+    }
+
+    private async Task VerifyAndStoreAsync(LoraDeployDbContext db, long downloadId, ResolvedCivitaiFile file, string staging, DownloadResult result, CancellationToken ct)
+    {
+        if (file.ListedSha256 is { } expected && !string.Equals(expected, result.Sha256, StringComparison.OrdinalIgnoreCase))
+        {
+            TryDelete(staging);
+            await EndAsync(db, downloadId, DownloadStatus.Failed, PipelineReasonClass.HashMismatch,
+                $"The downloaded bytes have SHA-256 {result.Sha256}, but CivitAI lists {expected} for file {file.FileId}; the file was not stored. It may have been replaced or corrupted on CivitAI's side: try again later or report it to the model's author.",
+                null, ct);
+            return;
+        }
+        try
+        {
+            SafetensorsReader.ReadFile(staging);
+        }
+        catch (SafetensorsFormatException e)
+        {
+            TryDelete(staging);
+            await EndAsync(db, downloadId, DownloadStatus.Failed, PipelineReasonClass.InvalidFile,
+                $"CivitAI served file {file.FileId} but it is not a valid safetensors file ({e.Message}); it was not stored.", null, ct);
+            return;
+        }
+
+        // Bytes first: the blob is complete and durable before any row names it.
+        await blobs.PutAsync(result.Sha256, staging, ct);
+        db.Blobs.Add(new Blob { Sha256 = result.Sha256, SizeBytes = result.Bytes, CreatedAt = Now });
+        try
+        {
+            await db.SaveChangesAsync(ct);
+        }
+        catch (DbUpdateException e) when (db.IsUniqueViolation(e))
+        {
+            db.ChangeTracker.Clear(); // already recorded by an earlier import of the same bytes
+        }
+        await EndAsync(db, downloadId, DownloadStatus.Done, "", "", result.Sha256, ct, result.Bytes);
+        LogStored(downloadId, result.Sha256, result.Bytes);
+    }
+
+    private async Task EndAsync(LoraDeployDbContext db, long downloadId, string status, string failClass, string failReason, string? blob, CancellationToken ct, long? bytes = null)
+    {
+        var now = Now;
+        await db.Downloads.Where(d => d.Id == downloadId && d.LeaseOwner == owner && d.Status == DownloadStatus.Downloading)
+            .ExecuteUpdateAsync(set => set
+                .SetProperty(d => d.Status, status)
+                .SetProperty(d => d.FailClass, failClass)
+                .SetProperty(d => d.FailReason, failReason)
+                .SetProperty(d => d.BlobSha256, blob)
+                .SetProperty(d => d.BytesDone, d => bytes ?? d.BytesDone)
+                .SetProperty(d => d.LeaseOwner, (string?)null)
+                .SetProperty(d => d.LeaseExpiresAt, (DateTime?)null)
+                .SetProperty(d => d.UpdatedAt, now), ct);
+        if (status == DownloadStatus.Failed)
+        {
+            LogFailed(downloadId, failClass, failReason);
+        }
+    }
+
+    /// <summary>Renews the lease and publishes progress; gives up the work when the lease is lost or nobody waits.</summary>
+    private async Task RenewWhileRunningAsync(long downloadId, LatestProgress progress, Action abandon, CancellationToken ct)
+    {
+        var interval = TimeSpan.FromTicks(Math.Min(Lease.Ticks / 3, options.Value.ProgressInterval.Ticks));
+        using var timer = new PeriodicTimer(interval, time);
+        try
+        {
+            while (await timer.WaitForNextTickAsync(ct))
+            {
+                await using var db = await contexts.CreateDbContextAsync(ct);
+                var now = Now;
+                var bytes = progress.Value;
+                var renewed = await db.Downloads.Where(d => d.Id == downloadId && d.LeaseOwner == owner)
+                    .ExecuteUpdateAsync(set => set
+                        .SetProperty(d => d.LeaseExpiresAt, now + Lease)
+                        .SetProperty(d => d.BytesDone, d => bytes > d.BytesDone ? bytes : d.BytesDone)
+                        .SetProperty(d => d.UpdatedAt, now), ct);
+                var waiting = await db.Deploys.AnyAsync(d => d.DownloadId == downloadId && d.Status == DeployStatus.Downloading, ct);
+                if (renewed == 0 || !waiting)
+                {
+                    abandon();
+                    return;
+                }
+            }
+        }
+        catch (OperationCanceledException)
+        {
+        }
+    }
+
+    private static void TryDelete(string path)
+    {
+        try
+        {
+            File.Delete(path);
+        }
+        catch (IOException)
+        {
+        }
+    }
+
+    /// <summary>Keeps only the latest byte count; the renewal loop reads it (no callbacks on the hot path).</summary>
+    private sealed class LatestProgress : IProgress<long>
+    {
+        private long _value;
+        public long Value => Interlocked.Read(ref _value);
+        public void Report(long value) => Interlocked.Exchange(ref _value, value);
+    }
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "Download {DownloadId}: fetching CivitAI file {FileId} of version {VersionId} (resuming at byte {Offset})")]
+    private partial void LogStarting(long downloadId, int fileId, int versionId, long offset);
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "Download {DownloadId}: stored blob {Sha256} ({Bytes} bytes)")]
+    private partial void LogStored(long downloadId, string sha256, long bytes);
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "Download {DownloadId}: no deploy waits for it any more; cancelled and staging removed")]
+    private partial void LogAbandoned(long downloadId);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Download {DownloadId} failed ({ReasonClass}): {Reason}")]
+    private partial void LogFailed(long downloadId, string reasonClass, string reason);
+}

@@ -1,0 +1,493 @@
+using System.Collections.Concurrent;
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using LoraDeploy.BaseModels;
+using LoraDeploy.Data;
+using LoraDeploy.Lora;
+using LoraDeploy.Lora.Safetensors;
+using LoraDeploy.Sources;
+using LoraDeploy.Storage;
+using Microsoft.EntityFrameworkCore;
+using Microsoft.Extensions.Options;
+
+namespace LoraDeploy.Pipeline;
+
+/// <summary>
+/// Moves deploys from <c>initializing</c> through <c>downloading</c> to <c>deploying</c> (or <c>failed</c>).
+/// The database is the queue: every step claims its row with a conditional update and a lease, so any number
+/// of replicas can run this and a crash loses nothing (the lease expires and someone else carries on).
+/// Steps: resolve a new deploy at CivitAI → link it to the one shared download of that file (or straight to
+/// the stored blob) → when that download is done, probe the blob and gate on the base model's family.
+/// </summary>
+public sealed partial class ImportPipeline(
+    IDbContextFactory<LoraDeployDbContext> contexts,
+    IServiceScopeFactory scopes,
+    IBlobStore blobs,
+    BaseModelRegistry baseModels,
+    PipelineSignal signal,
+    PipelineMetrics metrics,
+    IOptions<PipelineOptions> options,
+    TimeProvider time,
+    ILogger<ImportPipeline> logger) : BackgroundService
+{
+    private readonly string _owner = $"{Environment.MachineName}:{Environment.ProcessId}:{Guid.NewGuid().ToString("N")[..6]}";
+    private readonly ConcurrentDictionary<long, Task> _downloads = new();
+    private PipelineOptions Options => options.Value;
+    private DateTime Now => time.GetUtcNow().UtcDateTime;
+
+    protected override async Task ExecuteAsync(CancellationToken stoppingToken)
+    {
+        if (!Options.Enabled)
+        {
+            logger.LogInformation("Import pipeline disabled (Pipeline:Enabled=false)");
+            return;
+        }
+        await Task.Yield();
+        var nextCollection = Now + Options.CollectInterval;
+        while (!stoppingToken.IsCancellationRequested)
+        {
+            try
+            {
+                var worked = await ResolveNewDeploysAsync(stoppingToken);
+                worked |= await FinishWaitingDeploysAsync(stoppingToken);
+                worked |= await StartDownloadsAsync(stoppingToken);
+                if (Now >= nextCollection)
+                {
+                    nextCollection = Now + Options.CollectInterval;
+                    await CollectBlobsAsync(stoppingToken);
+                }
+                if (!worked)
+                {
+                    await signal.WaitAsync(Options.PollInterval, time, stoppingToken);
+                }
+            }
+            catch (OperationCanceledException) when (stoppingToken.IsCancellationRequested)
+            {
+                break;
+            }
+            catch (Exception e)
+            {
+                logger.LogError(e, "Import pipeline pass failed; retrying after the poll interval");
+                await signal.WaitAsync(Options.PollInterval, time, stoppingToken);
+            }
+        }
+        // Downloads stop with the host; their rows keep their leases and staging files, so a restart resumes them.
+        await Task.WhenAll(_downloads.Values).ContinueWith(_ => { }, CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
+    }
+
+    // ---- step 1: resolve new deploys ----
+
+    private async Task<bool> ResolveNewDeploysAsync(CancellationToken ct)
+    {
+        List<string> candidates;
+        await using (var db = await contexts.CreateDbContextAsync(ct))
+        {
+            var now = Now;
+            candidates = await db.Deploys
+                .Where(d => d.Status == DeployStatus.Initializing
+                    || (d.Status == DeployStatus.Downloading && d.DownloadId == null && d.LeaseExpiresAt < now))
+                .OrderBy(d => d.CreatedAt)
+                .Select(d => d.Id)
+                .Take(Options.BatchSize)
+                .ToListAsync(ct);
+            metrics.QueueDepth(await db.Deploys.CountAsync(d => d.Status == DeployStatus.Initializing || d.Status == DeployStatus.Downloading, ct));
+        }
+        if (candidates.Count == 0)
+        {
+            return false;
+        }
+        var claimed = 0;
+        await Parallel.ForEachAsync(candidates, new ParallelOptions { MaxDegreeOfParallelism = 8, CancellationToken = ct }, async (deployId, token) =>
+        {
+            if (await ClaimNewDeployAsync(deployId, token))
+            {
+                Interlocked.Increment(ref claimed);
+                using var scope = logger.BeginScope(new Dictionary<string, object> { ["DeployId"] = deployId });
+                await GuardAsync(deployId, () => ResolveDeployAsync(deployId, token), token);
+            }
+        });
+        return claimed > 0;
+    }
+
+    private async Task<bool> ClaimNewDeployAsync(string deployId, CancellationToken ct)
+    {
+        await using var db = await contexts.CreateDbContextAsync(ct);
+        var now = Now;
+        var claimed = await db.Deploys
+            .Where(d => d.Id == deployId && (d.Status == DeployStatus.Initializing
+                || (d.Status == DeployStatus.Downloading && d.DownloadId == null && d.LeaseExpiresAt < now)))
+            .ExecuteUpdateAsync(set => set
+                .SetProperty(d => d.Status, DeployStatus.Downloading)
+                .SetProperty(d => d.LeaseOwner, _owner)
+                .SetProperty(d => d.LeaseExpiresAt, now + Options.LeaseDuration)
+                .SetProperty(d => d.Attempts, d => d.Attempts + 1)
+                .SetProperty(d => d.UpdatedAt, now), ct);
+        return claimed == 1;
+    }
+
+    private async Task ResolveDeployAsync(string deployId, CancellationToken ct)
+    {
+        await using var scope = scopes.CreateAsyncScope();
+        var civitai = scope.ServiceProvider.GetRequiredService<CivitaiClient>();
+        await using var db = await contexts.CreateDbContextAsync(ct);
+        var lora = await db.Loras.AsTracking().FirstAsync(l => l.DeployId == deployId, ct);
+        metrics.ImportStarted();
+        LogResolving(deployId, lora.SourceUrl);
+
+        if (!CivitaiUrl.TryParse(lora.SourceUrl, out var reference, out var parseError))
+        {
+            await FailAsync(deployId, Sources.ReasonClass.InvalidUrl, $"The CivitAI link cannot be read: {parseError}", ct);
+            return;
+        }
+        var resolved = await civitai.ResolveAsync(reference, ct);
+        if (!resolved.Succeeded)
+        {
+            await FailAsync(deployId, resolved.ReasonClass, resolved.FailReason, ct);
+            return;
+        }
+        var file = resolved.File;
+        var now = Now;
+        lora.CivitaiModelId = file.ModelId;
+        lora.CivitaiVersionId = file.VersionId;
+        lora.CivitaiFileId = file.FileId;
+        lora.FileName = file.FileName;
+        lora.CivitaiBaseModel = file.BaseModel;
+        lora.TrainedWordsJson = JsonSerializer.Serialize(file.TrainedWords.ToList(), PipelineJsonContext.Default.ListString);
+        lora.ExpectedSha256 = file.ListedSha256;
+        lora.SizeBytes = file.ListedSizeBytes;
+        lora.UpdatedAt = now;
+        await db.SaveChangesAsync(ct);
+        // version shows CivitAI's listed hash as soon as it is known; the bytes confirm it later.
+        await OwnDeploy(db, deployId).ExecuteUpdateAsync(set => set
+            .SetProperty(d => d.Version, file.ListedSha256 ?? "")
+            .SetProperty(d => d.LeaseExpiresAt, now + Options.LeaseDuration)
+            .SetProperty(d => d.UpdatedAt, now), ct);
+
+        if (file.ListedSha256 is { } listed && await db.Blobs.AnyAsync(b => b.Sha256 == listed, ct) && blobs.Exists(listed))
+        {
+            metrics.DedupHit("stored");
+            LogStoredAlready(deployId, listed);
+            await FinishAsync(db, deployId, listed, ct);
+            return;
+        }
+
+        var downloadId = await GetOrCreateDownloadAsync(db, file, ct);
+        await OwnDeploy(db, deployId).ExecuteUpdateAsync(set => set
+            .SetProperty(d => d.DownloadId, downloadId)
+            .SetProperty(d => d.LeaseOwner, (string?)null)
+            .SetProperty(d => d.LeaseExpiresAt, (DateTime?)null), ct);
+        signal.Wake();
+    }
+
+    /// <summary>Single flight: one download row per CivitAI file, whoever asks and however many replicas run.</summary>
+    private async Task<long> GetOrCreateDownloadAsync(LoraDeployDbContext db, ResolvedCivitaiFile file, CancellationToken ct)
+    {
+        var key = $"civitai:file:{file.FileId}";
+        var resolvedJson = JsonSerializer.Serialize(file, PipelineJsonContext.Default.ResolvedCivitaiFile);
+        for (var attempt = 0; attempt < 3; attempt++)
+        {
+            var existing = await db.Downloads.Where(d => d.SourceKey == key)
+                .Select(d => new { d.Id, d.Status, d.BlobSha256 })
+                .FirstOrDefaultAsync(ct);
+            if (existing is null)
+            {
+                var now = Now;
+                db.Downloads.Add(new Download
+                {
+                    SourceKey = key,
+                    CivitaiVersionId = file.VersionId,
+                    CivitaiFileId = file.FileId,
+                    ExpectedSha256 = file.ListedSha256,
+                    SizeBytes = file.ListedSizeBytes,
+                    ResolvedJson = resolvedJson,
+                    CreatedAt = now,
+                    UpdatedAt = now,
+                });
+                try
+                {
+                    await db.SaveChangesAsync(ct);
+                    return db.Downloads.Local.Single(d => d.SourceKey == key).Id;
+                }
+                catch (DbUpdateException e) when (db.IsUniqueViolation(e))
+                {
+                    db.ChangeTracker.Clear(); // another deploy created it first: join that one
+                    continue;
+                }
+            }
+
+            var stale = existing.Status is DownloadStatus.Failed or DownloadStatus.Cancelled
+                || (existing.Status == DownloadStatus.Done && (existing.BlobSha256 is null || !blobs.Exists(existing.BlobSha256)));
+            if (!stale)
+            {
+                metrics.DedupHit("in_flight");
+                return existing.Id;
+            }
+            // A failed or collected fetch: a later create tries again.
+            var status = existing.Status;
+            await db.Downloads.Where(d => d.Id == existing.Id && d.Status == status)
+                .ExecuteUpdateAsync(set => set
+                    .SetProperty(d => d.Status, DownloadStatus.Pending)
+                    .SetProperty(d => d.FailReason, "")
+                    .SetProperty(d => d.FailClass, "")
+                    .SetProperty(d => d.BlobSha256, (string?)null)
+                    .SetProperty(d => d.ResolvedJson, resolvedJson)
+                    .SetProperty(d => d.ExpectedSha256, file.ListedSha256)
+                    .SetProperty(d => d.SizeBytes, file.ListedSizeBytes)
+                    .SetProperty(d => d.BytesDone, 0)
+                    .SetProperty(d => d.LeaseOwner, (string?)null)
+                    .SetProperty(d => d.LeaseExpiresAt, (DateTime?)null)
+                    .SetProperty(d => d.UpdatedAt, Now), ct);
+            return existing.Id;
+        }
+        throw new InvalidOperationException($"Could not create or join the download of CivitAI file {file.FileId}.");
+    }
+
+    // ---- step 3: finish deploys whose download ended ----
+
+    private async Task<bool> FinishWaitingDeploysAsync(CancellationToken ct)
+    {
+        List<(string DeployId, long DownloadId)> candidates;
+        await using (var db = await contexts.CreateDbContextAsync(ct))
+        {
+            var now = Now;
+            candidates = (await db.Deploys
+                .Where(d => d.Status == DeployStatus.Downloading && d.DownloadId != null
+                    && (d.LeaseOwner == null || d.LeaseExpiresAt < now)
+                    && (d.Download!.Status == DownloadStatus.Done || d.Download.Status == DownloadStatus.Failed || d.Download.Status == DownloadStatus.Cancelled))
+                .OrderBy(d => d.CreatedAt)
+                .Select(d => new { d.Id, DownloadId = d.DownloadId!.Value })
+                .Take(Options.BatchSize)
+                .ToListAsync(ct))
+                .Select(d => (d.Id, d.DownloadId))
+                .ToList();
+        }
+        if (candidates.Count == 0)
+        {
+            return false;
+        }
+        var claimed = 0;
+        await Parallel.ForEachAsync(candidates, new ParallelOptions { MaxDegreeOfParallelism = 8, CancellationToken = ct }, async (candidate, token) =>
+        {
+            await using var db = await contexts.CreateDbContextAsync(token);
+            var now = Now;
+            var won = await db.Deploys
+                .Where(d => d.Id == candidate.DeployId && d.Status == DeployStatus.Downloading && d.DownloadId == candidate.DownloadId
+                    && (d.LeaseOwner == null || d.LeaseExpiresAt < now))
+                .ExecuteUpdateAsync(set => set
+                    .SetProperty(d => d.LeaseOwner, _owner)
+                    .SetProperty(d => d.LeaseExpiresAt, now + Options.LeaseDuration), token);
+            if (won != 1)
+            {
+                return;
+            }
+            Interlocked.Increment(ref claimed);
+            using var scope = logger.BeginScope(new Dictionary<string, object> { ["DeployId"] = candidate.DeployId });
+            await GuardAsync(candidate.DeployId, async () =>
+            {
+                var download = await db.Downloads.FirstAsync(d => d.Id == candidate.DownloadId, token);
+                switch (download.Status)
+                {
+                    case DownloadStatus.Done:
+                        await FinishAsync(db, candidate.DeployId, download.BlobSha256!, token);
+                        break;
+                    case DownloadStatus.Failed:
+                        await FailAsync(candidate.DeployId, download.FailClass, download.FailReason, token);
+                        break;
+                    default:
+                        // Cancelled because nobody waited, yet this deploy now does: resolve it again.
+                        await RequeueAsync(db, candidate.DeployId, token);
+                        break;
+                }
+            }, token);
+        });
+        return claimed > 0;
+    }
+
+    /// <summary>Probes the stored blob and lets the deploy through only when it fits the base model's family.</summary>
+    private async Task FinishAsync(LoraDeployDbContext db, string deployId, string sha256, CancellationToken ct)
+    {
+        var path = blobs.LocalPath(sha256);
+        if (path is null)
+        {
+            await RequeueAsync(db, deployId, ct); // collected between the check and now: fetch it again
+            return;
+        }
+        var lora = await db.Loras.AsTracking().FirstAsync(l => l.DeployId == deployId, ct);
+        ProbeReport report;
+        try
+        {
+            report = LoraProber.ProbeFile(path);
+        }
+        catch (SafetensorsFormatException e)
+        {
+            await FailAsync(deployId, PipelineReasonClass.InvalidFile, $"The stored file is not a valid safetensors file: {e.Message}", ct);
+            return;
+        }
+
+        var (failClass, failReason, warnings) = AdapterGate.Check(report, lora.BaseModel, lora.CivitaiBaseModel, baseModels);
+        var now = Now;
+        lora.Sha256 = sha256;
+        lora.SizeBytes = new FileInfo(path).Length;
+        lora.ProbeJson = JsonSerializer.Serialize(report, ProbeJsonContext.Default.ProbeReport);
+        lora.WarningsJson = JsonSerializer.Serialize(warnings, PipelineJsonContext.Default.ListString);
+        lora.UpdatedAt = now;
+        await db.SaveChangesAsync(ct);
+
+        if (failReason is not null)
+        {
+            await FailAsync(deployId, failClass!, failReason, ct);
+            return;
+        }
+        var version = lora.ExpectedSha256 ?? sha256;
+        var advanced = await OwnDeploy(db, deployId).ExecuteUpdateAsync(set => set
+            .SetProperty(d => d.Status, DeployStatus.Deploying)
+            .SetProperty(d => d.Version, version)
+            .SetProperty(d => d.LeaseOwner, (string?)null)
+            .SetProperty(d => d.LeaseExpiresAt, (DateTime?)null)
+            .SetProperty(d => d.UpdatedAt, now), ct);
+        if (advanced == 1)
+        {
+            metrics.ImportSucceeded();
+            LogDeploying(deployId, report.Architecture, report.Network);
+        }
+    }
+
+    private async Task RequeueAsync(LoraDeployDbContext db, string deployId, CancellationToken ct) =>
+        await OwnDeploy(db, deployId).ExecuteUpdateAsync(set => set
+            .SetProperty(d => d.Status, DeployStatus.Initializing)
+            .SetProperty(d => d.DownloadId, (long?)null)
+            .SetProperty(d => d.LeaseOwner, (string?)null)
+            .SetProperty(d => d.LeaseExpiresAt, (DateTime?)null), ct);
+
+    private IQueryable<Deploy> OwnDeploy(LoraDeployDbContext db, string deployId) =>
+        db.Deploys.Where(d => d.Id == deployId && d.Status == DeployStatus.Downloading && d.LeaseOwner == _owner);
+
+    private async Task FailAsync(string deployId, string reasonClass, string reason, CancellationToken ct)
+    {
+        await using var db = await contexts.CreateDbContextAsync(ct);
+        if (await DeployFailure.FailAsync(db, deployId, reasonClass, reason, Now, ct) == 1)
+        {
+            metrics.ImportFailed(reasonClass);
+            LogFailed(deployId, reasonClass, reason);
+        }
+    }
+
+    /// <summary>An unexpected error fails the deploy with a sentence instead of leaving it stuck.</summary>
+    private async Task GuardAsync(string deployId, Func<Task> step, CancellationToken ct)
+    {
+        try
+        {
+            await step();
+        }
+        catch (OperationCanceledException) when (ct.IsCancellationRequested)
+        {
+            throw;
+        }
+        catch (Exception e)
+        {
+            logger.LogError(e, "Import step failed for deploy {DeployId}", deployId);
+            await FailAsync(deployId, PipelineReasonClass.Internal,
+                "LoraDeploy hit an internal error while importing this LoRA; the server log has the details (search for the deploy id). Delete and create it again to retry.",
+                CancellationToken.None);
+        }
+    }
+
+    // ---- step 2: downloads ----
+
+    private async Task<bool> StartDownloadsAsync(CancellationToken ct)
+    {
+        var free = Options.MaxConcurrentDownloads - _downloads.Count;
+        if (free <= 0)
+        {
+            return false;
+        }
+        List<long> candidates;
+        await using (var db = await contexts.CreateDbContextAsync(ct))
+        {
+            var now = Now;
+            candidates = await db.Downloads
+                .Where(d => d.Status == DownloadStatus.Pending || (d.Status == DownloadStatus.Downloading && d.LeaseExpiresAt < now))
+                .OrderBy(d => d.CreatedAt)
+                .Select(d => d.Id)
+                .Take(free)
+                .ToListAsync(ct);
+        }
+        var started = false;
+        foreach (var downloadId in candidates)
+        {
+            if (_downloads.ContainsKey(downloadId))
+            {
+                continue;
+            }
+            await using var scope = scopes.CreateAsyncScope();
+            var worker = ActivatorUtilities.CreateInstance<DownloadWorker>(scope.ServiceProvider, _owner);
+            if (!await worker.ClaimAsync(downloadId, ct))
+            {
+                continue;
+            }
+            started = true;
+            _downloads[downloadId] = Task.Run(async () =>
+            {
+                try
+                {
+                    await using var workerScope = scopes.CreateAsyncScope();
+                    await ActivatorUtilities.CreateInstance<DownloadWorker>(workerScope.ServiceProvider, _owner).RunAsync(downloadId, ct);
+                }
+                catch (Exception e) when (!ct.IsCancellationRequested)
+                {
+                    logger.LogError(e, "Download {DownloadId} crashed; its lease will expire and it will be retried", downloadId);
+                }
+                finally
+                {
+                    _downloads.TryRemove(downloadId, out _);
+                    signal.Wake();
+                }
+            }, CancellationToken.None);
+        }
+        return started;
+    }
+
+    // ---- housekeeping ----
+
+    /// <summary>Deletes blobs no live LoRA references once they are older than the grace period: row first, then bytes.</summary>
+    private async Task CollectBlobsAsync(CancellationToken ct)
+    {
+        await using var db = await contexts.CreateDbContextAsync(ct);
+        var cutoff = Now - Options.BlobGracePeriod;
+        var orphans = await db.Blobs
+            .Where(b => b.CreatedAt < cutoff && !db.Loras.Any(l => !l.Deleted && (l.Sha256 == b.Sha256 || l.ExpectedSha256 == b.Sha256)))
+            .Select(b => b.Sha256)
+            .Take(100)
+            .ToListAsync(ct);
+        foreach (var sha in orphans)
+        {
+            var removed = await db.Blobs
+                .Where(b => b.Sha256 == sha && !db.Loras.Any(l => !l.Deleted && (l.Sha256 == b.Sha256 || l.ExpectedSha256 == b.Sha256)))
+                .ExecuteDeleteAsync(ct);
+            if (removed == 1)
+            {
+                blobs.Delete(sha);
+                LogCollected(sha);
+            }
+        }
+    }
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "Deploy {DeployId}: resolving {SourceUrl}")]
+    private partial void LogResolving(string deployId, string sourceUrl);
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "Deploy {DeployId}: file {Sha256} is already stored; skipping the download")]
+    private partial void LogStoredAlready(string deployId, string sha256);
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "Deploy {DeployId}: verified {Architecture} {Network} adapter; now deploying")]
+    private partial void LogDeploying(string deployId, string architecture, string network);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Deploy {DeployId} failed ({ReasonClass}): {Reason}")]
+    private partial void LogFailed(string deployId, string reasonClass, string reason);
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "Collected unreferenced blob {Sha256}")]
+    private partial void LogCollected(string sha256);
+}
+
+[JsonSerializable(typeof(ResolvedCivitaiFile))]
+[JsonSerializable(typeof(List<string>))]
+internal sealed partial class PipelineJsonContext : JsonSerializerContext;

@@ -1,0 +1,32 @@
+using System.ComponentModel.DataAnnotations;
+
+namespace LoraDeploy.Pipeline;
+
+/// <summary>Settings section <c>Pipeline</c>.</summary>
+public sealed class PipelineOptions
+{
+    public const string Section = "Pipeline";
+
+    /// <summary>Run the import pipeline in this process (off for API-only replicas).</summary>
+    public bool Enabled { get; set; } = true;
+
+    /// <summary>How often to look for work that another replica queued (local work wakes the pipeline at once).</summary>
+    public TimeSpan PollInterval { get; set; } = TimeSpan.FromSeconds(2);
+
+    /// <summary>A claimed row is this replica's until the lease expires; a crashed replica's work is taken over after it.</summary>
+    public TimeSpan LeaseDuration { get; set; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>How often a running download publishes its byte count (and renews its lease).</summary>
+    public TimeSpan ProgressInterval { get; set; } = TimeSpan.FromMilliseconds(500);
+
+    [Range(1, 64)]
+    public int MaxConcurrentDownloads { get; set; } = 4;
+
+    [Range(1, 1000)]
+    public int BatchSize { get; set; } = 32;
+
+    /// <summary>A blob no LoRA references is deleted once it is older than this.</summary>
+    public TimeSpan BlobGracePeriod { get; set; } = TimeSpan.FromHours(1);
+
+    public TimeSpan CollectInterval { get; set; } = TimeSpan.FromMinutes(5);
+}
