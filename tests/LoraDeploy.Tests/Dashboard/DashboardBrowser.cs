@@ -95,7 +95,7 @@ public sealed class DashboardBrowser : IAsyncDisposable
             IsMobile = phone,
             HasTouch = phone,
         });
-        context.SetDefaultTimeout(15_000);
+        context.SetDefaultTimeout(30_000); // generous: CI runs servers, pipelines and Chromium on 2 cores
         var page = await context.NewPageAsync();
         page.PageError += (_, error) =>
         {

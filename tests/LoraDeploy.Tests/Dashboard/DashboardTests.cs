@@ -11,6 +11,8 @@ public sealed class DashboardTests(E2eEnvironment env) : IClassFixture<E2eEnviro
 {
     private static readonly TimeSpan DeployTimeout = TimeSpan.FromSeconds(60);
 
+    static DashboardTests() => Assertions.SetDefaultExpectTimeout(15_000);
+
     private async Task<DashboardBrowser> StartAsync()
     {
         DashboardBrowser.RequireChromium(); // skip (or fail under CI) before starting any server
@@ -60,7 +62,7 @@ public sealed class DashboardTests(E2eEnvironment env) : IClassFixture<E2eEnviro
         await DashboardBrowser.ScreenshotAsync(page, "03-new-filled");
         await page.GetByRole(AriaRole.Button, new() { Name = "Deploy" }).ClickAsync();
 
-        await page.WaitForURLAsync(new Regex("#/lora/dash-pixel$"));
+        await Assertions.Expect(page).ToHaveURLAsync(new Regex("#/lora/dash-pixel$"), new() { Timeout = 30_000 });
         await page.GetByRole(AriaRole.Heading, new() { Name = $"{env.User}/dash-pixel" }).WaitForAsync();
         await DashboardBrowser.ScreenshotAsync(page, "04-lora-started");
         await page.Locator("[data-status='deploying'], [data-status='running']").First
@@ -112,7 +114,7 @@ public sealed class DashboardTests(E2eEnvironment env) : IClassFixture<E2eEnviro
         await page.GetByLabel("Name", new() { Exact = true }).FillAsync("dash-valid-after-fix");
         await page.GetByLabel("CivitAI URL").FillAsync(env.MissingUrl);
         await page.GetByRole(AriaRole.Button, new() { Name = "Deploy" }).ClickAsync();
-        await page.WaitForURLAsync(new Regex("#/lora/dash-valid-after-fix$"));
+        await Assertions.Expect(page).ToHaveURLAsync(new Regex("#/lora/dash-valid-after-fix$"), new() { Timeout = 30_000 });
         Assert.Empty(browser.PageErrors);
     }
 
@@ -140,7 +142,7 @@ public sealed class DashboardTests(E2eEnvironment env) : IClassFixture<E2eEnviro
 
         await FillNewFormAsync(page, "dash-missing", env.MissingUrl);
         await page.GetByRole(AriaRole.Button, new() { Name = "Deploy" }).ClickAsync();
-        await page.WaitForURLAsync(new Regex("#/lora/dash-missing$"));
+        await Assertions.Expect(page).ToHaveURLAsync(new Regex("#/lora/dash-missing$"), new() { Timeout = 30_000 });
         await page.Locator("[data-status='failed']").WaitForAsync(new() { Timeout = (float)DeployTimeout.TotalMilliseconds });
 
         var reason = (await env.GetJsonAsync("v1/lora/dash-missing")).GetProperty("fail_reason").GetString();
