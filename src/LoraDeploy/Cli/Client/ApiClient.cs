@@ -1,0 +1,195 @@
+using System.Net;
+using System.Net.Http.Headers;
+using System.Net.Sockets;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+
+namespace LoraDeploy.Cli.Client;
+
+/// <summary>
+/// A thin client over the LoraDeploy HTTP API. One instance per command invocation: it owns its
+/// <see cref="HttpClient"/> and disposes it.
+/// </summary>
+internal sealed class ApiClient : IDisposable
+{
+    private readonly HttpClient _http;
+
+    public ApiClient(Uri server, string? token, HttpMessageHandler? handler = null)
+    {
+        Server = server;
+        _http = handler is null ? new HttpClient() : new HttpClient(handler);
+        _http.BaseAddress = server;
+        _http.Timeout = TimeSpan.FromSeconds(30);
+        _http.DefaultRequestHeaders.UserAgent.Add(new ProductInfoHeaderValue("loradeploy-cli", "1.0"));
+        if (!string.IsNullOrWhiteSpace(token))
+        {
+            _http.DefaultRequestHeaders.Authorization = new AuthenticationHeaderValue("Bearer", token.Trim());
+        }
+    }
+
+    public Uri Server { get; }
+
+    public void Dispose() => _http.Dispose();
+
+    public Task<ApiResponse> GetAsync(string path, CancellationToken ct) => SendAsync(HttpMethod.Get, path, null, ct);
+
+    public Task<ApiResponse> PostAsync(string path, JsonNode? body, CancellationToken ct) =>
+        SendAsync(HttpMethod.Post, path, body, ct);
+
+    public Task<ApiResponse> PutAsync(string path, JsonNode? body, CancellationToken ct) =>
+        SendAsync(HttpMethod.Put, path, body, ct);
+
+    public Task<ApiResponse> DeleteAsync(string path, CancellationToken ct) => SendAsync(HttpMethod.Delete, path, null, ct);
+
+    /// <summary>Sends a request; a non-2xx answer becomes a <see cref="ClientException"/> with a readable message.</summary>
+    public async Task<ApiResponse> SendAsync(HttpMethod method, string path, JsonNode? body, CancellationToken ct)
+    {
+        using var request = new HttpRequestMessage(method, path.TrimStart('/'));
+        if (body is not null)
+        {
+            request.Content = new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json");
+        }
+
+        HttpResponseMessage response;
+        try
+        {
+            response = await _http.SendAsync(request, ct).ConfigureAwait(false);
+        }
+        catch (HttpRequestException ex)
+        {
+            throw new ClientException($"cannot reach server at {Server}: {Describe(ex)}");
+        }
+        catch (TaskCanceledException) when (!ct.IsCancellationRequested)
+        {
+            throw new ClientException($"cannot reach server at {Server}: no answer within {_http.Timeout.TotalSeconds:0} s");
+        }
+
+        using (response)
+        {
+            var text = await response.Content.ReadAsStringAsync(ct).ConfigureAwait(false);
+            if (!response.IsSuccessStatusCode)
+            {
+                throw new ClientException(ErrorFormatter.Format(response.StatusCode, text), ExitCodes.ServerError,
+                    (int)response.StatusCode);
+            }
+
+            JsonElement json;
+            try
+            {
+                using var doc = JsonDocument.Parse(string.IsNullOrWhiteSpace(text) ? "null" : text);
+                json = doc.RootElement.Clone();
+            }
+            catch (JsonException)
+            {
+                throw new ClientException(
+                    $"the server at {Server} answered {(int)response.StatusCode} with something that is not JSON");
+            }
+            return new ApiResponse(json, text);
+        }
+    }
+
+    private static string Describe(HttpRequestException ex)
+    {
+        for (Exception? e = ex; e is not null; e = e.InnerException)
+        {
+            if (e is SocketException socket)
+            {
+                return socket.SocketErrorCode switch
+                {
+                    SocketError.ConnectionRefused => "connection refused",
+                    SocketError.HostNotFound or SocketError.NoData => "host not found",
+                    SocketError.TimedOut => "connection timed out",
+                    _ => socket.Message,
+                };
+            }
+        }
+        return ex.HttpRequestError switch
+        {
+            HttpRequestError.ConnectionError => "connection failed",
+            HttpRequestError.NameResolutionError => "host not found",
+            HttpRequestError.SecureConnectionError => "TLS handshake failed",
+            _ => ex.Message,
+        };
+    }
+}
+
+/// <summary>A successful answer: the parsed JSON and the exact text the server sent.</summary>
+internal sealed record ApiResponse(JsonElement Json, string Text);
+
+/// <summary>Turns the server's error bodies into one line: <c>{"error":…}</c> or 422 <c>detail</c> items with their <c>loc</c>.</summary>
+internal static class ErrorFormatter
+{
+    public static string Format(HttpStatusCode status, string body)
+    {
+        var code = (int)status;
+        string? message = null;
+        try
+        {
+            using var doc = JsonDocument.Parse(body);
+            var root = doc.RootElement;
+            if (root.ValueKind == JsonValueKind.Object)
+            {
+                if (root.TryGetProperty("detail", out var detail))
+                {
+                    message = FormatDetail(detail);
+                }
+                else if (root.TryGetProperty("error", out var error) && error.ValueKind == JsonValueKind.String)
+                {
+                    message = error.GetString();
+                }
+                else if (root.TryGetProperty("title", out var title) && title.ValueKind == JsonValueKind.String)
+                {
+                    message = title.GetString();
+                }
+            }
+        }
+        catch (JsonException)
+        {
+            // Not JSON: fall through to the status line.
+        }
+
+        message = string.IsNullOrWhiteSpace(message) ? status.ToString() : OneLine(message);
+        var prefix = code switch
+        {
+            422 => "invalid request",
+            401 => "not authenticated",
+            403 => "forbidden",
+            404 => "not found",
+            409 => "conflict",
+            _ => $"server error {code}",
+        };
+        var hint = code == 401 ? " (give --token or set LORADEPLOY_TOKEN)" : "";
+        return $"{prefix}: {message}{hint}";
+    }
+
+    private static string FormatDetail(JsonElement detail)
+    {
+        if (detail.ValueKind == JsonValueKind.String)
+        {
+            return detail.GetString() ?? "";
+        }
+        if (detail.ValueKind != JsonValueKind.Array)
+        {
+            return detail.ToString();
+        }
+
+        var parts = new List<string>();
+        foreach (var item in detail.EnumerateArray())
+        {
+            var msg = item.TryGetProperty("msg", out var m) ? m.ToString() : item.ToString();
+            if (item.TryGetProperty("loc", out var loc) && loc.ValueKind == JsonValueKind.Array)
+            {
+                var path = string.Join('.', loc.EnumerateArray().Select(static l => l.ToString()));
+                parts.Add($"{path}: {msg}");
+            }
+            else
+            {
+                parts.Add(msg);
+            }
+        }
+        return string.Join("; ", parts);
+    }
+
+    private static string OneLine(string s) => s.ReplaceLineEndings(" ").Trim();
+}

@@ -1,0 +1,58 @@
+// A small client for the LoraDeploy HTTP API. The token lives in sessionStorage only.
+
+const TOKEN_KEY = "loradeploy.token";
+
+export function getToken() {
+  return sessionStorage.getItem(TOKEN_KEY) ?? "";
+}
+
+export function setToken(token) {
+  if (token) sessionStorage.setItem(TOKEN_KEY, token);
+  else sessionStorage.removeItem(TOKEN_KEY);
+}
+
+/** An error answer from the server: `status`, the `{"error"}` message and 422 `detail` items. */
+export class ApiError extends Error {
+  constructor(status, message, detail = []) {
+    super(message);
+    this.status = status;
+    this.detail = detail;
+  }
+}
+
+/** Sends a request; resolves to the parsed JSON, rejects with ApiError. */
+export async function api(method, path, { body, auth = true } = {}) {
+  const headers = { Accept: "application/json" };
+  if (auth && getToken()) headers.Authorization = `Bearer ${getToken()}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      cache: "no-store",
+    });
+  } catch {
+    throw new ApiError(0, "Cannot reach the server. Check your connection and try again.");
+  }
+  const text = await response.text();
+  let json = null;
+  try {
+    json = text ? JSON.parse(text) : null;
+  } catch {
+    json = null;
+  }
+  if (!response.ok) {
+    const detail = Array.isArray(json?.detail) ? json.detail : [];
+    const message =
+      typeof json?.error === "string" ? json.error
+      : detail.length ? detail.map((d) => d.msg).join("; ")
+      : typeof json?.detail === "string" ? json.detail
+      : `${response.status} ${response.statusText}`.trim();
+    throw new ApiError(response.status, message, detail);
+  }
+  return json;
+}
+
+export const enc = encodeURIComponent;

@@ -1,0 +1,564 @@
+// LoraDeploy dashboard: hash-routed views over the HTTP API. No build step, no third-party code.
+import { api, ApiError, enc, getToken, setToken } from "./api.js";
+
+const main = document.getElementById("main");
+const POLL_MS = 1500;
+const SETTLED = new Set(["deploying", "running", "failed", "stopped", "deleted"]);
+
+// ---------- tiny DOM helpers (text only, never innerHTML with data) ----------
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs ?? {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else if (v === true) el.setAttribute(k, "");
+    else el.setAttribute(k, String(v));
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c === undefined || c === null || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+/** Replaces an element's children, skipping null/false (replaceChildren would print "null"). */
+function fill(el, ...children) {
+  el.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false));
+  return el;
+}
+
+function safeUrl(url) {
+  try {
+    const u = new URL(url);
+    return u.protocol === "https:" || u.protocol === "http:" ? u.href : null;
+  } catch {
+    return null;
+  }
+}
+
+function bytes(n) {
+  if (n === null || n === undefined) return "?";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let v = n, i = 0;
+  while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+  return i === 0 ? `${n} B` : `${v.toFixed(1)} ${units[i]}`;
+}
+
+function when(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  return Number.isNaN(d.getTime()) ? iso : d.toLocaleString();
+}
+
+function loraNameOf(modelName) {
+  const i = modelName.lastIndexOf("/");
+  return i >= 0 ? modelName.slice(i + 1) : modelName;
+}
+
+function statusBadge(status) {
+  return h("span", { class: `badge status-${status}`, "data-status": status }, status);
+}
+
+/** A <progress> while downloading, with the numbers beside it. */
+function downloadProgress(lora) {
+  const size = lora?.size_bytes;
+  const done = lora?.downloaded_bytes ?? 0;
+  if (!size) return h("span", { class: "muted" }, "waiting for size…");
+  const pct = Math.min(100, Math.floor((done * 100) / size));
+  return h("div", { class: "download" },
+    h("progress", { max: size, value: done, "aria-label": `Downloaded ${pct}%` }),
+    h("span", { class: "muted small" }, `${bytes(done)} / ${bytes(size)} (${pct}%)`));
+}
+
+function setMain(title, ...children) {
+  document.title = title ? `${title} · LoraDeploy` : "LoraDeploy";
+  fill(main, ...children);
+}
+
+function notice(kind, text) {
+  return h("p", { class: `notice ${kind}`, role: kind === "error" ? "alert" : "status" }, text);
+}
+
+// ---------- confirmation dialog ----------
+const dialog = document.getElementById("confirm");
+function confirmAction(title, message, confirmLabel) {
+  dialog.querySelector("#confirm-title").textContent = title;
+  dialog.querySelector("#confirm-message").textContent = message;
+  dialog.querySelector("#confirm-ok").textContent = confirmLabel;
+  dialog.returnValue = "";
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "confirm"), { once: true });
+    dialog.showModal();
+  });
+}
+
+// ---------- polling, tied to the current view ----------
+let viewToken = 0;
+function startPolling(fn) {
+  const mine = ++viewToken;
+  let timer = 0;
+  const tick = async () => {
+    if (mine !== viewToken) return;
+    let again = true;
+    try {
+      again = (await fn()) !== false;
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401) return signedOut("Your token was not accepted. Sign in again.");
+    }
+    if (again && mine === viewToken) timer = setTimeout(tick, POLL_MS);
+  };
+  tick();
+  return () => clearTimeout(timer);
+}
+
+// ---------- auth ----------
+const session = document.getElementById("session");
+document.getElementById("sign-out").addEventListener("click", () => {
+  setToken("");
+  signedOut("You are signed out.");
+});
+
+function refreshSession() {
+  session.hidden = !getToken();
+}
+
+function signedOut(message) {
+  setToken("");
+  refreshSession();
+  renderSignIn(message);
+}
+
+function renderSignIn(message) {
+  viewToken++;
+  const input = h("input", { id: "token", name: "token", type: "password", autocomplete: "current-password", required: true, spellcheck: "false" });
+  const error = h("p", { id: "token-error", class: "field-error", role: "alert" });
+  const form = h("form", { class: "card narrow", "aria-labelledby": "signin-title" },
+    h("h1", { id: "signin-title" }, "Sign in"),
+    message ? notice("info", message) : null,
+    h("p", { class: "muted" }, "Paste an API token. An administrator creates one with ",
+      h("code", {}, "loradeploy token create --user NAME"), ". It is kept in this tab only."),
+    h("div", { class: "field" },
+      h("label", { for: "token" }, "API token"),
+      input, error),
+    h("div", { class: "actions" }, h("button", { type: "submit" }, "Sign in")));
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    error.textContent = "";
+    setToken(input.value.trim());
+    try {
+      await api("GET", "/v1/user/loras");
+      refreshSession();
+      route();
+    } catch (err) {
+      setToken("");
+      error.textContent = err.status === 401 ? "That token was not accepted." : err.message;
+      input.setAttribute("aria-invalid", "true");
+      input.setAttribute("aria-describedby", "token-error");
+      input.focus();
+    }
+  });
+  setMain("Sign in", form);
+  input.focus();
+}
+
+// ---------- actions shared by list and detail ----------
+function actionButtons(deploy, onDone) {
+  const id = deploy.deploy_id;
+  const name = deploy.model_name;
+  const status = deploy.status;
+  const buttons = [];
+  if (status === "deploying" || status === "running") {
+    buttons.push(h("button", {
+      type: "button", class: "secondary small", "aria-label": `Stop ${name}`,
+      onclick: () => act("Stop deployment?", `Stop ${name}? It will run no instances until started again.`, "Stop",
+        () => api("POST", `/deploy/${enc(id)}/stop`), onDone),
+    }, "Stop"));
+  }
+  if (status === "stopped") {
+    buttons.push(h("button", {
+      type: "button", class: "secondary small", "aria-label": `Start ${name}`,
+      onclick: () => act("Start deployment?", `Start ${name} again?`, "Start",
+        () => api("POST", `/deploy/${enc(id)}/start`), onDone),
+    }, "Start"));
+  }
+  if (status !== "deleted") {
+    buttons.push(h("button", {
+      type: "button", class: "danger small", "aria-label": `Delete ${name}`,
+      onclick: () => act("Delete deployment?", `Delete ${name}? The deployment and its LoRA are removed; this cannot be undone.`, "Delete",
+        () => api("DELETE", `/deploy/${enc(id)}`), onDone),
+    }, "Delete"));
+  }
+  return h("div", { class: "row-actions" }, buttons);
+}
+
+async function act(title, message, label, call, onDone) {
+  if (!(await confirmAction(title, message, label))) return;
+  try {
+    await call();
+    onDone?.(null);
+  } catch (err) {
+    if (err.status === 401) return signedOut("Your token was not accepted. Sign in again.");
+    onDone?.(err.message);
+  }
+}
+
+// ---------- views ----------
+async function renderDeploys() {
+  const flash = h("div", { "aria-live": "polite" });
+  const tbody = h("tbody");
+  const empty = h("p", { class: "muted", hidden: true }, "No deployments yet. ",
+    h("a", { href: "#/new" }, "Create your first one"), ".");
+  const table = h("table", { class: "deploys" },
+    h("caption", { class: "visually-hidden" }, "Your deployments, newest first"),
+    h("thead", {}, h("tr", {},
+      ["Name", "Status", "Progress", "Version", "Updated", "Actions"].map((c) => h("th", { scope: "col" }, c)))),
+    tbody);
+  setMain("Deployments",
+    h("div", { class: "page-head" },
+      h("h1", {}, "Deployments"),
+      h("a", { class: "button", href: "#/new" }, "New deployment")),
+    flash,
+    h("div", { class: "table-wrap" }, table),
+    empty);
+
+  const rows = new Map();
+  const onDone = (error) => {
+    fill(flash, error ? notice("error", error) : notice("info", "Done."));
+    refresh();
+  };
+  const refresh = async () => {
+    const [deploys, loras] = await Promise.all([api("GET", "/deploy/list"), api("GET", "/v1/user/loras")]);
+    const byDeploy = new Map((loras ?? []).map((l) => [l.deploy_id, l]));
+    empty.hidden = deploys.length > 0;
+    table.hidden = deploys.length === 0;
+    const seen = new Set();
+    let previous = null;
+    for (const d of deploys) {
+      seen.add(d.deploy_id);
+      const lora = byDeploy.get(d.deploy_id);
+      let row = rows.get(d.deploy_id);
+      if (!row) {
+        row = { tr: h("tr", { "data-deploy-id": d.deploy_id }), key: "" };
+        rows.set(d.deploy_id, row);
+      }
+      const key = JSON.stringify([d.status, d.fail_reason, d.version, d.updated_at, lora?.downloaded_bytes, lora?.size_bytes]);
+      if (key !== row.key) {
+        const hadFocus = row.tr.contains(document.activeElement);
+        row.key = key;
+        const name = lora?.lora_name ?? loraNameOf(d.model_name);
+        fill(row.tr,
+          h("td", { "data-label": "Name" }, h("a", { href: `#/lora/${enc(name)}` }, d.model_name)),
+          h("td", { "data-label": "Status" }, h("div", {}, statusBadge(d.status),
+            d.status === "failed" && d.fail_reason ? h("p", { class: "fail-reason" }, d.fail_reason) : null)),
+          h("td", { "data-label": "Progress" },
+            d.status === "downloading" ? downloadProgress(lora)
+              : SETTLED.has(d.status) ? h("span", { class: "muted" }, d.status === "failed" ? "—" : "done")
+              : h("span", { class: "muted" }, "queued")),
+          h("td", { "data-label": "Version" }, d.version ? h("code", { title: d.version }, d.version.slice(0, 12)) : h("span", { class: "muted" }, "—")),
+          h("td", { "data-label": "Updated" }, h("time", { datetime: d.updated_at }, when(d.updated_at))),
+          h("td", { "data-label": "Actions" }, actionButtons(d, onDone)));
+        if (hadFocus) row.tr.querySelector("button, a")?.focus();
+      }
+      // keep order: newest first
+      if (previous ? previous.nextSibling !== row.tr : tbody.firstChild !== row.tr) {
+        if (previous) previous.after(row.tr);
+        else tbody.prepend(row.tr);
+      }
+      previous = row.tr;
+    }
+    for (const [id, row] of rows) {
+      if (!seen.has(id)) { row.tr.remove(); rows.delete(id); }
+    }
+  };
+  startPolling(async () => {
+    try {
+      await refresh();
+    } catch (err) {
+      if (err.status === 401) throw err;
+      fill(flash, notice("error", err.message));
+    }
+  });
+}
+
+const FIELD_FOR_LOC = {
+  lora_name: "lora_name",
+  base_model: "base_model",
+  source: "civit_url",
+  civit_url: "civit_url",
+  type: "civit_url",
+  private: "private",
+  description: "description",
+};
+
+function fieldForLoc(loc) {
+  if (!Array.isArray(loc)) return null;
+  for (let i = loc.length - 1; i >= 0; i--) {
+    const f = FIELD_FOR_LOC[loc[i]];
+    if (f) return f;
+  }
+  return null;
+}
+
+async function renderNew() {
+  const field = (id, label, control, hint) => {
+    const error = h("p", { id: `${id}-error`, class: "field-error" });
+    const hintEl = hint ? h("p", { id: `${id}-hint`, class: "hint" }, hint) : null;
+    control.id = id;
+    control.name = id;
+    control.setAttribute("aria-describedby", [hint ? `${id}-hint` : "", `${id}-error`].filter(Boolean).join(" "));
+    return h("div", { class: "field", "data-field": id }, h("label", { for: id }, label), control, hintEl, error);
+  };
+  const name = h("input", { type: "text", required: true, maxlength: 64, autocomplete: "off", spellcheck: "false" });
+  const base = h("select", { required: true }, h("option", { value: "" }, "Loading…"));
+  const url = h("input", { type: "url", required: true, placeholder: "https://civitai.com/models/123?modelVersionId=456", spellcheck: "false" });
+  const priv = h("input", { type: "checkbox", checked: true });
+  const desc = h("textarea", { rows: 3, maxlength: 2000 });
+  const formError = h("div", { "aria-live": "assertive" });
+  const submit = h("button", { type: "submit" }, "Deploy");
+
+  const privateField = h("div", { class: "field checkbox", "data-field": "private" },
+    h("label", { for: "private" }, priv, " Private (only you can see and use it)"),
+    h("p", { id: "private-error", class: "field-error" }));
+  priv.id = "private";
+  priv.name = "private";
+  priv.setAttribute("aria-describedby", "private-error");
+
+  const form = h("form", { class: "card", novalidate: true, "aria-labelledby": "new-title" },
+    h("h1", { id: "new-title" }, "New LoRA deployment"),
+    formError,
+    field("lora_name", "Name", name, "1–64 letters, digits, dots, dashes or underscores; starts with a letter or digit."),
+    field("base_model", "Base model", base),
+    field("civit_url", "CivitAI URL", url, "A model page or a specific version (…?modelVersionId=…)."),
+    privateField,
+    field("description", "Description (optional)", desc),
+    h("div", { class: "actions" }, submit, h("a", { href: "#/deploys", class: "button secondary" }, "Cancel")));
+  setMain("New deployment", form);
+
+  try {
+    const models = await api("GET", "/v1/base-models", { auth: false });
+    fill(base, h("option", { value: "" }, "Choose a base model…"),
+      ...(models ?? []).map((m) => h("option", { value: m.name }, m.display ? `${m.display} — ${m.name}` : m.name)));
+  } catch (err) {
+    fill(base, h("option", { value: "" }, "Could not load base models"));
+    fill(formError, notice("error", err.message));
+  }
+  name.focus();
+
+  const clearErrors = () => {
+    fill(formError);
+    for (const el of form.querySelectorAll(".field-error")) el.textContent = "";
+    for (const el of form.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+  };
+  const showFieldError = (fieldId, message) => {
+    const err = form.querySelector(`#${fieldId}-error`);
+    const control = form.querySelector(`#${fieldId}`);
+    err.textContent = err.textContent ? `${err.textContent} ${message}` : message;
+    control?.setAttribute("aria-invalid", "true");
+    return control;
+  };
+
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    clearErrors();
+    submit.disabled = true;
+    const body = {
+      lora_name: name.value.trim(),
+      base_model: base.value,
+      source: { type: "civitai", civit_url: url.value.trim() },
+      private: priv.checked,
+      description: desc.value,
+    };
+    try {
+      const created = await api("POST", "/v1/lora/create", { body });
+      location.hash = `#/lora/${enc(loraNameOf(created.model_name ?? body.lora_name))}`;
+    } catch (err) {
+      if (err.status === 401) return signedOut("Your token was not accepted. Sign in again.");
+      let first = null;
+      if (err.status === 422 && err.detail.length) {
+        const unplaced = [];
+        for (const d of err.detail) {
+          const f = fieldForLoc(d.loc);
+          if (f) {
+            const control = showFieldError(f, d.msg);
+            first ??= control;
+          }
+          else unplaced.push(`${(d.loc ?? []).join(".")}: ${d.msg}`);
+        }
+        if (unplaced.length) fill(formError, notice("error", unplaced.join(" ")));
+      } else if (err.status === 409) {
+        first = showFieldError("lora_name", err.message);
+      } else {
+        fill(formError, notice("error", err.message));
+      }
+      (first ?? formError).focus?.();
+    } finally {
+      submit.disabled = false;
+    }
+  });
+}
+
+function dl(pairs) {
+  return h("dl", { class: "facts" },
+    pairs.filter(([, v]) => v !== undefined && v !== null && v !== "" && !(Array.isArray(v) && v.length === 0))
+      .map(([k, v]) => [h("dt", {}, k), h("dd", {}, v instanceof Node ? v : Array.isArray(v) ? v.join(", ") : String(v))]));
+}
+
+function probeSection(probe) {
+  if (!probe) return h("section", { "aria-labelledby": "probe-title" },
+    h("h2", { id: "probe-title" }, "Adapter report"),
+    h("p", { class: "muted" }, "Not probed yet: the report appears once the file is downloaded and verified."));
+  const rank = probe.rank_min === undefined || probe.rank_min === null ? null
+    : probe.rank_min === probe.rank_max ? String(probe.rank_min) : `${probe.rank_min}–${probe.rank_max}`;
+  const tags = Array.isArray(probe.top_tags)
+    ? probe.top_tags.map((t) => Array.isArray(t) ? `${t[0]} (${t[1]})` : typeof t === "object" && t ? `${t.tag ?? t.name ?? ""} (${t.count ?? ""})` : String(t))
+    : null;
+  return h("section", { "aria-labelledby": "probe-title" },
+    h("h2", { id: "probe-title" }, "Adapter report"),
+    dl([
+      ["Architecture", probe.architecture_display ? `${probe.architecture_display} (${probe.architecture})` : probe.architecture],
+      ["Network type", probe.network],
+      ["Key format", probe.format],
+      ["Rank", rank],
+      ["Alpha", probe.alpha],
+      ["Scale", probe.scale],
+      ["Dtypes", probe.dtypes],
+      ["Parameters", typeof probe.parameter_count === "number" ? probe.parameter_count.toLocaleString() : null],
+      ["Targets", probe.targets],
+      ["Modules", probe.module_count],
+      ["Trigger words", probe.trigger_words],
+      ["Top tags", tags],
+      ["Applicable", probe.applicable === undefined ? null : probe.applicable ? "yes" : `no${probe.not_applicable_reason ? ` — ${probe.not_applicable_reason}` : ""}`],
+    ]),
+    Array.isArray(probe.warnings) && probe.warnings.length
+      ? h("ul", { class: "warnings" }, probe.warnings.map((w) => h("li", {}, typeof w === "string" ? w : JSON.stringify(w))))
+      : null);
+}
+
+async function renderLora(loraName) {
+  const body = h("div", { "aria-live": "polite" }, h("p", { class: "muted" }, "Loading…"));
+  const flash = h("div");
+  setMain(loraName, h("p", {}, h("a", { href: "#/deploys" }, "← All deployments")), flash, body);
+  let lastKey = "";
+  const onDone = (error) => {
+    if (error) fill(flash, notice("error", error));
+    else location.hash = "#/deploys";
+  };
+  startPolling(async () => {
+    let lora;
+    try {
+      lora = await api("GET", `/v1/lora/${enc(loraName)}`);
+    } catch (err) {
+      if (err.status === 401) throw err;
+      fill(body, notice("error", err.status === 404 ? `No LoRA named “${loraName}”.` : err.message),
+        h("p", {}, h("a", { href: "#/deploys" }, "Back to deployments")));
+      return err.status !== 404;
+    }
+    const key = JSON.stringify(lora);
+    if (key === lastKey) return !SETTLED.has(lora.status);
+    lastKey = key;
+    const hadFocus = body.contains(document.activeElement) ? document.activeElement.textContent : null;
+    const civitaiUrl = safeUrl(lora.civitai?.url ?? "");
+    const sourceUrl = safeUrl(lora.source?.civit_url ?? "");
+    fill(body,
+      h("div", { class: "page-head" },
+        h("h1", {}, lora.model_name),
+        statusBadge(lora.status)),
+      lora.status === "failed" ? notice("error", lora.fail_reason || "The deployment failed.") : null,
+      lora.status === "downloading" ? downloadProgress(lora) : null,
+      Array.isArray(lora.warnings) && lora.warnings.length
+        ? h("ul", { class: "warnings" }, lora.warnings.map((w) => h("li", {}, w))) : null,
+      actionButtons({ deploy_id: lora.deploy_id, model_name: lora.model_name, status: lora.status }, onDone),
+      h("section", { "aria-labelledby": "facts-title" },
+        h("h2", { id: "facts-title" }, "Deployment"),
+        dl([
+          ["Deploy id", h("code", {}, lora.deploy_id)],
+          ["Base model", lora.base_model],
+          ["Visibility", lora.private ? "private" : "public"],
+          ["Description", lora.description],
+          ["Version (SHA-256)", lora.version ? h("code", { class: "hash" }, lora.version) : null],
+          ["Size", lora.size_bytes ? bytes(lora.size_bytes) : null],
+          ["Source", sourceUrl ? h("a", { href: sourceUrl, rel: "noopener noreferrer", target: "_blank" }, lora.source.civit_url) : lora.source?.civit_url],
+          ["Created", when(lora.created_at)],
+          ["Updated", when(lora.updated_at)],
+        ])),
+      lora.civitai ? h("section", { "aria-labelledby": "civitai-title" },
+        h("h2", { id: "civitai-title" }, "CivitAI"),
+        dl([
+          ["Page", civitaiUrl ? h("a", { href: civitaiUrl, rel: "noopener noreferrer", target: "_blank" }, "Open on CivitAI") : null],
+          ["File", lora.civitai.file_name],
+          ["CivitAI base model", lora.civitai.base_model],
+          ["Trained words", lora.civitai.trained_words],
+          ["Model / version / file id", [lora.civitai.model_id, lora.civitai.version_id, lora.civitai.file_id].filter((x) => x != null).join(" / ")],
+        ])) : null,
+      probeSection(lora.probe));
+    if (hadFocus) [...body.querySelectorAll("button, a")].find((el) => el.textContent === hadFocus)?.focus();
+    return !SETTLED.has(lora.status);
+  });
+}
+
+async function renderPublic() {
+  const body = h("div", {}, h("p", { class: "muted" }, "Loading…"));
+  setMain("Public LoRAs", h("h1", {}, "Public LoRAs"), body);
+  viewToken++;
+  try {
+    const models = await api("GET", "/models/lora/list", { auth: false });
+    if (!models?.length) {
+      fill(body, h("p", { class: "muted" }, "No public LoRAs yet."));
+      return;
+    }
+    fill(body, h("div", { class: "table-wrap" }, h("table", { class: "public" },
+      h("caption", { class: "visually-hidden" }, "Public LoRAs"),
+      h("thead", {}, h("tr", {}, ["Model", "Type", "Description", "Price"].map((c) => h("th", { scope: "col" }, c)))),
+      h("tbody", {}, models.map((m) => h("tr", {},
+        h("td", { "data-label": "Model" }, h("code", {}, m.model_name)),
+        h("td", { "data-label": "Type" }, m.reported_type ?? m.type ?? ""),
+        h("td", { "data-label": "Description" }, m.description ?? ""),
+        h("td", { "data-label": "Price" }, priceText(m.pricing))))))));
+  } catch (err) {
+    fill(body, notice("error", err.message));
+  }
+}
+
+function priceText(pricing) {
+  if (!pricing || typeof pricing !== "object") return "";
+  const cents = Object.entries(pricing).find(([k, v]) => k.startsWith("cents") && typeof v === "number");
+  return cents ? (cents[1] === 0 ? "free" : `${cents[1]}¢ per image unit`) : "";
+}
+
+function renderNotFound() {
+  viewToken++;
+  setMain("Not found", h("h1", {}, "Page not found"),
+    h("p", {}, "There is nothing at this address. ", h("a", { href: "#/deploys" }, "Go to your deployments"), "."));
+}
+
+// ---------- router ----------
+function route() {
+  const hash = location.hash || "#/deploys";
+  const [, page = "", ...rest] = hash.slice(1).split("/");
+  for (const a of document.querySelectorAll("[data-nav]")) {
+    if (a.dataset.nav === page) a.setAttribute("aria-current", "page");
+    else a.removeAttribute("aria-current");
+  }
+  viewToken++; // stops the previous view's polling
+  refreshSession();
+  if (page === "public") return renderPublic();
+  if (!["deploys", "new", "lora"].includes(page)) return renderNotFound();
+  if (!getToken()) return renderSignIn();
+  if (page === "deploys") return renderDeploys();
+  if (page === "new") return renderNew();
+  if (page === "lora" && rest.length) return renderLora(decodeURIComponent(rest.join("/")));
+  return renderNotFound();
+}
+
+// The skip link moves focus without touching the route.
+document.querySelector(".skip-link")?.addEventListener("click", (e) => {
+  e.preventDefault();
+  main.focus();
+});
+
+window.addEventListener("hashchange", () => {
+  route();
+  main.focus({ preventScroll: true });
+});
+route();
