@@ -1,5 +1,3 @@
-using System.ComponentModel.DataAnnotations;
-
 namespace LoraDeploy.Data;
 
 public enum DatabaseProvider
@@ -17,7 +15,4 @@ public sealed class DatabaseOptions
 
     /// <summary>Apply pending migrations when the server starts.</summary>
     public bool MigrateAtStart { get; set; } = true;
-
-    [Range(1, 1024)]
-    public int MaxPoolSize { get; set; } = 128;
 }

@@ -131,9 +131,10 @@ public sealed class CivitaiSimulator : IAsyncDisposable
     internal int NextVersionId() => Interlocked.Increment(ref _nextVersion);
     internal int NextFileId() => Interlocked.Increment(ref _nextFile);
 
-    public SimModel AddModel(string name = "Test LoRA", string type = "LORA")
+    /// <param name="id">A fixed model id (e.g. to match a documented URL); by default the next free one.</param>
+    public SimModel AddModel(string name = "Test LoRA", string type = "LORA", int? id = null)
     {
-        var m = new SimModel(this, Interlocked.Increment(ref _nextModel), name, type);
+        var m = new SimModel(this, id ?? Interlocked.Increment(ref _nextModel), name, type);
         lock (Gate)
         {
             _models.Add(m);

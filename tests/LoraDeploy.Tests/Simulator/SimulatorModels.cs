@@ -24,9 +24,9 @@ public sealed class SimModel
     public List<SimVersion> Versions { get; } = [];
 
     /// <summary>Adds a version as the newest one.</summary>
-    public SimVersion AddVersion(string baseModel = "SDXL 1.0", string? name = null, IEnumerable<string>? trainedWords = null)
+    public SimVersion AddVersion(string baseModel = "SDXL 1.0", string? name = null, IEnumerable<string>? trainedWords = null, int? id = null)
     {
-        var v = new SimVersion(this, Simulator.NextVersionId(), name ?? $"v{Versions.Count + 1}.0", baseModel)
+        var v = new SimVersion(this, id ?? Simulator.NextVersionId(), name ?? $"v{Versions.Count + 1}.0", baseModel)
         {
             TrainedWords = trainedWords?.ToList() ?? [],
         };
