@@ -303,8 +303,11 @@ public sealed class CivitaiDownloader(
                         CheckHead(s, s.Have + n);
                     }
                 }
+                // Three-way overlap: the next network read is in flight, the write runs on the I/O pool, and this
+                // thread hashes the same bytes meanwhile (the buffer is not reused until both are done).
+                var write = s.Output.WriteAsync(chunk.AsMemory(0, n), ct);
                 s.Hash.AppendData(chunk, 0, n);
-                await s.Output.WriteAsync(chunk.AsMemory(0, n), ct).ConfigureAwait(false);
+                await write.ConfigureAwait(false);
                 s.Have += n;
                 s.Progress?.Report(s.Have);
             }
