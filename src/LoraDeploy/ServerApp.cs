@@ -27,18 +27,13 @@ public static class ServerApp
         configure?.Invoke(builder);
         builder.WebHost.ConfigureKestrel(kestrel => kestrel.Limits.MaxRequestBodySize = 1024 * 1024);
         builder.Services.AddSingleton(TimeProvider.System);
-        builder.Services.ConfigureHttpJsonOptions(json =>
-        {
-            json.SerializerOptions.PropertyNamingPolicy = System.Text.Json.JsonNamingPolicy.SnakeCaseLower;
-            json.SerializerOptions.Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping;
-            json.SerializerOptions.TypeInfoResolverChain.Insert(0, ApiJson.Context);
-        });
+        builder.Services.AddApiJson();
 
         builder.Services.AddDatabase(builder.Configuration);
         builder.Services.AddTokenAuth();
         builder.Services.AddSingleton<BaseModelRegistry>();
-        builder.Services.AddOptions<DeployOptions>().BindConfiguration(DeployOptions.Section).ValidateDataAnnotations().ValidateOnStart();
-        builder.Services.AddOptions<PricingOptions>().BindConfiguration(PricingOptions.Section).ValidateDataAnnotations().ValidateOnStart();
+        builder.Services.AddLoraApi();
+        builder.Services.AddDeployApi();
         builder.Services.AddBlobStorage(builder.Configuration);
         builder.Services.AddSources(builder.Configuration);
         builder.Services.AddImportPipeline();

@@ -20,6 +20,12 @@ public sealed class DeployOptions
 
 public static class DeployEndpoints
 {
+    public static IServiceCollection AddDeployApi(this IServiceCollection services)
+    {
+        services.AddOptions<DeployOptions>().BindConfiguration(DeployOptions.Section).ValidateDataAnnotations().ValidateOnStart();
+        return services;
+    }
+
     public static IEndpointRouteBuilder MapDeploys(this IEndpointRouteBuilder app)
     {
         var deploy = app.MapGroup("/deploy").WithTags("Deploy").RequireAuthorization();
@@ -76,14 +82,13 @@ public static class DeployEndpoints
         string deploy_id, HttpContext http, LoraDeployDbContext db, IOptions<DeployOptions> options, TimeProvider time, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
-        var (document, error) = await RequestBody.ReadAsync(http.Request, ct);
-        if (error is not null)
+        var (body, error) = await RequestBody.ReadObjectAsync(http.Request, ct);
+        if (body is not { } json)
         {
-            return error;
+            return error!;
         }
-        using var body = document;
         var errors = new ValidationErrors();
-        var settings = errors.Object(document!.RootElement, "settings", ["body", "settings"], required: true);
+        var settings = errors.Object(json, "settings", ["body", "settings"], required: true);
         var cap = options.Value.MaxInstances;
         int? min = null, max = null;
         if (settings is { } s)

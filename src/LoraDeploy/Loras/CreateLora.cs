@@ -28,14 +28,13 @@ internal static class CreateLora
         CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
-        var (document, error) = await RequestBody.ReadAsync(http.Request, ct);
-        if (error is not null)
+        var (body, error) = await RequestBody.ReadObjectAsync(http.Request, ct);
+        if (body is not { } json)
         {
-            return error;
+            return error!;
         }
-        using var body = document;
         var errors = new ValidationErrors();
-        var request = Validate(document!.RootElement, baseModels, errors);
+        var request = Validate(json, baseModels, errors);
 
         var idempotencyKey = http.Request.Headers["Idempotency-Key"].ToString();
         if (idempotencyKey.Length > MaxIdempotencyKeyLength)

@@ -11,6 +11,12 @@ namespace LoraDeploy.Loras;
 
 public static class LoraEndpoints
 {
+    public static IServiceCollection AddLoraApi(this IServiceCollection services)
+    {
+        services.AddOptions<PricingOptions>().BindConfiguration(PricingOptions.Section).ValidateDataAnnotations().ValidateOnStart();
+        return services;
+    }
+
     public static IEndpointRouteBuilder MapLoras(this IEndpointRouteBuilder app)
     {
         var lora = app.MapGroup("/v1").WithTags("LoRA").RequireAuthorization();
@@ -83,15 +89,14 @@ public static class LoraEndpoints
         string lora_name, HttpContext http, LoraDeployDbContext db, TimeProvider time, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
-        var (document, error) = await RequestBody.ReadAsync(http.Request, ct);
-        if (error is not null)
+        var (body, error) = await RequestBody.ReadObjectAsync(http.Request, ct);
+        if (body is not { } json)
         {
-            return error;
+            return error!;
         }
-        using var body = document;
         var errors = new ValidationErrors();
-        var isPrivate = errors.Bool(document!.RootElement, "private", ["body", "private"], required: false, nullable: true);
-        var description = errors.String(document.RootElement, "description", ["body", "description"], required: false, nullable: true);
+        var isPrivate = errors.Bool(json, "private", ["body", "private"], required: false, nullable: true);
+        var description = errors.String(json, "description", ["body", "description"], required: false, nullable: true);
         if (errors.Any)
         {
             return errors.ToResult();

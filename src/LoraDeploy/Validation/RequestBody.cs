@@ -12,7 +12,8 @@ public static class RequestBody
     /// <summary>Requests larger than this are refused with 413.</summary>
     public const int MaxBytes = 64 * 1024;
 
-    public static async Task<(JsonDocument? Document, IResult? Error)> ReadAsync(HttpRequest request, CancellationToken ct)
+    /// <summary>The body as a JSON object, or the 413/422 to answer instead.</summary>
+    public static async Task<(JsonElement? Body, IResult? Error)> ReadObjectAsync(HttpRequest request, CancellationToken ct)
     {
         if (request.ContentLength > MaxBytes)
         {
@@ -41,15 +42,14 @@ public static class RequestBody
 
         try
         {
-            var document = JsonDocument.Parse(buffer, new JsonDocumentOptions { MaxDepth = 32 });
+            using var document = JsonDocument.Parse(buffer, new JsonDocumentOptions { MaxDepth = 32 });
             if (document.RootElement.ValueKind != JsonValueKind.Object)
             {
-                document.Dispose();
                 var errors = new ValidationErrors();
                 errors.Add(["body"], "Input should be a valid dictionary or object to extract fields from", "model_attributes_type");
                 return (null, errors.ToResult());
             }
-            return (document, null);
+            return (document.RootElement.Clone(), null);
         }
         catch (JsonException e)
         {

@@ -20,7 +20,7 @@ public class ClientCommandTests
     [Fact]
     public async Task Unreachable_server_is_one_readable_line_and_exit_1()
     {
-        var port = LoraDeployExe.FreePort();
+        var port = ServerProcess.FreePort();
 
         var result = await LoraDeployExe.RunAsync(["list", "--server", $"http://127.0.0.1:{port}", "--token", "t"]);
 
@@ -34,7 +34,7 @@ public class ClientCommandTests
     [Fact]
     public async Task Unreachable_server_from_the_environment_is_reported_with_its_url()
     {
-        var port = LoraDeployExe.FreePort();
+        var port = ServerProcess.FreePort();
 
         var result = await LoraDeployExe.RunAsync(["status", "pixel", "--json"],
             new Dictionary<string, string?> { ["LORADEPLOY_SERVER"] = $"http://127.0.0.1:{port}", ["LORADEPLOY_TOKEN"] = "t" });
@@ -58,7 +58,7 @@ public class ClientCommandTests
     public async Task Usage_errors_exit_2_with_one_line(string message, params string[] args)
     {
         // Nothing listens here: a usage error must be caught before any request.
-        var port = LoraDeployExe.FreePort();
+        var port = ServerProcess.FreePort();
 
         var result = await LoraDeployExe.RunAsync([.. args],
             new Dictionary<string, string?> { ["LORADEPLOY_SERVER"] = $"http://127.0.0.1:{port}" });

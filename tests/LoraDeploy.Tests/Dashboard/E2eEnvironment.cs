@@ -50,7 +50,7 @@ public sealed class E2eEnvironment : IAsyncDisposable
                 return;
             }
             _civitai ??= await CivitaiSimulator.StartAsync();
-            _lora ??= _civitai.AddLora(TestLoras.BuildFluxKohyaLora(rank: 4), baseModel: "Flux.1 D",
+            _lora ??= _civitai.AddLora(AdapterFiles.Flux1(rank: 4), baseModel: "Flux.1 D",
                 fileName: "pixel-sprites.safetensors", trainedWords: ["pxlsprite"], modelName: "Pixel sprites");
             _server ??= await LoraDeployServer.StartAsync(TestDatabase.Sqlite, _civitai.Configuration());
             _user = await _server.CreateUserAsync("e2e");
