@@ -40,6 +40,9 @@ public sealed class ServerProcess : IAsyncDisposable
 
     public bool HasExited => _process.HasExited;
 
+    /// <summary>The server's own process id (the pipeline's lease owners name it).</summary>
+    public int ProcessId => _process.Id;
+
     public static string ExecutablePath => Path.Combine(AppContext.BaseDirectory, "loradeploy.dll");
 
     /// <summary>Starts <c>serve</c> on a free loopback port with <paramref name="settings"/> as <c>--Key=value</c>; waits until ready.</summary>
