@@ -144,7 +144,7 @@ token() { "$APP" token create --user "$1" --data-dir "$DATA" "${PROVIDER_ARGS[@]
 # rest, so the deploys table holds $ROWS rows. One lora row per deploy, as the API creates them.
 seed_sqlite() {
   local db=$1 others=$((ROWS - CALLER_ROWS - 10))
-  sqlite3 "$db" <<EOF
+  sqlite3 "$db" >/dev/null <<EOF
 PRAGMA journal_mode=WAL;
 PRAGMA synchronous=OFF;
 BEGIN;

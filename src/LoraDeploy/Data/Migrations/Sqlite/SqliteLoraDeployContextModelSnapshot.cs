@@ -142,6 +142,10 @@ namespace LoraDeploy.Data.Migrations.Sqlite
 
                     b.HasKey("Id");
 
+                    b.HasIndex("CreatedAt")
+                        .HasDatabaseName("IX_deploys_Importing_CreatedAt")
+                        .HasFilter("\"Status\" IN ('initializing', 'downloading')");
+
                     b.HasIndex("DownloadId");
 
                     b.HasIndex("LoraId")
