@@ -353,11 +353,11 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                         .IsUnique();
 
                     b.HasIndex("BaseModel", "Private")
-                        .HasFilter("\"Deleted\" = 0");
+                        .HasFilter("NOT \"Deleted\"");
 
                     b.HasIndex("UserId", "Name")
                         .IsUnique()
-                        .HasFilter("\"Deleted\" = 0");
+                        .HasFilter("NOT \"Deleted\"");
 
                     b.ToTable("loras", (string)null);
                 });
