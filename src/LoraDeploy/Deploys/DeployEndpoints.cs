@@ -69,7 +69,7 @@ public static class DeployEndpoints
         string deploy_id, HttpContext http, LoraDeployDbContext db, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
-        var deploy = await DeployProjection.ById(db, deploy_id, user.Id, ct);
+        var deploy = await DeployProjection.ByIdAsync(db, deploy_id, user.Id, ct);
         return deploy is null ? DeployNotFound(deploy_id) : TypedResults.Ok(deploy);
     }
 
