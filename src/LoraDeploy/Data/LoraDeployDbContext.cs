@@ -79,6 +79,11 @@ public abstract class LoraDeployDbContext(DbContextOptions options) : DbContext(
             deploy.HasIndex(d => new { d.UserId, d.Status, d.CreatedAt });
             // The pipeline's queue: rows by status.
             deploy.HasIndex(d => new { d.Status, d.LeaseExpiresAt });
+            // The pipeline's claim query: only the rows still importing, oldest first. Partial, so it stays tiny
+            // however many deploys exist, and SQLite uses it even when ANALYZE says Status is unselective (its
+            // statistics keep averages, not the skew of a table that is almost all deploying/running).
+            deploy.HasIndex(d => d.CreatedAt).HasDatabaseName("IX_deploys_Importing_CreatedAt")
+                .HasFilter("\"Status\" IN ('initializing', 'downloading')");
         });
 
         modelBuilder.Entity<Download>(download =>

@@ -47,25 +47,26 @@ public static class DeployEndpoints
         string? status, HttpContext http, LoraDeployDbContext db, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
-        var query = db.Deploys.Where(d => d.UserId == user.Id);
         if (string.IsNullOrWhiteSpace(status))
         {
-            query = query.Where(d => d.Status != DeployStatus.Deleted);
-        }
-        else
-        {
-            var wanted = status.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries).Distinct().ToList();
-            var unknown = wanted.Where(s => !DeployStatus.All.Contains(s)).ToList();
-            if (unknown.Count > 0)
+            var all = new List<DeploymentOut>();
+            await foreach (var item in DeployProjection.NotDeletedOf(db, user.Id).WithCancellation(ct))
             {
-                var errors = new ValidationErrors();
-                errors.Add(["query", "status"],
-                    $"Value error, unknown status {string.Join(", ", unknown.Select(u => $"'{u}'"))}; expected a comma-separated list of: {string.Join(", ", DeployStatus.All)}",
-                    "value_error");
-                return errors.ToResult();
+                all.Add(item);
             }
-            query = query.Where(d => wanted.Contains(d.Status));
+            return TypedResults.Ok(all);
         }
+        var wanted = status.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries).Distinct().ToList();
+        var unknown = wanted.Where(s => !DeployStatus.All.Contains(s)).ToList();
+        if (unknown.Count > 0)
+        {
+            var errors = new ValidationErrors();
+            errors.Add(["query", "status"],
+                $"Value error, unknown status {string.Join(", ", unknown.Select(u => $"'{u}'"))}; expected a comma-separated list of: {string.Join(", ", DeployStatus.All)}",
+                "value_error");
+            return errors.ToResult();
+        }
+        var query = db.Deploys.Where(d => d.UserId == user.Id && wanted.Contains(d.Status));
         var deploys = await query.OrderByDescending(d => d.CreatedAt).ThenByDescending(d => d.Id).ToOut().ToListAsync(ct);
         return TypedResults.Ok(deploys);
     }
@@ -74,7 +75,7 @@ public static class DeployEndpoints
         string deploy_id, HttpContext http, LoraDeployDbContext db, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
-        var deploy = await db.Deploys.Where(d => d.Id == deploy_id && d.UserId == user.Id).ToOut().FirstOrDefaultAsync(ct);
+        var deploy = await DeployProjection.ByIdAsync(db, deploy_id, user.Id, ct);
         return deploy is null ? DeployNotFound(deploy_id) : TypedResults.Ok(deploy);
     }
 

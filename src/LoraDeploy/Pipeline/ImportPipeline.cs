@@ -79,50 +79,77 @@ public sealed partial class ImportPipeline(
 
     private async Task<bool> ResolveNewDeploysAsync(CancellationToken ct)
     {
-        List<string> candidates;
-        await using (var db = await contexts.CreateDbContextAsync(ct))
-        {
-            var now = Now;
-            candidates = await db.Deploys
-                .Where(d => d.Status == DeployStatus.Initializing
-                    || (d.Status == DeployStatus.Downloading && d.DownloadId == null && d.LeaseExpiresAt < now))
-                .OrderBy(d => d.CreatedAt)
-                .Select(d => d.Id)
-                .Take(Options.BatchSize)
-                .ToListAsync(ct);
-            metrics.QueueDepth(await db.Deploys.CountAsync(d => d.Status == DeployStatus.Initializing || d.Status == DeployStatus.Downloading, ct));
-        }
-        if (candidates.Count == 0)
+        var claimed = await ClaimNewDeploysAsync(ct);
+        if (claimed.Count == 0)
         {
             return false;
         }
-        var claimed = 0;
-        await Parallel.ForEachAsync(candidates, new ParallelOptions { MaxDegreeOfParallelism = 8, CancellationToken = ct }, async (deployId, token) =>
+        await Parallel.ForEachAsync(claimed, new ParallelOptions { MaxDegreeOfParallelism = ResolveParallelism, CancellationToken = ct }, async (deployId, token) =>
         {
-            if (await ClaimNewDeployAsync(deployId, token))
-            {
-                Interlocked.Increment(ref claimed);
-                using var scope = logger.BeginScope("Deploy {DeployId}", deployId);
-                await GuardAsync(deployId, () => ResolveDeployAsync(deployId, token), token);
-            }
+            using var scope = logger.BeginScope("Deploy {DeployId}", deployId);
+            await GuardAsync(deployId, () => ResolveDeployAsync(deployId, token), token);
         });
-        return claimed > 0;
+        return true;
     }
 
-    private async Task<bool> ClaimNewDeployAsync(string deployId, CancellationToken ct)
+    private const int ResolveParallelism = 8;
+
+    /// <summary>
+    /// Claims new (or abandoned) deploys for this replica. PostgreSQL claims a batch in one statement with
+    /// <c>FOR UPDATE SKIP LOCKED</c>, so replicas split the queue instead of racing for the same rows; SQLite has
+    /// one writer anyway and claims row by row with a conditional update. Either way a row is claimed once.
+    /// Batches are no larger than what is resolved at once, so no claimed row waits long enough for its lease to lapse.
+    /// </summary>
+    private async Task<List<string>> ClaimNewDeploysAsync(CancellationToken ct)
     {
         await using var db = await contexts.CreateDbContextAsync(ct);
         var now = Now;
-        var claimed = await db.Deploys
-            .Where(d => d.Id == deployId && (d.Status == DeployStatus.Initializing
-                || (d.Status == DeployStatus.Downloading && d.DownloadId == null && d.LeaseExpiresAt < now)))
-            .ExecuteUpdateAsync(set => set
-                .SetProperty(d => d.Status, DeployStatus.Downloading)
-                .SetProperty(d => d.LeaseOwner, _owner)
-                .SetProperty(d => d.LeaseExpiresAt, now + Options.LeaseDuration)
-                .SetProperty(d => d.Attempts, d => d.Attempts + 1)
-                .SetProperty(d => d.UpdatedAt, now), ct);
-        return claimed == 1;
+        var until = now + Options.LeaseDuration;
+        var limit = Math.Min(Options.BatchSize, ResolveParallelism);
+        metrics.QueueDepth(await db.Deploys.CountAsync(d => d.Status == DeployStatus.Initializing || d.Status == DeployStatus.Downloading, ct));
+        if (db is PostgresLoraDeployContext)
+        {
+            return await db.Database.SqlQuery<string>($"""
+                UPDATE deploys
+                SET "Status" = {DeployStatus.Downloading}, "LeaseOwner" = {_owner}, "LeaseExpiresAt" = {until},
+                    "Attempts" = "Attempts" + 1, "UpdatedAt" = {now}
+                WHERE "Id" IN (
+                    SELECT "Id" FROM deploys
+                    WHERE "Status" IN ({DeployStatus.Initializing}, {DeployStatus.Downloading})
+                      AND ("Status" = {DeployStatus.Initializing} OR ("DownloadId" IS NULL AND "LeaseExpiresAt" < {now}))
+                    ORDER BY "CreatedAt"
+                    LIMIT {limit}
+                    FOR UPDATE SKIP LOCKED)
+                RETURNING "Id" AS "Value"
+                """).ToListAsync(ct);
+        }
+
+        // Status IN (…) first: with only the OR, SQLite scans the whole table (a second per pass at 1M deploys).
+        var candidates = await db.Deploys
+            .Where(d => (d.Status == DeployStatus.Initializing || d.Status == DeployStatus.Downloading)
+                && (d.Status == DeployStatus.Initializing || (d.DownloadId == null && d.LeaseExpiresAt < now)))
+            .OrderBy(d => d.CreatedAt)
+            .Select(d => d.Id)
+            .Take(limit)
+            .ToListAsync(ct);
+        var claimed = new List<string>(candidates.Count);
+        foreach (var deployId in candidates)
+        {
+            var won = await db.Deploys
+                .Where(d => d.Id == deployId && (d.Status == DeployStatus.Initializing
+                    || (d.Status == DeployStatus.Downloading && d.DownloadId == null && d.LeaseExpiresAt < now)))
+                .ExecuteUpdateAsync(set => set
+                    .SetProperty(d => d.Status, DeployStatus.Downloading)
+                    .SetProperty(d => d.LeaseOwner, _owner)
+                    .SetProperty(d => d.LeaseExpiresAt, until)
+                    .SetProperty(d => d.Attempts, d => d.Attempts + 1)
+                    .SetProperty(d => d.UpdatedAt, now), ct);
+            if (won == 1)
+            {
+                claimed.Add(deployId);
+            }
+        }
+        return claimed;
     }
 
     private async Task ResolveDeployAsync(string deployId, CancellationToken ct)

@@ -40,6 +40,7 @@ public sealed class ServerProcess : IAsyncDisposable
 
     public bool HasExited => _process.HasExited;
 
+    /// <summary>The server's own process id (the pipeline's lease owners name it).</summary>
     public int ProcessId => _process.Id;
 
     public static string ExecutablePath => Path.Combine(AppContext.BaseDirectory, "loradeploy.dll");

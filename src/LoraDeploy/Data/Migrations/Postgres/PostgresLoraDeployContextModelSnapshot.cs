@@ -147,6 +147,10 @@ namespace LoraDeploy.Data.Migrations.Postgres
 
                     b.HasKey("Id");
 
+                    b.HasIndex("CreatedAt")
+                        .HasDatabaseName("IX_deploys_Importing_CreatedAt")
+                        .HasFilter("\"Status\" IN ('initializing', 'downloading')");
+
                     b.HasIndex("DownloadId");
 
                     b.HasIndex("LoraId")

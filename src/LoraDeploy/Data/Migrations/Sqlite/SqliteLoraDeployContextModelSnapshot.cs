@@ -142,6 +142,10 @@ namespace LoraDeploy.Data.Migrations.Sqlite
 
                     b.HasKey("Id");
 
+                    b.HasIndex("CreatedAt")
+                        .HasDatabaseName("IX_deploys_Importing_CreatedAt")
+                        .HasFilter("\"Status\" IN ('initializing', 'downloading')");
+
                     b.HasIndex("DownloadId");
 
                     b.HasIndex("LoraId")
@@ -349,11 +353,11 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                         .IsUnique();
 
                     b.HasIndex("BaseModel", "Private")
-                        .HasFilter("\"Deleted\" = 0");
+                        .HasFilter("NOT \"Deleted\"");
 
                     b.HasIndex("UserId", "Name")
                         .IsUnique()
-                        .HasFilter("\"Deleted\" = 0");
+                        .HasFilter("NOT \"Deleted\"");
 
                     b.ToTable("loras", (string)null);
                 });

@@ -1,0 +1,293 @@
+#!/usr/bin/env bash
+# HTTP API benchmark: GET /deploy/{id} and GET /deploy/list under wrk (64 connections) against nginx serving the
+# same bytes from a static file (the ceiling), on SQLite and on PostgreSQL; list latency for a caller with
+# 10,000 deploys among 1,000,000; POST /v1/lora/create → deploying for a version whose file is already stored.
+#
+# Needs (installs nothing): dotnet, wrk, nginx, sqlite3, psql, python3, curl, and a PostgreSQL server where the
+# connection may create databases. Debian: apt-get install -y wrk nginx sqlite3 postgresql-client.
+#
+#   bench/run.sh                     # both providers
+#   BENCH_PROVIDERS=sqlite bench/run.sh
+# Settings (env): BENCH_PG (libpq URL of a server, default postgresql://postgres:postgres@127.0.0.1:5432/postgres),
+# BENCH_DURATION (wrk seconds per run, default 10), BENCH_ROWS (total deploys, default 1000000),
+# BENCH_CALLER_ROWS (the big caller's deploys, default 10000), BENCH_THREADS (wrk threads, default 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PROVIDERS=${BENCH_PROVIDERS:-"sqlite postgres"}
+PG_URL=${BENCH_PG:-postgresql://postgres:postgres@127.0.0.1:5432/postgres}
+DURATION=${BENCH_DURATION:-10}
+ROWS=${BENCH_ROWS:-1000000}
+CALLER_ROWS=${BENCH_CALLER_ROWS:-10000}
+THREADS=${BENCH_THREADS:-2}
+CONNECTIONS=64
+
+missing=()
+for tool in dotnet wrk nginx sqlite3 psql python3 curl; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bench/run.sh needs: ${missing[*]} (Debian: apt-get install -y wrk nginx sqlite3 postgresql-client python3 curl)" >&2
+  exit 2
+fi
+
+WORK=$(mktemp -d /tmp/loradeploy-bench.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+PG_DB=""
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  [ -n "$PG_DB" ] && psql -q "$PG_URL" -c "DROP DATABASE IF EXISTS \"$PG_DB\" WITH (FORCE)" >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+echo "== publishing (Release)"
+dotnet publish src/LoraDeploy -c Release -o "$WORK/app" -v quiet -nologo >/dev/null
+APP="$WORK/app/loradeploy"
+
+# ---- nginx: the ceiling (static copies of the API's responses) and a static CivitAI stand-in ----
+mkdir -p "$WORK/www/civitai" "$WORK/nginx-tmp"
+VERSION_ID=900001
+ADAPTER_SHA=$(python3 bench/civitai_standin.py "$WORK/www/civitai" "$VERSION_ID")
+chmod -R a+rX "$WORK/www"
+NGINX_PORT=$(free_port)
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes auto;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nodelay on;
+  keepalive_requests 10000000;
+  client_body_temp_path $WORK/nginx-tmp;
+  proxy_temp_path $WORK/nginx-tmp;
+  fastcgi_temp_path $WORK/nginx-tmp;
+  uwsgi_temp_path $WORK/nginx-tmp;
+  scgi_temp_path $WORK/nginx-tmp;
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    root $WORK/www;
+    location /static/ { default_type application/json; }
+    location /api/v1/model-versions/ { default_type application/json; try_files /civitai/version.json =404; }
+    location /api/download/models/ { default_type application/octet-stream; try_files /civitai/adapter.safetensors =404; }
+  }
+}
+EOF
+mkdir -p "$WORK/www/static"
+nginx -c "$WORK/nginx.conf"
+NGINX="http://127.0.0.1:$NGINX_PORT"
+CIVIT_URL="https://civitai.com/models/$VERSION_ID?modelVersionId=$VERSION_ID"
+
+# ---- helpers ----
+
+# wrk_run NAME URL [TOKEN] → one line "NAME rps p50_ms p99_ms" appended to $WORK/results
+wrk_run() {
+  local name=$1 url=$2 token=${3:-} out
+  if [ -n "$token" ]; then
+    out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "Authorization: Bearer $token" "$url")
+  else
+    out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "$url")
+  fi
+  if echo "$out" | grep -q "Non-2xx"; then
+    echo "$out" >&2
+    echo "wrk saw errors for $name" >&2
+    exit 1
+  fi
+  echo "$out" | awk -v name="$name" '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    /Requests\/sec/ { rps = $2 }
+    $1 == "50%" { p50 = ms($2) }
+    $1 == "99%" { p99 = ms($2) }
+    END { printf "%s %.0f %.2f %.2f\n", name, rps, p50, p99 }' | tee -a "$WORK/results"
+}
+
+# single_latency NAME URL TOKEN → "NAME p50_ms p99_ms" from one connection (requests one after another)
+single_latency() {
+  local name=$1 url=$2 token=$3
+  wrk -t1 -c1 -d"${DURATION}s" --latency -H "Authorization: Bearer $token" "$url" | awk -v name="$name" '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    /Requests\/sec/ { rps = $2 }
+    $1 == "50%" { p50 = ms($2) }
+    $1 == "99%" { p99 = ms($2) }
+    END { printf "%s %.0f %.2f %.2f\n", name, rps, p50, p99 }' | tee -a "$WORK/results"
+}
+
+start_server() { # start_server PROVIDER_ARGS...  (sets SERVER_PID, BASE)
+  local port
+  port=$(free_port)
+  "$APP" serve --urls "http://127.0.0.1:$port" --data-dir "$DATA" \
+    --Logging:LogLevel:Default=Warning --Logging:LogLevel:Microsoft.Hosting.Lifetime=Warning \
+    --Civitai:BaseUrl="$NGINX" --Network:AllowedPrivateRanges:0=127.0.0.0/8 \
+    --Pipeline:PollInterval=00:00:00.200 "$@" >"$WORK/server.log" 2>&1 &
+  SERVER_PID=$!
+  PIDS+=("$SERVER_PID")
+  BASE="http://127.0.0.1:$port"
+  for _ in $(seq 1 300); do
+    curl -sf "$BASE/ready" >/dev/null 2>&1 && return 0
+    kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "server not ready" >&2; cat "$WORK/server.log" >&2; exit 1
+}
+
+stop_server() { kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; }
+
+token() { "$APP" token create --user "$1" --data-dir "$DATA" "${PROVIDER_ARGS[@]}" 2>/dev/null | tail -n 1; }
+
+# The seed: users 'small' (10 deploys, the wrk target), 'big' ($CALLER_ROWS deploys) and 1,000 others sharing the
+# rest, so the deploys table holds $ROWS rows. One lora row per deploy, as the API creates them.
+seed_sqlite() {
+  local db=$1 others=$((ROWS - CALLER_ROWS - 10))
+  sqlite3 "$db" >/dev/null <<EOF
+PRAGMA journal_mode=WAL;
+PRAGMA synchronous=OFF;
+BEGIN;
+INSERT INTO users (Name, IsAdmin, CreatedAt)
+  WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000)
+  SELECT 'other' || i, 0, '2026-01-01 00:00:00' FROM n;
+CREATE TEMP TABLE plan AS
+  WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $ROWS)
+  SELECT i,
+    CASE WHEN i <= 10 THEN (SELECT Id FROM users WHERE Name = 'small')
+         WHEN i <= 10 + $CALLER_ROWS THEN (SELECT Id FROM users WHERE Name = 'big')
+         ELSE (SELECT Id FROM users WHERE Name = 'other' || (1 + i % 1000)) END AS user_id,
+    CASE WHEN i <= 10 THEN 'small' WHEN i <= 10 + $CALLER_ROWS THEN 'big' ELSE 'other' || (1 + i % 1000) END AS user_name
+  FROM n;
+INSERT INTO loras (Id, UserId, Name, BaseModel, SourceType, SourceUrl, Private, Description, Deleted, DeployId, CreatedAt, UpdatedAt, ExpectedSha256, Sha256, SizeBytes)
+  SELECT 1000000 + i, user_id, 'seed-' || i, 'black-forest-labs/FLUX-1-dev', 'civitai', 'https://civitai.com/models/1?modelVersionId=1', 1, '', 0,
+    printf('seed%012d', i), strftime('%Y-%m-%d %H:%M:%f', '2026-01-01', '+' || i || ' seconds'), strftime('%Y-%m-%d %H:%M:%f', '2026-01-01', '+' || i || ' seconds'),
+    '$ADAPTER_SHA', '$ADAPTER_SHA', 1000
+  FROM plan;
+INSERT INTO deploys (Id, UserId, LoraId, ModelName, Type, Task, Status, FailReason, FailClass, Version, MinInstances, MaxInstances, RunningInstances, PendingInstances, CreatedAt, UpdatedAt, Attempts)
+  SELECT printf('seed%012d', i), user_id, 1000000 + i, user_name || '/seed-' || i, 'lora', 'text-to-image', 'deploying', '', '', '$ADAPTER_SHA', 1, 1, 0, 0,
+    strftime('%Y-%m-%d %H:%M:%f', '2026-01-01', '+' || i || ' seconds'), strftime('%Y-%m-%d %H:%M:%f', '2026-01-01', '+' || i || ' seconds'), 1
+  FROM plan;
+COMMIT;
+ANALYZE;
+EOF
+}
+
+seed_postgres() {
+  local url=$1
+  psql -q -v ON_ERROR_STOP=1 "$url" <<EOF
+INSERT INTO users ("Name", "IsAdmin", "CreatedAt")
+  SELECT 'other' || i, false, '2026-01-01T00:00:00Z' FROM generate_series(1, 1000) i;
+CREATE TEMP TABLE plan AS
+  SELECT i,
+    CASE WHEN i <= 10 THEN 'small' WHEN i <= 10 + $CALLER_ROWS THEN 'big' ELSE 'other' || (1 + i % 1000) END AS user_name
+  FROM generate_series(1, $ROWS) i;
+INSERT INTO loras ("Id", "UserId", "Name", "BaseModel", "SourceType", "SourceUrl", "Private", "Description", "Deleted", "DeployId", "CreatedAt", "UpdatedAt", "ExpectedSha256", "Sha256", "SizeBytes")
+  OVERRIDING SYSTEM VALUE
+  SELECT 1000000 + p.i, u."Id", 'seed-' || p.i, 'black-forest-labs/FLUX-1-dev', 'civitai', 'https://civitai.com/models/1?modelVersionId=1', true, '', false,
+    'seed' || lpad(p.i::text, 12, '0'), timestamptz '2026-01-01' + p.i * interval '1 second', timestamptz '2026-01-01' + p.i * interval '1 second',
+    '$ADAPTER_SHA', '$ADAPTER_SHA', 1000
+  FROM plan p JOIN users u ON u."Name" = p.user_name;
+INSERT INTO deploys ("Id", "UserId", "LoraId", "ModelName", "Type", "Task", "Status", "FailReason", "FailClass", "Version", "MinInstances", "MaxInstances", "RunningInstances", "PendingInstances", "CreatedAt", "UpdatedAt", "Attempts")
+  SELECT 'seed' || lpad(p.i::text, 12, '0'), u."Id", 1000000 + p.i, p.user_name || '/seed-' || p.i, 'lora', 'text-to-image', 'deploying', '', '', '$ADAPTER_SHA', 1, 1, 0, 0,
+    timestamptz '2026-01-01' + p.i * interval '1 second', timestamptz '2026-01-01' + p.i * interval '1 second', 1
+  FROM plan p JOIN users u ON u."Name" = p.user_name;
+ANALYZE;
+EOF
+}
+
+# ---- one provider ----
+run_provider() {
+  local provider=$1
+  DATA="$WORK/data-$provider"
+  mkdir -p "$DATA"
+  PROVIDER_ARGS=()
+  if [ "$provider" = postgres ]; then
+    PG_DB="loradeploy_bench_$$"
+    psql -q "$PG_URL" -c "CREATE DATABASE \"$PG_DB\"" >/dev/null
+    local db_url="${PG_URL%/*}/$PG_DB"
+    local npgsql
+    npgsql=$(python3 - "$db_url" <<'PY'
+import sys
+from urllib.parse import urlparse
+u = urlparse(sys.argv[1])
+print(f"Host={u.hostname};Port={u.port or 5432};Username={u.username};Password={u.password or ''};Database={u.path[1:]};Maximum Pool Size=100")
+PY
+)
+    PROVIDER_ARGS=(--Database:Provider=postgres "--ConnectionStrings:Postgres=$npgsql")
+  fi
+
+  echo "== $provider: migrate, users, seed $ROWS deploys ($CALLER_ROWS for the big caller)"
+  local small big
+  small=$(token small)
+  big=$(token big)
+  local clock=$SECONDS
+  if [ "$provider" = postgres ]; then seed_postgres "$db_url"; else seed_sqlite "$DATA/loradeploy.db"; fi
+  echo "   seeded in $((SECONDS - clock)) s"
+  # The plans the hot reads get on the seeded table (the SQL is what EF generates, with the parameters inlined).
+  local by_id="SELECT \"Id\", \"ModelName\", \"Version\", \"Status\" FROM deploys WHERE \"Id\" = 'seed000000000005' AND \"UserId\" = (SELECT \"Id\" FROM users WHERE \"Name\" = 'small') LIMIT 1"
+  local list="SELECT \"Id\", \"ModelName\", \"Version\", \"Status\" FROM deploys WHERE \"UserId\" = (SELECT \"Id\" FROM users WHERE \"Name\" = 'big') AND \"Status\" <> 'deleted' ORDER BY \"CreatedAt\" DESC, \"Id\" DESC"
+  echo "   plans:"
+  if [ "$provider" = postgres ]; then
+    psql -q "$db_url" -c "VACUUM ANALYZE deploys" >/dev/null
+    for q in "$by_id" "$list"; do psql -At "$db_url" -c "EXPLAIN (ANALYZE, COSTS OFF) $q" | sed 's/^/     /'; done
+  else
+    for q in "$by_id" "$list"; do sqlite3 -readonly "$DATA/loradeploy.db" "EXPLAIN QUERY PLAN $q" | sed 's/^/     /'; done
+  fi
+
+  start_server "${PROVIDER_ARGS[@]}"
+  local id=seed000000000005
+  curl -sf -H "Authorization: Bearer $small" "$BASE/deploy/$id" >"$WORK/www/static/deploy-$provider.json"
+  curl -sf -H "Authorization: Bearer $small" "$BASE/deploy/list" >"$WORK/www/static/list-$provider.json"
+  chmod a+r "$WORK/www/static/"*
+  echo "   response sizes: deploy $(wc -c <"$WORK/www/static/deploy-$provider.json") B, list (10 items) $(wc -c <"$WORK/www/static/list-$provider.json") B"
+
+  echo "== $provider: wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s (name rps p50_ms p99_ms)"
+  # Warm-up: JIT tiering, the token cache, the connection pool.
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d3s -H "Authorization: Bearer $small" "$BASE/deploy/$id" >/dev/null
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d3s -H "Authorization: Bearer $small" "$BASE/deploy/list" >/dev/null
+  wrk_run "nginx-deploy-$provider" "$NGINX/static/deploy-$provider.json"
+  wrk_run "api-deploy-$provider" "$BASE/deploy/$id" "$small"
+  wrk_run "nginx-list-$provider" "$NGINX/static/list-$provider.json"
+  wrk_run "api-list-$provider" "$BASE/deploy/list" "$small"
+
+  echo "== $provider: GET /deploy/list for the caller with $CALLER_ROWS deploys, one connection (name rps p50_ms p99_ms)"
+  curl -sf -H "Authorization: Bearer $big" "$BASE/deploy/list" -o "$WORK/big.json"
+  echo "   response: $(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$WORK/big.json") items, $(wc -c <"$WORK/big.json") B"
+  single_latency "api-biglist-$provider" "$BASE/deploy/list" "$big"
+
+  echo "== $provider: create → deploying of an already-stored version (median p90 max, ms, 20 creates)"
+  # Store the file once through the stand-in (a real import), then time creates that find it stored.
+  python3 bench/create_latency.py "$BASE" "$big" "$CIVIT_URL" 1 "first-$provider" >/dev/null
+  python3 bench/create_latency.py "$BASE" "$big" "$CIVIT_URL" 20 "timed-$provider" | sed "s/^/create-$provider /" | tee -a "$WORK/results"
+
+  stop_server
+  if [ "$provider" = postgres ]; then
+    psql -q "$PG_URL" -c "DROP DATABASE IF EXISTS \"$PG_DB\" WITH (FORCE)" >/dev/null
+    PG_DB=""
+  fi
+}
+
+for provider in $PROVIDERS; do
+  run_provider "$provider"
+done
+
+echo
+echo "== summary (ratios are to nginx serving the same bytes in the same run)"
+python3 - "$WORK/results" <<'PY'
+import sys
+rows = {}
+for line in open(sys.argv[1]):
+    parts = line.split()
+    rows[parts[0]] = [float(x) for x in parts[1:]]
+print(f"{'endpoint':<28}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'× nginx':>9}")
+for name, values in rows.items():
+    if name.startswith("api-") and not name.startswith("api-biglist"):
+        _, kind, provider = name.split("-")
+        ceiling = rows[f"nginx-{kind}-{provider}"][0]
+        print(f"{name:<28}{values[0]:>10.0f}{values[1]:>9.2f}{values[2]:>9.2f}{values[0] / ceiling:>9.2f}")
+    elif name.startswith("nginx-") or name.startswith("api-biglist"):
+        print(f"{name:<28}{values[0]:>10.0f}{values[1]:>9.2f}{values[2]:>9.2f}")
+    else:
+        print(f"{name:<28} median {values[0]:.1f} ms, p90 {values[1]:.1f} ms, max {values[2]:.1f} ms")
+PY

@@ -1,0 +1,260 @@
+using System.Net;
+using System.Text.Json;
+using LoraDeploy.Auth;
+using LoraDeploy.Data;
+using LoraDeploy.Tests.Pipeline;
+using LoraDeploy.Tests.Simulator;
+using Microsoft.EntityFrameworkCore;
+using Npgsql;
+
+namespace LoraDeploy.Tests.Scale;
+
+/// <summary>
+/// Several <c>loradeploy serve</c> processes on one PostgreSQL database and one shared blob folder, as a team
+/// runs them behind a load balancer: the pipeline stays exactly-once across replicas and survives one dying.
+/// </summary>
+public sealed class ReplicaTests
+{
+    [Fact]
+    public async Task Fifty_concurrent_creates_over_two_replicas_download_once_and_all_reach_deploying()
+    {
+        await using var cluster = await Cluster.StartAsync();
+        var content = AdapterFiles.Flux1(seed: 11, rank: 16);
+        var version = cluster.Simulator.AddLora(content, baseModel: "Flux.1 D");
+        // Slow enough that the creates all land while the one download is still running.
+        version.File.Faults.ChunkDelay = TimeSpan.FromMilliseconds(20);
+        var token = await cluster.CreateTokenAsync("many");
+        using var a = cluster.A.CreateClient(token);
+        using var b = cluster.B.CreateClient(token);
+
+        var ids = await Task.WhenAll(Enumerable.Range(0, 50).Select(async i =>
+        {
+            var client = i % 2 == 0 ? a : b;
+            var created = await (await client.PostJsonAsync("/v1/lora/create", new
+            {
+                lora_name = $"shared-{i}",
+                base_model = PipelineHarness.Flux,
+                source = new { type = "civitai", civit_url = PipelineHarness.ModelUrl(version) },
+                @private = true,
+            })).ExpectAsync(HttpStatusCode.OK);
+            return created.GetProperty("deploy_id").GetString()!;
+        }));
+
+        var deploys = await Task.WhenAll(ids.Select((id, i) => WaitSettledAsync(i % 2 == 0 ? b : a, id, cluster)));
+        foreach (var deploy in deploys)
+        {
+            Assert.True(deploy.GetProperty("status").GetString() == "deploying", $"{deploy}\n{cluster.Logs}");
+            Assert.Equal(version.File.Sha256, deploy.GetProperty("version").GetString());
+        }
+        Assert.Equal(1, cluster.Simulator.DownloadsStarted(version.File.Id));
+        Assert.Equal([version.File.Sha256], cluster.StoredBlobs());
+        await using var db = cluster.OpenDatabase();
+        Assert.Equal(1, await db.Downloads.CountAsync());
+        Assert.Equal(1, await db.Blobs.CountAsync());
+    }
+
+    [Fact]
+    public async Task A_replica_killed_mid_download_is_taken_over_by_the_other_after_the_lease_expires()
+    {
+        await using var cluster = await Cluster.StartAsync();
+        var content = AdapterFiles.Flux1(seed: 12, rank: 32);
+        var version = cluster.Simulator.AddLora(content, baseModel: "Flux.1 D");
+        version.File.Faults.ChunkDelay = TimeSpan.FromMilliseconds(40);
+        var token = await cluster.CreateTokenAsync("crash");
+        using var a = cluster.A.CreateClient(token);
+
+        var created = await (await a.PostJsonAsync("/v1/lora/create", new
+        {
+            lora_name = "survivor",
+            base_model = PipelineHarness.Flux,
+            source = new { type = "civitai", civit_url = PipelineHarness.ModelUrl(version) },
+            @private = true,
+        })).ExpectAsync(HttpStatusCode.OK);
+        var deployId = created.GetProperty("deploy_id").GetString()!;
+
+        // Whichever replica claimed the download is the one to kill, once a good part of the file is staged.
+        string? owner = null;
+        await ImportPipelineTests.WaitUntilAsync(async () =>
+        {
+            await using var db = cluster.OpenDatabase();
+            var download = await db.Downloads.Select(d => new { d.LeaseOwner, d.Status }).FirstOrDefaultAsync();
+            owner = download?.Status == DownloadStatus.Downloading ? download.LeaseOwner : null;
+            return owner is not null && cluster.StagedBytes() > content.Length / 3;
+        });
+        var (victim, survivor) = owner!.Contains($":{cluster.A.ProcessId}:", StringComparison.Ordinal)
+            ? (cluster.A, cluster.B)
+            : (cluster.B, cluster.A);
+        Assert.Contains($":{victim.ProcessId}:", owner, StringComparison.Ordinal);
+        await victim.KillAsync();
+        var stagedAtKill = cluster.StagedBytes();
+        Assert.True(stagedAtKill < content.Length, "the download finished before the kill; slow it down");
+        Assert.Empty(cluster.StoredBlobs());
+        version.File.Faults.ChunkDelay = TimeSpan.Zero;
+
+        using var client = survivor.CreateClient(token);
+        var deploy = await WaitSettledAsync(client, deployId, cluster);
+        Assert.True(deploy.GetProperty("status").GetString() == "deploying", $"{deploy}\n{cluster.Logs}");
+        Assert.Equal(version.File.Sha256, deploy.GetProperty("version").GetString());
+
+        // The survivor resumed the dead replica's staging file: one from-zero fetch, one blob, no leftovers.
+        Assert.Contains(cluster.Simulator.RangeRequests, r => r.FileId == version.File.Id && r.Offset > 0);
+        var fromZero = cluster.Simulator.DownloadsStarted(version.File.Id)
+            - cluster.Simulator.RangeRequests.Count(r => r.FileId == version.File.Id && r.Offset > 0);
+        Assert.Equal(1, fromZero);
+        Assert.Equal([version.File.Sha256], cluster.StoredBlobs());
+        Assert.Empty(Directory.GetFiles(Path.Combine(cluster.StoragePath, "staging")));
+        await using var check = cluster.OpenDatabase();
+        var row = await check.Downloads.SingleAsync();
+        Assert.Equal(DownloadStatus.Done, row.Status);
+        Assert.Contains($":{survivor.ProcessId}:", (await check.Deploys.SingleAsync()).LeaseOwner ?? $":{survivor.ProcessId}:", StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task Two_replicas_starting_at_once_on_an_empty_database_apply_the_migrations_once()
+    {
+        await using var cluster = await Cluster.StartAsync();
+        foreach (var server in new[] { cluster.A, cluster.B })
+        {
+            using var client = server.CreateClient();
+            Assert.Equal(HttpStatusCode.OK, (await client.GetAsync("/ready")).StatusCode);
+        }
+
+        await using var db = cluster.OpenDatabase();
+        var applied = new List<string>();
+        await using (var connection = new NpgsqlConnection(cluster.ConnectionString))
+        {
+            await connection.OpenAsync();
+            await using var command = new NpgsqlCommand("SELECT \"MigrationId\" FROM \"__EFMigrationsHistory\"", connection);
+            await using var reader = await command.ExecuteReaderAsync();
+            while (await reader.ReadAsync())
+            {
+                applied.Add(reader.GetString(0));
+            }
+        }
+        var known = db.Database.GetMigrations().ToList();
+        Assert.NotEmpty(known);
+        Assert.Equal(known.Order(), applied.Order());
+        // Exactly one admin was bootstrapped although both replicas found the database empty.
+        Assert.Equal(1, await db.Users.CountAsync(u => u.Name == "admin"));
+    }
+
+    private static async Task<JsonElement> WaitSettledAsync(HttpClient client, string deployId, Cluster cluster)
+    {
+        var deadline = DateTime.UtcNow.AddSeconds(90);
+        while (true)
+        {
+            var deploy = await (await client.GetAsync($"/deploy/{deployId}")).ExpectAsync(HttpStatusCode.OK);
+            if (deploy.GetProperty("status").GetString() is not ("initializing" or "downloading"))
+            {
+                return deploy;
+            }
+            if (DateTime.UtcNow > deadline)
+            {
+                Assert.Fail($"Deploy {deployId} still not settled: {deploy}\n{cluster.Logs}");
+            }
+            await Task.Delay(100);
+        }
+    }
+
+    /// <summary>A CivitAI simulator, a throwaway PostgreSQL database, one shared blob folder and two replicas started together.</summary>
+    private sealed class Cluster : IAsyncDisposable
+    {
+        private readonly string _root;
+
+        private Cluster(CivitaiSimulator simulator, string connectionString, string root, ServerProcess a, ServerProcess b)
+        {
+            Simulator = simulator;
+            ConnectionString = connectionString;
+            _root = root;
+            A = a;
+            B = b;
+        }
+
+        public CivitaiSimulator Simulator { get; }
+        public string ConnectionString { get; }
+        public ServerProcess A { get; }
+        public ServerProcess B { get; }
+        public string StoragePath => Path.Combine(_root, "shared-blobs");
+        public string Logs => $"--- replica A (pid {A.ProcessId}) ---\n{A.Output}\n--- replica B (pid {B.ProcessId}) ---\n{B.Output}";
+
+        public static async Task<Cluster> StartAsync()
+        {
+            var connectionString = await TestBackend.CreatePostgresDatabaseAsync();
+            var simulator = await CivitaiSimulator.StartAsync();
+            var root = Path.Combine(Path.GetTempPath(), "loradeploy-tests", Guid.NewGuid().ToString("N"));
+            var settings = PipelineHarness.FastSettings();
+            foreach (var (key, value) in simulator.Configuration())
+            {
+                settings[key] = value;
+            }
+            settings["Database:Provider"] = "postgres";
+            settings["ConnectionStrings:Postgres"] = connectionString;
+            settings["Storage:Path"] = Path.Combine(root, "shared-blobs");
+
+            // Each replica has its own data dir (nothing of the shared state lives there) and starts at the same moment.
+            var dirs = new[] { Path.Combine(root, "a"), Path.Combine(root, "b") };
+            foreach (var dir in dirs)
+            {
+                Directory.CreateDirectory(dir);
+            }
+            var starts = dirs.Select(dir => ServerProcess.StartAsync(dir, settings)).ToArray();
+            try
+            {
+                await Task.WhenAll(starts);
+            }
+            catch
+            {
+                foreach (var start in starts.Where(s => s.IsCompletedSuccessfully))
+                {
+                    await start.Result.DisposeAsync();
+                }
+                await simulator.DisposeAsync();
+                await TestBackend.DropPostgresDatabaseAsync(connectionString);
+                throw;
+            }
+            return new Cluster(simulator, connectionString, root, starts[0].Result, starts[1].Result);
+        }
+
+        public PostgresLoraDeployContext OpenDatabase()
+        {
+            var options = new DbContextOptionsBuilder<PostgresLoraDeployContext>();
+            DatabaseExtensions.ConfigurePostgres(options, ConnectionString);
+            return new PostgresLoraDeployContext(options.Options);
+        }
+
+        public async Task<string> CreateTokenAsync(string user)
+        {
+            await using var db = OpenDatabase();
+            return await ApiTokens.CreateForUserAsync(db, user, isAdmin: false, "test", DateTime.UtcNow, CancellationToken.None);
+        }
+
+        public long StagedBytes()
+        {
+            var staging = Path.Combine(StoragePath, "staging");
+            return Directory.Exists(staging) ? Directory.GetFiles(staging).Sum(f => new FileInfo(f).Length) : 0;
+        }
+
+        public IReadOnlyList<string> StoredBlobs()
+        {
+            var folder = Path.Combine(StoragePath, "sha256");
+            return Directory.Exists(folder)
+                ? Directory.GetFiles(folder, "*", SearchOption.AllDirectories).Select(f => Path.GetFileName(f)).ToList()
+                : [];
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            await A.DisposeAsync();
+            await B.DisposeAsync();
+            await Simulator.DisposeAsync();
+            await TestBackend.DropPostgresDatabaseAsync(ConnectionString);
+            try
+            {
+                Directory.Delete(_root, recursive: true);
+            }
+            catch (IOException)
+            {
+            }
+        }
+    }
+}
