@@ -55,6 +55,7 @@ public sealed partial class ImportPipeline(
                 {
                     nextCollection = Now + Options.CollectInterval;
                     await CollectBlobsAsync(stoppingToken);
+                    await CollectStagingAsync(stoppingToken);
                 }
                 if (!worked)
                 {
@@ -477,6 +478,45 @@ public sealed partial class ImportPipeline(
     // ---- housekeeping ----
 
     /// <summary>Deletes blobs no live LoRA references once they are older than the grace period: row first, then bytes.</summary>
+    /// <summary>
+    /// Deletes staging files of downloads that ended without storing them (failed for good, or their row is gone),
+    /// once older than the grace period. A failed download keeps its partial file until then, so a create right
+    /// after a transient failure still resumes instead of starting over.
+    /// </summary>
+    private async Task CollectStagingAsync(CancellationToken ct)
+    {
+        var cutoff = Now - Options.BlobGracePeriod;
+        var stale = blobs.StagingFiles()
+            .Where(f => f.LastWriteUtc < cutoff)
+            .Select(f => (f.Name, Id: StagingDownloadId(f.Name)))
+            .ToList();
+        if (stale.Count == 0)
+        {
+            return;
+        }
+        await using var db = await contexts.CreateDbContextAsync(ct);
+        var ids = stale.Where(f => f.Id is not null).Select(f => f.Id!.Value).ToList();
+        var live = await db.Downloads
+            .Where(d => ids.Contains(d.Id) && (d.Status == DownloadStatus.Pending || d.Status == DownloadStatus.Downloading))
+            .Select(d => d.Id)
+            .ToListAsync(ct);
+        foreach (var (name, id) in stale.Where(f => f.Id is null || !live.Contains(f.Id.Value)))
+        {
+            try
+            {
+                File.Delete(blobs.StagingPath(name));
+                LogCollected($"staging file {name}");
+            }
+            catch (IOException)
+            {
+            }
+        }
+    }
+
+    private static long? StagingDownloadId(string name) =>
+        name.StartsWith("download-", StringComparison.Ordinal) && name.EndsWith(".part", StringComparison.Ordinal)
+        && long.TryParse(name.AsSpan(9, name.Length - 14), out var id) ? id : null;
+
     private async Task CollectBlobsAsync(CancellationToken ct)
     {
         await using var db = await contexts.CreateDbContextAsync(ct);
@@ -494,7 +534,7 @@ public sealed partial class ImportPipeline(
             if (removed == 1)
             {
                 blobs.Delete(sha);
-                LogCollected(sha);
+                LogCollected($"blob {sha}");
             }
         }
     }
@@ -511,8 +551,8 @@ public sealed partial class ImportPipeline(
     [LoggerMessage(Level = LogLevel.Warning, Message = "Deploy {DeployId} failed ({ReasonClass}): {Reason}")]
     private partial void LogFailed(string deployId, string reasonClass, string reason);
 
-    [LoggerMessage(Level = LogLevel.Information, Message = "Collected unreferenced blob {Sha256}")]
-    private partial void LogCollected(string sha256);
+    [LoggerMessage(Level = LogLevel.Information, Message = "Collected unreferenced {Item}")]
+    private partial void LogCollected(string item);
 }
 
 [JsonSerializable(typeof(ResolvedCivitaiFile))]

@@ -25,7 +25,7 @@ public sealed class PipelineOptions
     [Range(1, 1000)]
     public int BatchSize { get; set; } = 32;
 
-    /// <summary>A blob no LoRA references is deleted once it is older than this.</summary>
+    /// <summary>A blob no LoRA references, or a failed download's staging file, is deleted once it is older than this.</summary>
     public TimeSpan BlobGracePeriod { get; set; } = TimeSpan.FromHours(1);
 
     public TimeSpan CollectInterval { get; set; } = TimeSpan.FromMinutes(5);

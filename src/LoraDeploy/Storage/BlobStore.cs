@@ -31,6 +31,9 @@ public interface IBlobStore
     /// <summary>A staging path on the same filesystem as the blobs (so the final move is an atomic rename).</summary>
     string StagingPath(string name);
 
+    /// <summary>The staging files present now, with their last write time (for collecting abandoned ones).</summary>
+    IEnumerable<(string Name, DateTime LastWriteUtc)> StagingFiles();
+
     /// <summary>Moves a verified staging file into place under <paramref name="sha256"/>.</summary>
     Task<BlobPutResult> PutAsync(string sha256, string stagingPath, CancellationToken ct);
 
@@ -65,6 +68,9 @@ public sealed partial class FileSystemBlobStore : IBlobStore
         }
         return System.IO.Path.Combine(_staging, name);
     }
+
+    public IEnumerable<(string Name, DateTime LastWriteUtc)> StagingFiles() =>
+        new DirectoryInfo(_staging).EnumerateFiles().Select(f => (f.Name, f.LastWriteTimeUtc));
 
     public async Task<BlobPutResult> PutAsync(string sha256, string stagingPath, CancellationToken ct)
     {

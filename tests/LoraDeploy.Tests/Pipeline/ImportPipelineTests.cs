@@ -338,6 +338,34 @@ public sealed class ImportPipelineTests
         Assert.Equal(0, await h.Server.QueryAsync(db => db.Blobs.CountAsync()));
     }
 
+    [Fact]
+    public async Task A_download_that_failed_for_good_has_its_staging_file_collected_after_the_grace_period()
+    {
+        await using var h = await PipelineHarness.StartAsync(settings: new Dictionary<string, string?>
+        {
+            ["Import:MaxResumeAttempts"] = "1",
+            ["Import:MaxRetryAttempts"] = "1",
+            ["Pipeline:BlobGracePeriod"] = "00:00:03",
+            ["Pipeline:CollectInterval"] = "00:00:00.200",
+        });
+        var content = AdapterFiles.Flux1(rank: 16);
+        var version = h.Simulator.AddLora(content, baseModel: "Flux.1 D");
+        // The first response slowly delivers a quarter and breaks; from then on storage only answers 503.
+        version.File.Faults.ChunkDelay = TimeSpan.FromMilliseconds(100);
+        version.File.Faults.DropAfterBytes = content.Length / 4;
+        var staging = Path.Combine(h.Server.DataDir, "blobs", "staging");
+        var id = (await h.CreateAsync("broken", PipelineHarness.ModelUrl(version))).GetProperty("deploy_id").GetString()!;
+        await WaitUntilAsync(() => Task.FromResult(Directory.Exists(staging) && Directory.GetFiles(staging).Any(f => new FileInfo(f).Length > 0)));
+        version.File.Faults.Storage503Times = 1000;
+
+        var reason = (await h.WaitAsync(id)).AssertFailed();
+
+        Assert.Contains(version.File.Id.ToString(System.Globalization.CultureInfo.InvariantCulture), reason);
+        Assert.Single(Directory.GetFiles(staging)); // kept for a while, so a retry right away can resume
+        await WaitUntilAsync(() => Task.FromResult(Directory.GetFiles(staging).Length == 0));
+        Assert.Equal(0, await h.Server.QueryAsync(db => db.Blobs.CountAsync()));
+    }
+
     internal static async Task WaitUntilAsync(Func<Task<bool>> condition, int seconds = 30)
     {
         var deadline = DateTime.UtcNow.AddSeconds(seconds);
