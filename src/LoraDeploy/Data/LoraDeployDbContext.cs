@@ -75,8 +75,10 @@ public abstract class LoraDeployDbContext(DbContextOptions options) : DbContext(
             deploy.HasOne(d => d.Lora).WithOne().HasForeignKey<Deploy>(d => d.LoraId);
             deploy.HasOne(d => d.Download).WithMany().HasForeignKey(d => d.DownloadId);
             // Lists: a user's deploys newest first, optionally by status.
-            deploy.HasIndex(d => new { d.UserId, d.CreatedAt });
-            deploy.HasIndex(d => new { d.UserId, d.Status, d.CreatedAt });
+            // Lists: a user's deploys newest first; Id is the tie-breaker of the ORDER BY, so the index alone gives the
+            // order and a caller with 10,000 deploys costs a range read, not a sort.
+            deploy.HasIndex(d => new { d.UserId, d.CreatedAt, d.Id });
+            deploy.HasIndex(d => new { d.UserId, d.Status, d.CreatedAt, d.Id });
             // The pipeline's queue: rows by status.
             deploy.HasIndex(d => new { d.Status, d.LeaseExpiresAt });
             // The pipeline's claim query: only the rows still importing, oldest first. Partial, so it stays tiny

@@ -27,7 +27,7 @@ public static class DeployProjection
     /// <summary>
     /// The two hottest reads, compiled once: EF otherwise rebuilds, hashes and looks up the expression tree on every
     /// request, which a wrk profile showed to be a large share of a cache-hit request. Both are one index range scan:
-    /// the primary key for one deploy, <c>IX_deploys_UserId_CreatedAt</c> for a user's list.
+    /// the primary key for one deploy, <c>IX_deploys_UserId_CreatedAt_Id</c> (already in list order) for a user's list.
     /// </summary>
     public static Task<DeploymentOut?> ByIdAsync(LoraDeployDbContext db, string id, long userId, CancellationToken ct) => db switch
     {

@@ -158,9 +158,9 @@ namespace LoraDeploy.Data.Migrations.Postgres
 
                     b.HasIndex("Status", "LeaseExpiresAt");
 
-                    b.HasIndex("UserId", "CreatedAt");
+                    b.HasIndex("UserId", "CreatedAt", "Id");
 
-                    b.HasIndex("UserId", "Status", "CreatedAt");
+                    b.HasIndex("UserId", "Status", "CreatedAt", "Id");
 
                     b.ToTable("deploys", (string)null);
                 });

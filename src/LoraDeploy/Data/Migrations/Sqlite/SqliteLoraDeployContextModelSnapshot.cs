@@ -153,9 +153,9 @@ namespace LoraDeploy.Data.Migrations.Sqlite
 
                     b.HasIndex("Status", "LeaseExpiresAt");
 
-                    b.HasIndex("UserId", "CreatedAt");
+                    b.HasIndex("UserId", "CreatedAt", "Id");
 
-                    b.HasIndex("UserId", "Status", "CreatedAt");
+                    b.HasIndex("UserId", "Status", "CreatedAt", "Id");
 
                     b.ToTable("deploys", (string)null);
                 });
