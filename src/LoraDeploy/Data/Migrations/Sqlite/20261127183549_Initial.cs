@@ -195,6 +195,12 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                 column: "DownloadId");
 
             migrationBuilder.CreateIndex(
+                name: "IX_deploys_Importing_CreatedAt",
+                table: "deploys",
+                column: "CreatedAt",
+                filter: "\"Status\" IN ('initializing', 'downloading')");
+
+            migrationBuilder.CreateIndex(
                 name: "IX_deploys_LoraId",
                 table: "deploys",
                 column: "LoraId",
@@ -206,14 +212,14 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                 columns: new[] { "Status", "LeaseExpiresAt" });
 
             migrationBuilder.CreateIndex(
-                name: "IX_deploys_UserId_CreatedAt",
+                name: "IX_deploys_UserId_CreatedAt_Id",
                 table: "deploys",
-                columns: new[] { "UserId", "CreatedAt" });
+                columns: new[] { "UserId", "CreatedAt", "Id" });
 
             migrationBuilder.CreateIndex(
-                name: "IX_deploys_UserId_Status_CreatedAt",
+                name: "IX_deploys_UserId_Status_CreatedAt_Id",
                 table: "deploys",
-                columns: new[] { "UserId", "Status", "CreatedAt" });
+                columns: new[] { "UserId", "Status", "CreatedAt", "Id" });
 
             migrationBuilder.CreateIndex(
                 name: "IX_downloads_SourceKey",
@@ -230,7 +236,7 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                 name: "IX_loras_BaseModel_Private",
                 table: "loras",
                 columns: new[] { "BaseModel", "Private" },
-                filter: "\"Deleted\" = 0");
+                filter: "NOT \"Deleted\"");
 
             migrationBuilder.CreateIndex(
                 name: "IX_loras_DeployId",
@@ -243,7 +249,7 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                 table: "loras",
                 columns: new[] { "UserId", "Name" },
                 unique: true,
-                filter: "\"Deleted\" = 0");
+                filter: "NOT \"Deleted\"");
 
             migrationBuilder.CreateIndex(
                 name: "IX_users_Name",

@@ -196,6 +196,12 @@ namespace LoraDeploy.Data.Migrations.Postgres
                 column: "DownloadId");
 
             migrationBuilder.CreateIndex(
+                name: "IX_deploys_Importing_CreatedAt",
+                table: "deploys",
+                column: "CreatedAt",
+                filter: "\"Status\" IN ('initializing', 'downloading')");
+
+            migrationBuilder.CreateIndex(
                 name: "IX_deploys_LoraId",
                 table: "deploys",
                 column: "LoraId",
@@ -207,14 +213,14 @@ namespace LoraDeploy.Data.Migrations.Postgres
                 columns: new[] { "Status", "LeaseExpiresAt" });
 
             migrationBuilder.CreateIndex(
-                name: "IX_deploys_UserId_CreatedAt",
+                name: "IX_deploys_UserId_CreatedAt_Id",
                 table: "deploys",
-                columns: new[] { "UserId", "CreatedAt" });
+                columns: new[] { "UserId", "CreatedAt", "Id" });
 
             migrationBuilder.CreateIndex(
-                name: "IX_deploys_UserId_Status_CreatedAt",
+                name: "IX_deploys_UserId_Status_CreatedAt_Id",
                 table: "deploys",
-                columns: new[] { "UserId", "Status", "CreatedAt" });
+                columns: new[] { "UserId", "Status", "CreatedAt", "Id" });
 
             migrationBuilder.CreateIndex(
                 name: "IX_downloads_SourceKey",
