@@ -34,7 +34,7 @@ public static class ObservabilityExtensions
     }
 }
 
-/// <summary>Deploys by status, sampled from the database every few seconds (a scrape never waits on a query).</summary>
+/// <summary>Deploys by status and the pipeline queue depth, sampled from the database every few seconds (a scrape never waits on a query).</summary>
 public sealed class DeployStatusGauge : BackgroundService
 {
     public const string MeterName = "LoraDeploy.Deploys";
@@ -48,7 +48,12 @@ public sealed class DeployStatusGauge : BackgroundService
     {
         _contexts = contexts;
         _logger = logger;
-        meters.Create(MeterName).CreateObservableGauge("loradeploy.deploys", Observe, description: "Deploys by status");
+        var meter = meters.Create(MeterName);
+        meter.CreateObservableGauge("loradeploy.deploys", Observe, description: "Deploys by status");
+        // Derived from the same sample, so the pipeline's hot loop does not count rows on every pass.
+        meter.CreateObservableGauge("loradeploy.pipeline.queue_depth",
+            () => _counts.GetValueOrDefault(DeployStatus.Initializing) + _counts.GetValueOrDefault(DeployStatus.Downloading),
+            description: "Deploys waiting for the pipeline (initializing or downloading)");
     }
 
     private IEnumerable<Measurement<long>> Observe()

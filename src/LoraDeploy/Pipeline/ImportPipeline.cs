@@ -107,7 +107,6 @@ public sealed partial class ImportPipeline(
         var now = Now;
         var until = now + Options.LeaseDuration;
         var limit = Math.Min(Options.BatchSize, ResolveParallelism);
-        metrics.QueueDepth(await db.Deploys.CountAsync(d => d.Status == DeployStatus.Initializing || d.Status == DeployStatus.Downloading, ct));
         if (db is PostgresLoraDeployContext)
         {
             return await db.Database.SqlQuery<string>($"""

@@ -13,7 +13,6 @@ public sealed class PipelineMetrics
     private readonly Counter<long> _bytesDownloaded;
     private readonly Counter<long> _dedupHits;
     private readonly Histogram<double> _downloadDuration;
-    private long _queueDepth;
 
     public PipelineMetrics(IMeterFactory meters)
     {
@@ -24,8 +23,6 @@ public sealed class PipelineMetrics
         _bytesDownloaded = meter.CreateCounter<long>("loradeploy.download.bytes", unit: "By", description: "Bytes downloaded from sources");
         _dedupHits = meter.CreateCounter<long>("loradeploy.imports.dedup_hits", description: "Imports served by an already stored or in-flight file");
         _downloadDuration = meter.CreateHistogram<double>("loradeploy.download.duration", unit: "s", description: "Wall time of completed downloads");
-        meter.CreateObservableGauge("loradeploy.pipeline.queue_depth", () => Interlocked.Read(ref _queueDepth),
-            description: "Deploys waiting for the pipeline (initializing or downloading)");
     }
 
     public void ImportStarted() => _importsStarted.Add(1);
@@ -34,5 +31,4 @@ public sealed class PipelineMetrics
     public void BytesDownloaded(long bytes) => _bytesDownloaded.Add(bytes);
     public void DedupHit(string kind) => _dedupHits.Add(1, new KeyValuePair<string, object?>("kind", kind));
     public void DownloadCompleted(TimeSpan duration) => _downloadDuration.Record(duration.TotalSeconds);
-    public void QueueDepth(long depth) => Interlocked.Exchange(ref _queueDepth, depth);
 }
