@@ -16,7 +16,7 @@ public sealed class TokenAuthenticationHandler(
     IOptionsMonitor<AuthenticationSchemeOptions> options,
     ILoggerFactory logger,
     UrlEncoder encoder,
-    LoraDeployDbContext db,
+    IDbContextFactory<LoraDeployDbContext> contexts,
     IMemoryCache cache) : AuthenticationHandler<AuthenticationSchemeOptions>(options, logger, encoder)
 {
     public const string SchemeName = "Token";
@@ -37,6 +37,8 @@ public sealed class TokenAuthenticationHandler(
         var cacheKey = (typeof(CurrentUser), parsed.Id);
         if (!cache.TryGetValue(cacheKey, out CachedToken? cached) || cached is null)
         {
+            // Only a cache miss touches the database, so a hot request does not rent a context for auth.
+            await using var db = await contexts.CreateDbContextAsync(Context.RequestAborted);
             cached = await db.ApiTokens
                 .Where(t => t.Id == parsed.Id)
                 .Select(t => new CachedToken(t.SecretHash, t.UserId, t.User!.Name, t.User.IsAdmin))
