@@ -44,22 +44,14 @@ public sealed class ObservabilityTests
         var version = simulator.AddLora(AdapterFiles.Flux1(), baseModel: "Flux.1 D");
         var dataDir = Path.Combine(Path.GetTempPath(), "loradeploy-tests", Guid.NewGuid().ToString("N"));
         Directory.CreateDirectory(dataDir);
-        var settings = new Dictionary<string, string?>(PipelineHarness.FastSettings());
-        foreach (var (key, value) in simulator.Configuration(withToken: true))
-        {
-            settings[key] = value;
-        }
+        var settings = PipelineHarness.ServerSettings(simulator, withToken: true);
 
         await using var server = await ServerProcess.StartAsync(dataDir, settings);
         var adminToken = server.Output.Split('\n').Select(l => l.Trim()).Last(l => l.Contains("ld_", StringComparison.Ordinal)).Split(' ')[^1];
         using var client = server.CreateClient(adminToken);
-        var created = await (await client.PostJsonAsync("/v1/lora/create", new
-        {
-            lora_name = "logged",
-            base_model = PipelineHarness.Flux,
-            source = new { type = "civitai", civit_url = $"https://civitai.com/api/download/models/{version.Id}?token=pasted-secret-token" },
-            @private = true,
-        })).ExpectAsync(HttpStatusCode.OK);
+        var created = await (await client.PostJsonAsync("/v1/lora/create",
+            PipelineHarness.CreateBody("logged", $"https://civitai.com/api/download/models/{version.Id}?token=pasted-secret-token")))
+            .ExpectAsync(HttpStatusCode.OK);
         var deployId = created.GetProperty("deploy_id").GetString()!;
         using var bad = server.CreateClient("ld_aaaaaaaaaaaa_" + new string('b', 43));
         await bad.GetAsync("/deploy/list");

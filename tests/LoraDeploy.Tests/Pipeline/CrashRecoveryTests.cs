@@ -19,11 +19,7 @@ public sealed class CrashRecoveryTests
 
         var dataDir = Path.Combine(Path.GetTempPath(), "loradeploy-tests", Guid.NewGuid().ToString("N"));
         Directory.CreateDirectory(dataDir);
-        var settings = new Dictionary<string, string?>(PipelineHarness.FastSettings());
-        foreach (var (key, value) in simulator.Configuration())
-        {
-            settings[key] = value;
-        }
+        var settings = PipelineHarness.ServerSettings(simulator);
         var token = await CreateTokenAsync(dataDir, "crash");
 
         string deployId;
@@ -31,13 +27,8 @@ public sealed class CrashRecoveryTests
         await using (var first = await ServerProcess.StartAsync(dataDir, settings))
         {
             using var client = first.CreateClient(token);
-            var created = await (await client.PostJsonAsync("/v1/lora/create", new
-            {
-                lora_name = "survivor",
-                base_model = PipelineHarness.Flux,
-                source = new { type = "civitai", civit_url = PipelineHarness.ModelUrl(version) },
-                @private = true,
-            })).ExpectAsync(HttpStatusCode.OK);
+            var created = await (await client.PostJsonAsync("/v1/lora/create", PipelineHarness.CreateBody("survivor", PipelineHarness.ModelUrl(version))))
+                .ExpectAsync(HttpStatusCode.OK);
             deployId = created.GetProperty("deploy_id").GetString()!;
 
             // Wait until a good part of the file is in the staging folder, then pull the plug.

@@ -31,6 +31,26 @@ public sealed class PipelineHarness : IAsyncDisposable
         ["Import:AttemptTimeout"] = "00:00:10",
     };
 
+    /// <summary>A private <c>CreateLoraApiRequest</c> for a CivitAI URL.</summary>
+    public static object CreateBody(string name, string url, string baseModel = Flux) => new
+    {
+        lora_name = name,
+        base_model = baseModel,
+        source = new { type = "civitai", civit_url = url },
+        @private = true,
+    };
+
+    /// <summary>Fast pipeline timings plus the simulator's settings: what a server (in-process or a child process) needs.</summary>
+    public static Dictionary<string, string?> ServerSettings(CivitaiSimulator simulator, bool withToken = false)
+    {
+        var settings = FastSettings();
+        foreach (var (key, value) in simulator.Configuration(withToken))
+        {
+            settings[key] = value;
+        }
+        return settings;
+    }
+
     public static async Task<PipelineHarness> StartAsync(
         bool withToken = false,
         IDictionary<string, string?>? settings = null,
@@ -38,11 +58,7 @@ public sealed class PipelineHarness : IAsyncDisposable
         CivitaiSimulatorOptions? simulatorOptions = null)
     {
         var simulator = await CivitaiSimulator.StartAsync(simulatorOptions);
-        var all = FastSettings();
-        foreach (var (key, value) in simulator.Configuration(withToken))
-        {
-            all[key] = value;
-        }
+        var all = ServerSettings(simulator, withToken);
         foreach (var (key, value) in settings ?? new Dictionary<string, string?>())
         {
             all[key] = value;
@@ -55,13 +71,7 @@ public sealed class PipelineHarness : IAsyncDisposable
 
     public async Task<JsonElement> CreateAsync(string name, string url, string baseModel = Flux, TestUser? user = null)
     {
-        var response = await (user ?? User).Client.PostJsonAsync("/v1/lora/create", new
-        {
-            lora_name = name,
-            base_model = baseModel,
-            source = new { type = "civitai", civit_url = url },
-            @private = true,
-        });
+        var response = await (user ?? User).Client.PostJsonAsync("/v1/lora/create", CreateBody(name, url, baseModel));
         return await response.ExpectAsync(HttpStatusCode.OK);
     }
 

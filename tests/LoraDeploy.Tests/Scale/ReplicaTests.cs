@@ -30,13 +30,8 @@ public sealed class ReplicaTests
         var ids = await Task.WhenAll(Enumerable.Range(0, 50).Select(async i =>
         {
             var client = i % 2 == 0 ? a : b;
-            var created = await (await client.PostJsonAsync("/v1/lora/create", new
-            {
-                lora_name = $"shared-{i}",
-                base_model = PipelineHarness.Flux,
-                source = new { type = "civitai", civit_url = PipelineHarness.ModelUrl(version) },
-                @private = true,
-            })).ExpectAsync(HttpStatusCode.OK);
+            var created = await (await client.PostJsonAsync("/v1/lora/create", PipelineHarness.CreateBody($"shared-{i}", PipelineHarness.ModelUrl(version))))
+                .ExpectAsync(HttpStatusCode.OK);
             return created.GetProperty("deploy_id").GetString()!;
         }));
 
@@ -63,13 +58,8 @@ public sealed class ReplicaTests
         var token = await cluster.CreateTokenAsync("crash");
         using var a = cluster.A.CreateClient(token);
 
-        var created = await (await a.PostJsonAsync("/v1/lora/create", new
-        {
-            lora_name = "survivor",
-            base_model = PipelineHarness.Flux,
-            source = new { type = "civitai", civit_url = PipelineHarness.ModelUrl(version) },
-            @private = true,
-        })).ExpectAsync(HttpStatusCode.OK);
+        var created = await (await a.PostJsonAsync("/v1/lora/create", PipelineHarness.CreateBody("survivor", PipelineHarness.ModelUrl(version))))
+            .ExpectAsync(HttpStatusCode.OK);
         var deployId = created.GetProperty("deploy_id").GetString()!;
 
         // Whichever replica claimed the download is the one to kill, once a good part of the file is staged.
@@ -182,11 +172,7 @@ public sealed class ReplicaTests
             var connectionString = await TestBackend.CreatePostgresDatabaseAsync();
             var simulator = await CivitaiSimulator.StartAsync();
             var root = Path.Combine(Path.GetTempPath(), "loradeploy-tests", Guid.NewGuid().ToString("N"));
-            var settings = PipelineHarness.FastSettings();
-            foreach (var (key, value) in simulator.Configuration())
-            {
-                settings[key] = value;
-            }
+            var settings = PipelineHarness.ServerSettings(simulator);
             settings["Database:Provider"] = "postgres";
             settings["ConnectionStrings:Postgres"] = connectionString;
             settings["Storage:Path"] = Path.Combine(root, "shared-blobs");
