@@ -16,11 +16,12 @@ public sealed class PipelineSignal
     /// <summary>Waits for a wake-up or the timeout, whichever comes first.</summary>
     public async Task WaitAsync(TimeSpan timeout, TimeProvider time, CancellationToken ct)
     {
-        using var timeoutSource = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        timeoutSource.CancelAfter(timeout);
+        // The timeout runs on the injected clock (a fake one in tests), the stop token on the host's.
+        using var timeoutSource = new CancellationTokenSource(timeout, time);
+        using var linked = CancellationTokenSource.CreateLinkedTokenSource(ct, timeoutSource.Token);
         try
         {
-            await _channel.Reader.ReadAsync(timeoutSource.Token);
+            await _channel.Reader.ReadAsync(linked.Token);
         }
         catch (OperationCanceledException) when (!ct.IsCancellationRequested)
         {

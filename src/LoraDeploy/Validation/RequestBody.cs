@@ -60,8 +60,7 @@ public static class RequestBody
     }
 
     private static JsonHttpResult<DeepError> TooLarge() =>
-        TypedResults.Json(new DeepError($"Request body is larger than {MaxBytes} bytes."), ApiJson.Context.DeepError,
-            statusCode: StatusCodes.Status413PayloadTooLarge);
+        ApiErrors.Error(StatusCodes.Status413PayloadTooLarge, $"Request body is larger than {MaxBytes} bytes.");
 }
 
 /// <summary>Collects FastAPI-style validation errors.</summary>
