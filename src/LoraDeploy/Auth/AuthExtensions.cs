@@ -13,7 +13,9 @@ public static class AuthExtensions
             .AddScheme<AuthenticationSchemeOptions, TokenAuthenticationHandler>(TokenAuthenticationHandler.SchemeName, null);
         services.AddAuthorizationBuilder()
             .SetFallbackPolicy(null)
-            .SetDefaultPolicy(new Microsoft.AspNetCore.Authorization.AuthorizationPolicyBuilder(TokenAuthenticationHandler.SchemeName)
+            // No scheme named in the policy: the authentication middleware already ran the default (token) scheme, and
+            // naming it would authenticate again and merge a new principal on every request.
+            .SetDefaultPolicy(new Microsoft.AspNetCore.Authorization.AuthorizationPolicyBuilder()
                 .RequireAuthenticatedUser().Build());
         return services;
     }

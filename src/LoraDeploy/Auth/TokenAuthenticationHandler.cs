@@ -35,34 +35,36 @@ public sealed class TokenAuthenticationHandler(
         }
 
         var cacheKey = (typeof(CurrentUser), parsed.Id);
-        if (!cache.TryGetValue(cacheKey, out CachedToken? cached) || cached is null)
+        if (!cache.TryGetValue(cacheKey, out VerifiedToken? verified) || verified is null)
         {
             // Only a cache miss touches the database, so a hot request does not rent a context for auth.
             await using var db = await contexts.CreateDbContextAsync(Context.RequestAborted);
-            cached = await db.ApiTokens
+            var row = await db.ApiTokens
                 .Where(t => t.Id == parsed.Id)
-                .Select(t => new CachedToken(t.SecretHash, t.UserId, t.User!.Name, t.User.IsAdmin))
+                .Select(t => new { t.SecretHash, t.UserId, UserName = t.User!.Name, t.User.IsAdmin })
                 .FirstOrDefaultAsync(Context.RequestAborted);
-            if (cached is null)
+            if (row is null)
             {
                 return AuthenticateResult.Fail("Unknown token.");
             }
-            cache.Set(cacheKey, cached, CacheFor);
+            verified = new VerifiedToken(row.SecretHash, Principal(row.UserId, row.UserName, row.IsAdmin));
+            cache.Set(cacheKey, verified, CacheFor);
         }
-        if (!ApiTokens.Matches(parsed, cached.SecretHash))
+        if (!ApiTokens.Matches(parsed, verified.SecretHash))
         {
             return AuthenticateResult.Fail("Bad token.");
         }
-
-        var identity = new ClaimsIdentity(
-            [
-                new Claim(ClaimTypes.NameIdentifier, cached.UserId.ToString(System.Globalization.CultureInfo.InvariantCulture)),
-                new Claim(ClaimTypes.Name, cached.UserName),
-                .. cached.IsAdmin ? [new Claim(ClaimTypes.Role, "admin")] : Array.Empty<Claim>(),
-            ],
-            SchemeName);
-        return AuthenticateResult.Success(new AuthenticationTicket(new ClaimsPrincipal(identity), SchemeName));
+        return AuthenticateResult.Success(new AuthenticationTicket(verified.Principal, SchemeName));
     }
+
+    /// <summary>Built once per cache entry and shared by that token's requests; nothing in the pipeline changes it.</summary>
+    private static ClaimsPrincipal Principal(long userId, string userName, bool isAdmin) => new(new ClaimsIdentity(
+        [
+            new Claim(ClaimTypes.NameIdentifier, userId.ToString(System.Globalization.CultureInfo.InvariantCulture)),
+            new Claim(ClaimTypes.Name, userName),
+            .. isAdmin ? [new Claim(ClaimTypes.Role, "admin")] : Array.Empty<Claim>(),
+        ],
+        SchemeName));
 
     protected override async Task HandleChallengeAsync(AuthenticationProperties properties)
     {
@@ -88,7 +90,7 @@ public sealed class TokenAuthenticationHandler(
         return apiKey.Length > 0 ? apiKey.Trim() : null;
     }
 
-    private sealed record CachedToken(byte[] SecretHash, long UserId, string UserName, bool IsAdmin);
+    private sealed record VerifiedToken(byte[] SecretHash, ClaimsPrincipal Principal);
 }
 
 /// <summary>The authenticated caller, read from the principal.</summary>
