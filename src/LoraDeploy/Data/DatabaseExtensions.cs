@@ -1,6 +1,7 @@
 using Microsoft.Data.Sqlite;
 using Microsoft.EntityFrameworkCore;
 using Microsoft.EntityFrameworkCore.Design;
+using Npgsql;
 
 namespace LoraDeploy.Data;
 
@@ -25,7 +26,10 @@ public static class DatabaseExtensions
                     throw new InvalidOperationException(
                         "Database:Provider is postgres but ConnectionStrings:Postgres is not set.");
                 }
-                services.AddPooledDbContextFactory<PostgresLoraDeployContext>(db => ConfigurePostgres(db, postgres));
+                // One pool for EF and the hand-written hot reads (DeployReads), so replicas stay within max_connections.
+                services.AddSingleton(_ => NpgsqlDataSource.Create(postgres));
+                services.AddPooledDbContextFactory<PostgresLoraDeployContext>(
+                    (sp, db) => ConfigurePostgres(db, sp.GetRequiredService<NpgsqlDataSource>()));
                 services.AddSingleton<IDbContextFactory<LoraDeployDbContext>, ContextFactory<PostgresLoraDeployContext>>();
                 break;
             default:
@@ -62,8 +66,10 @@ public static class DatabaseExtensions
             .UseQueryTrackingBehavior(QueryTrackingBehavior.NoTracking);
 
     internal static void ConfigurePostgres(DbContextOptionsBuilder db, string connectionString) =>
-        db.UseNpgsql(connectionString)
-            .UseQueryTrackingBehavior(QueryTrackingBehavior.NoTracking);
+        db.UseNpgsql(connectionString).UseQueryTrackingBehavior(QueryTrackingBehavior.NoTracking);
+
+    private static void ConfigurePostgres(DbContextOptionsBuilder db, NpgsqlDataSource dataSource) =>
+        db.UseNpgsql(dataSource).UseQueryTrackingBehavior(QueryTrackingBehavior.NoTracking);
 
     /// <summary>Hands out the provider context as the shared base type.</summary>
     private sealed class ContextFactory<TContext>(IDbContextFactory<TContext> inner) : IDbContextFactory<LoraDeployDbContext>

@@ -23,6 +23,7 @@ public static class DeployEndpoints
     public static IServiceCollection AddDeployApi(this IServiceCollection services)
     {
         services.AddOptions<DeployOptions>().BindConfiguration(DeployOptions.Section).ValidateDataAnnotations().ValidateOnStart();
+        services.AddSingleton(DeployReads.Create);
         return services;
     }
 
@@ -44,17 +45,12 @@ public static class DeployEndpoints
     }
 
     internal static async Task<Results<Ok<List<DeploymentOut>>, JsonHttpResult<HTTPValidationError>>> ListDeploys(
-        string? status, HttpContext http, LoraDeployDbContext db, CancellationToken ct)
+        string? status, HttpContext http, DeployReads reads, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
         if (string.IsNullOrWhiteSpace(status))
         {
-            var all = new List<DeploymentOut>();
-            await foreach (var item in DeployProjection.NotDeletedOf(db, user.Id).WithCancellation(ct))
-            {
-                all.Add(item);
-            }
-            return TypedResults.Ok(all);
+            return TypedResults.Ok(await reads.ListAsync(user.Id, statuses: null, ct));
         }
         var wanted = status.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries).Distinct().ToList();
         var unknown = wanted.Where(s => !DeployStatus.All.Contains(s)).ToList();
@@ -66,16 +62,14 @@ public static class DeployEndpoints
                 "value_error");
             return errors.ToResult();
         }
-        var query = db.Deploys.Where(d => d.UserId == user.Id && wanted.Contains(d.Status));
-        var deploys = await query.OrderByDescending(d => d.CreatedAt).ThenByDescending(d => d.Id).ToOut().ToListAsync(ct);
-        return TypedResults.Ok(deploys);
+        return TypedResults.Ok(await reads.ListAsync(user.Id, wanted, ct));
     }
 
     internal static async Task<Results<Ok<DeploymentOut>, NotFound<DeepError>>> GetDeploy(
-        string deploy_id, HttpContext http, LoraDeployDbContext db, CancellationToken ct)
+        string deploy_id, HttpContext http, DeployReads reads, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
-        var deploy = await DeployProjection.ByIdAsync(db, deploy_id, user.Id, ct);
+        var deploy = await reads.ByIdAsync(deploy_id, user.Id, ct);
         return deploy is null ? DeployNotFound(deploy_id) : TypedResults.Ok(deploy);
     }
 

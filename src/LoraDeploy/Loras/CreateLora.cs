@@ -22,6 +22,7 @@ internal static class CreateLora
     public static async Task<IResult> HandleAsync(
         HttpContext http,
         LoraDeployDbContext db,
+        DeployReads reads,
         BaseModelRegistry baseModels,
         PipelineSignal pipeline,
         TimeProvider time,
@@ -49,7 +50,7 @@ internal static class CreateLora
         var requestHash = idempotencyKey.Length > 0 ? Hash(request) : "";
         if (idempotencyKey.Length > 0)
         {
-            var replay = await ReplayAsync(db, user, idempotencyKey, requestHash, ct);
+            var replay = await ReplayAsync(db, reads, user, idempotencyKey, requestHash, ct);
             if (replay is not null)
             {
                 return replay;
@@ -105,7 +106,7 @@ internal static class CreateLora
         {
             // Lost a race: either the same idempotent request, or the same name.
             db.ChangeTracker.Clear();
-            if (idempotencyKey.Length > 0 && await ReplayAsync(db, user, idempotencyKey, requestHash, ct) is { } replay)
+            if (idempotencyKey.Length > 0 && await ReplayAsync(db, reads, user, idempotencyKey, requestHash, ct) is { } replay)
             {
                 return replay;
             }
@@ -113,8 +114,7 @@ internal static class CreateLora
         }
 
         pipeline.Wake();
-        var created = await db.Deploys.Where(d => d.Id == deployId).ToOut().FirstAsync(ct);
-        return TypedResults.Ok(created);
+        return TypedResults.Ok(await ReadBackAsync(reads, deployId, user, ct));
     }
 
     private static ValidRequest? Validate(JsonElement body, BaseModelRegistry baseModels, ValidationErrors errors)
@@ -174,7 +174,7 @@ internal static class CreateLora
             : new ValidRequest(loraName, baseModel, civitUrl, isPrivate.Value, description);
     }
 
-    private static async Task<IResult?> ReplayAsync(LoraDeployDbContext db, CurrentUser user, string key, string requestHash, CancellationToken ct)
+    private static async Task<IResult?> ReplayAsync(LoraDeployDbContext db, DeployReads reads, CurrentUser user, string key, string requestHash, CancellationToken ct)
     {
         var record = await db.IdempotencyRecords.FirstOrDefaultAsync(r => r.UserId == user.Id && r.Key == key, ct);
         if (record is null)
@@ -188,9 +188,12 @@ internal static class CreateLora
                 "Value error, this Idempotency-Key was already used with a different request body", "value_error");
             return errors.ToResult();
         }
-        var existing = await db.Deploys.Where(d => d.Id == record.DeployId).ToOut().FirstAsync(ct);
-        return TypedResults.Ok(existing);
+        return TypedResults.Ok(await ReadBackAsync(reads, record.DeployId, user, ct));
     }
+
+    /// <summary>A committed deploy of the caller's; deploys are never removed, only marked deleted.</summary>
+    private static async Task<DeploymentOut> ReadBackAsync(DeployReads reads, string deployId, CurrentUser user, CancellationToken ct) =>
+        await reads.ByIdAsync(deployId, user.Id, ct) ?? throw new InvalidOperationException($"Deploy {deployId} vanished after it was committed.");
 
     private static IResult Conflict(string name) =>
         ApiErrors.Conflict($"A LoRA named '{name}' already exists; delete it or choose another lora_name.");

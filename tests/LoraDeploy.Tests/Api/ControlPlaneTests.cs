@@ -191,6 +191,32 @@ public abstract partial class ControlPlaneTests(ServerFixture fixture)
     }
 
     [Fact]
+    public async Task Deploy_reads_render_timestamps_like_the_rest_of_the_api_and_list_newest_first()
+    {
+        // The hot reads render timestamps in SQL; a fraction just under the next second must be cut, not rounded
+        // (rounding would turn 23:59:59.9999999 on 31 December into the next year).
+        var alice = await Server.CreateUserAsync("alice");
+        var older = (await CreateAsync(alice, "older")).GetProperty("deploy_id").GetString()!;
+        var newer = (await CreateAsync(alice, "newer")).GetProperty("deploy_id").GetString()!;
+        var stamp = new DateTime(2026, 12, 31, 23, 59, 59, DateTimeKind.Utc).AddTicks(9_999_999);
+        await Server.QueryAsync(db => db.Deploys.Where(d => d.Id == older)
+            .ExecuteUpdateAsync(set => set.SetProperty(d => d.CreatedAt, stamp).SetProperty(d => d.UpdatedAt, stamp.AddTicks(-9_999_999))));
+        await Server.QueryAsync(db => db.Deploys.Where(d => d.Id == newer)
+            .ExecuteUpdateAsync(set => set.SetProperty(d => d.CreatedAt, stamp.AddTicks(1)).SetProperty(d => d.UpdatedAt, stamp.AddTicks(1))));
+
+        var one = await (await alice.Client.GetAsync($"/deploy/{older}")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal("2026-12-31T23:59:59+00:00", one.GetProperty("created_at").GetString());
+        Assert.Equal("2026-12-31T23:59:59+00:00", one.GetProperty("updated_at").GetString());
+        Assert.Equal(Timestamps.Format(stamp), one.GetProperty("created_at").GetString());
+
+        var list = await (await alice.Client.GetAsync("/deploy/list")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal([newer, older], list.EnumerateArray().Select(d => d.GetProperty("deploy_id").GetString()));
+        Assert.Equal("2027-01-01T00:00:00+00:00", list[0].GetProperty("created_at").GetString());
+        var filtered = await (await alice.Client.GetAsync("/deploy/list?status=initializing")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal(list.GetRawText(), filtered.GetRawText());
+    }
+
+    [Fact]
     public async Task Deploy_list_refuses_an_unknown_status()
     {
         var alice = await Server.CreateUserAsync("alice");
