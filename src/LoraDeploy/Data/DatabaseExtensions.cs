@@ -1,7 +1,6 @@
 using Microsoft.Data.Sqlite;
 using Microsoft.EntityFrameworkCore;
 using Microsoft.EntityFrameworkCore.Design;
-using Npgsql;
 
 namespace LoraDeploy.Data;
 
@@ -26,10 +25,7 @@ public static class DatabaseExtensions
                     throw new InvalidOperationException(
                         "Database:Provider is postgres but ConnectionStrings:Postgres is not set.");
                 }
-                // One pool for EF and the hand-written hot reads (DeployReads), so replicas stay within max_connections.
-                services.AddSingleton(_ => NpgsqlDataSource.Create(postgres));
-                services.AddPooledDbContextFactory<PostgresLoraDeployContext>(
-                    (sp, db) => ConfigurePostgres(db, sp.GetRequiredService<NpgsqlDataSource>()));
+                services.AddPooledDbContextFactory<PostgresLoraDeployContext>(db => ConfigurePostgres(db, postgres));
                 services.AddSingleton<IDbContextFactory<LoraDeployDbContext>, ContextFactory<PostgresLoraDeployContext>>();
                 break;
             default:
@@ -66,10 +62,8 @@ public static class DatabaseExtensions
             .UseQueryTrackingBehavior(QueryTrackingBehavior.NoTracking);
 
     internal static void ConfigurePostgres(DbContextOptionsBuilder db, string connectionString) =>
-        db.UseNpgsql(connectionString).UseQueryTrackingBehavior(QueryTrackingBehavior.NoTracking);
-
-    private static void ConfigurePostgres(DbContextOptionsBuilder db, NpgsqlDataSource dataSource) =>
-        db.UseNpgsql(dataSource).UseQueryTrackingBehavior(QueryTrackingBehavior.NoTracking);
+        db.UseNpgsql(connectionString)
+            .UseQueryTrackingBehavior(QueryTrackingBehavior.NoTracking);
 
     /// <summary>Hands out the provider context as the shared base type.</summary>
     private sealed class ContextFactory<TContext>(IDbContextFactory<TContext> inner) : IDbContextFactory<LoraDeployDbContext>

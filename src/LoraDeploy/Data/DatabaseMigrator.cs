@@ -10,7 +10,6 @@ namespace LoraDeploy.Data;
 public sealed class DatabaseMigrator(
     IDbContextFactory<LoraDeployDbContext> contexts,
     IOptions<DatabaseOptions> options,
-    IConfiguration configuration,
     ILogger<DatabaseMigrator> logger)
 {
     public async Task MigrateAsync(CancellationToken cancellationToken)
@@ -46,8 +45,8 @@ public sealed class DatabaseMigrator(
     /// </summary>
     private async Task MigrateUnderAdvisoryLockAsync(LoraDeployDbContext db, CancellationToken cancellationToken)
     {
-        // From the configuration: the context's data source hands out its connection string without the password.
-        var builder = new Npgsql.NpgsqlConnectionStringBuilder(configuration.GetConnectionString("Postgres")) { Pooling = false };
+        // Not multiplexed either: multiplexing needs pooling, and a session lock needs one fixed connection.
+        var builder = new Npgsql.NpgsqlConnectionStringBuilder(db.Database.GetConnectionString()) { Pooling = false, Multiplexing = false };
         await using var connection = new Npgsql.NpgsqlConnection(builder.ToString());
         await connection.OpenAsync(cancellationToken);
         await using (var take = new Npgsql.NpgsqlCommand("SELECT pg_advisory_lock(@key)", connection))
