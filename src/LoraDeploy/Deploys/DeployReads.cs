@@ -64,7 +64,7 @@ public abstract class DeployReads
 }
 
 /// <summary>
-/// SQLite: a small pool of open connections, each with both statements prepared once. Microsoft.Data.Sqlite
+/// SQLite: a small pool of open connections, each with its statements prepared once. Microsoft.Data.Sqlite
 /// prepares a statement again for every new command, and its own pool takes a lock on every open and close.
 /// In WAL mode these readers never block the writers.
 /// </summary>
