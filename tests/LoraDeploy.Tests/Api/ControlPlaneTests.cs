@@ -344,7 +344,8 @@ public abstract partial class ControlPlaneTests(ServerFixture fixture)
         var stored = await Server.QueryAsync(db => db.ApiTokens.Where(t => t.User!.Name == alice.Name).ToListAsync());
         var token = Assert.Single(stored);
         Assert.Equal(32, token.SecretHash.Length);
-        var secret = alice.Token[(alice.Token.LastIndexOf('_') + 1)..];
+        var secret = TokenParts.Secret(alice.Token);
+        Assert.Equal(43, secret.Length);
         Assert.NotEqual(secret, Convert.ToBase64String(token.SecretHash));
         Assert.DoesNotContain(secret, System.Text.Encoding.UTF8.GetString(token.SecretHash));
     }

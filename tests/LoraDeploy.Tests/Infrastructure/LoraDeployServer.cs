@@ -143,3 +143,12 @@ public sealed class LoraDeployServer : IAsyncDisposable
 }
 
 public sealed record TestUser(string Name, string Token, HttpClient Client);
+
+public static class TokenParts
+{
+    /// <summary>
+    /// The secret of an <c>ld_{12-char id}_{43-char secret}</c> token. Not "after the last '_'": the secret is
+    /// base64url and may itself contain '_', which left a one- or two-character tail that tests then found everywhere.
+    /// </summary>
+    public static string Secret(string token) => token[("ld_".Length + 12 + 1)..];
+}
