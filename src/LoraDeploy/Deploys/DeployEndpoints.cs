@@ -44,13 +44,13 @@ public static class DeployEndpoints
         return app;
     }
 
-    internal static async Task<Results<Ok<List<DeploymentOut>>, JsonHttpResult<HTTPValidationError>>> ListDeploys(
-        string? status, HttpContext http, DeployReads reads, CancellationToken ct)
+    internal static Results<DeployListJson, JsonHttpResult<HTTPValidationError>> ListDeploys(
+        string? status, HttpContext http, DeployReads reads)
     {
         var user = CurrentUser.From(http.User);
         if (string.IsNullOrWhiteSpace(status))
         {
-            return TypedResults.Ok(await reads.ListAsync(user.Id, statuses: null, ct));
+            return new DeployListJson(reads, user.Id, statuses: null);
         }
         var wanted = status.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries).Distinct().ToList();
         var unknown = wanted.Where(s => !DeployStatus.All.Contains(s)).ToList();
@@ -62,15 +62,15 @@ public static class DeployEndpoints
                 "value_error");
             return errors.ToResult();
         }
-        return TypedResults.Ok(await reads.ListAsync(user.Id, wanted, ct));
+        return new DeployListJson(reads, user.Id, wanted);
     }
 
-    internal static async Task<Results<Ok<DeploymentOut>, NotFound<DeepError>>> GetDeploy(
+    internal static async Task<Results<DeployJson, NotFound<DeepError>>> GetDeploy(
         string deploy_id, HttpContext http, DeployReads reads, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
         var deploy = await reads.ByIdAsync(deploy_id, user.Id, ct);
-        return deploy is null ? DeployNotFound(deploy_id) : TypedResults.Ok(deploy);
+        return deploy is null ? DeployNotFound(deploy_id) : deploy;
     }
 
     internal static async Task<IResult> UpdateDeploy(

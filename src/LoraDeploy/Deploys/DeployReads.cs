@@ -1,33 +1,39 @@
+using System.Buffers;
 using System.Data.Common;
+using System.IO.Pipelines;
+using System.Text;
 using System.Text.Json;
 using LoraDeploy.Data;
 using Microsoft.Data.Sqlite;
 using Microsoft.Extensions.ObjectPool;
 using Npgsql;
+using SQLitePCL;
 
 namespace LoraDeploy.Deploys;
 
 /// <summary>
-/// Every read of <see cref="DeploymentOut"/> — what clients poll (<c>GET /deploy/{id}</c>, <c>GET /deploy/list</c>) —
-/// as SQL of our own straight into the wire type. A wrk profile of the EF path spent more of each request in EF's
-/// command and reader plumbing, Microsoft.Data.Sqlite's lock-guarded connection pool and re-preparing the statement
-/// than in anything else; these reads keep their statements prepared per connection instead. Writes stay on EF.
-/// Each is one index range scan: the primary key, or <c>IX_deploys_UserId_CreatedAt_Id</c> in list order.
+/// Every read of a <c>DeploymentOut</c> — what clients poll (<c>GET /deploy/{id}</c>, <c>GET /deploy/list</c>) —
+/// as SQL of our own, written as JSON straight from the driver's row (<see cref="DeployJsonWriter"/>). A wrk
+/// profile of the EF path spent more of each request in EF's command and reader plumbing, Microsoft.Data.Sqlite's
+/// lock-guarded connection pool and re-preparing the statement than in anything else; these reads keep their
+/// statements prepared per connection instead. Writes stay on EF. Each is one index range scan: the primary key,
+/// or <c>IX_deploys_UserId_CreatedAt_Id</c> in list order.
 /// </summary>
 public abstract class DeployReads
 {
-    /// <param name="timestamp">SQL that selects a UTC timestamp column for <see cref="ReadTimestamp"/>.</param>
     /// <param name="statusIsOneOf">SQL that tests <c>"Status"</c> against the <c>@statuses</c> parameter.</param>
-    protected DeployReads(Func<string, string> timestamp, string statusIsOneOf)
+    protected DeployReads(string statusIsOneOf)
     {
-        var select = "SELECT \"Id\", \"ModelName\", \"Version\", \"Task\", \"Status\", \"FailReason\", " +
-            $"{timestamp("\"CreatedAt\"")}, {timestamp("\"UpdatedAt\"")}, " +
-            "\"RunningInstances\", \"PendingInstances\", \"MinInstances\", \"MaxInstances\", \"Type\" FROM deploys ";
+        const string select = "SELECT \"Id\", \"ModelName\", \"Version\", \"Task\", \"Status\", \"FailReason\", \"CreatedAt\", " +
+            "\"UpdatedAt\", \"RunningInstances\", \"PendingInstances\", \"MinInstances\", \"MaxInstances\", \"Type\" FROM deploys ";
         const string listOrder = " ORDER BY \"CreatedAt\" DESC, \"Id\" DESC";
         ByIdSql = select + "WHERE \"Id\" = @id AND \"UserId\" = @user";
         NotDeletedOfSql = select + $"WHERE \"UserId\" = @user AND \"Status\" <> '{DeployStatus.Deleted}'" + listOrder;
         WithStatusSql = select + $"WHERE \"UserId\" = @user AND \"Status\" {statusIsOneOf}" + listOrder;
     }
+
+    /// <summary>The length of DeepInfra's 'yyyy-MM-ddTHH:mm:ss+00:00'.</summary>
+    protected const int TimestampLength = 25;
 
     protected string ByIdSql { get; }
 
@@ -35,28 +41,25 @@ public abstract class DeployReads
 
     protected string WithStatusSql { get; }
 
-    /// <summary>The caller's deploy, or null when it does not exist or is someone else's.</summary>
-    public abstract ValueTask<DeploymentOut?> ByIdAsync(string id, long userId, CancellationToken ct);
+    /// <summary>The caller's deploy as its response body, or null when it does not exist or is someone else's.</summary>
+    public abstract ValueTask<DeployJson?> ByIdAsync(string id, long userId, CancellationToken ct);
 
-    /// <summary>The caller's deploys, newest first: those not deleted, or those with one of <paramref name="statuses"/>.</summary>
-    public abstract ValueTask<List<DeploymentOut>> ListAsync(long userId, IReadOnlyCollection<string>? statuses, CancellationToken ct);
+    /// <summary>
+    /// Writes the caller's deploys, newest first, as one JSON array: those not deleted, or those with one of
+    /// <paramref name="statuses"/>. Handed to <paramref name="body"/> every <see cref="DeployListChunk.Bytes"/>.
+    /// </summary>
+    public abstract Task WriteListAsync(long userId, IReadOnlyCollection<string>? statuses, PipeWriter body, CancellationToken ct);
 
-    /// <summary>A timestamp column as DeepInfra writes it (<see cref="Timestamps.Format"/>).</summary>
-    protected abstract string ReadTimestamp(DbDataReader row, int ordinal);
-
-    protected DeploymentOut ReadRow(DbDataReader row) => new(
-        row.GetString(0),
-        row.GetString(1),
-        row.GetString(2),
-        row.GetString(3),
-        row.GetString(4),
-        row.GetString(5),
-        ReadTimestamp(row, 6),
-        ReadTimestamp(row, 7),
-        new DeployInstances(row.GetInt32(8), row.GetInt32(9)),
-        null,
-        new ScaleSettings(row.GetInt32(10), row.GetInt32(11)),
-        row.GetString(12));
+    /// <summary>One deploy's body: <paramref name="writeRow"/> writes the current row of <paramref name="reader"/>.</summary>
+    protected static DeployJson Render<TReader>(TReader reader, Action<TReader, Utf8JsonWriter> writeRow)
+    {
+        var buffer = new ArrayBufferWriter<byte>(512);
+        using (var json = new Utf8JsonWriter(buffer, DeployJsonWriter.Options))
+        {
+            writeRow(reader, json);
+        }
+        return new DeployJson(buffer.WrittenMemory);
+    }
 
     public static DeployReads Create(IServiceProvider services) =>
         services.GetRequiredService<Microsoft.Extensions.Options.IOptions<DatabaseOptions>>().Value.Provider switch
@@ -67,102 +70,182 @@ public abstract class DeployReads
 }
 
 /// <summary>
-/// SQLite: a small pool of open connections, each with its statements prepared once. Microsoft.Data.Sqlite
-/// prepares a statement again for every new command, and its own pool takes a lock on every open and close.
-/// In WAL mode these readers never block the writers.
+/// SQLite: a small pool of open connections, each with its statements prepared once, read through SQLitePCL.raw
+/// (the layer under Microsoft.Data.Sqlite): a column arrives as a span of SQLite's own buffer, so a row costs no
+/// strings. Microsoft.Data.Sqlite prepares a statement again for every new command, takes a lock in its pool on
+/// every open and close, and copies each column into a string. In WAL mode these readers never block the writers.
 /// </summary>
 public sealed class SqliteDeployReads : DeployReads, IDisposable
 {
     private readonly ObjectPool<Session> _sessions;
 
-    public SqliteDeployReads(string connectionString)
-        // EF stores a DateTime as 'yyyy-MM-dd HH:mm:ss[.fffffff]': cutting the text truncates the fraction exactly as
-        // Timestamps.Format does, where strftime would round to the millisecond first. SQLite has no array
-        // parameters, so the statuses arrive as one JSON array and the statement stays prepared.
-        : base(column => $"substr({column}, 1, 10) || 'T' || substr({column}, 12, 8) || '+00:00'",
-            "IN (SELECT value FROM json_each(@statuses))")
+    // SQLite has no array parameters, so the statuses arrive as one JSON array and the statement stays prepared.
+    public SqliteDeployReads(string connectionString) : base("IN (SELECT value FROM json_each(@statuses))")
     {
         _sessions = new DefaultObjectPoolProvider { MaximumRetained = 4 * Environment.ProcessorCount }
             .Create(new SessionPolicy(this, connectionString));
     }
 
-    /// <summary>Rendered by the SQL already: parsing the text into a DateTime only to format it again cost more.</summary>
-    protected override string ReadTimestamp(DbDataReader row, int ordinal) => row.GetString(ordinal);
-
-    public override ValueTask<DeploymentOut?> ByIdAsync(string id, long userId, CancellationToken ct)
+    public override ValueTask<DeployJson?> ByIdAsync(string id, long userId, CancellationToken ct)
     {
         var session = _sessions.Get();
+        var statement = session.ById;
         try
         {
-            session.ById.Parameters[0].Value = id;
-            session.ById.Parameters[1].Value = userId;
-            using var reader = session.ById.ExecuteReader();
-            return ValueTask.FromResult(reader.Read() ? ReadRow(reader) : null);
+            raw.sqlite3_bind_text(statement, 1, id);
+            raw.sqlite3_bind_int64(statement, 2, userId);
+            return ValueTask.FromResult(session.Step(statement) ? Render(statement, WriteRow) : null);
         }
         finally
         {
+            session.Release(statement);
             _sessions.Return(session);
         }
     }
 
-    public override ValueTask<List<DeploymentOut>> ListAsync(long userId, IReadOnlyCollection<string>? statuses, CancellationToken ct)
+    public override async Task WriteListAsync(long userId, IReadOnlyCollection<string>? statuses, PipeWriter body, CancellationToken ct)
     {
         var session = _sessions.Get();
+        var statement = statuses is null ? session.NotDeletedOf : session.WithStatus;
         try
         {
-            var command = statuses is null ? session.NotDeletedOf : session.WithStatus;
-            command.Parameters[0].Value = userId;
+            raw.sqlite3_bind_int64(statement, 1, userId);
             if (statuses is not null)
             {
-                command.Parameters[1].Value = JsonSerializer.Serialize([.. statuses], ApiJson.Context.ListString);
+                raw.sqlite3_bind_text(statement, 2, JsonSerializer.Serialize([.. statuses], ApiJson.Context.ListString));
             }
-            using var reader = command.ExecuteReader();
-            var deploys = new List<DeploymentOut>();
-            while (reader.Read())
+            await using var json = new Utf8JsonWriter(body, DeployJsonWriter.Options);
+            json.WriteStartArray();
+            while (WriteRows(session, statement, json))
             {
-                ct.ThrowIfCancellationRequested();
-                deploys.Add(ReadRow(reader));
+                if (!await DeployListChunk.FlushAsync(json, body, ct))
+                {
+                    return;
+                }
             }
-            return ValueTask.FromResult(deploys);
+            json.WriteEndArray();
+            json.Flush();
         }
         finally
         {
+            session.Release(statement);
             _sessions.Return(session);
         }
+    }
+
+    /// <summary>Writes rows until a chunk is full (true) or the rows are done (false).</summary>
+    private static bool WriteRows(Session session, sqlite3_stmt statement, Utf8JsonWriter json)
+    {
+        var until = json.BytesCommitted + json.BytesPending + DeployListChunk.Bytes;
+        while (json.BytesCommitted + json.BytesPending < until)
+        {
+            if (!session.Step(statement))
+            {
+                return false;
+            }
+            WriteRow(statement, json);
+        }
+        return true;
+    }
+
+    private static void WriteRow(sqlite3_stmt row, Utf8JsonWriter json)
+    {
+        Span<byte> created = stackalloc byte[TimestampLength], updated = stackalloc byte[TimestampLength];
+        DeployJsonWriter.Write(json, ReadRow(row, created, updated));
+    }
+
+    private static DeployRow ReadRow(sqlite3_stmt row, Span<byte> created, Span<byte> updated) => new()
+    {
+        // A TEXT column's blob is its UTF-8 bytes, without a conversion.
+        Id = raw.sqlite3_column_blob(row, 0),
+        ModelName = raw.sqlite3_column_blob(row, 1),
+        Version = raw.sqlite3_column_blob(row, 2),
+        Task = raw.sqlite3_column_blob(row, 3),
+        Status = raw.sqlite3_column_blob(row, 4),
+        FailReason = raw.sqlite3_column_blob(row, 5),
+        CreatedAt = Timestamp(raw.sqlite3_column_blob(row, 6), created),
+        UpdatedAt = Timestamp(raw.sqlite3_column_blob(row, 7), updated),
+        RunningInstances = raw.sqlite3_column_int(row, 8),
+        PendingInstances = raw.sqlite3_column_int(row, 9),
+        MinInstances = raw.sqlite3_column_int(row, 10),
+        MaxInstances = raw.sqlite3_column_int(row, 11),
+        Type = raw.sqlite3_column_blob(row, 12),
+    };
+
+    /// <summary>
+    /// EF stores a DateTime as 'yyyy-MM-dd HH:mm:ss[.fffffff]'; DeepInfra's form is 'yyyy-MM-ddTHH:mm:ss+00:00'.
+    /// Cutting the text truncates the fraction exactly as <see cref="Timestamps.Format"/> does (SQLite's own
+    /// strftime would round to the millisecond first, and doing it in SQL cost ~2 µs a row).
+    /// </summary>
+    private static ReadOnlySpan<byte> Timestamp(ReadOnlySpan<byte> stored, Span<byte> into)
+    {
+        if (stored.Length < 19 || stored[10] != (byte)' ')
+        {
+            throw new InvalidDataException($"A deploy timestamp reads '{Encoding.UTF8.GetString(stored)}'; expected 'yyyy-MM-dd HH:mm:ss'.");
+        }
+        stored[..19].CopyTo(into);
+        into[10] = (byte)'T';
+        "+00:00"u8.CopyTo(into[19..]);
+        return into[..TimestampLength];
     }
 
     public void Dispose() => (_sessions as IDisposable)?.Dispose();
 
+    /// <summary>One connection and its prepared statements; used by one request at a time.</summary>
     private sealed class Session : IDisposable
     {
         private readonly SqliteConnection _connection;
+        private readonly sqlite3 _db;
 
         public Session(SqliteDeployReads reads, string connectionString)
         {
             // Its own connection, outside Microsoft.Data.Sqlite's pool: it lives as long as the session.
             _connection = new SqliteConnection(new SqliteConnectionStringBuilder(connectionString) { Pooling = false }.ToString());
             _connection.Open();
-            ById = Prepare(reads.ByIdSql, "@id", "@user");
-            NotDeletedOf = Prepare(reads.NotDeletedOfSql, "@user");
-            WithStatus = Prepare(reads.WithStatusSql, "@user", "@statuses");
+            using (var wait = _connection.CreateCommand())
+            {
+                // Microsoft.Data.Sqlite retries a busy database itself; statements of our own ask SQLite to wait.
+                wait.CommandText = "PRAGMA busy_timeout = 30000";
+                wait.ExecuteNonQuery();
+            }
+            _db = _connection.Handle!;
+            ById = Prepare(reads.ByIdSql);
+            NotDeletedOf = Prepare(reads.NotDeletedOfSql);
+            WithStatus = Prepare(reads.WithStatusSql);
         }
 
-        public SqliteCommand ById { get; }
+        /// <summary>Parameters: 1 = deploy id, 2 = user id.</summary>
+        public sqlite3_stmt ById { get; }
 
-        public SqliteCommand NotDeletedOf { get; }
+        /// <summary>Parameters: 1 = user id.</summary>
+        public sqlite3_stmt NotDeletedOf { get; }
 
-        public SqliteCommand WithStatus { get; }
+        /// <summary>Parameters: 1 = user id, 2 = statuses as a JSON array.</summary>
+        public sqlite3_stmt WithStatus { get; }
 
-        private SqliteCommand Prepare(string sql, params string[] parameters)
+        /// <summary>True with a row to read, false when done.</summary>
+        public bool Step(sqlite3_stmt statement)
         {
-            var command = _connection.CreateCommand();
-            command.CommandText = sql;
-            foreach (var name in parameters)
+            var rc = raw.sqlite3_step(statement);
+            if (rc is raw.SQLITE_ROW or raw.SQLITE_DONE)
             {
-                command.Parameters.Add(new SqliteParameter { ParameterName = name });
+                return rc == raw.SQLITE_ROW;
             }
-            command.Prepare();
-            return command;
+            SqliteException.ThrowExceptionForRC(rc, _db);
+            throw new InvalidOperationException($"SQLite returned {rc}.");
+        }
+
+        /// <summary>Ends the statement's read (and its snapshot) so the session can serve the next request.</summary>
+        public void Release(sqlite3_stmt statement)
+        {
+            raw.sqlite3_reset(statement);
+            raw.sqlite3_clear_bindings(statement);
+        }
+
+        private sqlite3_stmt Prepare(string sql)
+        {
+            SqliteException.ThrowExceptionForRC(raw.sqlite3_prepare_v2(_db, sql, out var statement), _db);
+            return statement;
         }
 
         public void Dispose()
@@ -192,8 +275,7 @@ public sealed class PostgresDeployReads : DeployReads, IDisposable
 {
     private readonly NpgsqlDataSource _dataSource;
 
-    public PostgresDeployReads(string connectionString)
-        : base(column => column, "= ANY(@statuses)")
+    public PostgresDeployReads(string connectionString) : base("= ANY(@statuses)")
     {
         var builder = new NpgsqlDataSourceBuilder(connectionString);
         builder.ConnectionStringBuilder.Multiplexing = true;
@@ -202,22 +284,16 @@ public sealed class PostgresDeployReads : DeployReads, IDisposable
         _dataSource = builder.Build();
     }
 
-    /// <summary>
-    /// Formatted here, not with to_char: a timestamptz arrives as 8 binary bytes, and to_char cost the database
-    /// more than the formatting costs us.
-    /// </summary>
-    protected override string ReadTimestamp(DbDataReader row, int ordinal) => Timestamps.Format(row.GetFieldValue<DateTime>(ordinal));
-
-    public override async ValueTask<DeploymentOut?> ByIdAsync(string id, long userId, CancellationToken ct)
+    public override async ValueTask<DeployJson?> ByIdAsync(string id, long userId, CancellationToken ct)
     {
         await using var command = _dataSource.CreateCommand(ByIdSql);
         command.Parameters.Add(new NpgsqlParameter<string>("id", id));
         command.Parameters.Add(new NpgsqlParameter<long>("user", userId));
         await using var reader = await command.ExecuteReaderAsync(ct);
-        return await reader.ReadAsync(ct) ? ReadRow(reader) : null;
+        return await reader.ReadAsync(ct) ? Render<DbDataReader>(reader, WriteRow) : null;
     }
 
-    public override async ValueTask<List<DeploymentOut>> ListAsync(long userId, IReadOnlyCollection<string>? statuses, CancellationToken ct)
+    public override async Task WriteListAsync(long userId, IReadOnlyCollection<string>? statuses, PipeWriter body, CancellationToken ct)
     {
         await using var command = _dataSource.CreateCommand(statuses is null ? NotDeletedOfSql : WithStatusSql);
         command.Parameters.Add(new NpgsqlParameter<long>("user", userId));
@@ -226,12 +302,84 @@ public sealed class PostgresDeployReads : DeployReads, IDisposable
             command.Parameters.Add(new NpgsqlParameter<string[]>("statuses", [.. statuses]));
         }
         await using var reader = await command.ExecuteReaderAsync(ct);
-        var deploys = new List<DeploymentOut>();
+        await using var json = new Utf8JsonWriter(body, DeployJsonWriter.Options);
+        json.WriteStartArray();
+        var until = (long)DeployListChunk.Bytes;
         while (await reader.ReadAsync(ct))
         {
-            deploys.Add(ReadRow(reader));
+            WriteRow(reader, json);
+            if (json.BytesCommitted + json.BytesPending >= until)
+            {
+                if (!await DeployListChunk.FlushAsync(json, body, ct))
+                {
+                    return;
+                }
+                until = json.BytesCommitted + DeployListChunk.Bytes;
+            }
         }
-        return deploys;
+        json.WriteEndArray();
+        json.Flush();
+    }
+
+    /// <summary>
+    /// Npgsql hands text over as strings; they are encoded once into one scratch buffer for the row. Timestamps are
+    /// formatted here, not with to_char: a timestamptz arrives as 8 binary bytes, and to_char cost the database
+    /// more than the formatting costs us.
+    /// </summary>
+    private static void WriteRow(DbDataReader row, Utf8JsonWriter json)
+    {
+        string id = row.GetString(0), modelName = row.GetString(1), version = row.GetString(2), task = row.GetString(3),
+            status = row.GetString(4), failReason = row.GetString(5), type = row.GetString(12);
+        var length = Encoding.UTF8.GetMaxByteCount(id.Length + modelName.Length + version.Length + task.Length +
+            status.Length + failReason.Length + type.Length) + 2 * TimestampLength;
+        byte[]? rented = null;
+        var scratch = length <= 1024 ? stackalloc byte[1024] : (rented = ArrayPool<byte>.Shared.Rent(length));
+        try
+        {
+            var at = 0;
+            DeployJsonWriter.Write(json, new DeployRow
+            {
+                Id = Encode(id, scratch, ref at),
+                ModelName = Encode(modelName, scratch, ref at),
+                Version = Encode(version, scratch, ref at),
+                Task = Encode(task, scratch, ref at),
+                Status = Encode(status, scratch, ref at),
+                FailReason = Encode(failReason, scratch, ref at),
+                CreatedAt = Timestamp(row.GetFieldValue<DateTime>(6), scratch, ref at),
+                UpdatedAt = Timestamp(row.GetFieldValue<DateTime>(7), scratch, ref at),
+                RunningInstances = row.GetInt32(8),
+                PendingInstances = row.GetInt32(9),
+                MinInstances = row.GetInt32(10),
+                MaxInstances = row.GetInt32(11),
+                Type = Encode(type, scratch, ref at),
+            });
+        }
+        finally
+        {
+            if (rented is not null)
+            {
+                ArrayPool<byte>.Shared.Return(rented);
+            }
+        }
+    }
+
+    private static ReadOnlySpan<byte> Encode(string text, Span<byte> scratch, ref int at)
+    {
+        var start = at;
+        at += Encoding.UTF8.GetBytes(text, scratch[at..]);
+        return scratch[start..at];
+    }
+
+    /// <summary>Like <see cref="Timestamps.Format"/>, into UTF-8.</summary>
+    private static ReadOnlySpan<byte> Timestamp(DateTime utc, Span<byte> scratch, ref int at)
+    {
+        var start = at;
+        if (!utc.TryFormat(scratch[at..], out var written, "yyyy'-'MM'-'dd'T'HH':'mm':'ss'+00:00'", System.Globalization.CultureInfo.InvariantCulture))
+        {
+            throw new InvalidOperationException("A timestamp did not fit its buffer.");
+        }
+        at += written;
+        return scratch[start..at];
     }
 
     public void Dispose() => _dataSource.Dispose();

@@ -114,7 +114,7 @@ internal static class CreateLora
         }
 
         pipeline.Wake();
-        return TypedResults.Ok(await ReadBackAsync(reads, deployId, user, ct));
+        return await ReadBackAsync(reads, deployId, user, ct);
     }
 
     private static ValidRequest? Validate(JsonElement body, BaseModelRegistry baseModels, ValidationErrors errors)
@@ -188,11 +188,11 @@ internal static class CreateLora
                 "Value error, this Idempotency-Key was already used with a different request body", "value_error");
             return errors.ToResult();
         }
-        return TypedResults.Ok(await ReadBackAsync(reads, record.DeployId, user, ct));
+        return await ReadBackAsync(reads, record.DeployId, user, ct);
     }
 
     /// <summary>A committed deploy of the caller's; deploys are never removed, only marked deleted.</summary>
-    private static async Task<DeploymentOut> ReadBackAsync(DeployReads reads, string deployId, CurrentUser user, CancellationToken ct) =>
+    private static async Task<DeployJson> ReadBackAsync(DeployReads reads, string deployId, CurrentUser user, CancellationToken ct) =>
         await reads.ByIdAsync(deployId, user.Id, ct) ?? throw new InvalidOperationException($"Deploy {deployId} vanished after it was committed.");
 
     private static IResult Conflict(string name) =>

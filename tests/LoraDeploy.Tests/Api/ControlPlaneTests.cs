@@ -217,6 +217,52 @@ public abstract partial class ControlPlaneTests(ServerFixture fixture)
     }
 
     [Fact]
+    public async Task Deploy_reads_write_what_the_serializer_writes_for_any_text_and_long_lists()
+    {
+        // The reads write JSON straight from the driver's row; the DeploymentOut record and the API's serializer are
+        // the reference. Text that needs escaping (quotes, controls, non-ASCII, HTML characters), and a list long
+        // enough to be handed to the connection in several chunks.
+        var alice = await Server.CreateUserAsync("alice");
+        var ids = new List<string>();
+        for (var i = 0; i < 80; i++)
+        {
+            ids.Add((await CreateAsync(alice, $"escape-{i}")).GetProperty("deploy_id").GetString()!);
+        }
+        var reason = "He said \"no\" \\ <b>&amp;</b> 'quoted' \u0001\t\n é 漢字 😀 " + new string('x', 1_900);
+        for (var i = 0; i < ids.Count; i++)
+        {
+            var n = i;
+            await Server.QueryAsync(db => db.Deploys.Where(d => d.Id == ids[n]).ExecuteUpdateAsync(set => set
+                .SetProperty(d => d.Status, DeployStatus.Failed)
+                .SetProperty(d => d.FailReason, $"{n}: {reason}")
+                .SetProperty(d => d.Version, "ab" + n)
+                .SetProperty(d => d.RunningInstances, n)
+                .SetProperty(d => d.PendingInstances, n + 1)
+                .SetProperty(d => d.MinInstances, n + 2)
+                .SetProperty(d => d.MaxInstances, n + 3)
+                .SetProperty(d => d.CreatedAt, new DateTime(2026, 3, 1, 12, 0, 0, DateTimeKind.Utc).AddSeconds(n).AddTicks(1234567))));
+        }
+        var rows = await Server.QueryAsync(db => db.Deploys.Where(d => ids.Contains(d.Id)).OrderByDescending(d => d.CreatedAt).ToListAsync());
+        var expected = rows.Select(d => new DeploymentOut(d.Id, d.ModelName, d.Version, d.Task, d.Status, d.FailReason,
+            Timestamps.Format(d.CreatedAt), Timestamps.Format(d.UpdatedAt), new DeployInstances(d.RunningInstances, d.PendingInstances),
+            null, new ScaleSettings(d.MinInstances, d.MaxInstances), d.Type)).ToList();
+
+        var one = await alice.Client.GetAsync($"/deploy/{ids[2]}");
+        Assert.Equal("application/json; charset=utf-8", one.Content.Headers.ContentType?.ToString());
+        Assert.Equal(JsonSerializer.Serialize(expected.Single(d => d.DeployId == ids[2]), ApiJson.Context.DeploymentOut),
+            await one.Content.ReadAsStringAsync());
+
+        var list = await alice.Client.GetAsync("/deploy/list");
+        Assert.Equal(HttpStatusCode.OK, list.StatusCode);
+        Assert.Equal("application/json; charset=utf-8", list.Content.Headers.ContentType?.ToString());
+        var listText = await list.Content.ReadAsStringAsync();
+        Assert.True(listText.Length > 2 * 64 * 1024, "the list should span several chunks");
+        Assert.Equal(JsonSerializer.Serialize(expected, ApiJson.Context.ListDeploymentOut), listText);
+        var failed = await alice.Client.GetAsync("/deploy/list?status=failed");
+        Assert.Equal(listText, await failed.Content.ReadAsStringAsync());
+    }
+
+    [Fact]
     public async Task Deploy_list_refuses_an_unknown_status()
     {
         var alice = await Server.CreateUserAsync("alice");
@@ -522,6 +568,12 @@ public abstract partial class ControlPlaneTests(ServerFixture fixture)
         {
             Assert.True(paths.TryGetProperty(path, out _), $"OpenAPI lacks {path}");
         }
+        // The deploy reads write their JSON themselves; the document still describes it as DeploymentOut.
+        JsonElement Ok(string path) => paths.GetProperty(path).GetProperty("get").GetProperty("responses").GetProperty("200")
+            .GetProperty("content").GetProperty("application/json").GetProperty("schema");
+        Assert.EndsWith("/DeploymentOut", Ok("/deploy/{deploy_id}").GetProperty("$ref").GetString());
+        Assert.Equal("array", Ok("/deploy/list").GetProperty("type").GetString());
+        Assert.EndsWith("/DeploymentOut", Ok("/deploy/list").GetProperty("items").GetProperty("$ref").GetString());
 
         var docs = await client.GetAsync("/docs");
         Assert.Equal(HttpStatusCode.OK, docs.StatusCode);
