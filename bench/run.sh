@@ -227,13 +227,16 @@ PY
   local clock=$SECONDS
   if [ "$provider" = postgres ]; then seed_postgres "$db_url"; else seed_sqlite "$DATA/loradeploy.db"; fi
   echo "   seeded in $((SECONDS - clock)) s"
-  # The plans the hot reads get on the seeded table (the SQL is what EF generates, with the parameters inlined).
+  # The plans the hot reads get on the seeded table (the SQL of Deploys/DeployReads.cs, the parameters inlined).
   local by_id="SELECT \"Id\", \"ModelName\", \"Version\", \"Status\" FROM deploys WHERE \"Id\" = 'seed000000000005' AND \"UserId\" = (SELECT \"Id\" FROM users WHERE \"Name\" = 'small') LIMIT 1"
   local list="SELECT \"Id\", \"ModelName\", \"Version\", \"Status\" FROM deploys WHERE \"UserId\" = (SELECT \"Id\" FROM users WHERE \"Name\" = 'big') AND \"Status\" <> 'deleted' ORDER BY \"CreatedAt\" DESC, \"Id\" DESC"
   echo "   plans:"
   if [ "$provider" = postgres ]; then
     psql -q "$db_url" -c "VACUUM ANALYZE deploys" >/dev/null
-    for q in "$by_id" "$list"; do psql -At "$db_url" -c "EXPLAIN (ANALYZE, COSTS OFF) $q" | sed 's/^/     /'; done
+    # With the session settings of the server's read connections (PostgresDeployReads.PlannerSettings).
+    for q in "$by_id" "$list"; do
+      PGOPTIONS="-c enable_sort=off -c enable_bitmapscan=off" psql -At "$db_url" -c "EXPLAIN (ANALYZE, COSTS OFF) $q" | sed 's/^/     /'
+    done
   else
     for q in "$by_id" "$list"; do sqlite3 -readonly "$DATA/loradeploy.db" "EXPLAIN QUERY PLAN $q" | sed 's/^/     /'; done
   fi
