@@ -51,4 +51,19 @@ if (args is ["profile"])
     }
     return;
 }
+// "loop <seconds>" runs Read + Probe repeatedly, for a sampling profiler (perf with DOTNET_PerfMapEnabled=1).
+if (args is ["loop", var seconds])
+{
+    var bench = new ProberBenchmarks();
+    bench.Setup();
+    var until = Stopwatch.StartNew();
+    var runs = 0;
+    while (until.Elapsed.TotalSeconds < double.Parse(seconds, System.Globalization.CultureInfo.InvariantCulture))
+    {
+        bench.ReadAndProbe();
+        runs++;
+    }
+    Console.WriteLine($"{runs} runs");
+    return;
+}
 BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args);
