@@ -635,7 +635,7 @@ public static partial class LoraProber
             return (rankMin, rankMax, sawAlpha && alphaUniform ? alphaValue : null, uniformScale);
         }
 
-        private double? ReadScalar(SafetensorsTensor tensor)
+        private double? ReadScalar(TensorEntry tensor)
         {
             if (_file is null || tensor.ElementCount != 1 || tensor.ByteLength > 8)
             {
@@ -701,9 +701,9 @@ public static partial class LoraProber
             {
                 _warnings.Add($"{halves} modules have only one of lora_down/lora_up.");
             }
-            if (_unknownKeys.Count > 0)
+            if (_firstUnknownKey is not null)
             {
-                _warnings.Add($"{_unknownKeys.Count} tensors are not LoRA-family parameters (e.g. '{Truncate(_unknownKeys[0], 120)}').");
+                _warnings.Add($"{_unknownKeyCount} tensors are not LoRA-family parameters (e.g. '{Truncate(_firstUnknownKey, 120)}').");
             }
         }
     }

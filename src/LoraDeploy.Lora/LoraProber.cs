@@ -1,3 +1,4 @@
+using System.Text.Unicode;
 using LoraDeploy.Lora.Safetensors;
 
 namespace LoraDeploy.Lora;
@@ -49,7 +50,7 @@ public static partial class LoraProber
         public string Normalized { get; } = normalized;
         public Component Component { get; } = component;
         public PrefixStyle Style { get; } = style;
-        public SafetensorsTensor? Down, Up, Mid, Alpha, W1, W1A, W1B, W2, W2A, W2B, HadaW1A, HadaW1B, Diff, GloraA1, GloraA2;
+        public TensorEntry? Down, Up, Mid, Alpha, W1, W1A, W1B, W2, W2A, W2B, HadaW1A, HadaW1B, Diff, GloraA1, GloraA2;
         public bool HasDora, HasUpBias, HasHada, HasLokr, HasIa3, HasGlora, HasDiff, HasNorm, HasOft, HasScale, HasPlainWeight, HasEmbedding;
 
         /// <summary>Input width of the adapted layer ("dim" in reference §3.3), 0 if unknown.</summary>
@@ -79,7 +80,7 @@ public static partial class LoraProber
         public bool IsComplete =>
             (Down is not null && Up is not null) || HasEmbedding || HasHada || HasLokr || HasIa3 || HasGlora || HasDiff || HasNorm || HasOft;
 
-        private static long Factor(SafetensorsTensor? full, SafetensorsTensor? part, int axis) =>
+        private static long Factor(TensorEntry? full, TensorEntry? part, int axis) =>
             full is { Shape.Length: >= 2 } ? full.Shape[axis]
             : part is { Shape.Length: >= 2 } ? part.Shape[axis]
             : 1;
@@ -90,17 +91,21 @@ public static partial class LoraProber
         private readonly IReadOnlyDictionary<string, string> _metadata = header.Metadata;
         private readonly long _dataOffset = header.DataOffset;
         private readonly Stream? _file = file;
-        private readonly Dictionary<string, Module> _modules = new(header.Tensors.Count / 2, StringComparer.Ordinal);
+        private readonly Dictionary<string, Module> _modules = new(header.Entries.Count / 2, StringComparer.Ordinal);
         private Dictionary<string, Module>.AlternateLookup<ReadOnlySpan<char>> _moduleLookup;
         private readonly List<string> _warnings = [];
-        private readonly List<string> _unknownKeys = [];
+        private int _unknownKeyCount;
+        private string? _firstUnknownKey;
+        private Module? _lastModule;
 
         public ProbeReport Run()
         {
             _moduleLookup = _modules.GetAlternateLookup<ReadOnlySpan<char>>();
             long parameters = 0;
             var dtypes = new List<string>(2);
-            foreach (var tensor in header.Tensors)
+            // Names are decoded into one reused buffer; only a module's first tensor makes a string.
+            var name = new char[256];
+            foreach (var tensor in header.Entries)
             {
                 // A file has one or two dtypes; a list beats a set here.
                 if (!dtypes.Contains(tensor.Dtype))
@@ -108,7 +113,14 @@ public static partial class LoraProber
                     dtypes.Add(tensor.Dtype);
                 }
                 parameters += tensor.ElementCount;
-                Add(tensor);
+                var utf8 = tensor.NameUtf8;
+                if (utf8.Length > name.Length)
+                {
+                    name = new char[utf8.Length];
+                }
+                // Valid UTF-8 (the reader checked it) never takes more UTF-16 units than bytes.
+                Utf8.ToUtf16(utf8, name, out _, out var length);
+                Add(tensor, name.AsSpan(0, length));
             }
 
             var complete = _modules.Values.Where(m => m.IsComplete).ToList();
@@ -153,9 +165,9 @@ public static partial class LoraProber
             {
                 reason = "the target architecture could not be determined from the keys";
             }
-            else if (_unknownKeys.Count > 0)
+            else if (_firstUnknownKey is not null)
             {
-                reason = $"{_unknownKeys.Count} tensors are not LoRA-family parameters (e.g. '{Truncate(_unknownKeys[0], 120)}')";
+                reason = $"{_unknownKeyCount} tensors are not LoRA-family parameters (e.g. '{Truncate(_firstUnknownKey, 120)}')";
             }
             else if (complete.Count < _modules.Values.Count(m => m.Down is not null || m.Up is not null || m.IsComplete))
             {
@@ -171,7 +183,7 @@ public static partial class LoraProber
                 ArchitectureDisplay = ArchitectureFamilies.Display(architecture),
                 Targets = TargetsOf(complete, architecture),
                 ModuleCount = adapterModules,
-                TensorCount = header.Tensors.Count,
+                TensorCount = header.Entries.Count,
                 RankMin = rankMin,
                 RankMax = rankMax,
                 Alpha = alpha,
@@ -189,21 +201,29 @@ public static partial class LoraProber
             };
         }
 
-        private void Add(SafetensorsTensor tensor)
+        private void Add(TensorEntry tensor, ReadOnlySpan<char> name)
         {
-            var kind = LoraKeys.Split(tensor.Name, out var moduleLength);
+            var kind = LoraKeys.Split(name, out var moduleLength);
             if (kind == ParamKind.Unknown)
             {
-                _unknownKeys.Add(tensor.Name);
+                _firstUnknownKey ??= tensor.Name;
+                _unknownKeyCount++;
                 return;
             }
-            // Look the module up by span so that only a module's first tensor allocates its name.
-            if (!_moduleLookup.TryGetValue(tensor.Name.AsSpan(0, moduleLength), out var module))
+            // A module's tensors are usually adjacent (alpha, lora_down, lora_up): try the last one before hashing.
+            // Looked up by span so that only a module's first tensor allocates its name.
+            var moduleName = name[..moduleLength];
+            var module = _lastModule;
+            if (module is null || !moduleName.SequenceEqual(module.Name))
             {
-                var moduleName = tensor.Name[..moduleLength];
-                var normalized = LoraKeys.Normalize(moduleName, out var component, out var style);
-                module = new Module(moduleName, normalized, component, style);
-                _modules.Add(moduleName, module);
+                if (!_moduleLookup.TryGetValue(moduleName, out module))
+                {
+                    var moduleString = moduleName.ToString();
+                    var normalized = LoraKeys.Normalize(moduleString, out var component, out var style);
+                    module = new Module(moduleString, normalized, component, style);
+                    _modules.Add(moduleString, module);
+                }
+                _lastModule = module;
             }
             switch (kind)
             {
