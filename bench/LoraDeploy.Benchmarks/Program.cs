@@ -51,16 +51,24 @@ if (args is ["profile"])
     }
     return;
 }
-// "loop <seconds>" runs Read + Probe repeatedly, for a sampling profiler (perf with DOTNET_PerfMapEnabled=1).
-if (args is ["loop", var seconds])
+// "loop <seconds> [read|probe]" runs Read + Probe (or one of them) repeatedly, for a sampling profiler
+// (perf with DOTNET_PerfMapEnabled=1).
+if (args is ["loop", var seconds, .. var which])
 {
     var bench = new ProberBenchmarks();
     bench.Setup();
+    var header = LoraDeploy.Lora.Safetensors.SafetensorsReader.Read(bench.File);
+    Func<int> action = which switch
+    {
+        ["read"] => bench.Read,
+        ["probe"] => () => LoraDeploy.Lora.LoraProber.Probe(header, bench.File).ModuleCount,
+        _ => bench.ReadAndProbe,
+    };
     var until = Stopwatch.StartNew();
     var runs = 0;
     while (until.Elapsed.TotalSeconds < double.Parse(seconds, System.Globalization.CultureInfo.InvariantCulture))
     {
-        bench.ReadAndProbe();
+        action();
         runs++;
     }
     Console.WriteLine($"{runs} runs");
