@@ -105,7 +105,7 @@ public static class SafetensorsReader
         var names = new HashSet<TensorEntry>(capacity, TensorEntry.NameComparer);
         var nameChunks = new NameChunks(json.Length);
         IReadOnlyDictionary<string, string>? metadata = null;
-        var scratch = new List<long>(8);
+        var scratch = new long[8];
 
         var reader = new Utf8JsonReader(json, new JsonReaderOptions { MaxDepth = MaxJsonDepth });
         try
@@ -135,7 +135,7 @@ public static class SafetensorsReader
                 {
                     throw new SafetensorsFormatException($"duplicate tensor name '{Truncate(tensor.Name)}' in the header");
                 }
-                ReadTensor(ref reader, tensor, scratch);
+                ReadTensor(ref reader, tensor, ref scratch);
                 tensors.Add(tensor);
             }
             if (reader.Read())
@@ -191,7 +191,7 @@ public static class SafetensorsReader
         return metadata;
     }
 
-    private static void ReadTensor(ref Utf8JsonReader reader, TensorEntry tensor, List<long> scratch)
+    private static void ReadTensor(ref Utf8JsonReader reader, TensorEntry tensor, ref long[] scratch)
     {
         if (reader.TokenType != JsonTokenType.StartObject)
         {
@@ -225,8 +225,8 @@ public static class SafetensorsReader
                     throw TensorError(tensor, "has a duplicate 'shape' field");
                 }
                 reader.Read();
-                ReadIntegers(ref reader, tensor, "shape", scratch);
-                shape = scratch.Count == 0 ? [] : scratch.ToArray();
+                var dims = ReadIntegers(ref reader, tensor, "shape", ref scratch);
+                shape = dims == 0 ? [] : scratch[..dims];
             }
             else if (reader.ValueTextEquals("data_offsets"u8))
             {
@@ -235,10 +235,10 @@ public static class SafetensorsReader
                     throw TensorError(tensor, "has a duplicate 'data_offsets' field");
                 }
                 reader.Read();
-                ReadIntegers(ref reader, tensor, "data_offsets", scratch);
-                if (scratch.Count != 2)
+                var offsets = ReadIntegers(ref reader, tensor, "data_offsets", ref scratch);
+                if (offsets != 2)
                 {
-                    throw TensorError(tensor, "has " + scratch.Count + " data_offsets; expected [begin, end]");
+                    throw TensorError(tensor, "has " + offsets + " data_offsets; expected [begin, end]");
                 }
                 (begin, end, haveOffsets) = (scratch[0], scratch[1], true);
             }
@@ -270,13 +270,14 @@ public static class SafetensorsReader
             ? dtype
             : throw TensorError(tensor, "has unknown dtype '" + Truncate(dtype) + "'");
 
-    private static void ReadIntegers(ref Utf8JsonReader reader, TensorEntry tensor, string field, List<long> values)
+    /// <summary>Reads an array of non-negative integers into <paramref name="values"/> (grown as needed); returns the count.</summary>
+    private static int ReadIntegers(ref Utf8JsonReader reader, TensorEntry tensor, string field, ref long[] values)
     {
         if (reader.TokenType != JsonTokenType.StartArray)
         {
             throw TensorError(tensor, "has a '" + field + "' that is " + Describe(reader.TokenType) + ", not an array");
         }
-        values.Clear();
+        var count = 0;
         while (reader.Read() && reader.TokenType != JsonTokenType.EndArray)
         {
             if (reader.TokenType != JsonTokenType.Number || !reader.TryGetUInt64(out var value))
@@ -287,8 +288,13 @@ public static class SafetensorsReader
             {
                 throw TensorError(tensor, "has a '" + field + "' entry " + value + " that is too large");
             }
-            values.Add((long)value);
+            if (count == values.Length)
+            {
+                Array.Resize(ref values, count * 2);
+            }
+            values[count++] = (long)value;
         }
+        return count;
     }
 
     // Messages are built out of line: interpolated strings in the hot ReadTensor/ReadIntegers would give them
