@@ -9,6 +9,8 @@ if (args is ["profile"])
     var bench = new ProberBenchmarks();
     bench.Setup();
     var header = LoraDeploy.Lora.Safetensors.SafetensorsReader.Read(bench.File);
+    var files = new FileSizeBenchmarks();
+    files.Setup();
     foreach (var (name, action) in new (string, Func<int>)[]
     {
         ("probe only", () => LoraDeploy.Lora.LoraProber.Probe(header, bench.File).ModuleCount),
@@ -38,6 +40,7 @@ if (args is ["profile"])
             }
             return n;
         }),
+        ("ProbeFile(1 MB)", files.Small), ("ProbeFile(1 GB sparse)", files.Large),
     })
     {
         var best = double.MaxValue;
@@ -49,6 +52,7 @@ if (args is ["profile"])
         }
         Console.WriteLine($"{name}: best {best:0.000} ms");
     }
+    files.Cleanup();
     return;
 }
 // "loop <seconds> [read|probe]" runs Read + Probe (or one of them) repeatedly, for a sampling profiler
