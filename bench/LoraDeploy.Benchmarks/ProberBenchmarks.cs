@@ -34,7 +34,7 @@ public class ProberBenchmarks
     }
 
     [Benchmark(Description = "SafetensorsReader.Read")]
-    public int Read() => SafetensorsReader.Read(_file).Tensors.Count;
+    public int Read() => SafetensorsReader.Read(_file).TensorCount;
 
     [Benchmark(Description = "Read + LoraProber.Probe")]
     public int ReadAndProbe()

@@ -9,6 +9,8 @@ if (args is ["profile"])
     var bench = new ProberBenchmarks();
     bench.Setup();
     var header = LoraDeploy.Lora.Safetensors.SafetensorsReader.Read(bench.File);
+    var files = new FileSizeBenchmarks();
+    files.Setup();
     foreach (var (name, action) in new (string, Func<int>)[]
     {
         ("probe only", () => LoraDeploy.Lora.LoraProber.Probe(header, bench.File).ModuleCount),
@@ -38,6 +40,7 @@ if (args is ["profile"])
             }
             return n;
         }),
+        ("ProbeFile(1 MB)", files.Small), ("ProbeFile(1 GB sparse)", files.Large),
     })
     {
         var best = double.MaxValue;
@@ -49,6 +52,30 @@ if (args is ["profile"])
         }
         Console.WriteLine($"{name}: best {best:0.000} ms");
     }
+    files.Cleanup();
+    return;
+}
+// "loop <seconds> [read|probe]" runs Read + Probe (or one of them) repeatedly, for a sampling profiler
+// (perf with DOTNET_PerfMapEnabled=1).
+if (args is ["loop", var seconds, .. var which])
+{
+    var bench = new ProberBenchmarks();
+    bench.Setup();
+    var header = LoraDeploy.Lora.Safetensors.SafetensorsReader.Read(bench.File);
+    Func<int> action = which switch
+    {
+        ["read"] => bench.Read,
+        ["probe"] => () => LoraDeploy.Lora.LoraProber.Probe(header, bench.File).ModuleCount,
+        _ => bench.ReadAndProbe,
+    };
+    var until = Stopwatch.StartNew();
+    var runs = 0;
+    while (until.Elapsed.TotalSeconds < double.Parse(seconds, System.Globalization.CultureInfo.InvariantCulture))
+    {
+        action();
+        runs++;
+    }
+    Console.WriteLine($"{runs} runs");
     return;
 }
 BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args);

@@ -69,7 +69,7 @@ internal enum PrefixStyle
 internal static class LoraKeys
 {
     /// <summary>Splits a tensor name into its module name (always a prefix of the key, given as its length) and parameter kind.</summary>
-    public static ParamKind Split(string key, out int module)
+    public static ParamKind Split(ReadOnlySpan<char> key, out int module)
     {
         var lastDot = key.LastIndexOf('.');
         if (lastDot <= 0)
@@ -77,8 +77,8 @@ internal static class LoraKeys
             module = key.Length;
             return ParamKind.Unknown;
         }
-        var last = key.AsSpan(lastDot + 1);
-        var head = key.AsSpan(0, lastDot);
+        var last = key[(lastDot + 1)..];
+        var head = key[..lastDot];
         var kind = last switch
         {
             "alpha" => ParamKind.Alpha,

@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Globalization;
+using System.Runtime.InteropServices;
 using System.Text.Json;
 using System.Text.RegularExpressions;
 using LoraDeploy.Lora.Safetensors;
@@ -26,7 +27,7 @@ public static partial class LoraProber
                     var group = ClassifyDenoiser(m, e);
                     if (group is not null)
                     {
-                        votes[group] = votes.GetValueOrDefault(group) + 1;
+                        CollectionsMarshal.GetValueRefOrAddDefault(votes, group, out _)++;
                     }
                 }
                 else if (m.Component is Component.TextEncoder1 or Component.TextEncoder2 or Component.TextEncoder3)
@@ -64,7 +65,7 @@ public static partial class LoraProber
                     "attn12-blocks" => e.SelfAttnHidden == 2048 ? ArchitectureFamilies.Ltx : ArchitectureFamilies.Unknown,
                     _ => group,
                 };
-                families[family] = families.GetValueOrDefault(family) + count;
+                CollectionsMarshal.GetValueRefOrAddDefault(families, family, out _) += count;
             }
             families.Remove(ArchitectureFamilies.Unknown);
 
@@ -252,7 +253,7 @@ public static partial class LoraProber
                     e.ProjIn2D++;
                 }
             }
-            if (n.StartsWith("up_blocks_0_attentions", StringComparison.Ordinal) || SdxlBlockRegex().IsMatch(n))
+            if (n.StartsWith("up_blocks_0_attentions", StringComparison.Ordinal) || IsSdxlOnlyBlock(n))
             {
                 e.SdxlMarkers++;
             }
@@ -261,7 +262,7 @@ public static partial class LoraProber
             {
                 e.SdxlMarkers++;
             }
-            if (n.StartsWith("down_blocks_0_attentions", StringComparison.Ordinal) || n.StartsWith("up_blocks_3_attentions", StringComparison.Ordinal) || Sd12BlockRegex().IsMatch(n))
+            if (n.StartsWith("down_blocks_0_attentions", StringComparison.Ordinal) || n.StartsWith("up_blocks_3_attentions", StringComparison.Ordinal) || IsSd12OnlyBlock(n))
             {
                 e.Sd12Markers++;
             }
@@ -408,12 +409,38 @@ public static partial class LoraProber
         private static partial Regex LanguageModelRegex();
 
         // SAI names: SDXL's attention blocks sit at output_blocks 0-2 (SD 1/2 has resnets only there).
-        [GeneratedRegex(@"^output_blocks_[0-2]_1_(transformer_blocks|proj_in|proj_out|norm)", RegexOptions.CultureInvariant)]
-        private static partial Regex SdxlBlockRegex();
+        // Exactly ^output_blocks_[0-2]_1_(transformer_blocks|proj_in|proj_out|norm), without a regex per module.
+        private static bool IsSdxlOnlyBlock(string n)
+        {
+            var rest = n.AsSpan();
+            if (!rest.StartsWith("output_blocks_") || rest.Length < 18 || rest[14] is < '0' or > '2' || !rest[15..].StartsWith("_1_"))
+            {
+                return false;
+            }
+            rest = rest[18..];
+            return rest.StartsWith("transformer_blocks") || rest.StartsWith("proj_in") || rest.StartsWith("proj_out") || rest.StartsWith("norm");
+        }
 
         // SD 1/2 has attention at input_blocks 1-2 and output_blocks 6-11; SDXL has none there.
-        [GeneratedRegex(@"^(input_blocks_[12]_1_|output_blocks_([6-9]|1[01])_1_)", RegexOptions.CultureInvariant)]
-        private static partial Regex Sd12BlockRegex();
+        // Exactly ^(input_blocks_[12]_1_|output_blocks_([6-9]|1[01])_1_).
+        private static bool IsSd12OnlyBlock(string n)
+        {
+            var rest = n.AsSpan();
+            if (rest.StartsWith("input_blocks_"))
+            {
+                rest = rest[13..];
+                return rest.Length >= 4 && rest[0] is '1' or '2' && rest[1..].StartsWith("_1_");
+            }
+            if (rest.StartsWith("output_blocks_"))
+            {
+                rest = rest[14..];
+                var digits = rest.Length >= 1 && rest[0] is >= '6' and <= '9' ? 1
+                    : rest.Length >= 2 && rest[0] == '1' && rest[1] is '0' or '1' ? 2
+                    : 0;
+                return digits > 0 && rest[digits..].StartsWith("_1_");
+            }
+            return false;
+        }
 
 
         // ---- metadata ----
@@ -635,7 +662,7 @@ public static partial class LoraProber
             return (rankMin, rankMax, sawAlpha && alphaUniform ? alphaValue : null, uniformScale);
         }
 
-        private double? ReadScalar(SafetensorsTensor tensor)
+        private double? ReadScalar(TensorEntry tensor)
         {
             if (_file is null || tensor.ElementCount != 1 || tensor.ByteLength > 8)
             {
@@ -701,9 +728,9 @@ public static partial class LoraProber
             {
                 _warnings.Add($"{halves} modules have only one of lora_down/lora_up.");
             }
-            if (_unknownKeys.Count > 0)
+            if (_firstUnknownKey is not null)
             {
-                _warnings.Add($"{_unknownKeys.Count} tensors are not LoRA-family parameters (e.g. '{Truncate(_unknownKeys[0], 120)}').");
+                _warnings.Add($"{_unknownKeyCount} tensors are not LoRA-family parameters (e.g. '{Truncate(_firstUnknownKey, 120)}').");
             }
         }
     }

@@ -1,3 +1,5 @@
+using System.Runtime.InteropServices;
+using System.Text.Unicode;
 using LoraDeploy.Lora.Safetensors;
 
 namespace LoraDeploy.Lora;
@@ -49,7 +51,7 @@ public static partial class LoraProber
         public string Normalized { get; } = normalized;
         public Component Component { get; } = component;
         public PrefixStyle Style { get; } = style;
-        public SafetensorsTensor? Down, Up, Mid, Alpha, W1, W1A, W1B, W2, W2A, W2B, HadaW1A, HadaW1B, Diff, GloraA1, GloraA2;
+        public TensorEntry? Down, Up, Mid, Alpha, W1, W1A, W1B, W2, W2A, W2B, HadaW1A, HadaW1B, Diff, GloraA1, GloraA2;
         public bool HasDora, HasUpBias, HasHada, HasLokr, HasIa3, HasGlora, HasDiff, HasNorm, HasOft, HasScale, HasPlainWeight, HasEmbedding;
 
         /// <summary>Input width of the adapted layer ("dim" in reference §3.3), 0 if unknown.</summary>
@@ -79,7 +81,7 @@ public static partial class LoraProber
         public bool IsComplete =>
             (Down is not null && Up is not null) || HasEmbedding || HasHada || HasLokr || HasIa3 || HasGlora || HasDiff || HasNorm || HasOft;
 
-        private static long Factor(SafetensorsTensor? full, SafetensorsTensor? part, int axis) =>
+        private static long Factor(TensorEntry? full, TensorEntry? part, int axis) =>
             full is { Shape.Length: >= 2 } ? full.Shape[axis]
             : part is { Shape.Length: >= 2 } ? part.Shape[axis]
             : 1;
@@ -90,17 +92,19 @@ public static partial class LoraProber
         private readonly IReadOnlyDictionary<string, string> _metadata = header.Metadata;
         private readonly long _dataOffset = header.DataOffset;
         private readonly Stream? _file = file;
-        private readonly Dictionary<string, Module> _modules = new(header.Tensors.Count / 2, StringComparer.Ordinal);
-        private Dictionary<string, Module>.AlternateLookup<ReadOnlySpan<char>> _moduleLookup;
+        private readonly Dictionary<string, Module> _modules = new(header.Entries.Count / 2, StringComparer.Ordinal);
         private readonly List<string> _warnings = [];
-        private readonly List<string> _unknownKeys = [];
+        private int _unknownKeyCount;
+        private string? _firstUnknownKey;
+        private Module? _lastModule;
 
         public ProbeReport Run()
         {
-            _moduleLookup = _modules.GetAlternateLookup<ReadOnlySpan<char>>();
             long parameters = 0;
             var dtypes = new List<string>(2);
-            foreach (var tensor in header.Tensors)
+            // Names are decoded into one reused buffer; only a module's first tensor makes a string.
+            var name = new char[256];
+            foreach (var tensor in header.Entries)
             {
                 // A file has one or two dtypes; a list beats a set here.
                 if (!dtypes.Contains(tensor.Dtype))
@@ -108,19 +112,39 @@ public static partial class LoraProber
                     dtypes.Add(tensor.Dtype);
                 }
                 parameters += tensor.ElementCount;
-                Add(tensor);
+                var utf8 = tensor.NameUtf8;
+                if (utf8.Length > name.Length)
+                {
+                    name = new char[utf8.Length];
+                }
+                // Valid UTF-8 (the reader checked it) never takes more UTF-16 units than bytes.
+                Utf8.ToUtf16(utf8, name, out _, out var length);
+                Add(tensor, name.AsSpan(0, length));
             }
 
-            var complete = _modules.Values.Where(m => m.IsComplete).ToList();
+            // One pass for the module-level counts (in header order, as the dictionary enumerates).
+            var complete = new List<Module>(_modules.Count);
+            var isLllite = false;
+            var plainWeights = 0;
+            var pairedOrComplete = 0;
+            foreach (var m in _modules.Values)
+            {
+                var isComplete = m.IsComplete;
+                if (isComplete)
+                {
+                    complete.Add(m);
+                }
+                isLllite |= m.Component == Component.Lllite;
+                // IA3 stores its vector as "<module>.weight" next to "on_input"; any other plain weight is a model weight.
+                plainWeights += m.HasPlainWeight && !m.HasIa3 ? 1 : 0;
+                pairedOrComplete += m.Down is not null || m.Up is not null || isComplete ? 1 : 0;
+            }
             var adapterModules = complete.Count;
-            var isLllite = _modules.Values.Any(m => m.Component == Component.Lllite);
             var isControl = IsControlLora();
             var network = isLllite ? "lllite" : isControl ? "control-lora" : NetworkOf(complete);
             var architecture = DecideArchitecture(complete, out var mixed);
             var format = FormatOf(architecture);
 
-            // IA3 stores its vector as "<module>.weight" next to "on_input"; any other plain weight is a model weight.
-            var plainWeights = _modules.Values.Count(m => m.HasPlainWeight && !m.HasIa3);
             var plainWeightMajority = plainWeights > 0 && plainWeights >= adapterModules;
             var isAdapter = !isLllite && !isControl && adapterModules > 0 && !plainWeightMajority;
             if (plainWeights > 0 && !plainWeightMajority)
@@ -153,11 +177,11 @@ public static partial class LoraProber
             {
                 reason = "the target architecture could not be determined from the keys";
             }
-            else if (_unknownKeys.Count > 0)
+            else if (_firstUnknownKey is not null)
             {
-                reason = $"{_unknownKeys.Count} tensors are not LoRA-family parameters (e.g. '{Truncate(_unknownKeys[0], 120)}')";
+                reason = $"{_unknownKeyCount} tensors are not LoRA-family parameters (e.g. '{Truncate(_firstUnknownKey, 120)}')";
             }
-            else if (complete.Count < _modules.Values.Count(m => m.Down is not null || m.Up is not null || m.IsComplete))
+            else if (complete.Count < pairedOrComplete)
             {
                 reason = "some modules lack their up/down pair";
             }
@@ -171,7 +195,7 @@ public static partial class LoraProber
                 ArchitectureDisplay = ArchitectureFamilies.Display(architecture),
                 Targets = TargetsOf(complete, architecture),
                 ModuleCount = adapterModules,
-                TensorCount = header.Tensors.Count,
+                TensorCount = header.Entries.Count,
                 RankMin = rankMin,
                 RankMax = rankMax,
                 Alpha = alpha,
@@ -189,21 +213,31 @@ public static partial class LoraProber
             };
         }
 
-        private void Add(SafetensorsTensor tensor)
+        private void Add(TensorEntry tensor, ReadOnlySpan<char> name)
         {
-            var kind = LoraKeys.Split(tensor.Name, out var moduleLength);
+            var kind = LoraKeys.Split(name, out var moduleLength);
             if (kind == ParamKind.Unknown)
             {
-                _unknownKeys.Add(tensor.Name);
+                _firstUnknownKey ??= tensor.Name;
+                _unknownKeyCount++;
                 return;
             }
-            // Look the module up by span so that only a module's first tensor allocates its name.
-            if (!_moduleLookup.TryGetValue(tensor.Name.AsSpan(0, moduleLength), out var module))
+            // A module's tensors are usually adjacent (alpha, lora_down, lora_up): try the last one before hashing.
+            var moduleName = name[..moduleLength];
+            var module = _lastModule;
+            if (module is null || !moduleName.SequenceEqual(module.Name))
             {
-                var moduleName = tensor.Name[..moduleLength];
-                var normalized = LoraKeys.Normalize(moduleName, out var component, out var style);
-                module = new Module(moduleName, normalized, component, style);
-                _modules.Add(moduleName, module);
+                // A lookup that gets this far is nearly always a new module, so the name string is made up front
+                // and hashed once.
+                var moduleString = moduleName.ToString();
+                ref var slot = ref CollectionsMarshal.GetValueRefOrAddDefault(_modules, moduleString, out var exists);
+                if (!exists)
+                {
+                    var normalized = LoraKeys.Normalize(moduleString, out var component, out var style);
+                    slot = new Module(moduleString, normalized, component, style);
+                }
+                module = slot!;
+                _lastModule = module;
             }
             switch (kind)
             {
@@ -263,7 +297,7 @@ public static partial class LoraProber
                     : m.HasNorm ? "norm"
                     : IsConvLoCon(m) ? "locon"
                     : "lora";
-                counts[type] = counts.GetValueOrDefault(type) + 1;
+                CollectionsMarshal.GetValueRefOrAddDefault(counts, type, out _)++;
             }
             // A LoRA file that adapts any k×k convolution is a LoCon file.
             if (counts.ContainsKey("locon") && counts.Keys.All(k => k is "lora" or "locon" or "norm"))
@@ -279,13 +313,13 @@ public static partial class LoraProber
 
         private string FormatOf(string architecture)
         {
-            var styles = new Dictionary<PrefixStyle, int>();
+            var styles = new Dictionary<PrefixStyle, int>(8);
             var xlabs = false;
             var bflNames = false;
             foreach (var m in _modules.Values)
             {
-                styles[m.Style] = styles.GetValueOrDefault(m.Style) + 1;
-                xlabs |= m.Normalized.Contains("_processor_", StringComparison.Ordinal) && m.Up is not null && m.Name.Contains(".processor.", StringComparison.Ordinal);
+                CollectionsMarshal.GetValueRefOrAddDefault(styles, m.Style, out _)++;
+                xlabs |= m.Up is not null && m.Name.Contains(".processor.", StringComparison.Ordinal) && m.Normalized.Contains("_processor_", StringComparison.Ordinal);
                 bflNames |= m.Normalized.StartsWith("double_blocks_", StringComparison.Ordinal) || m.Normalized.StartsWith("single_blocks_", StringComparison.Ordinal);
             }
             if (styles.Count == 0)
@@ -316,19 +350,24 @@ public static partial class LoraProber
         private IReadOnlyList<string> TargetsOf(List<Module> modules, string architecture)
         {
             var isUnet = architecture is ArchitectureFamilies.Sd1 or ArchitectureFamilies.Sd2 or ArchitectureFamilies.Sdxl;
-            var targets = new SortedSet<string>(StringComparer.Ordinal);
+            // At most five distinct values: a list beats a sorted set here.
+            var targets = new List<string>(2);
             foreach (var m in modules)
             {
-                targets.Add(m.Component switch
+                var target = m.Component switch
                 {
                     Component.TextEncoder1 => "text_encoder_1",
                     Component.TextEncoder2 => "text_encoder_2",
                     Component.TextEncoder3 => "text_encoder_3",
                     Component.Lllite => "controlnet",
                     _ => architecture == ArchitectureFamilies.LanguageModel ? "language_model" : isUnet ? "unet" : "transformer",
-                });
+                };
+                if (!targets.Contains(target))
+                {
+                    targets.Add(target);
+                }
             }
-            return [.. targets];
+            return [.. targets.Order(StringComparer.Ordinal)];
         }
     }
 }

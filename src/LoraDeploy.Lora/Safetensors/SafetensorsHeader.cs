@@ -5,26 +5,35 @@ namespace LoraDeploy.Lora.Safetensors;
 /// Produced by <see cref="SafetensorsReader"/>; tensor data is not loaded, read it on demand
 /// with <see cref="OpenTensor"/>.
 /// </summary>
+/// <remarks>
+/// The reader keeps tensor names as UTF-8 bytes; <see cref="Tensors"/> and the name index behind
+/// <see cref="TryGetTensor"/> are built on first use, so probing a header makes no string per tensor.
+/// </remarks>
 public sealed class SafetensorsHeader
 {
-    private readonly Dictionary<string, SafetensorsTensor> _byName;
+    private SafetensorsTensor[]? _tensors;
+    private Dictionary<string, SafetensorsTensor>? _byName;
 
     internal SafetensorsHeader(
-        List<SafetensorsTensor> tensors,
-        Dictionary<string, SafetensorsTensor> byName,
+        List<TensorEntry> entries,
         IReadOnlyDictionary<string, string> metadata,
         long headerLength,
         long fileLength)
     {
-        Tensors = tensors;
-        _byName = byName;
+        Entries = entries;
         Metadata = metadata;
         HeaderLength = headerLength;
         FileLength = fileLength;
     }
 
     /// <summary>Tensors in the order they appear in the header JSON.</summary>
-    public IReadOnlyList<SafetensorsTensor> Tensors { get; }
+    public IReadOnlyList<SafetensorsTensor> Tensors => _tensors ??= Materialize();
+
+    /// <summary>Number of tensors; unlike <c>Tensors.Count</c>, does not build the tensor list.</summary>
+    public int TensorCount => Entries.Count;
+
+    /// <summary>The reader's tensor table, in header order.</summary>
+    internal IReadOnlyList<TensorEntry> Entries { get; }
 
     /// <summary>The <c>__metadata__</c> map (empty when absent).</summary>
     public IReadOnlyDictionary<string, string> Metadata { get; }
@@ -43,7 +52,7 @@ public sealed class SafetensorsHeader
 
     /// <summary>Looks a tensor up by name.</summary>
     public bool TryGetTensor(string name, out SafetensorsTensor tensor) =>
-        _byName.TryGetValue(name, out tensor!);
+        (_byName ??= Tensors.ToDictionary(t => t.Name, StringComparer.Ordinal)).TryGetValue(name, out tensor!);
 
     /// <summary>
     /// Returns a read-only stream over one tensor's bytes inside <paramref name="file"/> (which must be
@@ -53,7 +62,7 @@ public sealed class SafetensorsHeader
     public Stream OpenTensor(Stream file, string name)
     {
         ArgumentNullException.ThrowIfNull(file);
-        if (!_byName.TryGetValue(name, out var tensor))
+        if (!TryGetTensor(name, out var tensor))
         {
             throw new KeyNotFoundException($"no tensor named '{name}'");
         }
@@ -70,4 +79,8 @@ public sealed class SafetensorsHeader
         }
         stream.ReadExactly(destination);
     }
+
+    // Threads racing here build equal arrays; either may win.
+    private SafetensorsTensor[] Materialize() =>
+        [.. Entries.Select(e => new SafetensorsTensor(e.Name, e.Dtype, e.Shape, e.DataStart, e.DataEnd))];
 }

@@ -1,6 +1,8 @@
 using System.Buffers;
 using System.Buffers.Binary;
 using System.Globalization;
+using System.Runtime.CompilerServices;
+using System.Text;
 using System.Text.Json;
 using System.Text.Unicode;
 
@@ -99,10 +101,11 @@ public static class SafetensorsReader
 
         // A tensor entry takes at least ~50 bytes of JSON and typically ~100-150; presizing saves rehashing.
         var capacity = json.Length / 128;
-        var tensors = new List<SafetensorsTensor>(capacity);
-        var byName = new Dictionary<string, SafetensorsTensor>(capacity, StringComparer.Ordinal);
+        var tensors = new List<TensorEntry>(capacity);
+        var names = new HashSet<TensorEntry>(capacity, TensorEntry.NameComparer);
+        var nameChunks = new NameChunks(json.Length);
         IReadOnlyDictionary<string, string>? metadata = null;
-        var scratch = new List<long>(8);
+        var scratch = new long[8];
 
         var reader = new Utf8JsonReader(json, new JsonReaderOptions { MaxDepth = MaxJsonDepth });
         try
@@ -113,10 +116,9 @@ public static class SafetensorsReader
             }
             while (reader.Read() && reader.TokenType == JsonTokenType.PropertyName)
             {
-                var name = reader.GetString()!;
-                reader.Read();
-                if (name == MetadataKey)
+                if (reader.ValueTextEquals(MetadataKeyUtf8))
                 {
+                    reader.Read();
                     if (metadata is not null)
                     {
                         throw new SafetensorsFormatException($"duplicate key '{MetadataKey}' in the header");
@@ -124,13 +126,17 @@ public static class SafetensorsReader
                     metadata = ReadMetadata(ref reader);
                     continue;
                 }
-                if (byName.ContainsKey(name))
+                // GetString (not CopyString) for escaped names so that escapes decoding to invalid UTF-16 fail as they always have.
+                var tensor = reader.ValueIsEscaped
+                    ? nameChunks.Add(Encoding.UTF8.GetBytes(reader.GetString()!))
+                    : nameChunks.Add(reader.ValueSpan);
+                reader.Read();
+                if (!names.Add(tensor))
                 {
-                    throw new SafetensorsFormatException($"duplicate tensor name '{Truncate(name)}' in the header");
+                    throw new SafetensorsFormatException($"duplicate tensor name '{Truncate(tensor.Name)}' in the header");
                 }
-                var tensor = ReadTensor(ref reader, name, scratch);
+                ReadTensor(ref reader, tensor, ref scratch);
                 tensors.Add(tensor);
-                byName.Add(name, tensor);
             }
             if (reader.Read())
             {
@@ -149,8 +155,10 @@ public static class SafetensorsReader
 
         var headerLength = json.Length;
         Validate(tensors, fileLength - 8 - headerLength);
-        return new SafetensorsHeader(tensors, byName, metadata ?? EmptyMetadata, headerLength, fileLength);
+        return new SafetensorsHeader(tensors, metadata ?? EmptyMetadata, headerLength, fileLength);
     }
+
+    private static ReadOnlySpan<byte> MetadataKeyUtf8 => "__metadata__"u8;
 
     private static readonly IReadOnlyDictionary<string, string> EmptyMetadata =
         new Dictionary<string, string>(StringComparer.Ordinal);
@@ -183,11 +191,11 @@ public static class SafetensorsReader
         return metadata;
     }
 
-    private static SafetensorsTensor ReadTensor(ref Utf8JsonReader reader, string name, List<long> scratch)
+    private static void ReadTensor(ref Utf8JsonReader reader, TensorEntry tensor, ref long[] scratch)
     {
         if (reader.TokenType != JsonTokenType.StartObject)
         {
-            throw new SafetensorsFormatException($"tensor '{Truncate(name)}' must be a JSON object, not {Describe(reader.TokenType)}");
+            throw TensorError(tensor, "must be a JSON object, not " + Describe(reader.TokenType));
         }
 
         string? dtype = null;
@@ -200,38 +208,37 @@ public static class SafetensorsReader
             {
                 if (dtype is not null)
                 {
-                    throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has a duplicate 'dtype' field");
+                    throw TensorError(tensor, "has a duplicate 'dtype' field");
                 }
                 reader.Read();
                 if (reader.TokenType != JsonTokenType.String)
                 {
-                    throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has a dtype that is {Describe(reader.TokenType)}, not a string");
+                    throw TensorError(tensor, "has a dtype that is " + Describe(reader.TokenType) + ", not a string");
                 }
                 dtype = (reader.ValueIsEscaped ? null : SafetensorsDtype.Intern(reader.ValueSpan))
-                    ?? KnownDtypeOrThrow(reader.GetString()!, name);
+                    ?? KnownDtypeOrThrow(reader.GetString()!, tensor);
             }
             else if (reader.ValueTextEquals("shape"u8))
             {
                 if (shape is not null)
                 {
-                    throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has a duplicate 'shape' field");
+                    throw TensorError(tensor, "has a duplicate 'shape' field");
                 }
                 reader.Read();
-                ReadIntegers(ref reader, name, "shape", scratch);
-                shape = scratch.Count == 0 ? [] : scratch.ToArray();
+                var dims = ReadIntegers(ref reader, tensor, "shape", ref scratch);
+                shape = dims == 0 ? [] : scratch[..dims];
             }
             else if (reader.ValueTextEquals("data_offsets"u8))
             {
                 if (haveOffsets)
                 {
-                    throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has a duplicate 'data_offsets' field");
+                    throw TensorError(tensor, "has a duplicate 'data_offsets' field");
                 }
                 reader.Read();
-                ReadIntegers(ref reader, name, "data_offsets", scratch);
-                if (scratch.Count != 2)
+                var offsets = ReadIntegers(ref reader, tensor, "data_offsets", ref scratch);
+                if (offsets != 2)
                 {
-                    throw new SafetensorsFormatException(
-                        $"tensor '{Truncate(name)}' has {scratch.Count} data_offsets; expected [begin, end]");
+                    throw TensorError(tensor, "has " + offsets + " data_offsets; expected [begin, end]");
                 }
                 (begin, end, haveOffsets) = (scratch[0], scratch[1], true);
             }
@@ -245,51 +252,62 @@ public static class SafetensorsReader
 
         if (dtype is null)
         {
-            throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has no 'dtype'");
+            throw TensorError(tensor, "has no 'dtype'");
         }
         if (shape is null)
         {
-            throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has no 'shape'");
+            throw TensorError(tensor, "has no 'shape'");
         }
         if (!haveOffsets)
         {
-            throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has no 'data_offsets'");
+            throw TensorError(tensor, "has no 'data_offsets'");
         }
-        return new SafetensorsTensor(name, dtype, shape, begin, end);
+        (tensor.Dtype, tensor.Shape, tensor.DataStart, tensor.DataEnd) = (dtype, shape, begin, end);
     }
 
-    private static string KnownDtypeOrThrow(string dtype, string name) =>
+    private static string KnownDtypeOrThrow(string dtype, TensorEntry tensor) =>
         SafetensorsDtype.BitSize(dtype) > 0
             ? dtype
-            : throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has unknown dtype '{Truncate(dtype)}'");
+            : throw TensorError(tensor, "has unknown dtype '" + Truncate(dtype) + "'");
 
-    private static void ReadIntegers(ref Utf8JsonReader reader, string name, string field, List<long> values)
+    /// <summary>Reads an array of non-negative integers into <paramref name="values"/> (grown as needed); returns the count.</summary>
+    private static int ReadIntegers(ref Utf8JsonReader reader, TensorEntry tensor, string field, ref long[] values)
     {
         if (reader.TokenType != JsonTokenType.StartArray)
         {
-            throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has a '{field}' that is {Describe(reader.TokenType)}, not an array");
+            throw TensorError(tensor, "has a '" + field + "' that is " + Describe(reader.TokenType) + ", not an array");
         }
-        values.Clear();
+        var count = 0;
         while (reader.Read() && reader.TokenType != JsonTokenType.EndArray)
         {
             if (reader.TokenType != JsonTokenType.Number || !reader.TryGetUInt64(out var value))
             {
-                throw new SafetensorsFormatException(
-                    $"tensor '{Truncate(name)}' has a '{field}' entry that is not a non-negative integer");
+                throw TensorError(tensor, "has a '" + field + "' entry that is not a non-negative integer");
             }
             if (value > long.MaxValue)
             {
-                throw new SafetensorsFormatException($"tensor '{Truncate(name)}' has a '{field}' entry {value} that is too large");
+                throw TensorError(tensor, "has a '" + field + "' entry " + value + " that is too large");
             }
-            values.Add((long)value);
+            if (count == values.Length)
+            {
+                Array.Resize(ref values, count * 2);
+            }
+            values[count++] = (long)value;
         }
+        return count;
     }
 
-    private static void Validate(List<SafetensorsTensor> tensors, long dataLength)
+    // Messages are built out of line: interpolated strings in the hot ReadTensor/ReadIntegers would give them
+    // large stack frames that are zeroed on every call.
+    [MethodImpl(MethodImplOptions.NoInlining)]
+    private static SafetensorsFormatException TensorError(TensorEntry tensor, string detail) =>
+        new($"tensor '{Truncate(tensor.Name)}' {detail}");
+
+    private static void Validate(List<TensorEntry> tensors, long dataLength)
     {
         // Validation walks tensors in data order. Writers usually emit them sorted already;
         // only sort (a copy) when they are not.
-        IReadOnlyList<SafetensorsTensor> ordered = tensors;
+        IReadOnlyList<TensorEntry> ordered = tensors;
         for (var i = 1; i < tensors.Count; i++)
         {
             if (CompareOffsets(tensors[i - 1], tensors[i]) > 0)
@@ -302,7 +320,7 @@ public static class SafetensorsReader
         }
 
         long previousEnd = 0;
-        SafetensorsTensor? previous = null;
+        TensorEntry? previous = null;
         foreach (var tensor in ordered)
         {
             if (tensor.DataStart != previousEnd)
@@ -357,7 +375,7 @@ public static class SafetensorsReader
         }
     }
 
-    private static int CompareOffsets(SafetensorsTensor a, SafetensorsTensor b)
+    private static int CompareOffsets(TensorEntry a, TensorEntry b)
     {
         var c = a.DataStart.CompareTo(b.DataStart);
         return c != 0 ? c : a.DataEnd.CompareTo(b.DataEnd);

@@ -12,16 +12,15 @@ public sealed record SafetensorsTensor(string Name, string Dtype, long[] Shape, 
     public long ByteLength => DataEnd - DataStart;
 
     /// <summary>Number of elements (product of <see cref="Shape"/>; 1 for a scalar).</summary>
-    public long ElementCount
+    public long ElementCount => CountElements(Shape);
+
+    internal static long CountElements(long[] shape)
     {
-        get
+        long count = 1;
+        foreach (var dim in shape)
         {
-            long count = 1;
-            foreach (var dim in Shape)
-            {
-                count *= dim;
-            }
-            return count;
+            count *= dim;
         }
+        return count;
     }
 }

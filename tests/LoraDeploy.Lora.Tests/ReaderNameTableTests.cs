@@ -1,0 +1,157 @@
+using System.Buffers.Binary;
+using System.Diagnostics;
+using System.Text;
+using LoraDeploy.Lora.Safetensors;
+using LoraDeploy.Lora.Tests.Support;
+
+namespace LoraDeploy.Lora.Tests;
+
+/// <summary>
+/// The reader keeps tensor names as unescaped UTF-8 in shared chunks and finds duplicates by hashing those
+/// bytes; these tests cover what that representation could get wrong.
+/// </summary>
+public sealed class ReaderNameTableTests
+{
+    private static byte[] File(string headerJson, long dataLength)
+    {
+        var json = Encoding.UTF8.GetBytes(headerJson);
+        var bytes = new byte[8 + json.Length + dataLength];
+        BinaryPrimitives.WriteUInt64LittleEndian(bytes, (ulong)json.Length);
+        json.CopyTo(bytes, 8);
+        return bytes;
+    }
+
+    private static SafetensorsHeader Accept(string headerJson, long dataLength) =>
+        SafetensorsReader.Read(new MemoryStream(File(headerJson, dataLength)));
+
+    private static string Reject(string headerJson, long dataLength) =>
+        Assert.Throws<SafetensorsFormatException>(() => SafetensorsReader.Read(new MemoryStream(File(headerJson, dataLength)))).Message;
+
+    private static string T(long begin) => $$"""{"dtype":"U8","shape":[1],"data_offsets":[{{begin}},{{begin + 1}}]}""";
+
+    // One-byte U8 tensors, in order, under the given raw JSON keys (already escaped as they should appear).
+    private static string Header(IEnumerable<string> jsonKeys) =>
+        "{" + string.Join(",", jsonKeys.Select((key, i) => $"\"{key}\":{T(i)}")) + "}";
+
+    [Fact]
+    public void Escaped_names_are_unescaped_exactly()
+    {
+        var header = Accept(Header([@"\u00e9\n\ud83d\ude00", @"b\""", @"c\\d", "plain"]), 4);
+
+        Assert.Equal(["é\n😀", "b\"", @"c\d", "plain"], header.Tensors.Select(t => t.Name));
+        Assert.Equal(4, header.TensorCount);
+        Assert.True(header.TryGetTensor("é\n😀", out var first));
+        Assert.Equal(0, first.DataStart);
+        Assert.True(header.TryGetTensor("b\"", out var second));
+        Assert.Equal(1, second.DataStart);
+        Assert.False(header.TryGetTensor(@"\u00e9\n\ud83d\ude00", out _));
+    }
+
+    [Fact]
+    public void Duplicates_that_differ_only_in_escaping_are_rejected()
+    {
+        Assert.Equal("duplicate tensor name 'éa' in the header", Reject(Header([@"\u00e9a", "éa"]), 2));
+        Assert.Equal("duplicate tensor name 'ab' in the header", Reject(Header(["ab", @"\u0061b"]), 2));
+        Assert.Equal("duplicate tensor name 'a/b' in the header", Reject(Header(["a/b", @"a\/b"]), 2));
+    }
+
+    [Fact]
+    public void Escaped_lone_surrogate_in_a_tensor_name_is_rejected() =>
+        Assert.StartsWith("the header contains an invalid string", Reject(Header([@"\ud800"]), 1), StringComparison.Ordinal);
+
+    [Fact]
+    public void Names_of_odd_and_even_length_and_with_nul_bytes_stay_distinct()
+    {
+        // The hash reads bytes in pairs; an odd last byte, including a zero one, must still tell names apart.
+        string[] keys = ["a", "aa", @"a\u0000", @"aa\u0000", @"\u0000", @"\u0000\u0000", "ab", "ba", "aab", "aba"];
+        var header = Accept(Header(keys), keys.Length);
+
+        Assert.Equal(keys.Length, header.Tensors.Select(t => t.Name).Distinct(StringComparer.Ordinal).Count());
+        Assert.True(header.TryGetTensor("a\0", out var nul));
+        Assert.Equal(2, nul.DataStart);
+    }
+
+    [Fact]
+    public void Names_spanning_many_chunks_and_longer_than_a_chunk_round_trip()
+    {
+        // ~200 KB of names: several 32 KB chunks, names that do not fit the rest of a chunk, and one name
+        // longer than a chunk, which gets a chunk of its own.
+        var names = new List<string>();
+        for (var i = 0; i < 2_000; i++)
+        {
+            names.Add($"module_{i:D5}_" + new string((char)('a' + i % 26), i % 150) + ".weight");
+        }
+        names.Insert(1_000, "huge_" + new string('x', NameChunks.ChunkSize + 17));
+        names.Add("é_last");
+        var header = Accept(Header(names.Select(n => n.Replace("é", @"\u00e9", StringComparison.Ordinal))), names.Count);
+
+        Assert.Equal(names, header.Tensors.Select(t => t.Name));
+        for (var i = 0; i < names.Count; i += 97)
+        {
+            Assert.True(header.TryGetTensor(names[i], out var tensor));
+            Assert.Equal(i, tensor.DataStart);
+        }
+    }
+
+    [Fact]
+    public void A_duplicate_of_a_name_in_an_earlier_chunk_is_found()
+    {
+        var names = Enumerable.Range(0, 1_000).Select(i => $"layer_{i}_" + new string('p', 80)).ToList();
+        names.Add(names[3]);
+        Assert.Equal($"duplicate tensor name '{names[3]}' in the header", Reject(Header(names), names.Count));
+    }
+
+    [Fact]
+    public void Many_names_that_differ_only_in_the_middle_read_in_linear_time()
+    {
+        // A hash over a prefix or suffix only would put all of these in one bucket: 100,000 names would then take
+        // ~5·10^9 comparisons of 200-byte names, minutes rather than well under a second.
+        var prefix = new string('p', 100);
+        var suffix = new string('s', 100);
+        var names = Enumerable.Range(0, 100_000).Select(i => $"{prefix}{i:D6}{suffix}");
+        var json = Header(names);
+        var watch = Stopwatch.StartNew();
+
+        var header = Accept(json, 100_000);
+
+        Assert.Equal(100_000, header.TensorCount);
+        Assert.True(watch.Elapsed < TimeSpan.FromSeconds(20), $"reading took {watch.Elapsed}");
+    }
+
+    [Fact]
+    public void Probe_groups_a_module_whose_keys_are_escaped_differently()
+    {
+        // "lora_unet_..." written once plainly and once with escapes is one module with both halves.
+        const string Module = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+        var escaped = @"\u006cora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+        var json = "{"
+            + $$"""
+                "{{Module}}.lora_down.weight":{"dtype":"F16","shape":[4,320],"data_offsets":[0,2560]},
+                "{{escaped}}.lora_up.weight":{"dtype":"F16","shape":[320,4],"data_offsets":[2560,5120]}
+                """
+            + "}";
+        using var stream = new MemoryStream(File(json, 5120));
+        var report = LoraProber.Probe(SafetensorsReader.Read(stream), stream);
+
+        Assert.Equal(1, report.ModuleCount);
+        Assert.Equal((4, 4), (report.RankMin, report.RankMax));
+        Assert.DoesNotContain(report.Warnings, w => w.Contains("only one of", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public void Probe_handles_module_names_longer_than_its_name_buffer_and_non_ascii_names()
+    {
+        var longModule = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q_" + new string('x', 400);
+        var w = new SafetensorsWriter()
+            .Lora(longModule, 4, 320, 320, alpha: 4)
+            .Lora("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k_é", 4, 320, 320, alpha: 4);
+        using var stream = new MemoryStream(w.ToBytes());
+
+        var report = LoraProber.Probe(SafetensorsReader.Read(stream), stream);
+
+        Assert.Equal(2, report.ModuleCount);
+        Assert.Equal(6, report.TensorCount);
+        Assert.Equal(1.0, report.Scale);
+        Assert.DoesNotContain(report.Warnings, w => w.Contains("only one of", StringComparison.Ordinal));
+    }
+}
