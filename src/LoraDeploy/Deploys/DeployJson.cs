@@ -1,4 +1,4 @@
-using System.IO.Pipelines;
+using System.Buffers;
 using System.Reflection;
 using System.Text.Encodings.Web;
 using System.Text.Json;
@@ -101,8 +101,8 @@ public sealed class DeployJson(ReadOnlyMemory<byte> utf8) : IResult, IStatusCode
 }
 
 /// <summary>
-/// <c>GET /deploy/list</c>'s body: the rows are written into the response as they are read, so a caller with
-/// 10,000 deploys costs neither 10,000 objects nor a 4 MB buffer.
+/// <c>GET /deploy/list</c>'s body: the rows are written into the response as they are read
+/// (<see cref="DeployListOutput"/>), so a caller with 10,000 deploys costs neither 10,000 objects nor a 4 MB buffer.
 /// </summary>
 public sealed class DeployListJson(DeployReads reads, long userId, IReadOnlyCollection<string>? statuses)
     : IResult, IStatusCodeHttpResult, IEndpointMetadataProvider
@@ -113,23 +113,65 @@ public sealed class DeployListJson(DeployReads reads, long userId, IReadOnlyColl
     {
         http.Response.StatusCode = StatusCodes.Status200OK;
         http.Response.ContentType = "application/json; charset=utf-8";
-        await reads.WriteListAsync(userId, statuses, http.Response.BodyWriter, http.RequestAborted);
+        await reads.WriteListAsync(userId, statuses, new DeployListOutput(http.Response), http.RequestAborted);
     }
 
     public static void PopulateMetadata(MethodInfo method, EndpointBuilder builder) =>
         builder.Metadata.Add(new ProducesResponseTypeMetadata(StatusCodes.Status200OK, typeof(List<DeploymentOut>), ["application/json"]));
 }
 
-/// <summary>How much of a list is written before it is handed to the connection (Kestrel's default response buffer).</summary>
-internal static class DeployListChunk
+/// <summary>
+/// Where a list is written. The first chunk is held in memory and the response starts only when it is full or the list
+/// is done: a query or row that fails early still becomes an ordinary error response, and a list that fits one chunk
+/// goes out with a <c>Content-Length</c>. Longer lists are handed to the connection a chunk at a time.
+/// </summary>
+public sealed class DeployListOutput(HttpResponse response) : IBufferWriter<byte>
 {
-    public const int Bytes = 64 * 1024;
+    /// <summary>Below the large-object heap, so the first chunk's buffer is an ordinary allocation.</summary>
+    public const int ChunkBytes = 32 * 1024;
 
-    /// <summary>Writes what <paramref name="json"/> holds to the pipe; false when the client has gone.</summary>
-    public static async ValueTask<bool> FlushAsync(Utf8JsonWriter json, PipeWriter body, CancellationToken ct)
+    private ArrayBufferWriter<byte>? _first = new(4096);
+
+    public void Advance(int count)
+    {
+        if (_first is { } first)
+        {
+            first.Advance(count);
+        }
+        else
+        {
+            response.BodyWriter.Advance(count);
+        }
+    }
+
+    public Memory<byte> GetMemory(int sizeHint = 0) =>
+        _first is { } first ? first.GetMemory(sizeHint) : response.BodyWriter.GetMemory(sizeHint);
+
+    public Span<byte> GetSpan(int sizeHint = 0) =>
+        _first is { } first ? first.GetSpan(sizeHint) : response.BodyWriter.GetSpan(sizeHint);
+
+    /// <summary>Hands what <paramref name="json"/> has written to the connection; false when the client has gone.</summary>
+    public async ValueTask<bool> FlushAsync(Utf8JsonWriter json, CancellationToken ct)
     {
         json.Flush();
-        var result = await body.FlushAsync(ct);
+        if (_first is { } first)
+        {
+            _first = null;
+            response.BodyWriter.Write(first.WrittenSpan);
+        }
+        var result = await response.BodyWriter.FlushAsync(ct);
         return !result.IsCompleted && !result.IsCanceled;
+    }
+
+    /// <summary>Ends the list; one still held in memory goes out whole, with its length.</summary>
+    public async ValueTask CompleteAsync(Utf8JsonWriter json, CancellationToken ct)
+    {
+        json.Flush();
+        if (_first is { } first)
+        {
+            _first = null;
+            response.ContentLength = first.WrittenCount;
+            await response.BodyWriter.WriteAsync(first.WrittenMemory, ct);
+        }
     }
 }

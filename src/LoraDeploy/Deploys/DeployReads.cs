@@ -1,6 +1,5 @@
 using System.Buffers;
 using System.Data.Common;
-using System.IO.Pipelines;
 using System.Text;
 using System.Text.Json;
 using LoraDeploy.Data;
@@ -46,9 +45,9 @@ public abstract class DeployReads
 
     /// <summary>
     /// Writes the caller's deploys, newest first, as one JSON array: those not deleted, or those with one of
-    /// <paramref name="statuses"/>. Handed to <paramref name="body"/> every <see cref="DeployListChunk.Bytes"/>.
+    /// <paramref name="statuses"/>. Handed to the connection every <see cref="DeployListOutput.ChunkBytes"/>.
     /// </summary>
-    public abstract Task WriteListAsync(long userId, IReadOnlyCollection<string>? statuses, PipeWriter body, CancellationToken ct);
+    public abstract Task WriteListAsync(long userId, IReadOnlyCollection<string>? statuses, DeployListOutput output, CancellationToken ct);
 
     /// <summary>One deploy's body: <paramref name="writeRow"/> writes the current row of <paramref name="reader"/>.</summary>
     protected static DeployJson Render<TReader>(TReader reader, Action<TReader, Utf8JsonWriter> writeRow)
@@ -103,7 +102,7 @@ public sealed class SqliteDeployReads : DeployReads, IDisposable
         }
     }
 
-    public override async Task WriteListAsync(long userId, IReadOnlyCollection<string>? statuses, PipeWriter body, CancellationToken ct)
+    public override async Task WriteListAsync(long userId, IReadOnlyCollection<string>? statuses, DeployListOutput output, CancellationToken ct)
     {
         var session = _sessions.Get();
         var statement = statuses is null ? session.NotDeletedOf : session.WithStatus;
@@ -114,17 +113,17 @@ public sealed class SqliteDeployReads : DeployReads, IDisposable
             {
                 raw.sqlite3_bind_text(statement, 2, JsonSerializer.Serialize([.. statuses], ApiJson.Context.ListString));
             }
-            await using var json = new Utf8JsonWriter(body, DeployJsonWriter.Options);
+            await using var json = new Utf8JsonWriter(output, DeployJsonWriter.Options);
             json.WriteStartArray();
             while (WriteRows(session, statement, json))
             {
-                if (!await DeployListChunk.FlushAsync(json, body, ct))
+                if (!await output.FlushAsync(json, ct))
                 {
                     return;
                 }
             }
             json.WriteEndArray();
-            json.Flush();
+            await output.CompleteAsync(json, ct);
         }
         finally
         {
@@ -136,7 +135,7 @@ public sealed class SqliteDeployReads : DeployReads, IDisposable
     /// <summary>Writes rows until a chunk is full (true) or the rows are done (false).</summary>
     private static bool WriteRows(Session session, sqlite3_stmt statement, Utf8JsonWriter json)
     {
-        var until = json.BytesCommitted + json.BytesPending + DeployListChunk.Bytes;
+        var until = json.BytesCommitted + json.BytesPending + DeployListOutput.ChunkBytes;
         while (json.BytesCommitted + json.BytesPending < until)
         {
             if (!session.Step(statement))
@@ -304,7 +303,7 @@ public sealed class PostgresDeployReads : DeployReads, IDisposable
         return await reader.ReadAsync(ct) ? Render<DbDataReader>(reader, WriteRow) : null;
     }
 
-    public override async Task WriteListAsync(long userId, IReadOnlyCollection<string>? statuses, PipeWriter body, CancellationToken ct)
+    public override async Task WriteListAsync(long userId, IReadOnlyCollection<string>? statuses, DeployListOutput output, CancellationToken ct)
     {
         await using var command = _dataSource.CreateCommand(statuses is null ? NotDeletedOfSql : WithStatusSql);
         command.Parameters.Add(new NpgsqlParameter<long>("user", userId));
@@ -313,23 +312,23 @@ public sealed class PostgresDeployReads : DeployReads, IDisposable
             command.Parameters.Add(new NpgsqlParameter<string[]>("statuses", [.. statuses]));
         }
         await using var reader = await command.ExecuteReaderAsync(ct);
-        await using var json = new Utf8JsonWriter(body, DeployJsonWriter.Options);
+        await using var json = new Utf8JsonWriter(output, DeployJsonWriter.Options);
         json.WriteStartArray();
-        var until = (long)DeployListChunk.Bytes;
+        var until = (long)DeployListOutput.ChunkBytes;
         while (await reader.ReadAsync(ct))
         {
             WriteRow(reader, json);
             if (json.BytesCommitted + json.BytesPending >= until)
             {
-                if (!await DeployListChunk.FlushAsync(json, body, ct))
+                if (!await output.FlushAsync(json, ct))
                 {
                     return;
                 }
-                until = json.BytesCommitted + DeployListChunk.Bytes;
+                until = json.BytesCommitted + DeployListOutput.ChunkBytes;
             }
         }
         json.WriteEndArray();
-        json.Flush();
+        await output.CompleteAsync(json, ct);
     }
 
     /// <summary>

@@ -256,7 +256,8 @@ public abstract partial class ControlPlaneTests(ServerFixture fixture)
         Assert.Equal(HttpStatusCode.OK, list.StatusCode);
         Assert.Equal("application/json; charset=utf-8", list.Content.Headers.ContentType?.ToString());
         var listText = await list.Content.ReadAsStringAsync();
-        Assert.True(listText.Length > 2 * 64 * 1024, "the list should span several chunks");
+        Assert.True(listText.Length > 4 * LoraDeploy.Deploys.DeployListOutput.ChunkBytes, "the list should span several chunks");
+        Assert.True(list.Headers.TransferEncodingChunked);
         Assert.Equal(JsonSerializer.Serialize(expected, ApiJson.Context.ListDeploymentOut), listText);
         var failed = await alice.Client.GetAsync("/deploy/list?status=failed");
         Assert.Equal(listText, await failed.Content.ReadAsStringAsync());
