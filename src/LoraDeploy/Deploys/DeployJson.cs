@@ -84,8 +84,6 @@ public static class DeployJsonWriter
 /// <summary>A <c>DeploymentOut</c> body rendered from the row (<see cref="DeployReads.ByIdAsync"/>).</summary>
 public sealed class DeployJson(ReadOnlyMemory<byte> utf8) : IResult, IStatusCodeHttpResult, IEndpointMetadataProvider
 {
-    public ReadOnlyMemory<byte> Utf8 => utf8;
-
     public int? StatusCode => StatusCodes.Status200OK;
 
     public async Task ExecuteAsync(HttpContext http)
