@@ -384,7 +384,7 @@ public sealed class PostgresDeployReads : DeployReads, IDisposable
     private static ReadOnlySpan<byte> Timestamp(DateTime utc, Span<byte> scratch, ref int at)
     {
         var start = at;
-        if (!utc.TryFormat(scratch[at..], out var written, "yyyy'-'MM'-'dd'T'HH':'mm':'ss'+00:00'", System.Globalization.CultureInfo.InvariantCulture))
+        if (!utc.TryFormat(scratch[at..], out var written, Timestamps.Pattern, System.Globalization.CultureInfo.InvariantCulture))
         {
             throw new InvalidOperationException("A timestamp did not fit its buffer.");
         }

@@ -136,8 +136,10 @@ public sealed partial class AppJsonContext : JsonSerializerContext;
 /// <summary>DeepInfra's timestamp format: ISO-8601 UTC with an explicit <c>+00:00</c>, whole seconds.</summary>
 public static class Timestamps
 {
-    public static string Format(DateTime utc) =>
-        utc.ToString("yyyy'-'MM'-'dd'T'HH':'mm':'ss'+00:00'", System.Globalization.CultureInfo.InvariantCulture);
+    /// <summary>The format pattern, for callers that format into UTF-8 themselves.</summary>
+    public const string Pattern = "yyyy'-'MM'-'dd'T'HH':'mm':'ss'+00:00'";
+
+    public static string Format(DateTime utc) => utc.ToString(Pattern, System.Globalization.CultureInfo.InvariantCulture);
 }
 
 /// <summary>The serializer for every response: source-generated, snake_case, readable (no <c>\u0027</c> escapes).</summary>
