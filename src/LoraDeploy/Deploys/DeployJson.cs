@@ -162,9 +162,15 @@ public sealed class DeployListOutput(HttpResponse response) : IBufferWriter<byte
     }
 
     /// <summary>Ends the list; one still held in memory goes out whole, with its length.</summary>
-    public async ValueTask CompleteAsync(Utf8JsonWriter json, CancellationToken ct)
+    public ValueTask CompleteAsync(Utf8JsonWriter json, CancellationToken ct)
     {
         json.Flush();
+        return CompleteAsync(ct);
+    }
+
+    /// <summary>Ends a list written straight into this writer.</summary>
+    public async ValueTask CompleteAsync(CancellationToken ct)
+    {
         if (_first is { } first)
         {
             _first = null;

@@ -23,13 +23,16 @@ public abstract class DeployReads
     /// <param name="statusIsOneOf">SQL that tests <c>"Status"</c> against the <c>@statuses</c> parameter.</param>
     protected DeployReads(string statusIsOneOf)
     {
-        const string select = "SELECT \"Id\", \"ModelName\", \"Version\", \"Task\", \"Status\", \"FailReason\", \"CreatedAt\", " +
-            "\"UpdatedAt\", \"RunningInstances\", \"PendingInstances\", \"MinInstances\", \"MaxInstances\", \"Type\" FROM deploys ";
-        const string listOrder = " ORDER BY \"CreatedAt\" DESC, \"Id\" DESC";
-        ByIdSql = select + "WHERE \"Id\" = @id AND \"UserId\" = @user";
-        NotDeletedOfSql = select + $"WHERE \"UserId\" = @user AND \"Status\" <> '{DeployStatus.Deleted}'" + listOrder;
-        WithStatusSql = select + $"WHERE \"UserId\" = @user AND \"Status\" {statusIsOneOf}" + listOrder;
+        ByIdSql = Select + "WHERE \"Id\" = @id AND \"UserId\" = @user";
+        NotDeletedOfSql = Select + $"WHERE \"UserId\" = @user AND \"Status\" <> '{DeployStatus.Deleted}'" + ListOrder;
+        WithStatusSql = Select + $"WHERE \"UserId\" = @user AND \"Status\" {statusIsOneOf}" + ListOrder;
     }
+
+    /// <summary>A deploy's columns in <see cref="DeployRow"/>'s order, then its owner (column 13).</summary>
+    protected const string Select = "SELECT \"Id\", \"ModelName\", \"Version\", \"Task\", \"Status\", \"FailReason\", \"CreatedAt\", " +
+        "\"UpdatedAt\", \"RunningInstances\", \"PendingInstances\", \"MinInstances\", \"MaxInstances\", \"Type\", \"UserId\" FROM deploys ";
+
+    protected const string ListOrder = " ORDER BY \"CreatedAt\" DESC, \"Id\" DESC";
 
     /// <summary>The length of DeepInfra's 'yyyy-MM-ddTHH:mm:ss+00:00'.</summary>
     protected const int TimestampLength = 25;
@@ -269,6 +272,8 @@ public sealed class SqliteDeployReads : DeployReads, IDisposable
 /// transactions: multiplexing (many requests' queries written onto a few connections instead of one connection
 /// and one backend wake-up each), auto-prepared statements, and no session reset on return (nothing here sets
 /// session state). Measured in docs/benchmarks.md; EF keeps the connection string as configured.
+/// <c>GET /deploy/{id}</c> and the unfiltered list are batched (<see cref="ReadBatcher{TKey, TValue}"/>): polls that
+/// arrive while a query is out share the next one, which costs PostgreSQL and Npgsql about what one poll did.
 /// </summary>
 public sealed class PostgresDeployReads : DeployReads, IDisposable
 {
@@ -282,7 +287,19 @@ public sealed class PostgresDeployReads : DeployReads, IDisposable
     /// </summary>
     public const string PlannerSettings = "-c plan_cache_mode=force_generic_plan -c enable_sort=off -c enable_bitmapscan=off";
 
+    /// <summary>
+    /// Batched queries out at once. One: a lookup that arrives while a batch is out waits for it and goes in the
+    /// next, so under load each query answers every poll that arrived meanwhile. Measured against two, four and
+    /// eight (docs/benchmarks.md), one cost the least per request; it still answers a lone lookup at once.
+    /// </summary>
+    private const int MaxRunningBatches = 1;
+
+    /// <summary>The rows a caller's list may have and still be answered from a batch.</summary>
+    internal const int BatchedListRows = 100;
+
     private readonly NpgsqlDataSource _dataSource;
+    private readonly ReadBatcher<(string Id, long UserId), DeployJson> _byId;
+    private readonly ReadBatcher<long, BatchedList> _lists;
 
     public PostgresDeployReads(string connectionString) : base("= ANY(@statuses)")
     {
@@ -292,18 +309,143 @@ public sealed class PostgresDeployReads : DeployReads, IDisposable
         builder.ConnectionStringBuilder.MaxAutoPrepare = Math.Max(builder.ConnectionStringBuilder.MaxAutoPrepare, 8);
         builder.ConnectionStringBuilder.Options = $"{builder.ConnectionStringBuilder.Options} {PlannerSettings}".Trim();
         _dataSource = builder.Build();
+
+        ByIdsSql = Select + "WHERE \"Id\" = ANY(@ids)";
+        // Each caller's rows as the single list reads them; the outer ORDER BY states the order the nested loop gives
+        // (PostgreSQL knows the callers come in ordinality order and only sorts within each caller's rows).
+        NotDeletedOfManySql = "SELECT d.* FROM unnest(@users) WITH ORDINALITY AS k(\"UserId\", \"Caller\") CROSS JOIN LATERAL (" +
+            Select + $"WHERE \"UserId\" = k.\"UserId\" AND \"Status\" <> '{DeployStatus.Deleted}'" + ListOrder + " LIMIT @rows) d " +
+            "ORDER BY k.\"Caller\", d.\"CreatedAt\" DESC, d.\"Id\" DESC";
+        _byId = new ReadBatcher<(string Id, long UserId), DeployJson>(ReadByIdsAsync, MaxRunningBatches, maxBatch: 256);
+        _lists = new ReadBatcher<long, BatchedList>(ReadListsAsync, MaxRunningBatches, maxBatch: 64);
     }
 
-    public override async ValueTask<DeployJson?> ByIdAsync(string id, long userId, CancellationToken ct)
+    /// <summary>Parameters: <c>@ids</c>, the deploy ids of one batch's lookups.</summary>
+    internal string ByIdsSql { get; }
+
+    /// <summary>Parameters: <c>@users</c>, the callers of one batch, and <c>@rows</c>, the rows to read for each.</summary>
+    internal string NotDeletedOfManySql { get; }
+
+    public override ValueTask<DeployJson?> ByIdAsync(string id, long userId, CancellationToken ct) =>
+        new(_byId.GetAsync((id, userId)).WaitAsync(ct));
+
+    /// <summary>
+    /// One query for a batch of lookups. A row answers the lookup of its own id and owner only, so a caller asking
+    /// for someone else's deploy finds nothing, exactly as the single-row statement's owner condition did.
+    /// </summary>
+    private async Task<IReadOnlyDictionary<(string Id, long UserId), DeployJson>> ReadByIdsAsync(IReadOnlyCollection<(string Id, long UserId)> lookups)
     {
-        await using var command = _dataSource.CreateCommand(ByIdSql);
-        command.Parameters.Add(new NpgsqlParameter<string>("id", id));
-        command.Parameters.Add(new NpgsqlParameter<long>("user", userId));
-        await using var reader = await command.ExecuteReaderAsync(ct);
-        return await reader.ReadAsync(ct) ? Render<DbDataReader>(reader, WriteRow) : null;
+        var ids = new string[lookups.Count];
+        var at = 0;
+        foreach (var lookup in lookups)
+        {
+            ids[at++] = lookup.Id;
+        }
+        await using var command = _dataSource.CreateCommand(ByIdsSql);
+        command.Parameters.Add(new NpgsqlParameter<string[]>("ids", ids));
+        await using var reader = await command.ExecuteReaderAsync();
+        var found = new Dictionary<(string Id, long UserId), DeployJson>(lookups.Count);
+        while (await reader.ReadAsync())
+        {
+            found[(reader.GetString(0), reader.GetInt64(13))] = Render<DbDataReader>(reader, WriteRow);
+        }
+        return found;
     }
 
     public override async Task WriteListAsync(long userId, IReadOnlyCollection<string>? statuses, DeployListOutput output, CancellationToken ct)
+    {
+        if (statuses is null)
+        {
+            var batched = await _lists.GetAsync(userId).WaitAsync(ct);
+            if (batched is null)
+            {
+                output.Write("[]"u8);
+                await output.CompleteAsync(ct);
+                return;
+            }
+            if (batched.Json is { } json)
+            {
+                output.Write(json.WrittenSpan);
+                await output.CompleteAsync(ct);
+                return;
+            }
+            // Longer than a batch carries: the caller's own query streams it, in a snapshot of its own.
+        }
+        await StreamListAsync(userId, statuses, output, ct);
+    }
+
+    /// <summary>
+    /// One query for the lists of a batch of callers: each caller's first <see cref="BatchedListRows"/> + 1 rows,
+    /// walked from its range of <c>IX_deploys_UserId_CreatedAt_Id</c> as the single list is, in the callers' order.
+    /// A list is answered from the batch only when it is whole in it and fits one chunk.
+    /// </summary>
+    private async Task<IReadOnlyDictionary<long, BatchedList>> ReadListsAsync(IReadOnlyCollection<long> userIds)
+    {
+        await using var command = _dataSource.CreateCommand(NotDeletedOfManySql);
+        command.Parameters.Add(new NpgsqlParameter<long[]>("users", [.. userIds]));
+        command.Parameters.Add(new NpgsqlParameter<int>("rows", BatchedListRows + 1));
+        await using var reader = await command.ExecuteReaderAsync();
+        var lists = new Dictionary<long, BatchedList>(userIds.Count);
+        BatchedList? list = null;
+        var rows = 0;
+        while (await reader.ReadAsync())
+        {
+            var userId = reader.GetInt64(13);
+            if (list is null || list.UserId != userId)
+            {
+                list?.End();
+                list = lists[userId] = new BatchedList(userId);
+                rows = 0;
+            }
+            if (list.Writer is not { } json)
+            {
+                continue;
+            }
+            WriteRow(reader, json);
+            // A list longer than a chunk goes out chunked from a query of its own, as it would have without batching.
+            if (++rows > BatchedListRows || json.BytesCommitted + json.BytesPending > DeployListOutput.ChunkBytes)
+            {
+                list.Overflow();
+            }
+        }
+        list?.End();
+        return lists;
+    }
+
+    /// <summary>A caller's list from a batch, written as its rows arrive.</summary>
+    private sealed class BatchedList
+    {
+        public BatchedList(long userId)
+        {
+            UserId = userId;
+            Writer = new Utf8JsonWriter(Json!, DeployJsonWriter.Options);
+            Writer.WriteStartArray();
+        }
+
+        public long UserId { get; }
+
+        /// <summary>The JSON array once ended; null when the list was too long to be answered from the batch.</summary>
+        public ArrayBufferWriter<byte>? Json { get; private set; } = new(4096);
+
+        /// <summary>Where the next row goes; null once the list is ended or too long.</summary>
+        public Utf8JsonWriter? Writer { get; private set; }
+
+        public void Overflow()
+        {
+            Writer?.Dispose();
+            Writer = null;
+            Json = null;
+        }
+
+        public void End()
+        {
+            Writer?.WriteEndArray();
+            Writer?.Dispose();
+            Writer = null;
+        }
+    }
+
+    private async Task StreamListAsync(long userId, IReadOnlyCollection<string>? statuses, DeployListOutput output, CancellationToken ct)
     {
         await using var command = _dataSource.CreateCommand(statuses is null ? NotDeletedOfSql : WithStatusSql);
         command.Parameters.Add(new NpgsqlParameter<long>("user", userId));

@@ -264,6 +264,86 @@ public abstract partial class ControlPlaneTests(ServerFixture fixture)
     }
 
     [Fact]
+    public async Task Concurrent_reads_answer_each_caller_with_its_own_deploys_only()
+    {
+        // On PostgreSQL concurrent reads share queries (ReadBatcher): one query carries several callers' lookups,
+        // so each answer must still be its caller's, and someone else's deploy still a 404.
+        var alice = await Server.CreateUserAsync("alice");
+        var bob = await Server.CreateUserAsync("bob");
+        var carol = await Server.CreateUserAsync("carol");
+        var owned = new Dictionary<TestUser, List<string>> { [alice] = [], [bob] = [], [carol] = [] };
+        foreach (var (user, count) in new[] { (alice, 3), (bob, 2) })
+        {
+            for (var i = 0; i < count; i++)
+            {
+                owned[user].Add((await CreateAsync(user, $"mine-{i}")).GetProperty("deploy_id").GetString()!);
+            }
+        }
+        var lists = new Dictionary<TestUser, string>();
+        foreach (var user in owned.Keys)
+        {
+            lists[user] = await (await user.Client.GetAsync("/deploy/list")).Content.ReadAsStringAsync();
+        }
+        Assert.Equal("[]", lists[carol]);
+
+        var allIds = owned.Values.SelectMany(ids => ids).ToList();
+        var checks = Enumerable.Range(0, 300).Select(async n =>
+        {
+            var user = owned.Keys.ElementAt(n % 3);
+            if (n % 4 == 0)
+            {
+                Assert.Equal(lists[user], await (await user.Client.GetAsync("/deploy/list")).Content.ReadAsStringAsync());
+                return;
+            }
+            var id = allIds[n % allIds.Count];
+            var response = await user.Client.GetAsync($"/deploy/{id}");
+            if (owned[user].Contains(id))
+            {
+                Assert.Equal(id, (await response.ExpectAsync(HttpStatusCode.OK)).GetProperty("deploy_id").GetString());
+            }
+            else
+            {
+                await response.ExpectErrorAsync(HttpStatusCode.NotFound);
+            }
+        });
+        await Task.WhenAll(checks);
+    }
+
+    [Fact]
+    public async Task A_read_after_a_write_sees_it_while_other_reads_keep_queries_busy()
+    {
+        // A poll that shared a query already on its way to the database could miss the caller's own change.
+        var alice = await Server.CreateUserAsync("alice");
+        var id = (await CreateAsync(alice, "busy")).GetProperty("deploy_id").GetString();
+        using var stop = new CancellationTokenSource();
+        var pollers = Enumerable.Range(0, 8).Select(n => Task.Run(async () =>
+        {
+            while (!stop.IsCancellationRequested)
+            {
+                await alice.Client.GetAsync(n % 2 == 0 ? $"/deploy/{id}" : "/deploy/list", CancellationToken.None);
+            }
+        })).ToList();
+        try
+        {
+            for (var i = 0; i < 40; i++)
+            {
+                var max = i % 4 + 1;
+                await (await alice.Client.PutAsync($"/deploy/{id}", HttpAssertions.Json(new { settings = new { min_instances = 0, max_instances = max } })))
+                    .ExpectAsync(HttpStatusCode.OK);
+                var one = await (await alice.Client.GetAsync($"/deploy/{id}")).ExpectAsync(HttpStatusCode.OK);
+                Assert.Equal(max, one.GetProperty("settings").GetProperty("max_instances").GetInt32());
+                var list = await (await alice.Client.GetAsync("/deploy/list")).ExpectAsync(HttpStatusCode.OK);
+                Assert.Equal(max, list.EnumerateArray().Single().GetProperty("settings").GetProperty("max_instances").GetInt32());
+            }
+        }
+        finally
+        {
+            await stop.CancelAsync();
+            await Task.WhenAll(pollers);
+        }
+    }
+
+    [Fact]
     public async Task Deploy_lists_walk_the_callers_index_range_in_order_without_a_sort()
     {
         // "GET /deploy/list costs the rows it returns": both list statements must read the caller's range of
@@ -276,9 +356,11 @@ public abstract partial class ControlPlaneTests(ServerFixture fixture)
         // deploys of two callers, interleaved, list order unrelated to where the rows sit (with a handful of rows
         // PostgreSQL walks the index whatever its settings).
         var users = new List<long>();
+        var callers = new List<TestUser>();
         foreach (var name in new[] { "plan-a", "plan-b" })
         {
             var user = await Server.CreateUserAsync(name);
+            callers.Add(user);
             users.Add(await Server.QueryAsync(db => db.Users.Where(u => u.Name == user.Name).Select(u => u.Id).SingleAsync()));
         }
         const string rows = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 8000) SELECT 900000 + i AS i FROM n";
@@ -312,16 +394,41 @@ public abstract partial class ControlPlaneTests(ServerFixture fixture)
                         $"EXPLAIN EXECUTE {name}_plan({users[0]}{(name == "status" ? ", '{running,failed}'" : "")})")
                     : await Execute(connection, $"EXPLAIN QUERY PLAN {sql}"));
             }
+            if (reads is LoraDeploy.Deploys.PostgresDeployReads batched)
+            {
+                found.Add(await Execute(connection, $"PREPARE ids_plan AS {batched.ByIdsSql.Replace("@ids", "$1::text[]")}; " +
+                    "EXPLAIN EXECUTE ids_plan('{plan10001,plan10002,plan10003}')"));
+                found.Add(await Execute(connection, $"PREPARE lists_plan AS {batched.NotDeletedOfManySql.Replace("@users", "$1::bigint[]").Replace("@rows", "$2")}; " +
+                    $"EXPLAIN EXECUTE lists_plan('{{{users[0]},{users[1]}}}', {LoraDeploy.Deploys.PostgresDeployReads.BatchedListRows + 1})"));
+            }
             return found;
         });
 
-        foreach (var plan in plans)
+        foreach (var plan in plans.Take(2))
         {
             Assert.Contains("IX_deploys_UserId_CreatedAt_Id", plan);
             Assert.DoesNotContain("Sort", plan);
             Assert.DoesNotContain("TEMP B-TREE", plan);
             Assert.DoesNotContain("Bitmap", plan);
         }
+        if (postgres)
+        {
+            // The batched statements: one primary-key lookup per id, and each caller's own index range, sorted only
+            // within a caller (the callers are already in order), never the whole table.
+            Assert.Contains("PK_deploys", plans[2]);
+            Assert.DoesNotContain("Seq Scan", plans[2]);
+            Assert.Contains("Index Scan Backward using \"IX_deploys_UserId_CreatedAt_Id\"", plans[3]);
+            Assert.Contains("Presorted Key: k.\"Caller\"", plans[3]);
+            Assert.DoesNotContain("Bitmap", plans[3]);
+            Assert.DoesNotContain("Seq Scan", plans[3]);
+        }
+
+        // Each caller's 4,000 deploys over HTTP, newest first: more than one batched list carries (PostgreSQL), so
+        // the caller's own query streams them.
+        var expected = await Server.QueryAsync(db => db.Deploys.Where(d => d.UserId == users[0])
+            .OrderByDescending(d => d.CreatedAt).ThenByDescending(d => d.Id).Select(d => d.Id).ToListAsync());
+        var listed = await (await callers[0].Client.GetAsync("/deploy/list")).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal(expected, listed.EnumerateArray().Select(d => d.GetProperty("deploy_id").GetString()!));
 
         static async Task<string> Execute(System.Data.Common.DbConnection connection, string sql)
         {
