@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # HTTP API benchmark: GET /deploy/{id} and GET /deploy/list under wrk (64 connections) against nginx serving the
-# same bytes from a static file (the ceiling), on SQLite and on PostgreSQL; list latency for a caller with
+# same bytes from a static file (the ceiling), on SQLite and on PostgreSQL, for one caller and for 256 callers
+# picked at random per request (bench/many_callers.py, .lua); list latency for a caller with
 # 10,000 deploys among 1,000,000; POST /v1/lora/create → deploying for a version whose file is already stored.
 #
 # Needs (installs nothing): dotnet, wrk, nginx, sqlite3, psql, python3, curl, and a PostgreSQL server where the
@@ -96,6 +97,19 @@ wrk_run() {
   else
     out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "$url")
   fi
+  wrk_summary "$name" "$out"
+}
+
+# wrk_callers NAME KIND → like wrk_run, but each request is one of 256 callers at random (bench/many_callers.lua)
+wrk_callers() {
+  local name=$1 kind=$2 out
+  out=$(BENCH_CALLERS="$WORK/callers.txt" BENCH_KIND=$kind wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s bench/many_callers.lua "$BASE")
+  wrk_summary "$name" "$out"
+}
+
+# wrk_summary NAME WRK_OUTPUT → fails on any non-2xx answer, else one line "NAME rps p50_ms p99_ms" into $WORK/results
+wrk_summary() {
+  local name=$1 out=$2
   if echo "$out" | grep -q "Non-2xx"; then
     echo "$out" >&2
     echo "wrk saw errors for $name" >&2
@@ -112,12 +126,7 @@ wrk_run() {
 # single_latency NAME URL TOKEN → "NAME p50_ms p99_ms" from one connection (requests one after another)
 single_latency() {
   local name=$1 url=$2 token=$3
-  wrk -t1 -c1 -d"${DURATION}s" --latency -H "Authorization: Bearer $token" "$url" | awk -v name="$name" '
-    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
-    /Requests\/sec/ { rps = $2 }
-    $1 == "50%" { p50 = ms($2) }
-    $1 == "99%" { p99 = ms($2) }
-    END { printf "%s %.0f %.2f %.2f\n", name, rps, p50, p99 }' | tee -a "$WORK/results"
+  wrk_summary "$name" "$(wrk -t1 -c1 -d"${DURATION}s" --latency -H "Authorization: Bearer $token" "$url")"
 }
 
 start_server() { # start_server PROVIDER_ARGS...  (sets SERVER_PID, BASE)
@@ -226,6 +235,12 @@ PY
   big=$(token big)
   local clock=$SECONDS
   if [ "$provider" = postgres ]; then seed_postgres "$db_url"; else seed_sqlite "$DATA/loradeploy.db"; fi
+  # 256 more callers with 10 deploys and a token each, for the random-caller runs.
+  if [ "$provider" = postgres ]; then
+    python3 bench/many_callers.py postgres "$WORK/callers.txt" | psql -q -v ON_ERROR_STOP=1 "$db_url" >/dev/null
+  else
+    python3 bench/many_callers.py sqlite "$WORK/callers.txt" | sqlite3 "$DATA/loradeploy.db" >/dev/null
+  fi
   echo "   seeded in $((SECONDS - clock)) s"
   # The plans the hot reads get on the seeded table (the SQL of Deploys/DeployReads.cs, the parameters inlined).
   local by_id="SELECT \"Id\", \"ModelName\", \"Version\", \"Status\" FROM deploys WHERE \"Id\" = 'seed000000000005' AND \"UserId\" = (SELECT \"Id\" FROM users WHERE \"Name\" = 'small') LIMIT 1"
@@ -258,6 +273,15 @@ PY
   wrk_run "api-deploy-$provider" "$BASE/deploy/$id" "$small"
   wrk_run "nginx-list-$provider" "$NGINX/static/list-$provider.json"
   wrk_run "api-list-$provider" "$BASE/deploy/list" "$small"
+
+  echo "== $provider: the same, each request from one of 256 callers at random (name rps p50_ms p99_ms)"
+  # One caller polling one deploy is what nginx's one file matches; real pollers ask for different deploys and lists
+  # (PostgreSQL batches concurrent reads, and only identical ones share a rendered row). Each caller's 10-item list is
+  # 3.3 KB, its deploy 330 B: the nginx numbers above stay the ceiling. wrk's Lua request hook costs wrk some CPU.
+  BENCH_CALLERS="$WORK/callers.txt" BENCH_KIND=deploy wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" -s bench/many_callers.lua "$BASE" >/dev/null
+  BENCH_CALLERS="$WORK/callers.txt" BENCH_KIND=list wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" -s bench/many_callers.lua "$BASE" >/dev/null
+  wrk_callers "api-deploy256-$provider" deploy
+  wrk_callers "api-list256-$provider" list
 
   echo "== $provider: GET /deploy/list for the caller with $CALLER_ROWS deploys, one connection (name rps p50_ms p99_ms)"
   curl -sf -H "Authorization: Bearer $big" "$BASE/deploy/list" -o "$WORK/big.json"
@@ -295,7 +319,7 @@ print(f"{'endpoint':<28}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'× nginx':>9}")
 for name, values in rows.items():
     if name.startswith("api-") and not name.startswith("api-biglist"):
         _, kind, provider = name.split("-")
-        ceiling = rows[f"nginx-{kind}-{provider}"][0]
+        ceiling = rows[f"nginx-{kind.removesuffix('256')}-{provider}"][0]
         print(f"{name:<28}{values[0]:>10.0f}{values[1]:>9.2f}{values[2]:>9.2f}{values[0] / ceiling:>9.2f}")
     elif name.startswith("nginx-") or name.startswith("api-biglist") or name.startswith("nginx-biglist"):
         print(f"{name:<28}{values[0]:>10.0f}{values[1]:>9.2f}{values[2]:>9.2f}")
