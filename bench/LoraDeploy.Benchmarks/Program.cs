@@ -3,7 +3,7 @@ using BenchmarkDotNet.Running;
 using LoraDeploy.Benchmarks;
 
 // dotnet run -c Release --project bench/LoraDeploy.Benchmarks -- --filter '*' --job short
-// "profile" prints best-of-N timings without BenchmarkDotNet (quick check on a busy machine).
+// "profile" prints best-of-1000 timings without BenchmarkDotNet (quick check on a busy machine), for both tensor orders.
 if (args is ["profile"])
 {
     var files = new FileSizeBenchmarks();
@@ -13,14 +13,11 @@ if (args is ["profile"])
         var bench = new ProberBenchmarks { Order = order };
         bench.Setup();
         var header = LoraDeploy.Lora.Safetensors.SafetensorsReader.Read(bench.File);
-        var best = new Dictionary<string, double>();
         Console.WriteLine($"-- {order}");
-        foreach (var (name, action) in new (string, Func<int>)[]
-        {
-            ("probe only", () => LoraDeploy.Lora.LoraProber.Probe(header, bench.File).ModuleCount),
+        (string Name, Func<int> Action)[] actions =
+        [
             ("json", bench.JsonDocumentParse), ("read", bench.Read), ("read+probe", bench.ReadAndProbe),
             ("probe only", () => LoraDeploy.Lora.LoraProber.Probe(header, bench.File).ModuleCount),
-            ("read+probe", bench.ReadAndProbe),
             ("raw Utf8JsonReader pass", () =>
             {
                 var reader = new System.Text.Json.Utf8JsonReader(bench.HeaderJson);
@@ -44,19 +41,32 @@ if (args is ["profile"])
                 }
                 return n;
             }),
-        })
+        ];
+        // 10 rounds of 100 runs of each, interleaved, so that a burst of load on the shared machine hits every
+        // operation alike rather than one of them; the first round is warm-up.
+        var best = new double[actions.Length];
+        Array.Fill(best, double.MaxValue);
+        for (var round = 0; round <= 10; round++)
         {
-            var min = double.MaxValue;
-            for (var i = 0; i < 1000; i++)
+            for (var a = 0; a < actions.Length; a++)
             {
-                var watch = Stopwatch.StartNew();
-                action();
-                min = Math.Min(min, watch.Elapsed.TotalMilliseconds);
+                for (var i = 0; i < 100; i++)
+                {
+                    var watch = Stopwatch.StartNew();
+                    actions[a].Action();
+                    var elapsed = watch.Elapsed.TotalMilliseconds;
+                    if (round > 0)
+                    {
+                        best[a] = Math.Min(best[a], elapsed);
+                    }
+                }
             }
-            best[name] = Math.Min(best.GetValueOrDefault(name, double.MaxValue), min);
-            Console.WriteLine($"{name}: best {min:0.000} ms");
         }
-        Console.WriteLine($"read / json: {best["read"] / best["json"]:0.00}x; read+probe / json: {best["read+probe"] / best["json"]:0.00}x");
+        for (var a = 0; a < actions.Length; a++)
+        {
+            Console.WriteLine($"{actions[a].Name}: best {best[a]:0.000} ms");
+        }
+        Console.WriteLine($"read / json: {best[1] / best[0]:0.00}x; read+probe / json: {best[2] / best[0]:0.00}x");
     }
     Console.WriteLine("-- files (sorted)");
     foreach (var (name, action) in new (string, Func<int>)[] { ("ProbeFile(1 MB)", files.Small), ("ProbeFile(1 GB sparse)", files.Large) })
