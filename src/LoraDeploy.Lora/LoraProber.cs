@@ -92,7 +92,9 @@ public static partial class LoraProber
         private readonly IReadOnlyDictionary<string, string> _metadata = header.Metadata;
         private readonly long _dataOffset = header.DataOffset;
         private readonly Stream? _file = file;
-        private readonly Dictionary<string, Module> _modules = new(header.Entries.Count / 2, StringComparer.Ordinal);
+        // Modules in the order their first tensor appears; the index by name is made only when needed (see FindOrAdd).
+        private readonly List<Module> _modules = new(header.Entries.Count / 2);
+        private Dictionary<string, Module>? _moduleIndex;
         private readonly List<string> _warnings = [];
         private int _unknownKeyCount;
         private string? _firstUnknownKey;
@@ -127,7 +129,7 @@ public static partial class LoraProber
             var isLllite = false;
             var plainWeights = 0;
             var pairedOrComplete = 0;
-            foreach (var m in _modules.Values)
+            foreach (var m in _modules)
             {
                 var isComplete = m.IsComplete;
                 if (isComplete)
@@ -227,16 +229,7 @@ public static partial class LoraProber
             var module = _lastModule;
             if (module is null || !moduleName.SequenceEqual(module.Name))
             {
-                // A lookup that gets this far is nearly always a new module, so the name string is made up front
-                // and hashed once.
-                var moduleString = moduleName.ToString();
-                ref var slot = ref CollectionsMarshal.GetValueRefOrAddDefault(_modules, moduleString, out var exists);
-                if (!exists)
-                {
-                    var normalized = LoraKeys.Normalize(moduleString, out var component, out var style);
-                    slot = new Module(moduleString, normalized, component, style);
-                }
-                module = slot!;
+                module = FindOrAdd(moduleName);
                 _lastModule = module;
             }
             switch (kind)
@@ -271,9 +264,47 @@ public static partial class LoraProber
             }
         }
 
+        /// <summary>
+        /// The module of that name, added if new. In the safetensors library's order (names sorted) each new module's
+        /// name is greater than the last one added, so it cannot have been seen and needs no lookup. From the first
+        /// module name that is not greater, all modules are indexed by name and looked up.
+        /// </summary>
+        private Module FindOrAdd(ReadOnlySpan<char> moduleName)
+        {
+            if (_moduleIndex is null)
+            {
+                if (_modules.Count == 0 || moduleName.SequenceCompareTo(_modules[^1].Name) > 0)
+                {
+                    return New(moduleName.ToString());
+                }
+                _moduleIndex = new Dictionary<string, Module>(Math.Max(_modules.Capacity, _modules.Count * 2), StringComparer.Ordinal);
+                foreach (var m in _modules)
+                {
+                    // Distinct: they ascend.
+                    _moduleIndex.Add(m.Name, m);
+                }
+            }
+            // A lookup that gets this far is nearly always a new module, so the name string is made up front and hashed once.
+            var moduleString = moduleName.ToString();
+            ref var slot = ref CollectionsMarshal.GetValueRefOrAddDefault(_moduleIndex, moduleString, out var exists);
+            if (!exists)
+            {
+                slot = New(moduleString);
+            }
+            return slot!;
+
+            Module New(string name)
+            {
+                var normalized = LoraKeys.Normalize(name, out var component, out var style);
+                var module = new Module(name, normalized, component, style);
+                _modules.Add(module);
+                return module;
+            }
+        }
+
         private bool IsControlLora() =>
-            _modules.Values.Any(m => m.Normalized == "img_in" && m.Down is { Shape: [_, 128] })
-            && _modules.Values.Any(m => m.HasUpBias || (m.HasScale && m.Normalized.EndsWith("_norm", StringComparison.Ordinal)));
+            _modules.Any(m => m.Normalized == "img_in" && m.Down is { Shape: [_, 128] })
+            && _modules.Any(m => m.HasUpBias || (m.HasScale && m.Normalized.EndsWith("_norm", StringComparison.Ordinal)));
 
         private static string NetworkOf(List<Module> modules)
         {
@@ -316,7 +347,7 @@ public static partial class LoraProber
             var styles = new Dictionary<PrefixStyle, int>(8);
             var xlabs = false;
             var bflNames = false;
-            foreach (var m in _modules.Values)
+            foreach (var m in _modules)
             {
                 CollectionsMarshal.GetValueRefOrAddDefault(styles, m.Style, out _)++;
                 xlabs |= m.Up is not null && m.Name.Contains(".processor.", StringComparison.Ordinal) && m.Normalized.Contains("_processor_", StringComparison.Ordinal);

@@ -54,6 +54,30 @@ public sealed class ProberTests
     }
 
     [Fact]
+    public void Sorted_keys_where_a_module_comes_back_after_one_that_extends_its_name_make_one_module()
+    {
+        // The safetensors library's order puts "M.extra.*" between "M.alpha" and "M.lora_down.weight", so module M
+        // comes back after a module whose name is greater than its own.
+        const string M = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q";
+        var w = new SafetensorsWriter()
+            .Metadata("ss_base_model_version", "sdxl_base_v1-0")
+            .Tensor(M + ".alpha", "F16", [], SafetensorsWriter.Half(4))
+            .Tensor(M + ".extra.alpha", "F16", [], SafetensorsWriter.Half(4))
+            .Tensor(M + ".extra.lora_down.weight", "F16", [8, 640])
+            .Tensor(M + ".extra.lora_up.weight", "F16", [640, 8])
+            .Tensor(M + ".lora_down.weight", "F16", [8, 640])
+            .Tensor(M + ".lora_up.weight", "F16", [640, 8]);
+
+        var report = Probe(w);
+
+        Assert.Equal(2, report.ModuleCount);
+        Assert.Equal(6, report.TensorCount);
+        Assert.Equal(4, report.Alpha);
+        Assert.Equal(0.5, report.Scale);
+        Assert.DoesNotContain(report.Warnings, w => w.Contains("only one of", StringComparison.Ordinal));
+    }
+
+    [Fact]
     public void Sdxl_kohya_with_sai_block_names()
     {
         var w = new SafetensorsWriter()
