@@ -64,7 +64,10 @@ if (args is ["profile"])
         }
         for (var a = 0; a < actions.Length; a++)
         {
-            Console.WriteLine($"{actions[a].Name}: best {best[a]:0.000} ms");
+            var before = GC.GetAllocatedBytesForCurrentThread();
+            actions[a].Action();
+            var allocated = GC.GetAllocatedBytesForCurrentThread() - before;
+            Console.WriteLine($"{actions[a].Name}: best {best[a]:0.000} ms, {allocated:N0} B allocated");
         }
         Console.WriteLine($"read / json: {best[1] / best[0]:0.00}x; read+probe / json: {best[2] / best[0]:0.00}x");
     }
