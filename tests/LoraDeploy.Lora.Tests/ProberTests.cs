@@ -77,6 +77,28 @@ public sealed class ProberTests
         Assert.DoesNotContain(report.Warnings, w => w.Contains("only one of", StringComparison.Ordinal));
     }
 
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Modules_with_up_and_down_of_different_ranks_are_named_in_the_warning(bool unsorted)
+    {
+        // The module name is made from its first tensor's name only when a warning needs it; "é" checks that the
+        // name is cut in UTF-16 units, not UTF-8 bytes. Unsorted modules take the prober's indexed path.
+        const string Module = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q_é";
+        var w = new SafetensorsWriter();
+        if (unsorted)
+        {
+            w.Lora("lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q", 8, 1280, 1280, alpha: 8);
+        }
+        w.Tensor(Module + ".alpha", "F16", [], SafetensorsWriter.Half(8))
+            .Tensor(Module + ".lora_down.weight", "F16", [8, 640])
+            .Tensor(Module + ".lora_up.weight", "F16", [640, 4]);
+
+        var report = Probe(w);
+
+        Assert.Contains($"1 modules have lora_up and lora_down of different ranks (e.g. '{Module}').", report.Warnings);
+    }
+
     [Fact]
     public void Sdxl_kohya_with_sai_block_names()
     {
