@@ -235,7 +235,7 @@ public static partial class LoraProber
                 _unknownKeyCount++;
                 return;
             }
-            // A module's tensors are usually adjacent (alpha, lora_down, lora_up): try the last one before hashing.
+            // A module's tensors are usually adjacent (alpha, lora_down, lora_up): try the last one before FindOrAdd.
             var moduleName = name[..moduleLength];
             var module = _lastModule;
             if (module is null || !moduleName.SequenceEqual(_lastModuleName.AsSpan(0, _lastModuleNameLength)))
