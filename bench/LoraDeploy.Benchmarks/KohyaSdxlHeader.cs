@@ -3,6 +3,19 @@ using System.Text.Json;
 
 namespace LoraDeploy.Benchmarks;
 
+/// <summary>How the tensors are listed in the header.</summary>
+public enum TensorOrder
+{
+    /// <summary>
+    /// As the safetensors library writes every file: sorted by dtype (descending), then by name in ordinal
+    /// byte order, data laid out in the same order. All tensors here are F16, so simply by name.
+    /// </summary>
+    Sorted,
+
+    /// <summary>Module by module (alpha, lora_down, lora_up), as a hand-written file could list them.</summary>
+    ModuleOrder,
+}
+
 /// <summary>
 /// Builds a kohya SDXL LoRA layout (real SAI module names and widths) of exactly 2,000 tensors:
 /// 666 modules × (lora_down, lora_up, alpha) plus one module without alpha.
@@ -12,12 +25,29 @@ internal static class KohyaSdxlHeader
     public const int TensorCount = 2000;
 
     /// <summary>Returns the 8-byte prefix + header JSON, and the data section length.</summary>
-    public static (byte[] Head, long DataLength) Build(int rank, Func<long, long> scaleWidth)
+    public static (byte[] Head, long DataLength) Build(int rank, Func<long, long> scaleWidth, TensorOrder order = TensorOrder.Sorted)
     {
-        var modules = Modules().ToList();
+        var list = new List<(string Name, long[] Shape)>(TensorCount);
+        foreach (var (name, inDim, outDim) in Modules())
+        {
+            if (list.Count == TensorCount)
+            {
+                break;
+            }
+            list.Add((name + ".alpha", []));
+            list.Add((name + ".lora_down.weight", [rank, scaleWidth(inDim)]));
+            if (list.Count < TensorCount)
+            {
+                list.Add((name + ".lora_up.weight", [scaleWidth(outDim), rank]));
+            }
+        }
+        if (order == TensorOrder.Sorted)
+        {
+            // Names are ASCII, so ordinal string order is the library's UTF-8 byte order.
+            list.Sort((a, b) => string.CompareOrdinal(a.Name, b.Name));
+        }
         using var json = new MemoryStream();
         long offset = 0;
-        var tensors = 0;
         using (var writer = new Utf8JsonWriter(json))
         {
             writer.WriteStartObject();
@@ -44,20 +74,10 @@ internal static class KohyaSdxlHeader
                 writer.WriteEndArray();
                 writer.WriteEndObject();
                 offset += bytes;
-                tensors++;
             }
-            foreach (var (name, inDim, outDim) in modules)
+            foreach (var (name, shape) in list)
             {
-                if (tensors == TensorCount)
-                {
-                    break;
-                }
-                Tensor(name + ".alpha", []);
-                Tensor(name + ".lora_down.weight", [rank, scaleWidth(inDim)]);
-                if (tensors < TensorCount)
-                {
-                    Tensor(name + ".lora_up.weight", [scaleWidth(outDim), rank]);
-                }
+                Tensor(name, shape);
             }
             writer.WriteEndObject();
         }

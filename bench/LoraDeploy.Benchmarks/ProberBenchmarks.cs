@@ -16,10 +16,14 @@ public class ProberBenchmarks
 
     internal byte[] HeaderJson => _headerJson;
 
+    /// <summary>Sorted is how real files list their tensors; module order is kept for comparison.</summary>
+    [Params(TensorOrder.Sorted, TensorOrder.ModuleOrder)]
+    public TensorOrder Order { get; set; } = TensorOrder.Sorted;
+
     [GlobalSetup]
     public void Setup()
     {
-        var (head, dataLength) = KohyaSdxlHeader.Build(rank: 4, scaleWidth: w => w);
+        var (head, dataLength) = KohyaSdxlHeader.Build(rank: 4, scaleWidth: w => w, Order);
         _headerJson = head[8..];
         var bytes = new byte[head.Length + dataLength];
         head.CopyTo(bytes, 0);

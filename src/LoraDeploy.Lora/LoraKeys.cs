@@ -195,26 +195,26 @@ internal static class LoraKeys
     ];
 
     /// <summary>Classifies a module by prefix and returns its name with the prefix removed and dots as underscores.</summary>
-    public static string Normalize(string module, out Component component, out PrefixStyle style)
+    public static string Normalize(ReadOnlySpan<char> module, out Component component, out PrefixStyle style)
     {
         component = Component.Denoiser;
-        ReadOnlySpan<char> rest;
-        if (module.StartsWith("lora_", StringComparison.Ordinal) || module.StartsWith("lllite_", StringComparison.Ordinal) || module.StartsWith("lycoris_", StringComparison.Ordinal))
+        var rest = module;
+        if (module.StartsWith("lora_") || module.StartsWith("lllite_") || module.StartsWith("lycoris_"))
         {
+            style = PrefixStyle.Bare;
             foreach (var (prefix, prefixComponent, prefixStyle) in KohyaPrefixes)
             {
-                if (module.StartsWith(prefix, StringComparison.Ordinal))
+                if (module.StartsWith(prefix))
                 {
                     component = prefixComponent;
                     style = prefixStyle;
-                    return module[prefix.Length..].Replace('.', '_');
+                    rest = module[prefix.Length..];
+                    break;
                 }
             }
-            style = PrefixStyle.Bare;
-            return module.Replace('.', '_');
+            return Underscored(rest);
         }
 
-        rest = module;
         style = PrefixStyle.Bare;
         if (rest.StartsWith("base_model.model."))
         {
@@ -249,10 +249,13 @@ internal static class LoraKeys
             rest = rest[(rest.IndexOf('.') + 1)..];
             style = PrefixStyle.ComfyText;
         }
-        return string.Create(rest.Length, rest, static (dst, src) =>
+        return Underscored(rest);
+    }
+
+    private static string Underscored(ReadOnlySpan<char> name) =>
+        string.Create(name.Length, name, static (dst, src) =>
         {
             src.CopyTo(dst);
             dst.Replace('.', '_');
         });
-    }
 }

@@ -723,7 +723,7 @@ public static partial class LoraProber
             {
                 _warnings.Add($"{mismatched.Count} modules have lora_up and lora_down of different ranks (e.g. '{mismatched[0].Name}').");
             }
-            var halves = _modules.Values.Count(m => (m.Down is null) != (m.Up is null) && !m.IsComplete);
+            var halves = _modules.Count(m => (m.Down is null) != (m.Up is null) && !m.IsComplete);
             if (halves > 0)
             {
                 _warnings.Add($"{halves} modules have only one of lora_down/lora_up.");

@@ -45,10 +45,18 @@ public static partial class LoraProber
         return report with { FileSha256 = fileSha, DataSha256 = dataSha };
     }
 
-    private sealed class Module(string name, string normalized, Component component, PrefixStyle style)
+    /// <param name="name">The module name, or null to take it from the first tensor's name when asked for.</param>
+    /// <param name="first">The module's first tensor, whose name starts with the module name.</param>
+    /// <param name="nameLength">Length of the module name in UTF-16 units.</param>
+    private sealed class Module(string? name, TensorEntry first, int nameLength, string normalized, Component component, PrefixStyle style, bool processorName)
     {
-        public string Name { get; } = name;
+        private string? _name = name;
+
+        // Only warnings and the fallback index need the name: probing a sorted file makes no string per module for it.
+        public string Name => _name ??= first.Name[..nameLength];
         public string Normalized { get; } = normalized;
+        /// <summary>The name contains ".processor." (XLabs).</summary>
+        public bool ProcessorName { get; } = processorName;
         public Component Component { get; } = component;
         public PrefixStyle Style { get; } = style;
         public TensorEntry? Down, Up, Mid, Alpha, W1, W1A, W1B, W2, W2A, W2B, HadaW1A, HadaW1B, Diff, GloraA1, GloraA2;
@@ -92,11 +100,16 @@ public static partial class LoraProber
         private readonly IReadOnlyDictionary<string, string> _metadata = header.Metadata;
         private readonly long _dataOffset = header.DataOffset;
         private readonly Stream? _file = file;
-        private readonly Dictionary<string, Module> _modules = new(header.Entries.Count / 2, StringComparer.Ordinal);
+        // Modules in the order their first tensor appears; the index by name is made only when needed (see FindOrAdd).
+        private readonly List<Module> _modules = new(header.Entries.Count / 2);
+        private Dictionary<string, Module>? _moduleIndex;
         private readonly List<string> _warnings = [];
         private int _unknownKeyCount;
         private string? _firstUnknownKey;
         private Module? _lastModule;
+        // The last module's name, so that each tensor can be checked against it without making a string.
+        private char[] _lastModuleName = new char[256];
+        private int _lastModuleNameLength;
 
         public ProbeReport Run()
         {
@@ -127,7 +140,7 @@ public static partial class LoraProber
             var isLllite = false;
             var plainWeights = 0;
             var pairedOrComplete = 0;
-            foreach (var m in _modules.Values)
+            foreach (var m in _modules)
             {
                 var isComplete = m.IsComplete;
                 if (isComplete)
@@ -222,22 +235,19 @@ public static partial class LoraProber
                 _unknownKeyCount++;
                 return;
             }
-            // A module's tensors are usually adjacent (alpha, lora_down, lora_up): try the last one before hashing.
+            // A module's tensors are usually adjacent (alpha, lora_down, lora_up): try the last one before FindOrAdd.
             var moduleName = name[..moduleLength];
             var module = _lastModule;
-            if (module is null || !moduleName.SequenceEqual(module.Name))
+            if (module is null || !moduleName.SequenceEqual(_lastModuleName.AsSpan(0, _lastModuleNameLength)))
             {
-                // A lookup that gets this far is nearly always a new module, so the name string is made up front
-                // and hashed once.
-                var moduleString = moduleName.ToString();
-                ref var slot = ref CollectionsMarshal.GetValueRefOrAddDefault(_modules, moduleString, out var exists);
-                if (!exists)
-                {
-                    var normalized = LoraKeys.Normalize(moduleString, out var component, out var style);
-                    slot = new Module(moduleString, normalized, component, style);
-                }
-                module = slot!;
+                module = FindOrAdd(tensor, moduleName);
                 _lastModule = module;
+                if (moduleName.Length > _lastModuleName.Length)
+                {
+                    _lastModuleName = new char[moduleName.Length];
+                }
+                moduleName.CopyTo(_lastModuleName);
+                _lastModuleNameLength = moduleName.Length;
             }
             switch (kind)
             {
@@ -271,9 +281,49 @@ public static partial class LoraProber
             }
         }
 
+        /// <summary>
+        /// The module of that name, added if new. In the safetensors library's order (names sorted) each new module's
+        /// name is greater than the last one added, so it cannot have been seen and needs no lookup. From the first
+        /// module name that is not greater, all modules are indexed by name and looked up.
+        /// </summary>
+        private Module FindOrAdd(TensorEntry tensor, ReadOnlySpan<char> moduleName)
+        {
+            if (_moduleIndex is null)
+            {
+                // Until the index exists, the last module used is the last one added.
+                if (_modules.Count == 0 || moduleName.SequenceCompareTo(_lastModuleName.AsSpan(0, _lastModuleNameLength)) > 0)
+                {
+                    return New(null, tensor, moduleName);
+                }
+                _moduleIndex = new Dictionary<string, Module>(Math.Max(_modules.Capacity, _modules.Count * 2), StringComparer.Ordinal);
+                foreach (var m in _modules)
+                {
+                    // Distinct: they ascend.
+                    _moduleIndex.Add(m.Name, m);
+                }
+            }
+            // A lookup that gets this far is nearly always a new module, so the name string is made up front and hashed once.
+            var moduleString = moduleName.ToString();
+            ref var slot = ref CollectionsMarshal.GetValueRefOrAddDefault(_moduleIndex, moduleString, out var exists);
+            if (!exists)
+            {
+                slot = New(moduleString, tensor, moduleName);
+            }
+            return slot!;
+
+            Module New(string? name, TensorEntry first, ReadOnlySpan<char> moduleName)
+            {
+                var normalized = LoraKeys.Normalize(moduleName, out var component, out var style);
+                var module = new Module(name, first, moduleName.Length, normalized, component, style,
+                    moduleName.Contains(".processor.", StringComparison.Ordinal));
+                _modules.Add(module);
+                return module;
+            }
+        }
+
         private bool IsControlLora() =>
-            _modules.Values.Any(m => m.Normalized == "img_in" && m.Down is { Shape: [_, 128] })
-            && _modules.Values.Any(m => m.HasUpBias || (m.HasScale && m.Normalized.EndsWith("_norm", StringComparison.Ordinal)));
+            _modules.Any(m => m.Normalized == "img_in" && m.Down is { Shape: [_, 128] })
+            && _modules.Any(m => m.HasUpBias || (m.HasScale && m.Normalized.EndsWith("_norm", StringComparison.Ordinal)));
 
         private static string NetworkOf(List<Module> modules)
         {
@@ -316,10 +366,10 @@ public static partial class LoraProber
             var styles = new Dictionary<PrefixStyle, int>(8);
             var xlabs = false;
             var bflNames = false;
-            foreach (var m in _modules.Values)
+            foreach (var m in _modules)
             {
                 CollectionsMarshal.GetValueRefOrAddDefault(styles, m.Style, out _)++;
-                xlabs |= m.Up is not null && m.Name.Contains(".processor.", StringComparison.Ordinal) && m.Normalized.Contains("_processor_", StringComparison.Ordinal);
+                xlabs |= m.Up is not null && m.ProcessorName && m.Normalized.Contains("_processor_", StringComparison.Ordinal);
                 bflNames |= m.Normalized.StartsWith("double_blocks_", StringComparison.Ordinal) || m.Normalized.StartsWith("single_blocks_", StringComparison.Ordinal);
             }
             if (styles.Count == 0)

@@ -54,6 +54,52 @@ public sealed class ProberTests
     }
 
     [Fact]
+    public void Sorted_keys_where_a_module_comes_back_after_one_that_extends_its_name_make_one_module()
+    {
+        // The safetensors library's order puts "M.extra.*" between "M.alpha" and "M.lora_down.weight", so module M
+        // comes back after a module whose name is greater than its own.
+        const string M = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q";
+        var w = new SafetensorsWriter()
+            .Metadata("ss_base_model_version", "sdxl_base_v1-0")
+            .Tensor(M + ".alpha", "F16", [], SafetensorsWriter.Half(4))
+            .Tensor(M + ".extra.alpha", "F16", [], SafetensorsWriter.Half(4))
+            .Tensor(M + ".extra.lora_down.weight", "F16", [8, 640])
+            .Tensor(M + ".extra.lora_up.weight", "F16", [640, 8])
+            .Tensor(M + ".lora_down.weight", "F16", [8, 640])
+            .Tensor(M + ".lora_up.weight", "F16", [640, 8]);
+
+        var report = Probe(w);
+
+        Assert.Equal(2, report.ModuleCount);
+        Assert.Equal(6, report.TensorCount);
+        Assert.Equal(4, report.Alpha);
+        Assert.Equal(0.5, report.Scale);
+        Assert.DoesNotContain(report.Warnings, w => w.Contains("only one of", StringComparison.Ordinal));
+    }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Modules_with_up_and_down_of_different_ranks_are_named_in_the_warning(bool unsorted)
+    {
+        // The module name is made from its first tensor's name only when a warning needs it; "é" checks that the
+        // name is cut in UTF-16 units, not UTF-8 bytes. Unsorted modules take the prober's indexed path.
+        const string Module = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q_é";
+        var w = new SafetensorsWriter();
+        if (unsorted)
+        {
+            w.Lora("lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q", 8, 1280, 1280, alpha: 8);
+        }
+        w.Tensor(Module + ".alpha", "F16", [], SafetensorsWriter.Half(8))
+            .Tensor(Module + ".lora_down.weight", "F16", [8, 640])
+            .Tensor(Module + ".lora_up.weight", "F16", [640, 4]);
+
+        var report = Probe(w);
+
+        Assert.Contains($"1 modules have lora_up and lora_down of different ranks (e.g. '{Module}').", report.Warnings);
+    }
+
+    [Fact]
     public void Sdxl_kohya_with_sai_block_names()
     {
         var w = new SafetensorsWriter()

@@ -101,21 +101,81 @@ public sealed class ReaderNameTableTests
         Assert.Equal($"duplicate tensor name '{names[3]}' in the header", Reject(Header(names), names.Count));
     }
 
-    [Fact]
-    public void Many_names_that_differ_only_in_the_middle_read_in_linear_time()
+    [Theory]
+    [InlineData("ascending")]
+    [InlineData("descending")]
+    [InlineData("ascending then descending")]
+    public void Many_names_that_differ_only_in_the_middle_read_in_linear_time(string order)
     {
         // A hash over a prefix or suffix only would put all of these in one bucket: 100,000 names would then take
-        // ~5·10^9 comparisons of 200-byte names, minutes rather than well under a second.
+        // ~5·10^9 comparisons of 200-byte names, minutes rather than well under a second. Ascending names take the
+        // reader's no-hash path, descending ones the hash set from the second name on, the third order switches half-way.
         var prefix = new string('p', 100);
         var suffix = new string('s', 100);
-        var names = Enumerable.Range(0, 100_000).Select(i => $"{prefix}{i:D6}{suffix}");
-        var json = Header(names);
+        var numbers = order switch
+        {
+            "ascending" => Enumerable.Range(0, 100_000),
+            "descending" => Enumerable.Range(0, 100_000).Reverse(),
+            _ => Enumerable.Range(0, 50_000).Concat(Enumerable.Range(50_000, 50_000).Reverse()),
+        };
+        var json = Header(numbers.Select(i => $"{prefix}{i:D6}{suffix}"));
         var watch = Stopwatch.StartNew();
 
         var header = Accept(json, 100_000);
 
         Assert.Equal(100_000, header.TensorCount);
         Assert.True(watch.Elapsed < TimeSpan.FromSeconds(20), $"reading took {watch.Elapsed}");
+    }
+
+    [Fact]
+    public void Names_in_any_order_without_duplicates_are_accepted()
+    {
+        // Ascending, then a step down (the reader switches to hashing there), then ascending again.
+        string[] keys = ["a", "b", "c", "ab", "b0", "c0", "a0", "bb"];
+        var header = Accept(Header(keys), keys.Length);
+
+        Assert.Equal(keys, header.Tensors.Select(t => t.Name));
+    }
+
+    [Fact]
+    public void A_duplicate_right_after_its_twin_is_rejected() =>
+        Assert.Equal("duplicate tensor name 'b' in the header", Reject(Header(["a", "b", "b", "c"]), 4));
+
+    [Fact]
+    public void A_duplicate_in_an_unsorted_tail_of_a_name_in_the_sorted_prefix_is_rejected()
+    {
+        Assert.Equal("duplicate tensor name 'b' in the header", Reject(Header(["a", "b", "c", "d", "z", "y", "b"]), 7));
+        // The first name and the step down itself.
+        Assert.Equal("duplicate tensor name 'a' in the header", Reject(Header(["a", "b", "c", "a"]), 4));
+        Assert.Equal("duplicate tensor name 'a' in the header", Reject(Header(["a", "b", "c", "0", "a"]), 5));
+    }
+
+    [Fact]
+    public void A_duplicate_across_dtype_groups_is_rejected()
+    {
+        // The library's order: each dtype group sorted by name on its own, so names step down between groups.
+        static string Tensor(string name, string dtype, int begin) =>
+            $$"""
+              "{{name}}":{"dtype":"{{dtype}}","shape":[1],"data_offsets":[{{begin}},{{begin + 1}}]}
+              """;
+        var json = "{" + string.Join(",", Tensor("a", "U8", 0), Tensor("m", "U8", 1), Tensor("z", "U8", 2),
+            Tensor("b", "I8", 3), Tensor("m", "I8", 4)) + "}";
+        Assert.Equal("duplicate tensor name 'm' in the header", Reject(json, 5));
+
+        var distinct = "{" + string.Join(",", Tensor("a", "U8", 0), Tensor("z", "U8", 1), Tensor("b", "I8", 2), Tensor("y", "I8", 3)) + "}";
+        Assert.Equal(["a", "z", "b", "y"], Accept(distinct, 4).Tensors.Select(t => t.Name));
+    }
+
+    [Fact]
+    public void Duplicates_that_differ_only_in_escaping_are_rejected_on_both_paths()
+    {
+        // Sorted so far: the escaped twin is not greater than its plain twin.
+        Assert.Equal("duplicate tensor name 'ab' in the header", Reject(Header(["a", "ab", @"ab"]), 3));
+        Assert.Equal("duplicate tensor name 'ab' in the header", Reject(Header(["a", @"ab", "ab"]), 3));
+        // Hashed: names stopped ascending at "b" before the twin comes.
+        Assert.Equal("duplicate tensor name 'ab' in the header", Reject(Header(["ab", "c", "b", @"ab"]), 4));
+        Assert.Equal("duplicate tensor name 'éa' in the header", Reject(Header([@"éa", "z", "y", "éa"]), 4));
+        Assert.Equal("duplicate tensor name 'a/b' in the header", Reject(Header(["z", "a/b", "y", @"a\/b"]), 4));
     }
 
     [Fact]

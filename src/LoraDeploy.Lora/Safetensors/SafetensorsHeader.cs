@@ -32,8 +32,8 @@ public sealed class SafetensorsHeader
     /// <summary>Number of tensors; unlike <c>Tensors.Count</c>, does not build the tensor list.</summary>
     public int TensorCount => Entries.Count;
 
-    /// <summary>The reader's tensor table, in header order.</summary>
-    internal IReadOnlyList<TensorEntry> Entries { get; }
+    /// <summary>The reader's tensor table, in header order (a list, not an interface, so that loops over it make no enumerator).</summary>
+    internal List<TensorEntry> Entries { get; }
 
     /// <summary>The <c>__metadata__</c> map (empty when absent).</summary>
     public IReadOnlyDictionary<string, string> Metadata { get; }

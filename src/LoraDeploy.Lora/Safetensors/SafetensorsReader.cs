@@ -102,7 +102,8 @@ public static class SafetensorsReader
         // A tensor entry takes at least ~50 bytes of JSON and typically ~100-150; presizing saves rehashing.
         var capacity = json.Length / 128;
         var tensors = new List<TensorEntry>(capacity);
-        var names = new HashSet<TensorEntry>(capacity, TensorEntry.NameComparer);
+        // Made only once names stop ascending (see IsNewName).
+        HashSet<TensorEntry>? names = null;
         var nameChunks = new NameChunks(json.Length);
         IReadOnlyDictionary<string, string>? metadata = null;
         var scratch = new long[8];
@@ -131,7 +132,7 @@ public static class SafetensorsReader
                     ? nameChunks.Add(Encoding.UTF8.GetBytes(reader.GetString()!))
                     : nameChunks.Add(reader.ValueSpan);
                 reader.Read();
-                if (!names.Add(tensor))
+                if (!IsNewName(tensor, tensors, ref names, capacity))
                 {
                     throw new SafetensorsFormatException($"duplicate tensor name '{Truncate(tensor.Name)}' in the header");
                 }
@@ -159,6 +160,33 @@ public static class SafetensorsReader
     }
 
     private static ReadOnlySpan<byte> MetadataKeyUtf8 => "__metadata__"u8;
+
+    /// <summary>
+    /// Whether <paramref name="tensor"/>'s name differs from every name in <paramref name="earlier"/>. The safetensors
+    /// library writes tensors sorted by dtype, then by name in byte order, so within a dtype group each name is
+    /// greater than the one before it and cannot repeat an earlier one: while that holds, no hashing is needed. From
+    /// the first name that is not greater (a new dtype group, another writer's order, or a duplicate), every name so
+    /// far and every later one goes into a keyed hash set. Either way each name is compared or hashed a bounded
+    /// number of times, so the check stays linear whatever the order.
+    /// </summary>
+    private static bool IsNewName(TensorEntry tensor, List<TensorEntry> earlier, ref HashSet<TensorEntry>? names, int capacity)
+    {
+        if (names is not null)
+        {
+            return names.Add(tensor);
+        }
+        if (earlier.Count == 0 || earlier[^1].NameUtf8.SequenceCompareTo(tensor.NameUtf8) < 0)
+        {
+            return true;
+        }
+        names = new HashSet<TensorEntry>(Math.Max(capacity, earlier.Count * 2), TensorEntry.NameComparer);
+        foreach (var name in earlier)
+        {
+            // Distinct: they ascend.
+            names.Add(name);
+        }
+        return names.Add(tensor);
+    }
 
     private static readonly IReadOnlyDictionary<string, string> EmptyMetadata =
         new Dictionary<string, string>(StringComparer.Ordinal);
