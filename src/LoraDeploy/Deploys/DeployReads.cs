@@ -23,7 +23,6 @@ public abstract class DeployReads
     /// <param name="statusIsOneOf">SQL that tests <c>"Status"</c> against the <c>@statuses</c> parameter.</param>
     protected DeployReads(string statusIsOneOf)
     {
-        ByIdSql = Select + "WHERE \"Id\" = @id AND \"UserId\" = @user";
         NotDeletedOfSql = Select + $"WHERE \"UserId\" = @user AND \"Status\" <> '{DeployStatus.Deleted}'" + ListOrder;
         WithStatusSql = Select + $"WHERE \"UserId\" = @user AND \"Status\" {statusIsOneOf}" + ListOrder;
     }
@@ -36,8 +35,6 @@ public abstract class DeployReads
 
     /// <summary>The length of DeepInfra's 'yyyy-MM-ddTHH:mm:ss+00:00'.</summary>
     protected const int TimestampLength = 25;
-
-    protected internal string ByIdSql { get; }
 
     protected internal string NotDeletedOfSql { get; }
 
@@ -84,9 +81,13 @@ public sealed class SqliteDeployReads : DeployReads, IDisposable
     // SQLite has no array parameters, so the statuses arrive as one JSON array and the statement stays prepared.
     public SqliteDeployReads(string connectionString) : base("IN (SELECT value FROM json_each(@statuses))")
     {
+        ByIdSql = Select + "WHERE \"Id\" = @id AND \"UserId\" = @user";
         _sessions = new DefaultObjectPoolProvider { MaximumRetained = 4 * Environment.ProcessorCount }
             .Create(new SessionPolicy(this, connectionString));
     }
+
+    /// <summary>Parameters: <c>@id</c>, <c>@user</c> (the owner).</summary>
+    internal string ByIdSql { get; }
 
     public override ValueTask<DeployJson?> ByIdAsync(string id, long userId, CancellationToken ct)
     {
