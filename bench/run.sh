@@ -12,7 +12,8 @@
 # Settings (env): BENCH_PG (libpq URL of a server, default postgresql://postgres:postgres@127.0.0.1:5432/postgres),
 # BENCH_DURATION (wrk seconds per run, default 10), BENCH_ROWS (total deploys, default 1000000),
 # BENCH_CALLER_ROWS (the big caller's deploys, default 10000), BENCH_THREADS (wrk threads, default 2),
-# BENCH_WARMUP (seconds of load on each endpoint before it is measured, default 20).
+# BENCH_WARMUP (seconds of load on each endpoint before it is measured, default 20), BENCH_ROUNDS (rounds of the
+# 64-connection runs, each nginx then the API, default 3; the summary gives each round's ratio and the median).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,7 @@ ROWS=${BENCH_ROWS:-1000000}
 CALLER_ROWS=${BENCH_CALLER_ROWS:-10000}
 THREADS=${BENCH_THREADS:-2}
 WARMUP=${BENCH_WARMUP:-20}
+ROUNDS=${BENCH_ROUNDS:-3}
 CONNECTIONS=64
 
 missing=()
@@ -263,25 +265,27 @@ PY
   chmod a+r "$WORK/www/static/"*
   echo "   response sizes: deploy $(wc -c <"$WORK/www/static/deploy-$provider.json") B, list (10 items) $(wc -c <"$WORK/www/static/list-$provider.json") B"
 
-  echo "== $provider: wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s (name rps p50_ms p99_ms)"
+  echo "== $provider: wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $ROUNDS rounds; 256 = one of 256 callers at random (name#round rps p50_ms p99_ms)"
   # Warm-up: the token cache, the connection pools, and JIT tiering — under full load on two cores the tiered JIT
   # needed well over 10 s to finish the PostgreSQL path (a profile after a 4 s warm-up was still mostly
   # instrumented tier-0 code and the JIT thread), so each endpoint gets $WARMUP s first.
   wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" -H "Authorization: Bearer $small" "$BASE/deploy/$id" >/dev/null
   wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" -H "Authorization: Bearer $small" "$BASE/deploy/list" >/dev/null
-  wrk_run "nginx-deploy-$provider" "$NGINX/static/deploy-$provider.json"
-  wrk_run "api-deploy-$provider" "$BASE/deploy/$id" "$small"
-  wrk_run "nginx-list-$provider" "$NGINX/static/list-$provider.json"
-  wrk_run "api-list-$provider" "$BASE/deploy/list" "$small"
-
-  echo "== $provider: the same, each request from one of 256 callers at random (name rps p50_ms p99_ms)"
-  # One caller polling one deploy is what nginx's one file matches; real pollers ask for different deploys and lists
-  # (PostgreSQL batches concurrent reads, and only identical ones share a rendered row). Each caller's 10-item list is
-  # 3.3 KB, its deploy 330 B: the nginx numbers above stay the ceiling. wrk's Lua request hook costs wrk some CPU.
+  # Besides one caller polling one deploy (what nginx's one file matches), each request from one of 256 callers at
+  # random: real pollers ask for different deploys and lists (PostgreSQL batches concurrent reads, and only identical
+  # ones share a rendered row; SQLite keeps a rendered body per deploy and per caller's list). Each caller's 10-item
+  # list is 3.3 KB, its deploy 330 B: the nginx numbers stay the ceiling. wrk's Lua request hook costs wrk some CPU.
   BENCH_CALLERS="$WORK/callers.txt" BENCH_KIND=deploy wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" -s bench/many_callers.lua "$BASE" >/dev/null
   BENCH_CALLERS="$WORK/callers.txt" BENCH_KIND=list wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" -s bench/many_callers.lua "$BASE" >/dev/null
-  wrk_callers "api-deploy256-$provider" deploy
-  wrk_callers "api-list256-$provider" list
+  # Rounds, nginx right before the API each time: this machine's speed moves from one minute to the next.
+  for round in $(seq 1 "$ROUNDS"); do
+    wrk_run "nginx-deploy-$provider#$round" "$NGINX/static/deploy-$provider.json"
+    wrk_run "api-deploy-$provider#$round" "$BASE/deploy/$id" "$small"
+    wrk_callers "api-deploy256-$provider#$round" deploy
+    wrk_run "nginx-list-$provider#$round" "$NGINX/static/list-$provider.json"
+    wrk_run "api-list-$provider#$round" "$BASE/deploy/list" "$small"
+    wrk_callers "api-list256-$provider#$round" list
+  done
 
   echo "== $provider: GET /deploy/list for the caller with $CALLER_ROWS deploys, one connection (name rps p50_ms p99_ms)"
   curl -sf -H "Authorization: Bearer $big" "$BASE/deploy/list" -o "$WORK/big.json"
@@ -310,19 +314,30 @@ done
 echo
 echo "== summary (ratios are to nginx serving the same bytes in the same run)"
 python3 - "$WORK/results" <<'PY'
-import sys
-rows = {}
+import statistics, sys
+rows, rounds = {}, {}
 for line in open(sys.argv[1]):
     parts = line.split()
-    rows[parts[0]] = [float(x) for x in parts[1:]]
-print(f"{'endpoint':<28}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'× nginx':>9}")
-for name, values in rows.items():
-    if name.startswith("api-") and not name.startswith("api-biglist"):
-        _, kind, provider = name.split("-")
-        ceiling = rows[f"nginx-{kind.removesuffix('256')}-{provider}"][0]
-        print(f"{name:<28}{values[0]:>10.0f}{values[1]:>9.2f}{values[2]:>9.2f}{values[0] / ceiling:>9.2f}")
-    elif name.startswith("nginx-") or name.startswith("api-biglist") or name.startswith("nginx-biglist"):
-        print(f"{name:<28}{values[0]:>10.0f}{values[1]:>9.2f}{values[2]:>9.2f}")
+    name, _, number = parts[0].partition("#")
+    rows.setdefault(name, []).append([float(x) for x in parts[1:]])
+    if number:
+        rounds.setdefault(name, {})[int(number)] = [float(x) for x in parts[1:]]
+def median(values):
+    return statistics.median(values)
+print(f"{'endpoint':<26}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'× nginx':>9}  per round (× nginx / p99 ms)")
+for name, runs in rows.items():
+    if name in rounds:
+        rps, p50, p99 = (median([r[i] for r in runs]) for i in range(3))
+        line = f"{name:<26}{rps:>9.0f}{p50:>8.2f}{p99:>8.2f}"
+        if name.startswith("api-"):
+            _, kind, provider = name.split("-")
+            ceiling = rounds[f"nginx-{kind.removesuffix('256')}-{provider}"]
+            ratios = [values[0] / ceiling[n][0] for n, values in sorted(rounds[name].items())]
+            per = " ".join(f"{ratio:.2f}/{values[2]:.1f}" for ratio, (_, values) in zip(ratios, sorted(rounds[name].items())))
+            line += f"{median(ratios):>9.2f}  {per}"
+        print(line)
+    elif name.startswith("api-biglist") or name.startswith("nginx-biglist"):
+        print(f"{name:<26}{runs[0][0]:>9.0f}{runs[0][1]:>8.2f}{runs[0][2]:>8.2f}")
     else:
-        print(f"{name:<28} median {values[0]:.1f} ms, p90 {values[1]:.1f} ms, max {values[2]:.1f} ms")
+        print(f"{name:<26} median {runs[0][0]:.1f} ms, p90 {runs[0][1]:.1f} ms, max {runs[0][2]:.1f} ms")
 PY

@@ -16,6 +16,13 @@ public sealed class DeployOptions
     /// <summary>Upper bound for <c>max_instances</c>.</summary>
     [System.ComponentModel.DataAnnotations.Range(1, 1024)]
     public int MaxInstances { get; set; } = 4;
+
+    /// <summary>
+    /// SQLite only: bytes of rendered <c>GET /deploy/{id}</c> and <c>GET /deploy/list</c> bodies kept to answer polls
+    /// until the next commit; 0 turns it off.
+    /// </summary>
+    [System.ComponentModel.DataAnnotations.Range(typeof(long), "0", "1099511627776")]
+    public long ReadCacheBytes { get; set; } = 64L * 1024 * 1024;
 }
 
 public static class DeployEndpoints

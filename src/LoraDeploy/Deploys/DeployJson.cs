@@ -86,6 +86,8 @@ public sealed class DeployJson(ReadOnlyMemory<byte> utf8) : IResult, IStatusCode
 {
     public int? StatusCode => StatusCodes.Status200OK;
 
+    public ReadOnlyMemory<byte> Utf8 => utf8;
+
     public async Task ExecuteAsync(HttpContext http)
     {
         http.Response.StatusCode = StatusCodes.Status200OK;
@@ -174,8 +176,19 @@ public sealed class DeployListOutput(HttpResponse response) : IBufferWriter<byte
         if (_first is { } first)
         {
             _first = null;
-            response.ContentLength = first.WrittenCount;
-            await response.BodyWriter.WriteAsync(first.WrittenMemory, ct);
+            SentWhole = first.WrittenMemory;
+            await WriteWholeAsync(first.WrittenMemory, ct);
         }
+    }
+
+    /// <summary>The list's bytes when it went out in one piece, with its length; null when it was sent in chunks.</summary>
+    public ReadOnlyMemory<byte>? SentWhole { get; private set; }
+
+    /// <summary>Sends a whole list, already written, as the response.</summary>
+    public async ValueTask WriteWholeAsync(ReadOnlyMemory<byte> list, CancellationToken ct)
+    {
+        _first = null;
+        response.ContentLength = list.Length;
+        await response.BodyWriter.WriteAsync(list, ct);
     }
 }

@@ -1,9 +1,11 @@
 using System.Buffers;
 using System.Data.Common;
+using System.Diagnostics.Metrics;
 using System.Text;
 using System.Text.Json;
 using LoraDeploy.Data;
 using Microsoft.Data.Sqlite;
+using Microsoft.Extensions.Caching.Memory;
 using Microsoft.Extensions.ObjectPool;
 using Npgsql;
 using SQLitePCL;
@@ -64,7 +66,10 @@ public abstract class DeployReads
         services.GetRequiredService<Microsoft.Extensions.Options.IOptions<DatabaseOptions>>().Value.Provider switch
         {
             DatabaseProvider.Postgres => new PostgresDeployReads(services.GetRequiredService<IConfiguration>().GetConnectionString("Postgres")!),
-            _ => new SqliteDeployReads(DatabaseExtensions.SqliteConnectionString(services.GetRequiredService<IConfiguration>())),
+            _ => new SqliteDeployReads(
+                DatabaseExtensions.SqliteConnectionString(services.GetRequiredService<IConfiguration>()),
+                services.GetRequiredService<Microsoft.Extensions.Options.IOptions<DeployOptions>>().Value.ReadCacheBytes,
+                services.GetService<IMeterFactory>()),
         };
 }
 
@@ -74,16 +79,41 @@ public abstract class DeployReads
 /// strings. Microsoft.Data.Sqlite prepares a statement again for every new command, takes a lock in its pool on
 /// every open and close, and copies each column into a string. In WAL mode these readers never block the writers.
 /// </summary>
+/// <remarks>
+/// Polls mostly ask again for what has not changed, so the bodies of <c>GET /deploy/{id}</c> and of an unfiltered list
+/// that fits one chunk are kept, rendered, and served again while nothing has been committed to the database since
+/// they were read (<see cref="CurrentVersion"/>). Any commit, by this process or another on the same file, makes all
+/// of them stale at once: exact, and cheap while deploys change a few times a second rather than thousands.
+/// </remarks>
 public sealed class SqliteDeployReads : DeployReads, IDisposable
 {
+    /// <summary>What an entry costs besides its body (the entry, its key, the record), for the size limit.</summary>
+    private const int EntryOverhead = 160;
+
+    /// <summary>A poller that stops lets its bodies go after this long, before the size limit needs them gone.</summary>
+    private static readonly TimeSpan IdleFor = TimeSpan.FromMinutes(5);
+
+    private static readonly KeyValuePair<string, object?> FromKept = new("source", "kept");
+    private static readonly KeyValuePair<string, object?> FromDatabase = new("source", "database");
+
     private readonly ObjectPool<Session> _sessions;
+    private readonly MemoryCache? _rendered;
+    private readonly Counter<long>? _answers;
+    private long _version;
 
     // SQLite has no array parameters, so the statuses arrive as one JSON array and the statement stays prepared.
-    public SqliteDeployReads(string connectionString) : base("IN (SELECT value FROM json_each(@statuses))")
+    /// <param name="connectionString">The database, as EF's connections open it.</param>
+    /// <param name="cacheBytes">Bytes of rendered bodies to keep (<see cref="DeployOptions.ReadCacheBytes"/>); 0 keeps none.</param>
+    /// <param name="meters">Where to count kept and freshly read answers, if anywhere.</param>
+    public SqliteDeployReads(string connectionString, long cacheBytes = 0, IMeterFactory? meters = null)
+        : base("IN (SELECT value FROM json_each(@statuses))")
     {
         ByIdSql = Select + "WHERE \"Id\" = @id AND \"UserId\" = @user";
         _sessions = new DefaultObjectPoolProvider { MaximumRetained = 4 * Environment.ProcessorCount }
             .Create(new SessionPolicy(this, connectionString));
+        _rendered = cacheBytes > 0 ? new MemoryCache(new MemoryCacheOptions { SizeLimit = cacheBytes }) : null;
+        _answers = meters?.Create(Observability.DeployStatusGauge.MeterName).CreateCounter<long>("loradeploy.deploy_reads",
+            description: "Answers to GET /deploy/{id} and the unfiltered GET /deploy/list, by source: a body kept since the last commit, or the database");
     }
 
     /// <summary>Parameters: <c>@id</c>, <c>@user</c> (the owner).</summary>
@@ -95,9 +125,23 @@ public sealed class SqliteDeployReads : DeployReads, IDisposable
         var statement = session.ById;
         try
         {
+            var version = _rendered is null ? 0 : CurrentVersion(session);
+            if (_rendered?.Get(id) is Rendered kept && kept.Version == version)
+            {
+                _answers?.Add(1, FromKept);
+                // Deploys never change owner: someone else's is a 404 however old the body.
+                return ValueTask.FromResult(kept.Owner == userId ? new DeployJson(kept.Body) : null);
+            }
+            _answers?.Add(1, FromDatabase);
             raw.sqlite3_bind_text(statement, 1, id);
             raw.sqlite3_bind_int64(statement, 2, userId);
-            return ValueTask.FromResult(session.Step(statement) ? Render(statement, WriteRow) : null);
+            if (!session.Step(statement))
+            {
+                return ValueTask.FromResult<DeployJson?>(null);
+            }
+            var body = Render(statement, WriteRow);
+            Keep(id, new Rendered(version, userId, body.Utf8.ToArray()));
+            return ValueTask.FromResult<DeployJson?>(body);
         }
         finally
         {
@@ -108,33 +152,94 @@ public sealed class SqliteDeployReads : DeployReads, IDisposable
 
     public override async Task WriteListAsync(long userId, IReadOnlyCollection<string>? statuses, DeployListOutput output, CancellationToken ct)
     {
+        var keep = statuses is null && _rendered is not null;
+        long version = 0;
+        Rendered? kept = null;
         var session = _sessions.Get();
         var statement = statuses is null ? session.NotDeletedOf : session.WithStatus;
+        await using var json = new Utf8JsonWriter(output, DeployJsonWriter.Options);
         try
         {
-            raw.sqlite3_bind_int64(statement, 1, userId);
-            if (statuses is not null)
+            if (keep)
             {
-                raw.sqlite3_bind_text(statement, 2, JsonSerializer.Serialize([.. statuses], ApiJson.Context.ListString));
+                version = CurrentVersion(session);
+                kept = _rendered!.Get(userId) is Rendered found && found.Version == version ? found : null;
             }
-            await using var json = new Utf8JsonWriter(output, DeployJsonWriter.Options);
-            json.WriteStartArray();
-            while (WriteRows(session, statement, json))
+            if (statuses is null)
             {
-                if (!await output.FlushAsync(json, ct))
+                _answers?.Add(1, kept is null ? FromDatabase : FromKept);
+            }
+            if (kept is null)
+            {
+                raw.sqlite3_bind_int64(statement, 1, userId);
+                if (statuses is not null)
                 {
-                    return;
+                    raw.sqlite3_bind_text(statement, 2, JsonSerializer.Serialize([.. statuses], ApiJson.Context.ListString));
+                }
+                json.WriteStartArray();
+                while (WriteRows(session, statement, json))
+                {
+                    if (!await output.FlushAsync(json, ct))
+                    {
+                        return;
+                    }
                 }
             }
-            json.WriteEndArray();
-            await output.CompleteAsync(json, ct);
         }
         finally
         {
+            // The rows are read: the session goes back before the list goes out.
             session.Release(statement);
             _sessions.Return(session);
         }
+        if (kept is not null)
+        {
+            await output.WriteWholeAsync(kept.Body, ct);
+            return;
+        }
+        json.WriteEndArray();
+        await output.CompleteAsync(json, ct);
+        if (keep && output.SentWhole is { } whole)
+        {
+            Keep(userId, new Rendered(version, userId, whole.ToArray()));
+        }
     }
+
+    /// <summary>
+    /// The version to tag a body read now with, and to accept a kept body at: bumped whenever a session sees that
+    /// another connection — a writer of this process or of any other — has committed since it last looked.
+    /// <c>PRAGMA data_version</c> counts per connection, so each session compares with what it saw last, and a new
+    /// session bumps once, as it cannot know what it missed. Whoever reads after a commit has ended therefore sees a
+    /// bump made after that commit, and every body tagged before the bump (read, maybe, before the commit) is stale.
+    /// </summary>
+    private long CurrentVersion(Session session)
+    {
+        var seen = session.DataVersion();
+        if (seen != session.LastSeenDataVersion)
+        {
+            session.LastSeenDataVersion = seen;
+            return Interlocked.Increment(ref _version);
+        }
+        return Volatile.Read(ref _version);
+    }
+
+    private void Keep(object key, Rendered rendered)
+    {
+        // A read that raced a newer one must not replace the newer body with its older one.
+        if (_rendered is null || _rendered.Get(key) is Rendered current && current.Version >= rendered.Version)
+        {
+            return;
+        }
+        using var entry = _rendered.CreateEntry(key);
+        entry.Value = rendered;
+        entry.Size = rendered.Body.Length + EntryOverhead;
+        entry.SlidingExpiration = IdleFor;
+    }
+
+    /// <param name="Version">What <see cref="CurrentVersion"/> said before the body was read.</param>
+    /// <param name="Owner">The deploy's owner (a body by id), or the caller (a list).</param>
+    /// <param name="Body">The response body; never changed once kept.</param>
+    private sealed record Rendered(long Version, long Owner, byte[] Body);
 
     /// <summary>Writes rows until a chunk is full (true) or the rows are done (false).</summary>
     private static bool WriteRows(Session session, sqlite3_stmt statement, Utf8JsonWriter json)
@@ -192,7 +297,11 @@ public sealed class SqliteDeployReads : DeployReads, IDisposable
         return into[..TimestampLength];
     }
 
-    public void Dispose() => (_sessions as IDisposable)?.Dispose();
+    public void Dispose()
+    {
+        (_sessions as IDisposable)?.Dispose();
+        _rendered?.Dispose();
+    }
 
     /// <summary>One connection and its prepared statements; used by one request at a time.</summary>
     private sealed class Session : IDisposable
@@ -215,6 +324,26 @@ public sealed class SqliteDeployReads : DeployReads, IDisposable
             ById = Prepare(reads.ByIdSql);
             NotDeletedOf = Prepare(reads.NotDeletedOfSql);
             WithStatus = Prepare(reads.WithStatusSql);
+            _dataVersion = Prepare("PRAGMA data_version");
+        }
+
+        private readonly sqlite3_stmt _dataVersion;
+
+        /// <summary>What <see cref="DataVersion"/> returned last; none yet at first.</summary>
+        public long LastSeenDataVersion { get; set; } = -1;
+
+        /// <summary>SQLite's count of commits by other connections, as this connection sees it.</summary>
+        public long DataVersion()
+        {
+            try
+            {
+                Step(_dataVersion);
+                return raw.sqlite3_column_int64(_dataVersion, 0);
+            }
+            finally
+            {
+                raw.sqlite3_reset(_dataVersion);
+            }
         }
 
         /// <summary>Parameters: 1 = deploy id, 2 = user id.</summary>
@@ -256,6 +385,7 @@ public sealed class SqliteDeployReads : DeployReads, IDisposable
             ById.Dispose();
             NotDeletedOf.Dispose();
             WithStatus.Dispose();
+            _dataVersion.Dispose();
             _connection.Dispose();
         }
     }
