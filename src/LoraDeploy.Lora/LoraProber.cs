@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Runtime.InteropServices;
 using System.Text.Unicode;
 using LoraDeploy.Lora.Safetensors;
@@ -33,7 +34,7 @@ public static partial class LoraProber
     {
         // Unbuffered: alpha scalars are read with one small positioned read each, not a 4 KB buffer fill.
         using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 0);
-        var header = SafetensorsReader.Read(file);
+        using var header = SafetensorsReader.Read(file);
         var report = Probe(header, file);
         if (!hashes)
         {
@@ -45,87 +46,89 @@ public static partial class LoraProber
         return report with { FileSha256 = fileSha, DataSha256 = dataSha };
     }
 
-    /// <param name="name">The module name, or null to take it from the first tensor's name when asked for.</param>
-    /// <param name="first">The module's first tensor, whose name starts with the module name.</param>
-    /// <param name="nameLength">Length of the module name in UTF-16 units.</param>
-    private sealed class Module(string? name, TensorEntry first, int nameLength, string normalized, Component component, PrefixStyle style, bool processorName)
+    /// <summary>
+    /// A module as the analysis keeps it: a row of plain values in a pooled array, tensors referred to by their index
+    /// in the header's table (-1 when absent), the normalised name as a slice of a shared buffer.
+    /// </summary>
+    private struct Module
     {
-        private string? _name = name;
-
-        // Only warnings and the fallback index need the name: probing a sorted file makes no string per module for it.
-        public string Name => _name ??= first.Name[..nameLength];
-        public string Normalized { get; } = normalized;
+        /// <summary>The module's first tensor, whose name starts with the module name.</summary>
+        public int First;
+        /// <summary>Length of the module name in UTF-16 units.</summary>
+        public int NameLength;
+        public int NormalizedStart, NormalizedLength;
         /// <summary>The name contains ".processor." (XLabs).</summary>
-        public bool ProcessorName { get; } = processorName;
-        public Component Component { get; } = component;
-        public PrefixStyle Style { get; } = style;
-        public TensorEntry? Down, Up, Mid, Alpha, W1, W1A, W1B, W2, W2A, W2B, HadaW1A, HadaW1B, Diff, GloraA1, GloraA2;
+        public bool ProcessorName;
+        public Component Component;
+        public PrefixStyle Style;
+        public int Down, Up, Mid, Alpha, W1, W1A, W1B, W2, W2A, W2B, HadaW1A, HadaW1B, Diff, GloraA1, GloraA2;
         public bool HasDora, HasUpBias, HasHada, HasLokr, HasIa3, HasGlora, HasDiff, HasNorm, HasOft, HasScale, HasPlainWeight, HasEmbedding;
+        /// <summary><see cref="IsComplete"/>, kept once all tensors are in.</summary>
+        public bool Complete;
 
-        /// <summary>Input width of the adapted layer ("dim" in reference §3.3), 0 if unknown.</summary>
-        public long InDim =>
-            Down is { Shape.Length: >= 2 } ? Down.Shape[1]
-            : HadaW1B is { Shape.Length: 2 } ? HadaW1B.Shape[1]
-            : HasLokr ? Factor(W1, W1B, 1) * Factor(W2, W2B, 1)
-            : Diff is { Shape.Length: >= 2 } ? Diff.Shape[1]
-            : 0;
+        public static readonly Module Empty = new()
+        {
+            Down = -1, Up = -1, Mid = -1, Alpha = -1, W1 = -1, W1A = -1, W1B = -1, W2 = -1, W2A = -1, W2B = -1,
+            HadaW1A = -1, HadaW1B = -1, Diff = -1, GloraA1 = -1, GloraA2 = -1,
+        };
 
-        /// <summary>Output width of the adapted layer, 0 if unknown.</summary>
-        public long OutDim =>
-            Up is { Shape.Length: >= 1 } ? Up.Shape[0]
-            : HadaW1A is { Shape.Length: 2 } ? HadaW1A.Shape[0]
-            : HasLokr ? Factor(W1, W1A, 0) * Factor(W2, W2A, 0)
-            : Diff is { Shape.Length: >= 1 } ? Diff.Shape[0]
-            : 0;
-
-        public int? Rank =>
-            Down is { Shape.Length: >= 1 } ? (int)Math.Min(Down.Shape[0], int.MaxValue)
-            : HadaW1B is { Shape.Length: >= 1 } ? (int)Math.Min(HadaW1B.Shape[0], int.MaxValue)
-            : W1B is { Shape.Length: >= 1 } ? (int)Math.Min(W1B.Shape[0], int.MaxValue)
-            : W2B is { Shape.Length: >= 1 } ? (int)Math.Min(W2B.Shape[0], int.MaxValue)
-            : GloraA1 is { Shape.Length: 2 } ? (int)Math.Min(GloraA1.Shape[1], int.MaxValue)
-            : null;
-
-        public bool IsComplete =>
-            (Down is not null && Up is not null) || HasEmbedding || HasHada || HasLokr || HasIa3 || HasGlora || HasDiff || HasNorm || HasOft;
-
-        private static long Factor(TensorEntry? full, TensorEntry? part, int axis) =>
-            full is { Shape.Length: >= 2 } ? full.Shape[axis]
-            : part is { Shape.Length: >= 2 } ? part.Shape[axis]
-            : 1;
+        public readonly bool IsComplete =>
+            (Down >= 0 && Up >= 0) || HasEmbedding || HasHada || HasLokr || HasIa3 || HasGlora || HasDiff || HasNorm || HasOft;
     }
 
     private sealed partial class Analysis(SafetensorsHeader header, Stream? file)
     {
+        private readonly TensorTable _table = header.Table;
         private readonly IReadOnlyDictionary<string, string> _metadata = header.Metadata;
         private readonly long _dataOffset = header.DataOffset;
         private readonly Stream? _file = file;
-        // Modules in the order their first tensor appears; the index by name is made only when needed (see FindOrAdd).
-        private readonly List<Module> _modules = new(header.Entries.Count / 2);
-        private Dictionary<string, Module>? _moduleIndex;
+        // Modules in the order their first tensor appears (pooled, returned by Run); the index by name is made only
+        // when needed (see FindOrAdd).
+        private Module[] _modules = [];
+        private int _moduleCount;
+        private Dictionary<string, int>? _moduleIndex;
+        // Normalised module names, one after the other (pooled, returned by Run).
+        private char[] _normalized = [];
+        private int _normalizedUsed;
         private readonly List<string> _warnings = [];
         private int _unknownKeyCount;
         private string? _firstUnknownKey;
-        private Module? _lastModule;
+        private int _lastModule = -1;
         // The last module's name, so that each tensor can be checked against it without making a string.
         private char[] _lastModuleName = new char[256];
         private int _lastModuleNameLength;
 
         public ProbeReport Run()
         {
-            long parameters = 0;
-            var dtypes = new List<string>(2);
-            // Names are decoded into one reused buffer; only a module's first tensor makes a string.
-            var name = new char[256];
-            foreach (var tensor in header.Entries)
+            var count = _table.Count;
+            _modules = ArrayPool<Module>.Shared.Rent(Math.Max(16, count / 2));
+            _normalized = ArrayPool<char>.Shared.Rent(Math.Max(256, count * 32));
+            try
             {
-                // A file has one or two dtypes; a list beats a set here.
-                if (!dtypes.Contains(tensor.Dtype))
-                {
-                    dtypes.Add(tensor.Dtype);
-                }
-                parameters += tensor.ElementCount;
-                var utf8 = tensor.NameUtf8;
+                return Analyse(count);
+            }
+            finally
+            {
+                // Plain values only: nothing for the GC to find in them.
+                ArrayPool<Module>.Shared.Return(_modules);
+                ArrayPool<char>.Shared.Return(_normalized);
+                (_modules, _normalized) = ([], []);
+            }
+        }
+
+        private ProbeReport Analyse(int count)
+        {
+            long parameters = 0;
+            // Bit i: dtype code i occurs (a file has one or two dtypes).
+            var dtypeCodes = 0UL;
+            // Names are decoded into one reused buffer; no string per tensor or module.
+            var name = new char[256];
+            var records = _table.Records;
+            for (var tensor = 0; tensor < count; tensor++)
+            {
+                dtypeCodes |= 1UL << records[tensor].Dtype;
+                parameters += _table.ElementCount(tensor);
+                var utf8 = _table.NameUtf8(tensor);
                 if (utf8.Length > name.Length)
                 {
                     name = new char[utf8.Length];
@@ -134,28 +137,32 @@ public static partial class LoraProber
                 Utf8.ToUtf16(utf8, name, out _, out var length);
                 Add(tensor, name.AsSpan(0, length));
             }
+            var dtypes = new List<string>(2);
+            for (var code = 0; code < SafetensorsDtype.Names.Length; code++)
+            {
+                if ((dtypeCodes & (1UL << code)) != 0)
+                {
+                    dtypes.Add(SafetensorsDtype.Names[code]);
+                }
+            }
 
-            // One pass for the module-level counts (in header order, as the dictionary enumerates).
-            var complete = new List<Module>(_modules.Count);
+            // One pass for the module-level counts (in header order, as the dictionary enumerated).
+            var adapterModules = 0;
             var isLllite = false;
             var plainWeights = 0;
             var pairedOrComplete = 0;
-            foreach (var m in _modules)
+            foreach (ref var m in Modules)
             {
-                var isComplete = m.IsComplete;
-                if (isComplete)
-                {
-                    complete.Add(m);
-                }
+                var isComplete = m.Complete = m.IsComplete;
+                adapterModules += isComplete ? 1 : 0;
                 isLllite |= m.Component == Component.Lllite;
                 // IA3 stores its vector as "<module>.weight" next to "on_input"; any other plain weight is a model weight.
                 plainWeights += m.HasPlainWeight && !m.HasIa3 ? 1 : 0;
-                pairedOrComplete += m.Down is not null || m.Up is not null || isComplete ? 1 : 0;
+                pairedOrComplete += m.Down >= 0 || m.Up >= 0 || isComplete ? 1 : 0;
             }
-            var adapterModules = complete.Count;
             var isControl = IsControlLora();
-            var network = isLllite ? "lllite" : isControl ? "control-lora" : NetworkOf(complete);
-            var architecture = DecideArchitecture(complete, out var mixed);
+            var network = isLllite ? "lllite" : isControl ? "control-lora" : NetworkOf(adapterModules);
+            var architecture = DecideArchitecture(out var mixed);
             var format = FormatOf(architecture);
 
             var plainWeightMajority = plainWeights > 0 && plainWeights >= adapterModules;
@@ -165,8 +172,8 @@ public static partial class LoraProber
                 _warnings.Add($"{plainWeights} plain '.weight' tensors sit next to the adapter modules (a merged checkpoint can carry LoRA keys).");
             }
 
-            var (rankMin, rankMax, alpha, scale) = RanksAndScale(complete);
-            CheckPairs(complete);
+            var (rankMin, rankMax, alpha, scale) = RanksAndScale();
+            CheckPairs();
             CheckMetadataAgreement(architecture);
 
             string? reason = null;
@@ -194,7 +201,7 @@ public static partial class LoraProber
             {
                 reason = $"{_unknownKeyCount} tensors are not LoRA-family parameters (e.g. '{Truncate(_firstUnknownKey, 120)}')";
             }
-            else if (complete.Count < pairedOrComplete)
+            else if (adapterModules < pairedOrComplete)
             {
                 reason = "some modules lack their up/down pair";
             }
@@ -206,9 +213,9 @@ public static partial class LoraProber
                 Network = network,
                 Architecture = architecture,
                 ArchitectureDisplay = ArchitectureFamilies.Display(architecture),
-                Targets = TargetsOf(complete, architecture),
+                Targets = TargetsOf(architecture),
                 ModuleCount = adapterModules,
-                TensorCount = header.Entries.Count,
+                TensorCount = count,
                 RankMin = rankMin,
                 RankMax = rankMax,
                 Alpha = alpha,
@@ -226,22 +233,82 @@ public static partial class LoraProber
             };
         }
 
-        private void Add(TensorEntry tensor, ReadOnlySpan<char> name)
+        /// <summary>The modules so far, in the order their first tensor appears.</summary>
+        private Span<Module> Modules => _modules.AsSpan(0, _moduleCount);
+
+        /// <summary>A tensor's shape; empty for no tensor (-1), which every use below tells apart by a length check.</summary>
+        private ReadOnlySpan<long> Shape(int tensor) => tensor < 0 ? default : _table.Shape(tensor);
+
+        private ReadOnlySpan<char> Normalized(in Module m) => _normalized.AsSpan(m.NormalizedStart, m.NormalizedLength);
+
+        // Only warnings and the fallback index need the name: probing a sorted file makes no string per module for it.
+        private string Name(in Module m) => _table.Name(m.First)[..m.NameLength];
+
+        /// <summary>Input width of the adapted layer ("dim" in reference §3.3), 0 if unknown.</summary>
+        private long InDim(in Module m)
+        {
+            if (Shape(m.Down) is { Length: >= 2 } down)
+            {
+                return down[1];
+            }
+            if (Shape(m.HadaW1B) is { Length: 2 } hadaW1B)
+            {
+                return hadaW1B[1];
+            }
+            if (m.HasLokr)
+            {
+                return Factor(m.W1, m.W1B, 1) * Factor(m.W2, m.W2B, 1);
+            }
+            return Shape(m.Diff) is { Length: >= 2 } diff ? diff[1] : 0;
+        }
+
+        /// <summary>Output width of the adapted layer, 0 if unknown.</summary>
+        private long OutDim(in Module m)
+        {
+            if (Shape(m.Up) is { Length: >= 1 } up)
+            {
+                return up[0];
+            }
+            if (Shape(m.HadaW1A) is { Length: 2 } hadaW1A)
+            {
+                return hadaW1A[0];
+            }
+            if (m.HasLokr)
+            {
+                return Factor(m.W1, m.W1A, 0) * Factor(m.W2, m.W2A, 0);
+            }
+            return Shape(m.Diff) is { Length: >= 1 } diff ? diff[0] : 0;
+        }
+
+        private int? Rank(in Module m) =>
+            Shape(m.Down) is { Length: >= 1 } down ? (int)Math.Min(down[0], int.MaxValue)
+            : Shape(m.HadaW1B) is { Length: >= 1 } hadaW1B ? (int)Math.Min(hadaW1B[0], int.MaxValue)
+            : Shape(m.W1B) is { Length: >= 1 } w1b ? (int)Math.Min(w1b[0], int.MaxValue)
+            : Shape(m.W2B) is { Length: >= 1 } w2b ? (int)Math.Min(w2b[0], int.MaxValue)
+            : Shape(m.GloraA1) is { Length: 2 } gloraA1 ? (int)Math.Min(gloraA1[1], int.MaxValue)
+            : null;
+
+        private long Factor(int full, int part, int axis) =>
+            Shape(full) is { Length: >= 2 } f ? f[axis]
+            : Shape(part) is { Length: >= 2 } p ? p[axis]
+            : 1;
+
+        private void Add(int tensor, ReadOnlySpan<char> name)
         {
             var kind = LoraKeys.Split(name, out var moduleLength);
             if (kind == ParamKind.Unknown)
             {
-                _firstUnknownKey ??= tensor.Name;
+                _firstUnknownKey ??= _table.Name(tensor);
                 _unknownKeyCount++;
                 return;
             }
             // A module's tensors are usually adjacent (alpha, lora_down, lora_up): try the last one before FindOrAdd.
             var moduleName = name[..moduleLength];
-            var module = _lastModule;
-            if (module is null || !moduleName.SequenceEqual(_lastModuleName.AsSpan(0, _lastModuleNameLength)))
+            var index = _lastModule;
+            if (index < 0 || !moduleName.SequenceEqual(_lastModuleName.AsSpan(0, _lastModuleNameLength)))
             {
-                module = FindOrAdd(tensor, moduleName);
-                _lastModule = module;
+                index = FindOrAdd(tensor, moduleName);
+                _lastModule = index;
                 if (moduleName.Length > _lastModuleName.Length)
                 {
                     _lastModuleName = new char[moduleName.Length];
@@ -249,6 +316,7 @@ public static partial class LoraProber
                 moduleName.CopyTo(_lastModuleName);
                 _lastModuleNameLength = moduleName.Length;
             }
+            ref var module = ref _modules[index];
             switch (kind)
             {
                 case ParamKind.PlainWeight: module.HasPlainWeight = true; break;
@@ -282,62 +350,96 @@ public static partial class LoraProber
         }
 
         /// <summary>
-        /// The module of that name, added if new. In the safetensors library's order (names sorted) each new module's
-        /// name is greater than the last one added, so it cannot have been seen and needs no lookup. From the first
-        /// module name that is not greater, all modules are indexed by name and looked up.
+        /// The index of the module of that name, added if new. In the safetensors library's order (names sorted) each new
+        /// module's name is greater than the last one added, so it cannot have been seen and needs no lookup. From the
+        /// first module name that is not greater, all modules are indexed by name and looked up.
         /// </summary>
-        private Module FindOrAdd(TensorEntry tensor, ReadOnlySpan<char> moduleName)
+        private int FindOrAdd(int tensor, ReadOnlySpan<char> moduleName)
         {
             if (_moduleIndex is null)
             {
                 // Until the index exists, the last module used is the last one added.
-                if (_modules.Count == 0 || moduleName.SequenceCompareTo(_lastModuleName.AsSpan(0, _lastModuleNameLength)) > 0)
+                if (_moduleCount == 0 || moduleName.SequenceCompareTo(_lastModuleName.AsSpan(0, _lastModuleNameLength)) > 0)
                 {
-                    return New(null, tensor, moduleName);
+                    return New(tensor, moduleName);
                 }
-                _moduleIndex = new Dictionary<string, Module>(Math.Max(_modules.Capacity, _modules.Count * 2), StringComparer.Ordinal);
-                foreach (var m in _modules)
+                _moduleIndex = new Dictionary<string, int>(Math.Max(_modules.Length, _moduleCount * 2), StringComparer.Ordinal);
+                for (var i = 0; i < _moduleCount; i++)
                 {
                     // Distinct: they ascend.
-                    _moduleIndex.Add(m.Name, m);
+                    _moduleIndex.Add(Name(in _modules[i]), i);
                 }
             }
-            // A lookup that gets this far is nearly always a new module, so the name string is made up front and hashed once.
-            var moduleString = moduleName.ToString();
-            ref var slot = ref CollectionsMarshal.GetValueRefOrAddDefault(_moduleIndex, moduleString, out var exists);
+            ref var slot = ref CollectionsMarshal.GetValueRefOrAddDefault(_moduleIndex, moduleName.ToString(), out var exists);
             if (!exists)
             {
-                slot = New(moduleString, tensor, moduleName);
+                slot = New(tensor, moduleName);
             }
-            return slot!;
-
-            Module New(string? name, TensorEntry first, ReadOnlySpan<char> moduleName)
-            {
-                var normalized = LoraKeys.Normalize(moduleName, out var component, out var style);
-                var module = new Module(name, first, moduleName.Length, normalized, component, style,
-                    moduleName.Contains(".processor.", StringComparison.Ordinal));
-                _modules.Add(module);
-                return module;
-            }
+            return slot;
         }
 
-        private bool IsControlLora() =>
-            _modules.Any(m => m.Normalized == "img_in" && m.Down is { Shape: [_, 128] })
-            && _modules.Any(m => m.HasUpBias || (m.HasScale && m.Normalized.EndsWith("_norm", StringComparison.Ordinal)));
-
-        private static string NetworkOf(List<Module> modules)
+        private int New(int first, ReadOnlySpan<char> moduleName)
         {
-            if (modules.Count == 0)
+            if (_moduleCount == _modules.Length)
+            {
+                Grow(ref _modules, _moduleCount, _moduleCount + 1);
+            }
+            if (_normalized.Length - _normalizedUsed < moduleName.Length)
+            {
+                Grow(ref _normalized, _normalizedUsed, _normalizedUsed + moduleName.Length);
+            }
+            // The normalised name is never longer than the module name.
+            var normalized = LoraKeys.Normalize(moduleName, _normalized.AsSpan(_normalizedUsed), out var component, out var style);
+            ref var module = ref _modules[_moduleCount];
+            module = Module.Empty;
+            (module.First, module.NameLength, module.NormalizedStart, module.NormalizedLength) = (first, moduleName.Length, _normalizedUsed, normalized);
+            (module.Component, module.Style) = (component, style);
+            module.ProcessorName = moduleName.Contains(".processor.", StringComparison.Ordinal);
+            _normalizedUsed += normalized;
+            return _moduleCount++;
+        }
+
+        private static void Grow<T>(ref T[] array, int used, int needed)
+        {
+            var bigger = ArrayPool<T>.Shared.Rent(Math.Max(needed, array.Length * 2));
+            array.AsSpan(0, used).CopyTo(bigger);
+            ArrayPool<T>.Shared.Return(array);
+            array = bigger;
+        }
+
+        private bool IsControlLora()
+        {
+            var imgIn = false;
+            var normScale = false;
+            foreach (ref readonly var m in Modules)
+            {
+                var n = Normalized(in m);
+                imgIn |= n is "img_in" && Shape(m.Down) is [_, 128];
+                normScale |= m.HasUpBias || (m.HasScale && n.EndsWith("_norm", StringComparison.Ordinal));
+            }
+            return imgIn && normScale;
+        }
+
+        private string NetworkOf(int adapterModules)
+        {
+            if (adapterModules == 0)
             {
                 return "none";
             }
-            if (modules.Any(m => m.HasDora))
+            foreach (ref readonly var m in Modules)
             {
-                return "dora";
+                if (m.Complete && m.HasDora)
+                {
+                    return "dora";
+                }
             }
             var counts = new Dictionary<string, int>(StringComparer.Ordinal);
-            foreach (var m in modules)
+            foreach (ref readonly var m in Modules)
             {
+                if (!m.Complete)
+                {
+                    continue;
+                }
                 var type = m.HasHada ? "loha"
                     : m.HasLokr ? "lokr"
                     : m.HasOft ? "oft"
@@ -345,7 +447,7 @@ public static partial class LoraProber
                     : m.HasIa3 ? "ia3"
                     : m.HasDiff ? "full"
                     : m.HasNorm ? "norm"
-                    : IsConvLoCon(m) ? "locon"
+                    : IsConvLoCon(in m) ? "locon"
                     : "lora";
                 CollectionsMarshal.GetValueRefOrAddDefault(counts, type, out _)++;
             }
@@ -357,20 +459,21 @@ public static partial class LoraProber
             return counts.Where(kv => kv.Key != "norm").DefaultIfEmpty(counts.First()).MaxBy(kv => kv.Value).Key;
         }
 
-        private static bool IsConvLoCon(Module m) =>
-            m.Mid is not null
-            || m.Down is { Shape: [_, _, var kh, var kw] } && (kh > 1 || kw > 1);
+        private bool IsConvLoCon(in Module m) =>
+            m.Mid >= 0
+            || Shape(m.Down) is [_, _, var kh, var kw] && (kh > 1 || kw > 1);
 
         private string FormatOf(string architecture)
         {
             var styles = new Dictionary<PrefixStyle, int>(8);
             var xlabs = false;
             var bflNames = false;
-            foreach (var m in _modules)
+            foreach (ref readonly var m in Modules)
             {
+                var n = Normalized(in m);
                 CollectionsMarshal.GetValueRefOrAddDefault(styles, m.Style, out _)++;
-                xlabs |= m.Up is not null && m.ProcessorName && m.Normalized.Contains("_processor_", StringComparison.Ordinal);
-                bflNames |= m.Normalized.StartsWith("double_blocks_", StringComparison.Ordinal) || m.Normalized.StartsWith("single_blocks_", StringComparison.Ordinal);
+                xlabs |= m.Up >= 0 && m.ProcessorName && n.Contains("_processor_", StringComparison.Ordinal);
+                bflNames |= n.StartsWith("double_blocks_", StringComparison.Ordinal) || n.StartsWith("single_blocks_", StringComparison.Ordinal);
             }
             if (styles.Count == 0)
             {
@@ -397,13 +500,17 @@ public static partial class LoraProber
             };
         }
 
-        private IReadOnlyList<string> TargetsOf(List<Module> modules, string architecture)
+        private IReadOnlyList<string> TargetsOf(string architecture)
         {
             var isUnet = architecture is ArchitectureFamilies.Sd1 or ArchitectureFamilies.Sd2 or ArchitectureFamilies.Sdxl;
             // At most five distinct values: a list beats a sorted set here.
             var targets = new List<string>(2);
-            foreach (var m in modules)
+            foreach (ref readonly var m in Modules)
             {
+                if (!m.Complete)
+                {
+                    continue;
+                }
                 var target = m.Component switch
                 {
                     Component.TextEncoder1 => "text_encoder_1",
