@@ -741,7 +741,7 @@ public static partial class LoraProber
             }
             if (mismatched > 0)
             {
-                _warnings.Add($"{mismatched} modules have lora_up and lora_down of different ranks (e.g. '{Name(in _modules[firstMismatched])}').");
+                _warnings.Add($"{mismatched} modules have lora_up and lora_down of different ranks (e.g. '{Name(firstMismatched)}').");
             }
             if (halves > 0)
             {

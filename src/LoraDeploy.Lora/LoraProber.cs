@@ -48,15 +48,11 @@ public static partial class LoraProber
 
     /// <summary>
     /// A module as the analysis keeps it: a row of plain values in a pooled array, tensors referred to by their index
-    /// in the header's table (-1 when absent), the normalised name as a slice of a shared buffer.
+    /// in the header's table (-1 when absent), its name and normalised name as slices of a shared buffer.
     /// </summary>
     private struct Module
     {
-        /// <summary>The module's first tensor, whose name starts with the module name.</summary>
-        public int First;
-        /// <summary>Length of the module name in UTF-16 units.</summary>
-        public int NameLength;
-        public int NormalizedStart, NormalizedLength;
+        public int NameStart, NameLength, NormalizedStart, NormalizedLength;
         /// <summary>The name contains ".processor." (XLabs).</summary>
         public bool ProcessorName;
         public Component Component;
@@ -86,23 +82,21 @@ public static partial class LoraProber
         // when needed (see FindOrAdd).
         private Module[] _modules = [];
         private int _moduleCount;
-        private Dictionary<string, int>? _moduleIndex;
-        // Normalised module names, one after the other (pooled, returned by Run).
-        private char[] _normalized = [];
-        private int _normalizedUsed;
+        private HashSet<int>? _moduleIndex;
+        // Module names and normalised names, one after the other (pooled, returned by Run).
+        private char[] _names = [];
+        private int _namesUsed;
         private readonly List<string> _warnings = [];
         private int _unknownKeyCount;
         private string? _firstUnknownKey;
+        // The module of the last tensor, which the next tensor most likely belongs to.
         private int _lastModule = -1;
-        // The last module's name, so that each tensor can be checked against it without making a string.
-        private char[] _lastModuleName = new char[256];
-        private int _lastModuleNameLength;
 
         public ProbeReport Run()
         {
             var count = _table.Count;
             _modules = ArrayPool<Module>.Shared.Rent(Math.Max(16, count / 2));
-            _normalized = ArrayPool<char>.Shared.Rent(Math.Max(256, count * 32));
+            _names = ArrayPool<char>.Shared.Rent(Math.Max(256, count * 48));
             try
             {
                 return Analyse(count);
@@ -111,8 +105,8 @@ public static partial class LoraProber
             {
                 // Plain values only: nothing for the GC to find in them.
                 ArrayPool<Module>.Shared.Return(_modules);
-                ArrayPool<char>.Shared.Return(_normalized);
-                (_modules, _normalized) = ([], []);
+                ArrayPool<char>.Shared.Return(_names);
+                (_modules, _names) = ([], []);
             }
         }
 
@@ -239,10 +233,12 @@ public static partial class LoraProber
         /// <summary>A tensor's shape; empty for no tensor (-1), which every use below tells apart by a length check.</summary>
         private ReadOnlySpan<long> Shape(int tensor) => tensor < 0 ? default : _table.Shape(tensor);
 
-        private ReadOnlySpan<char> Normalized(in Module m) => _normalized.AsSpan(m.NormalizedStart, m.NormalizedLength);
+        private ReadOnlySpan<char> Normalized(in Module m) => _names.AsSpan(m.NormalizedStart, m.NormalizedLength);
 
-        // Only warnings and the fallback index need the name: probing a sorted file makes no string per module for it.
-        private string Name(in Module m) => _table.Name(m.First)[..m.NameLength];
+        private ReadOnlySpan<char> ModuleName(int module) => _names.AsSpan(_modules[module].NameStart, _modules[module].NameLength);
+
+        // Only warnings need the name as a string.
+        private string Name(int module) => ModuleName(module).ToString();
 
         /// <summary>Input width of the adapted layer ("dim" in reference §3.3), 0 if unknown.</summary>
         private long InDim(in Module m)
@@ -305,16 +301,10 @@ public static partial class LoraProber
             // A module's tensors are usually adjacent (alpha, lora_down, lora_up): try the last one before FindOrAdd.
             var moduleName = name[..moduleLength];
             var index = _lastModule;
-            if (index < 0 || !moduleName.SequenceEqual(_lastModuleName.AsSpan(0, _lastModuleNameLength)))
+            if (index < 0 || !moduleName.SequenceEqual(ModuleName(index)))
             {
                 index = FindOrAdd(tensor, moduleName);
                 _lastModule = index;
-                if (moduleName.Length > _lastModuleName.Length)
-                {
-                    _lastModuleName = new char[moduleName.Length];
-                }
-                moduleName.CopyTo(_lastModuleName);
-                _lastModuleNameLength = moduleName.Length;
             }
             ref var module = ref _modules[index];
             switch (kind)
@@ -358,45 +348,66 @@ public static partial class LoraProber
         {
             if (_moduleIndex is null)
             {
-                // Until the index exists, the last module used is the last one added.
-                if (_moduleCount == 0 || moduleName.SequenceCompareTo(_lastModuleName.AsSpan(0, _lastModuleNameLength)) > 0)
+                if (_moduleCount == 0 || moduleName.SequenceCompareTo(ModuleName(_moduleCount - 1)) > 0)
                 {
-                    return New(tensor, moduleName);
+                    return New(moduleName);
                 }
-                _moduleIndex = new Dictionary<string, int>(Math.Max(_modules.Length, _moduleCount * 2), StringComparer.Ordinal);
+                _moduleIndex = new HashSet<int>(Math.Max(_modules.Length, _moduleCount * 2), new ModuleNames(this));
                 for (var i = 0; i < _moduleCount; i++)
                 {
                     // Distinct: they ascend.
-                    _moduleIndex.Add(Name(in _modules[i]), i);
+                    _moduleIndex.Add(i);
                 }
             }
-            ref var slot = ref CollectionsMarshal.GetValueRefOrAddDefault(_moduleIndex, moduleName.ToString(), out var exists);
-            if (!exists)
+            // Looked up by the span, so that no string is made for the name.
+            if (_moduleIndex.GetAlternateLookup<ReadOnlySpan<char>>().TryGetValue(moduleName, out var existing))
             {
-                slot = New(tensor, moduleName);
+                return existing;
             }
-            return slot;
+            var added = New(moduleName);
+            _moduleIndex.Add(added);
+            return added;
         }
 
-        private int New(int first, ReadOnlySpan<char> moduleName)
+        private int New(ReadOnlySpan<char> moduleName)
         {
             if (_moduleCount == _modules.Length)
             {
                 Grow(ref _modules, _moduleCount, _moduleCount + 1);
             }
-            if (_normalized.Length - _normalizedUsed < moduleName.Length)
+            // The name, then the normalised name, which is never longer.
+            if (_names.Length - _namesUsed < 2 * moduleName.Length)
             {
-                Grow(ref _normalized, _normalizedUsed, _normalizedUsed + moduleName.Length);
+                Grow(ref _names, _namesUsed, _namesUsed + 2 * moduleName.Length);
             }
-            // The normalised name is never longer than the module name.
-            var normalized = LoraKeys.Normalize(moduleName, _normalized.AsSpan(_normalizedUsed), out var component, out var style);
+            var nameStart = _namesUsed;
+            moduleName.CopyTo(_names.AsSpan(nameStart));
+            var normalized = LoraKeys.Normalize(moduleName, _names.AsSpan(nameStart + moduleName.Length), out var component, out var style);
             ref var module = ref _modules[_moduleCount];
             module = Module.Empty;
-            (module.First, module.NameLength, module.NormalizedStart, module.NormalizedLength) = (first, moduleName.Length, _normalizedUsed, normalized);
+            (module.NameStart, module.NameLength, module.NormalizedStart, module.NormalizedLength) = (nameStart, moduleName.Length, nameStart + moduleName.Length, normalized);
             (module.Component, module.Style) = (component, style);
             module.ProcessorName = moduleName.Contains(".processor.", StringComparison.Ordinal);
-            _normalizedUsed += normalized;
+            _namesUsed += moduleName.Length + normalized;
             return _moduleCount++;
+        }
+
+        /// <summary>
+        /// Compares modules (by index) by name, and a name given as a span with a module's, so that the index is looked
+        /// up without a string. Hashes with the BCL's per-process randomised Marvin hash, as a string key would be.
+        /// </summary>
+        private sealed class ModuleNames(Analysis analysis) : IEqualityComparer<int>, IAlternateEqualityComparer<ReadOnlySpan<char>, int>
+        {
+            public bool Equals(int x, int y) => analysis.ModuleName(x).SequenceEqual(analysis.ModuleName(y));
+
+            public int GetHashCode(int module) => string.GetHashCode(analysis.ModuleName(module));
+
+            public bool Equals(ReadOnlySpan<char> alternate, int other) => alternate.SequenceEqual(analysis.ModuleName(other));
+
+            public int GetHashCode(ReadOnlySpan<char> alternate) => string.GetHashCode(alternate);
+
+            // Modules are added by index once made (see FindOrAdd), never from a bare name.
+            public int Create(ReadOnlySpan<char> alternate) => throw new NotSupportedException();
         }
 
         private static void Grow<T>(ref T[] array, int used, int needed)
