@@ -22,6 +22,9 @@ public static class SafetensorsDtype
         "F4", "F6_E2M3", "F6_E3M2", "I16", "U16", "I32", "U32", "C64", "I64", "U64",
     ];
 
+    /// <summary><see cref="BitSize"/> of each of <see cref="Names"/>, by code (no string switch per tensor).</summary>
+    internal static readonly byte[] BitSizes = [.. Names.Select(name => (byte)BitSize(name))];
+
     /// <summary>The code of a dtype name given as UTF-8, or false if the name is unknown.</summary>
     internal static bool TryGetCode(ReadOnlySpan<byte> utf8, out byte code)
     {

@@ -382,7 +382,7 @@ public static class SafetensorsReader
                 }
             }
             var dtype = SafetensorsDtype.Names[tensor.Dtype];
-            var bitSize = (ulong)SafetensorsDtype.BitSize(dtype);
+            var bitSize = (ulong)SafetensorsDtype.BitSizes[tensor.Dtype];
             if (!TryMultiply(elements, bitSize, out var bits))
             {
                 throw new SafetensorsFormatException(
