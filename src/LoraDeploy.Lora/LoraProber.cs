@@ -1,4 +1,3 @@
-using System.Buffers;
 using System.Runtime.InteropServices;
 using System.Text.Unicode;
 using LoraDeploy.Lora.Safetensors;
@@ -95,8 +94,8 @@ public static partial class LoraProber
         public ProbeReport Run()
         {
             var count = _table.Count;
-            _modules = ArrayPool<Module>.Shared.Rent(Math.Max(16, count / 2));
-            _names = ArrayPool<char>.Shared.Rent(Math.Max(256, count * 48));
+            _modules = HeaderPool.Rent<Module>(Math.Max(16, count / 2), _table.Pooled);
+            _names = HeaderPool.Rent<char>(Math.Max(256, count * 48), _table.Pooled);
             try
             {
                 return Analyse(count);
@@ -104,8 +103,8 @@ public static partial class LoraProber
             finally
             {
                 // Plain values only: nothing for the GC to find in them.
-                ArrayPool<Module>.Shared.Return(_modules);
-                ArrayPool<char>.Shared.Return(_names);
+                HeaderPool.Return(_modules, _table.Pooled);
+                HeaderPool.Return(_names, _table.Pooled);
                 (_modules, _names) = ([], []);
             }
         }
@@ -140,7 +139,7 @@ public static partial class LoraProber
                 }
             }
 
-            // One pass for the module-level counts (in header order, as the dictionary enumerated).
+            // One pass for the module-level counts, in first-seen order.
             var adapterModules = 0;
             var isLllite = false;
             var plainWeights = 0;
@@ -410,11 +409,12 @@ public static partial class LoraProber
             public int Create(ReadOnlySpan<char> alternate) => throw new NotSupportedException();
         }
 
-        private static void Grow<T>(ref T[] array, int used, int needed)
+        // Pooled as the header's own arrays are: not for headers too large to pool, whose arrays should not stay cached.
+        private void Grow<T>(ref T[] array, int used, int needed)
         {
-            var bigger = ArrayPool<T>.Shared.Rent(Math.Max(needed, array.Length * 2));
+            var bigger = HeaderPool.Rent<T>(Math.Max(needed, array.Length * 2), _table.Pooled);
             array.AsSpan(0, used).CopyTo(bigger);
-            ArrayPool<T>.Shared.Return(array);
+            HeaderPool.Return(array, _table.Pooled);
             array = bigger;
         }
 

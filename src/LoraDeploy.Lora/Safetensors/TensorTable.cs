@@ -54,6 +54,9 @@ internal sealed class TensorTable
 
     public int Count { get; private set; }
 
+    /// <summary>Whether the table's arrays come from the shared pools (headers up to the reader's pooling limit).</summary>
+    public bool Pooled => _pooled;
+
     public ReadOnlySpan<byte> Json => new(_json, 0, _jsonLength);
 
     /// <summary>The header bytes, for the reader to fill from the file before parsing.</summary>
@@ -182,7 +185,7 @@ internal static class HeaderPool
     {
         if (pooled && array.Length > 0)
         {
-            // Plain values only (records, dimensions, bytes): nothing to clear for the GC's sake.
+            // Plain values only (records, dimensions, bytes, the prober's modules and names): nothing to clear for the GC's sake.
             ArrayPool<T>.Shared.Return(array);
         }
     }
