@@ -194,8 +194,11 @@ internal static class LoraKeys
         ("lycoris_", Component.Denoiser, PrefixStyle.Lycoris),
     ];
 
-    /// <summary>Classifies a module by prefix and returns its name with the prefix removed and dots as underscores.</summary>
-    public static string Normalize(ReadOnlySpan<char> module, out Component component, out PrefixStyle style)
+    /// <summary>
+    /// Classifies a module by prefix and writes its name with the prefix removed and dots as underscores into
+    /// <paramref name="destination"/> (at least as long as <paramref name="module"/>); returns its length.
+    /// </summary>
+    public static int Normalize(ReadOnlySpan<char> module, Span<char> destination, out Component component, out PrefixStyle style)
     {
         component = Component.Denoiser;
         var rest = module;
@@ -212,7 +215,7 @@ internal static class LoraKeys
                     break;
                 }
             }
-            return Underscored(rest);
+            return Underscored(rest, destination);
         }
 
         style = PrefixStyle.Bare;
@@ -249,13 +252,13 @@ internal static class LoraKeys
             rest = rest[(rest.IndexOf('.') + 1)..];
             style = PrefixStyle.ComfyText;
         }
-        return Underscored(rest);
+        return Underscored(rest, destination);
     }
 
-    private static string Underscored(ReadOnlySpan<char> name) =>
-        string.Create(name.Length, name, static (dst, src) =>
-        {
-            src.CopyTo(dst);
-            dst.Replace('.', '_');
-        });
+    private static int Underscored(ReadOnlySpan<char> name, Span<char> destination)
+    {
+        name.CopyTo(destination);
+        destination[..name.Length].Replace('.', '_');
+        return name.Length;
+    }
 }

@@ -15,16 +15,20 @@ public static partial class LoraProber
 
         // ---- architecture (reference §3.3) ----
 
-        private string DecideArchitecture(List<Module> modules, out string? mixed)
+        private string DecideArchitecture(out string? mixed)
         {
             mixed = null;
             var e = new Evidence();
             var votes = new Dictionary<string, int>(StringComparer.Ordinal);
-            foreach (var m in modules)
+            foreach (ref readonly var m in Modules)
             {
+                if (!m.Complete)
+                {
+                    continue;
+                }
                 if (m.Component == Component.Denoiser)
                 {
-                    var group = ClassifyDenoiser(m, e);
+                    var group = ClassifyDenoiser(in m, e);
                     if (group is not null)
                     {
                         CollectionsMarshal.GetValueRefOrAddDefault(votes, group, out _)++;
@@ -32,7 +36,7 @@ public static partial class LoraProber
                 }
                 else if (m.Component is Component.TextEncoder1 or Component.TextEncoder2 or Component.TextEncoder3)
                 {
-                    CollectTextEncoder(m, e);
+                    CollectTextEncoder(in m, e);
                 }
             }
 
@@ -106,9 +110,9 @@ public static partial class LoraProber
             public bool ClipTe2, T5Te2, Te3, NonClipTe;
         }
 
-        private static string? ClassifyDenoiser(Module m, Evidence e)
+        private string? ClassifyDenoiser(in Module m, Evidence e)
         {
-            var n = m.Normalized;
+            var n = Normalized(in m);
             if (n.StartsWith("double_blocks_", StringComparison.Ordinal) || n.StartsWith("single_blocks_", StringComparison.Ordinal))
             {
                 if (n.EndsWith("_img_mod_linear", StringComparison.Ordinal) || n.EndsWith("_txt_mod_linear", StringComparison.Ordinal)
@@ -128,7 +132,7 @@ public static partial class LoraProber
                 {
                     e.MaxSingle = Math.Max(e.MaxSingle, index);
                 }
-                long input = m.InDim, output = m.OutDim;
+                long input = InDim(in m), output = OutDim(in m);
                 if (n.EndsWith("_linear1", StringComparison.Ordinal) && input > 0)
                 {
                     e.FluxHidden = input;
@@ -174,7 +178,7 @@ public static partial class LoraProber
                 e.Flux2Diffusers |= n.Contains("to_qkv_mlp_proj", StringComparison.Ordinal);
                 if (n.EndsWith("_attn_to_q", StringComparison.Ordinal) || n.EndsWith("_attn_to_k", StringComparison.Ordinal))
                 {
-                    e.DitHidden = m.InDim;
+                    e.DitHidden = InDim(in m);
                 }
                 return "flux-diffusers";
             }
@@ -188,14 +192,14 @@ public static partial class LoraProber
                 }
                 if (n.EndsWith("_attn_to_q", StringComparison.Ordinal) || n.EndsWith("_attn_to_k", StringComparison.Ordinal) || n.EndsWith("_attn_to_v", StringComparison.Ordinal))
                 {
-                    e.DitHidden = m.InDim;
+                    e.DitHidden = InDim(in m);
                 }
                 if (n.Contains("_attn1_", StringComparison.Ordinal) || n.Contains("_attn2_", StringComparison.Ordinal))
                 {
                     // attn1/attn2 blocks: LTX-Video (hidden 2048), but also PixArt (1152) and Sana (2240).
                     if (n.EndsWith("_attn1_to_q", StringComparison.Ordinal))
                     {
-                        e.SelfAttnHidden = m.InDim;
+                        e.SelfAttnHidden = InDim(in m);
                     }
                     return "attn12-blocks";
                 }
@@ -225,7 +229,7 @@ public static partial class LoraProber
                 || n.StartsWith("label_emb_", StringComparison.Ordinal) || n.StartsWith("add_embedding_", StringComparison.Ordinal)
                 || n is "out_0" or "out_2")
             {
-                CollectSd(m, e);
+                CollectSd(in m, e);
                 return "sd";
             }
             if (LanguageModelRegex().IsMatch(n))
@@ -235,16 +239,16 @@ public static partial class LoraProber
             return "other";
         }
 
-        private static void CollectSd(Module m, Evidence e)
+        private void CollectSd(in Module m, Evidence e)
         {
-            var n = m.Normalized;
+            var n = Normalized(in m);
             if (n.EndsWith("attn2_to_k", StringComparison.Ordinal) || n.EndsWith("attn2_to_v", StringComparison.Ordinal))
             {
-                e.Attn2Dims.Add(m.InDim);
+                e.Attn2Dims.Add(InDim(in m));
             }
-            if (n.EndsWith("_proj_in", StringComparison.Ordinal) && m.Down is not null)
+            if (n.EndsWith("_proj_in", StringComparison.Ordinal) && m.Down >= 0)
             {
-                if (m.Down.Shape.Length == 4)
+                if (Shape(m.Down).Length == 4)
                 {
                     e.ProjIn4D++;
                 }
@@ -268,9 +272,9 @@ public static partial class LoraProber
             }
         }
 
-        private static void CollectTextEncoder(Module m, Evidence e)
+        private void CollectTextEncoder(in Module m, Evidence e)
         {
-            var n = m.Normalized;
+            var n = Normalized(in m);
             if (n.StartsWith("text_model_encoder_layers_", StringComparison.Ordinal))
             {
                 if (m.Component == Component.TextEncoder2)
@@ -287,7 +291,7 @@ public static partial class LoraProber
                 e.ClipMaxLayer = Math.Max(e.ClipMaxLayer, layer);
                 if (n.EndsWith("_self_attn_q_proj", StringComparison.Ordinal) || n.EndsWith("_self_attn_k_proj", StringComparison.Ordinal))
                 {
-                    e.ClipWidth = m.InDim;
+                    e.ClipWidth = InDim(in m);
                 }
                 return;
             }
@@ -385,7 +389,7 @@ public static partial class LoraProber
             return ArchitectureFamilies.Unknown;
         }
 
-        private static int LeadingIndex(string name, int start)
+        private static int LeadingIndex(ReadOnlySpan<char> name, int start)
         {
             var index = 0;
             var digits = 0;
@@ -410,9 +414,9 @@ public static partial class LoraProber
 
         // SAI names: SDXL's attention blocks sit at output_blocks 0-2 (SD 1/2 has resnets only there).
         // Exactly ^output_blocks_[0-2]_1_(transformer_blocks|proj_in|proj_out|norm), without a regex per module.
-        private static bool IsSdxlOnlyBlock(string n)
+        private static bool IsSdxlOnlyBlock(ReadOnlySpan<char> n)
         {
-            var rest = n.AsSpan();
+            var rest = n;
             if (!rest.StartsWith("output_blocks_") || rest.Length < 18 || rest[14] is < '0' or > '2' || !rest[15..].StartsWith("_1_"))
             {
                 return false;
@@ -423,9 +427,9 @@ public static partial class LoraProber
 
         // SD 1/2 has attention at input_blocks 1-2 and output_blocks 6-11; SDXL has none there.
         // Exactly ^(input_blocks_[12]_1_|output_blocks_([6-9]|1[01])_1_).
-        private static bool IsSd12OnlyBlock(string n)
+        private static bool IsSd12OnlyBlock(ReadOnlySpan<char> n)
         {
-            var rest = n.AsSpan();
+            var rest = n;
             if (rest.StartsWith("input_blocks_"))
             {
                 rest = rest[13..];
@@ -574,7 +578,7 @@ public static partial class LoraProber
 
         // ---- rank, alpha, scale, pairing ----
 
-        private (int? RankMin, int? RankMax, double? Alpha, double? Scale) RanksAndScale(List<Module> modules)
+        private (int? RankMin, int? RankMax, double? Alpha, double? Scale) RanksAndScale()
         {
             int? rankMin = null, rankMax = null;
             double? alphaValue = null;
@@ -586,9 +590,13 @@ public static partial class LoraProber
             var alphaReads = 0;
             var alphaUnreadable = false;
 
-            foreach (var m in modules)
+            foreach (ref readonly var m in Modules)
             {
-                var rank = m.Rank;
+                if (!m.Complete)
+                {
+                    continue;
+                }
+                var rank = Rank(in m);
                 if (rank is > 0)
                 {
                     rankMin = Math.Min(rankMin ?? int.MaxValue, rank.Value);
@@ -600,7 +608,7 @@ public static partial class LoraProber
                 }
 
                 double? alpha = null;
-                if (m.Alpha is not null)
+                if (m.Alpha >= 0)
                 {
                     alpha = alphaReads++ < MaxAlphaReads ? ReadScalar(m.Alpha) : null;
                     alpha ??= metadataAlpha;
@@ -615,8 +623,8 @@ public static partial class LoraProber
 
                 // Missing alpha means scale 1 (kohya, ComfyUI, A1111, PEFT); an undecomposed LoKr has no rank.
                 var scale = alpha is { } al && rank is > 0 ? al / rank.Value
-                    : m.Alpha is null && m.Down is not null && peftScale is { } ps ? ps
-                    : m.Alpha is not null && alpha is null ? double.NaN
+                    : m.Alpha < 0 && m.Down >= 0 && peftScale is { } ps ? ps
+                    : m.Alpha >= 0 && alpha is null ? double.NaN
                     : 1.0;
                 if (!double.IsNaN(scale))
                 {
@@ -662,9 +670,10 @@ public static partial class LoraProber
             return (rankMin, rankMax, sawAlpha && alphaUniform ? alphaValue : null, uniformScale);
         }
 
-        private double? ReadScalar(TensorEntry tensor)
+        private double? ReadScalar(int index)
         {
-            if (_file is null || tensor.ElementCount != 1 || tensor.ByteLength > 8)
+            ref readonly var tensor = ref _table[index];
+            if (_file is null || _table.ElementCount(index) != 1 || tensor.ByteLength > 8)
             {
                 return null;
             }
@@ -675,7 +684,7 @@ public static partial class LoraProber
             {
                 return null;
             }
-            return tensor.Dtype switch
+            return _table.Dtype(index) switch
             {
                 "F16" => (double)BinaryPrimitives.ReadHalfLittleEndian(bytes),
                 "BF16" => BitConverter.Int32BitsToSingle(BinaryPrimitives.ReadUInt16LittleEndian(bytes) << 16),
@@ -716,14 +725,24 @@ public static partial class LoraProber
         private static double? ParseDouble(string? text) =>
             double.TryParse(text, NumberStyles.Float, CultureInfo.InvariantCulture, out var value) ? value : null;
 
-        private void CheckPairs(List<Module> modules)
+        private void CheckPairs()
         {
-            var mismatched = modules.Where(m => m.Down is { Shape.Length: >= 1 } && m.Up is { Shape.Length: >= 2 } && m.Up.Shape[1] != m.Down.Shape[0]).ToList();
-            if (mismatched.Count > 0)
+            var mismatched = 0;
+            var firstMismatched = -1;
+            var halves = 0;
+            for (var i = 0; i < _moduleCount; i++)
             {
-                _warnings.Add($"{mismatched.Count} modules have lora_up and lora_down of different ranks (e.g. '{mismatched[0].Name}').");
+                ref readonly var m = ref _modules[i];
+                if (m.Complete && Shape(m.Down) is { Length: >= 1 } down && Shape(m.Up) is { Length: >= 2 } up && up[1] != down[0])
+                {
+                    firstMismatched = mismatched++ == 0 ? i : firstMismatched;
+                }
+                halves += (m.Down < 0) != (m.Up < 0) && !m.Complete ? 1 : 0;
             }
-            var halves = _modules.Count(m => (m.Down is null) != (m.Up is null) && !m.IsComplete);
+            if (mismatched > 0)
+            {
+                _warnings.Add($"{mismatched} modules have lora_up and lora_down of different ranks (e.g. '{Name(firstMismatched)}').");
+            }
             if (halves > 0)
             {
                 _warnings.Add($"{halves} modules have only one of lora_down/lora_up.");

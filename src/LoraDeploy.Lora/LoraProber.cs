@@ -33,7 +33,7 @@ public static partial class LoraProber
     {
         // Unbuffered: alpha scalars are read with one small positioned read each, not a 4 KB buffer fill.
         using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 0);
-        var header = SafetensorsReader.Read(file);
+        using var header = SafetensorsReader.Read(file);
         var report = Probe(header, file);
         if (!hashes)
         {
@@ -45,87 +45,83 @@ public static partial class LoraProber
         return report with { FileSha256 = fileSha, DataSha256 = dataSha };
     }
 
-    /// <param name="name">The module name, or null to take it from the first tensor's name when asked for.</param>
-    /// <param name="first">The module's first tensor, whose name starts with the module name.</param>
-    /// <param name="nameLength">Length of the module name in UTF-16 units.</param>
-    private sealed class Module(string? name, TensorEntry first, int nameLength, string normalized, Component component, PrefixStyle style, bool processorName)
+    /// <summary>
+    /// A module as the analysis keeps it: a row of plain values in a pooled array, tensors referred to by their index
+    /// in the header's table (-1 when absent), its name and normalised name as slices of a shared buffer.
+    /// </summary>
+    private struct Module
     {
-        private string? _name = name;
-
-        // Only warnings and the fallback index need the name: probing a sorted file makes no string per module for it.
-        public string Name => _name ??= first.Name[..nameLength];
-        public string Normalized { get; } = normalized;
+        public int NameStart, NameLength, NormalizedStart, NormalizedLength;
         /// <summary>The name contains ".processor." (XLabs).</summary>
-        public bool ProcessorName { get; } = processorName;
-        public Component Component { get; } = component;
-        public PrefixStyle Style { get; } = style;
-        public TensorEntry? Down, Up, Mid, Alpha, W1, W1A, W1B, W2, W2A, W2B, HadaW1A, HadaW1B, Diff, GloraA1, GloraA2;
+        public bool ProcessorName;
+        public Component Component;
+        public PrefixStyle Style;
+        public int Down, Up, Mid, Alpha, W1, W1A, W1B, W2, W2A, W2B, HadaW1A, HadaW1B, Diff, GloraA1, GloraA2;
         public bool HasDora, HasUpBias, HasHada, HasLokr, HasIa3, HasGlora, HasDiff, HasNorm, HasOft, HasScale, HasPlainWeight, HasEmbedding;
+        /// <summary><see cref="IsComplete"/>, kept once all tensors are in.</summary>
+        public bool Complete;
 
-        /// <summary>Input width of the adapted layer ("dim" in reference §3.3), 0 if unknown.</summary>
-        public long InDim =>
-            Down is { Shape.Length: >= 2 } ? Down.Shape[1]
-            : HadaW1B is { Shape.Length: 2 } ? HadaW1B.Shape[1]
-            : HasLokr ? Factor(W1, W1B, 1) * Factor(W2, W2B, 1)
-            : Diff is { Shape.Length: >= 2 } ? Diff.Shape[1]
-            : 0;
+        public static readonly Module Empty = new()
+        {
+            Down = -1, Up = -1, Mid = -1, Alpha = -1, W1 = -1, W1A = -1, W1B = -1, W2 = -1, W2A = -1, W2B = -1,
+            HadaW1A = -1, HadaW1B = -1, Diff = -1, GloraA1 = -1, GloraA2 = -1,
+        };
 
-        /// <summary>Output width of the adapted layer, 0 if unknown.</summary>
-        public long OutDim =>
-            Up is { Shape.Length: >= 1 } ? Up.Shape[0]
-            : HadaW1A is { Shape.Length: 2 } ? HadaW1A.Shape[0]
-            : HasLokr ? Factor(W1, W1A, 0) * Factor(W2, W2A, 0)
-            : Diff is { Shape.Length: >= 1 } ? Diff.Shape[0]
-            : 0;
-
-        public int? Rank =>
-            Down is { Shape.Length: >= 1 } ? (int)Math.Min(Down.Shape[0], int.MaxValue)
-            : HadaW1B is { Shape.Length: >= 1 } ? (int)Math.Min(HadaW1B.Shape[0], int.MaxValue)
-            : W1B is { Shape.Length: >= 1 } ? (int)Math.Min(W1B.Shape[0], int.MaxValue)
-            : W2B is { Shape.Length: >= 1 } ? (int)Math.Min(W2B.Shape[0], int.MaxValue)
-            : GloraA1 is { Shape.Length: 2 } ? (int)Math.Min(GloraA1.Shape[1], int.MaxValue)
-            : null;
-
-        public bool IsComplete =>
-            (Down is not null && Up is not null) || HasEmbedding || HasHada || HasLokr || HasIa3 || HasGlora || HasDiff || HasNorm || HasOft;
-
-        private static long Factor(TensorEntry? full, TensorEntry? part, int axis) =>
-            full is { Shape.Length: >= 2 } ? full.Shape[axis]
-            : part is { Shape.Length: >= 2 } ? part.Shape[axis]
-            : 1;
+        public readonly bool IsComplete =>
+            (Down >= 0 && Up >= 0) || HasEmbedding || HasHada || HasLokr || HasIa3 || HasGlora || HasDiff || HasNorm || HasOft;
     }
 
     private sealed partial class Analysis(SafetensorsHeader header, Stream? file)
     {
+        private readonly TensorTable _table = header.Table;
         private readonly IReadOnlyDictionary<string, string> _metadata = header.Metadata;
         private readonly long _dataOffset = header.DataOffset;
         private readonly Stream? _file = file;
-        // Modules in the order their first tensor appears; the index by name is made only when needed (see FindOrAdd).
-        private readonly List<Module> _modules = new(header.Entries.Count / 2);
-        private Dictionary<string, Module>? _moduleIndex;
+        // Modules in the order their first tensor appears (pooled, returned by Run); the index by name is made only
+        // when needed (see FindOrAdd).
+        private Module[] _modules = [];
+        private int _moduleCount;
+        private HashSet<int>? _moduleIndex;
+        // Module names and normalised names, one after the other (pooled, returned by Run).
+        private char[] _names = [];
+        private int _namesUsed;
         private readonly List<string> _warnings = [];
         private int _unknownKeyCount;
         private string? _firstUnknownKey;
-        private Module? _lastModule;
-        // The last module's name, so that each tensor can be checked against it without making a string.
-        private char[] _lastModuleName = new char[256];
-        private int _lastModuleNameLength;
+        // The module of the last tensor, which the next tensor most likely belongs to.
+        private int _lastModule = -1;
 
         public ProbeReport Run()
         {
-            long parameters = 0;
-            var dtypes = new List<string>(2);
-            // Names are decoded into one reused buffer; only a module's first tensor makes a string.
-            var name = new char[256];
-            foreach (var tensor in header.Entries)
+            var count = _table.Count;
+            _modules = HeaderPool.Rent<Module>(Math.Max(16, count / 2), _table.Pooled);
+            _names = HeaderPool.Rent<char>(Math.Max(256, count * 48), _table.Pooled);
+            try
             {
-                // A file has one or two dtypes; a list beats a set here.
-                if (!dtypes.Contains(tensor.Dtype))
-                {
-                    dtypes.Add(tensor.Dtype);
-                }
-                parameters += tensor.ElementCount;
-                var utf8 = tensor.NameUtf8;
+                return Analyse(count);
+            }
+            finally
+            {
+                // Plain values only: nothing for the GC to find in them.
+                HeaderPool.Return(_modules, _table.Pooled);
+                HeaderPool.Return(_names, _table.Pooled);
+                (_modules, _names) = ([], []);
+            }
+        }
+
+        private ProbeReport Analyse(int count)
+        {
+            long parameters = 0;
+            // Bit i: dtype code i occurs (a file has one or two dtypes).
+            var dtypeCodes = 0UL;
+            // Names are decoded into one reused buffer; no string per tensor or module.
+            var name = new char[256];
+            var records = _table.Records;
+            for (var tensor = 0; tensor < count; tensor++)
+            {
+                dtypeCodes |= 1UL << records[tensor].Dtype;
+                parameters += _table.ElementCount(tensor);
+                var utf8 = _table.NameUtf8(tensor);
                 if (utf8.Length > name.Length)
                 {
                     name = new char[utf8.Length];
@@ -134,28 +130,32 @@ public static partial class LoraProber
                 Utf8.ToUtf16(utf8, name, out _, out var length);
                 Add(tensor, name.AsSpan(0, length));
             }
+            var dtypes = new List<string>(2);
+            for (var code = 0; code < SafetensorsDtype.Names.Length; code++)
+            {
+                if ((dtypeCodes & (1UL << code)) != 0)
+                {
+                    dtypes.Add(SafetensorsDtype.Names[code]);
+                }
+            }
 
-            // One pass for the module-level counts (in header order, as the dictionary enumerates).
-            var complete = new List<Module>(_modules.Count);
+            // One pass for the module-level counts, in first-seen order.
+            var adapterModules = 0;
             var isLllite = false;
             var plainWeights = 0;
             var pairedOrComplete = 0;
-            foreach (var m in _modules)
+            foreach (ref var m in Modules)
             {
-                var isComplete = m.IsComplete;
-                if (isComplete)
-                {
-                    complete.Add(m);
-                }
+                var isComplete = m.Complete = m.IsComplete;
+                adapterModules += isComplete ? 1 : 0;
                 isLllite |= m.Component == Component.Lllite;
                 // IA3 stores its vector as "<module>.weight" next to "on_input"; any other plain weight is a model weight.
                 plainWeights += m.HasPlainWeight && !m.HasIa3 ? 1 : 0;
-                pairedOrComplete += m.Down is not null || m.Up is not null || isComplete ? 1 : 0;
+                pairedOrComplete += m.Down >= 0 || m.Up >= 0 || isComplete ? 1 : 0;
             }
-            var adapterModules = complete.Count;
             var isControl = IsControlLora();
-            var network = isLllite ? "lllite" : isControl ? "control-lora" : NetworkOf(complete);
-            var architecture = DecideArchitecture(complete, out var mixed);
+            var network = isLllite ? "lllite" : isControl ? "control-lora" : NetworkOf(adapterModules);
+            var architecture = DecideArchitecture(out var mixed);
             var format = FormatOf(architecture);
 
             var plainWeightMajority = plainWeights > 0 && plainWeights >= adapterModules;
@@ -165,8 +165,8 @@ public static partial class LoraProber
                 _warnings.Add($"{plainWeights} plain '.weight' tensors sit next to the adapter modules (a merged checkpoint can carry LoRA keys).");
             }
 
-            var (rankMin, rankMax, alpha, scale) = RanksAndScale(complete);
-            CheckPairs(complete);
+            var (rankMin, rankMax, alpha, scale) = RanksAndScale();
+            CheckPairs();
             CheckMetadataAgreement(architecture);
 
             string? reason = null;
@@ -194,7 +194,7 @@ public static partial class LoraProber
             {
                 reason = $"{_unknownKeyCount} tensors are not LoRA-family parameters (e.g. '{Truncate(_firstUnknownKey, 120)}')";
             }
-            else if (complete.Count < pairedOrComplete)
+            else if (adapterModules < pairedOrComplete)
             {
                 reason = "some modules lack their up/down pair";
             }
@@ -206,9 +206,9 @@ public static partial class LoraProber
                 Network = network,
                 Architecture = architecture,
                 ArchitectureDisplay = ArchitectureFamilies.Display(architecture),
-                Targets = TargetsOf(complete, architecture),
+                Targets = TargetsOf(architecture),
                 ModuleCount = adapterModules,
-                TensorCount = header.Entries.Count,
+                TensorCount = count,
                 RankMin = rankMin,
                 RankMax = rankMax,
                 Alpha = alpha,
@@ -226,29 +226,86 @@ public static partial class LoraProber
             };
         }
 
-        private void Add(TensorEntry tensor, ReadOnlySpan<char> name)
+        /// <summary>The modules so far, in the order their first tensor appears.</summary>
+        private Span<Module> Modules => _modules.AsSpan(0, _moduleCount);
+
+        /// <summary>A tensor's shape; empty for no tensor (-1), which every use below tells apart by a length check.</summary>
+        private ReadOnlySpan<long> Shape(int tensor) => tensor < 0 ? default : _table.Shape(tensor);
+
+        private ReadOnlySpan<char> Normalized(in Module m) => _names.AsSpan(m.NormalizedStart, m.NormalizedLength);
+
+        private ReadOnlySpan<char> ModuleName(int module) => _names.AsSpan(_modules[module].NameStart, _modules[module].NameLength);
+
+        // Only warnings need the name as a string.
+        private string Name(int module) => ModuleName(module).ToString();
+
+        /// <summary>Input width of the adapted layer ("dim" in reference §3.3), 0 if unknown.</summary>
+        private long InDim(in Module m)
+        {
+            if (Shape(m.Down) is { Length: >= 2 } down)
+            {
+                return down[1];
+            }
+            if (Shape(m.HadaW1B) is { Length: 2 } hadaW1B)
+            {
+                return hadaW1B[1];
+            }
+            if (m.HasLokr)
+            {
+                return Factor(m.W1, m.W1B, 1) * Factor(m.W2, m.W2B, 1);
+            }
+            return Shape(m.Diff) is { Length: >= 2 } diff ? diff[1] : 0;
+        }
+
+        /// <summary>Output width of the adapted layer, 0 if unknown.</summary>
+        private long OutDim(in Module m)
+        {
+            if (Shape(m.Up) is { Length: >= 1 } up)
+            {
+                return up[0];
+            }
+            if (Shape(m.HadaW1A) is { Length: 2 } hadaW1A)
+            {
+                return hadaW1A[0];
+            }
+            if (m.HasLokr)
+            {
+                return Factor(m.W1, m.W1A, 0) * Factor(m.W2, m.W2A, 0);
+            }
+            return Shape(m.Diff) is { Length: >= 1 } diff ? diff[0] : 0;
+        }
+
+        private int? Rank(in Module m) =>
+            Shape(m.Down) is { Length: >= 1 } down ? (int)Math.Min(down[0], int.MaxValue)
+            : Shape(m.HadaW1B) is { Length: >= 1 } hadaW1B ? (int)Math.Min(hadaW1B[0], int.MaxValue)
+            : Shape(m.W1B) is { Length: >= 1 } w1b ? (int)Math.Min(w1b[0], int.MaxValue)
+            : Shape(m.W2B) is { Length: >= 1 } w2b ? (int)Math.Min(w2b[0], int.MaxValue)
+            : Shape(m.GloraA1) is { Length: 2 } gloraA1 ? (int)Math.Min(gloraA1[1], int.MaxValue)
+            : null;
+
+        private long Factor(int full, int part, int axis) =>
+            Shape(full) is { Length: >= 2 } f ? f[axis]
+            : Shape(part) is { Length: >= 2 } p ? p[axis]
+            : 1;
+
+        private void Add(int tensor, ReadOnlySpan<char> name)
         {
             var kind = LoraKeys.Split(name, out var moduleLength);
             if (kind == ParamKind.Unknown)
             {
-                _firstUnknownKey ??= tensor.Name;
+                _firstUnknownKey ??= _table.Name(tensor);
                 _unknownKeyCount++;
                 return;
             }
             // A module's tensors are usually adjacent (alpha, lora_down, lora_up): try the last one before FindOrAdd.
             var moduleName = name[..moduleLength];
-            var module = _lastModule;
-            if (module is null || !moduleName.SequenceEqual(_lastModuleName.AsSpan(0, _lastModuleNameLength)))
+            var index = _lastModule;
+            if (index < 0 || !moduleName.SequenceEqual(ModuleName(index)))
             {
-                module = FindOrAdd(tensor, moduleName);
-                _lastModule = module;
-                if (moduleName.Length > _lastModuleName.Length)
-                {
-                    _lastModuleName = new char[moduleName.Length];
-                }
-                moduleName.CopyTo(_lastModuleName);
-                _lastModuleNameLength = moduleName.Length;
+                index = FindOrAdd(tensor, moduleName);
+                _lastModule = index;
             }
+            ref var module = ref _modules[index];
             switch (kind)
             {
                 case ParamKind.PlainWeight: module.HasPlainWeight = true; break;
@@ -282,62 +339,118 @@ public static partial class LoraProber
         }
 
         /// <summary>
-        /// The module of that name, added if new. In the safetensors library's order (names sorted) each new module's
-        /// name is greater than the last one added, so it cannot have been seen and needs no lookup. From the first
-        /// module name that is not greater, all modules are indexed by name and looked up.
+        /// The index of the module of that name, added if new. In the safetensors library's order (names sorted) each new
+        /// module's name is greater than the last one added, so it cannot have been seen and needs no lookup. From the
+        /// first module name that is not greater, all modules are indexed by name and looked up.
         /// </summary>
-        private Module FindOrAdd(TensorEntry tensor, ReadOnlySpan<char> moduleName)
+        private int FindOrAdd(int tensor, ReadOnlySpan<char> moduleName)
         {
             if (_moduleIndex is null)
             {
-                // Until the index exists, the last module used is the last one added.
-                if (_modules.Count == 0 || moduleName.SequenceCompareTo(_lastModuleName.AsSpan(0, _lastModuleNameLength)) > 0)
+                if (_moduleCount == 0 || moduleName.SequenceCompareTo(ModuleName(_moduleCount - 1)) > 0)
                 {
-                    return New(null, tensor, moduleName);
+                    return New(moduleName);
                 }
-                _moduleIndex = new Dictionary<string, Module>(Math.Max(_modules.Capacity, _modules.Count * 2), StringComparer.Ordinal);
-                foreach (var m in _modules)
+                _moduleIndex = new HashSet<int>(Math.Max(_modules.Length, _moduleCount * 2), new ModuleNames(this));
+                for (var i = 0; i < _moduleCount; i++)
                 {
                     // Distinct: they ascend.
-                    _moduleIndex.Add(m.Name, m);
+                    _moduleIndex.Add(i);
                 }
             }
-            // A lookup that gets this far is nearly always a new module, so the name string is made up front and hashed once.
-            var moduleString = moduleName.ToString();
-            ref var slot = ref CollectionsMarshal.GetValueRefOrAddDefault(_moduleIndex, moduleString, out var exists);
-            if (!exists)
+            // Looked up by the span, so that no string is made for the name.
+            if (_moduleIndex.GetAlternateLookup<ReadOnlySpan<char>>().TryGetValue(moduleName, out var existing))
             {
-                slot = New(moduleString, tensor, moduleName);
+                return existing;
             }
-            return slot!;
-
-            Module New(string? name, TensorEntry first, ReadOnlySpan<char> moduleName)
-            {
-                var normalized = LoraKeys.Normalize(moduleName, out var component, out var style);
-                var module = new Module(name, first, moduleName.Length, normalized, component, style,
-                    moduleName.Contains(".processor.", StringComparison.Ordinal));
-                _modules.Add(module);
-                return module;
-            }
+            var added = New(moduleName);
+            _moduleIndex.Add(added);
+            return added;
         }
 
-        private bool IsControlLora() =>
-            _modules.Any(m => m.Normalized == "img_in" && m.Down is { Shape: [_, 128] })
-            && _modules.Any(m => m.HasUpBias || (m.HasScale && m.Normalized.EndsWith("_norm", StringComparison.Ordinal)));
-
-        private static string NetworkOf(List<Module> modules)
+        private int New(ReadOnlySpan<char> moduleName)
         {
-            if (modules.Count == 0)
+            if (_moduleCount == _modules.Length)
+            {
+                Grow(ref _modules, _moduleCount, _moduleCount + 1);
+            }
+            // The name, then the normalised name, which is never longer.
+            if (_names.Length - _namesUsed < 2 * moduleName.Length)
+            {
+                Grow(ref _names, _namesUsed, _namesUsed + 2 * moduleName.Length);
+            }
+            var nameStart = _namesUsed;
+            moduleName.CopyTo(_names.AsSpan(nameStart));
+            var normalized = LoraKeys.Normalize(moduleName, _names.AsSpan(nameStart + moduleName.Length), out var component, out var style);
+            ref var module = ref _modules[_moduleCount];
+            module = Module.Empty;
+            (module.NameStart, module.NameLength, module.NormalizedStart, module.NormalizedLength) = (nameStart, moduleName.Length, nameStart + moduleName.Length, normalized);
+            (module.Component, module.Style) = (component, style);
+            module.ProcessorName = moduleName.Contains(".processor.", StringComparison.Ordinal);
+            _namesUsed += moduleName.Length + normalized;
+            return _moduleCount++;
+        }
+
+        /// <summary>
+        /// Compares modules (by index) by name, and a name given as a span with a module's, so that the index is looked
+        /// up without a string. Hashes with the BCL's per-process randomised Marvin hash, as a string key would be.
+        /// </summary>
+        private sealed class ModuleNames(Analysis analysis) : IEqualityComparer<int>, IAlternateEqualityComparer<ReadOnlySpan<char>, int>
+        {
+            public bool Equals(int x, int y) => analysis.ModuleName(x).SequenceEqual(analysis.ModuleName(y));
+
+            public int GetHashCode(int module) => string.GetHashCode(analysis.ModuleName(module));
+
+            public bool Equals(ReadOnlySpan<char> alternate, int other) => alternate.SequenceEqual(analysis.ModuleName(other));
+
+            public int GetHashCode(ReadOnlySpan<char> alternate) => string.GetHashCode(alternate);
+
+            // Modules are added by index once made (see FindOrAdd), never from a bare name.
+            public int Create(ReadOnlySpan<char> alternate) => throw new NotSupportedException();
+        }
+
+        // Pooled as the header's own arrays are: not for headers too large to pool, whose arrays should not stay cached.
+        private void Grow<T>(ref T[] array, int used, int needed)
+        {
+            var bigger = HeaderPool.Rent<T>(Math.Max(needed, array.Length * 2), _table.Pooled);
+            array.AsSpan(0, used).CopyTo(bigger);
+            HeaderPool.Return(array, _table.Pooled);
+            array = bigger;
+        }
+
+        private bool IsControlLora()
+        {
+            var imgIn = false;
+            var normScale = false;
+            foreach (ref readonly var m in Modules)
+            {
+                var n = Normalized(in m);
+                imgIn |= n is "img_in" && Shape(m.Down) is [_, 128];
+                normScale |= m.HasUpBias || (m.HasScale && n.EndsWith("_norm", StringComparison.Ordinal));
+            }
+            return imgIn && normScale;
+        }
+
+        private string NetworkOf(int adapterModules)
+        {
+            if (adapterModules == 0)
             {
                 return "none";
             }
-            if (modules.Any(m => m.HasDora))
+            foreach (ref readonly var m in Modules)
             {
-                return "dora";
+                if (m.Complete && m.HasDora)
+                {
+                    return "dora";
+                }
             }
             var counts = new Dictionary<string, int>(StringComparer.Ordinal);
-            foreach (var m in modules)
+            foreach (ref readonly var m in Modules)
             {
+                if (!m.Complete)
+                {
+                    continue;
+                }
                 var type = m.HasHada ? "loha"
                     : m.HasLokr ? "lokr"
                     : m.HasOft ? "oft"
@@ -345,7 +458,7 @@ public static partial class LoraProber
                     : m.HasIa3 ? "ia3"
                     : m.HasDiff ? "full"
                     : m.HasNorm ? "norm"
-                    : IsConvLoCon(m) ? "locon"
+                    : IsConvLoCon(in m) ? "locon"
                     : "lora";
                 CollectionsMarshal.GetValueRefOrAddDefault(counts, type, out _)++;
             }
@@ -357,20 +470,21 @@ public static partial class LoraProber
             return counts.Where(kv => kv.Key != "norm").DefaultIfEmpty(counts.First()).MaxBy(kv => kv.Value).Key;
         }
 
-        private static bool IsConvLoCon(Module m) =>
-            m.Mid is not null
-            || m.Down is { Shape: [_, _, var kh, var kw] } && (kh > 1 || kw > 1);
+        private bool IsConvLoCon(in Module m) =>
+            m.Mid >= 0
+            || Shape(m.Down) is [_, _, var kh, var kw] && (kh > 1 || kw > 1);
 
         private string FormatOf(string architecture)
         {
             var styles = new Dictionary<PrefixStyle, int>(8);
             var xlabs = false;
             var bflNames = false;
-            foreach (var m in _modules)
+            foreach (ref readonly var m in Modules)
             {
+                var n = Normalized(in m);
                 CollectionsMarshal.GetValueRefOrAddDefault(styles, m.Style, out _)++;
-                xlabs |= m.Up is not null && m.ProcessorName && m.Normalized.Contains("_processor_", StringComparison.Ordinal);
-                bflNames |= m.Normalized.StartsWith("double_blocks_", StringComparison.Ordinal) || m.Normalized.StartsWith("single_blocks_", StringComparison.Ordinal);
+                xlabs |= m.Up >= 0 && m.ProcessorName && n.Contains("_processor_", StringComparison.Ordinal);
+                bflNames |= n.StartsWith("double_blocks_", StringComparison.Ordinal) || n.StartsWith("single_blocks_", StringComparison.Ordinal);
             }
             if (styles.Count == 0)
             {
@@ -397,13 +511,17 @@ public static partial class LoraProber
             };
         }
 
-        private IReadOnlyList<string> TargetsOf(List<Module> modules, string architecture)
+        private IReadOnlyList<string> TargetsOf(string architecture)
         {
             var isUnet = architecture is ArchitectureFamilies.Sd1 or ArchitectureFamilies.Sd2 or ArchitectureFamilies.Sdxl;
             // At most five distinct values: a list beats a sorted set here.
             var targets = new List<string>(2);
-            foreach (var m in modules)
+            foreach (ref readonly var m in Modules)
             {
+                if (!m.Complete)
+                {
+                    continue;
+                }
                 var target = m.Component switch
                 {
                     Component.TextEncoder1 => "text_encoder_1",

@@ -15,32 +15,44 @@ public static class SafetensorsDtype
         _ => 0,
     };
 
-    // Maps the raw UTF-8 name to an interned string so that a 2,000-tensor header does not
-    // allocate 2,000 copies of "F16".
-    internal static string? Intern(ReadOnlySpan<byte> utf8) => utf8 switch
+    /// <summary>The names, indexed by the code the reader keeps per tensor (the most common first).</summary>
+    internal static readonly string[] Names =
+    [
+        "F16", "BF16", "F32", "F64", "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
+        "F4", "F6_E2M3", "F6_E3M2", "I16", "U16", "I32", "U32", "C64", "I64", "U64",
+    ];
+
+    /// <summary><see cref="BitSize"/> of each of <see cref="Names"/>, by code (no string switch per tensor).</summary>
+    internal static readonly byte[] BitSizes = [.. Names.Select(name => (byte)BitSize(name))];
+
+    /// <summary>The code of a dtype name given as UTF-8, or false if the name is unknown.</summary>
+    internal static bool TryGetCode(ReadOnlySpan<byte> utf8, out byte code)
     {
-        _ when utf8.SequenceEqual("F16"u8) => "F16",
-        _ when utf8.SequenceEqual("BF16"u8) => "BF16",
-        _ when utf8.SequenceEqual("F32"u8) => "F32",
-        _ when utf8.SequenceEqual("F64"u8) => "F64",
-        _ when utf8.SequenceEqual("BOOL"u8) => "BOOL",
-        _ when utf8.SequenceEqual("U8"u8) => "U8",
-        _ when utf8.SequenceEqual("I8"u8) => "I8",
-        _ when utf8.SequenceEqual("F8_E5M2"u8) => "F8_E5M2",
-        _ when utf8.SequenceEqual("F8_E4M3"u8) => "F8_E4M3",
-        _ when utf8.SequenceEqual("F8_E8M0"u8) => "F8_E8M0",
-        _ when utf8.SequenceEqual("F8_E4M3FNUZ"u8) => "F8_E4M3FNUZ",
-        _ when utf8.SequenceEqual("F8_E5M2FNUZ"u8) => "F8_E5M2FNUZ",
-        _ when utf8.SequenceEqual("F4"u8) => "F4",
-        _ when utf8.SequenceEqual("F6_E2M3"u8) => "F6_E2M3",
-        _ when utf8.SequenceEqual("F6_E3M2"u8) => "F6_E3M2",
-        _ when utf8.SequenceEqual("I16"u8) => "I16",
-        _ when utf8.SequenceEqual("U16"u8) => "U16",
-        _ when utf8.SequenceEqual("I32"u8) => "I32",
-        _ when utf8.SequenceEqual("U32"u8) => "U32",
-        _ when utf8.SequenceEqual("C64"u8) => "C64",
-        _ when utf8.SequenceEqual("I64"u8) => "I64",
-        _ when utf8.SequenceEqual("U64"u8) => "U64",
-        _ => null,
-    };
+        // Compared as bytes so that a 2,000-tensor header makes no string for its dtypes.
+        for (var i = 0; i < Names.Length; i++)
+        {
+            if (System.Text.Ascii.Equals(utf8, Names[i]))
+            {
+                code = (byte)i;
+                return true;
+            }
+        }
+        code = 0;
+        return false;
+    }
+
+    /// <summary>The code of a dtype name, or false if the name is unknown.</summary>
+    internal static bool TryGetCode(ReadOnlySpan<char> name, out byte code)
+    {
+        for (var i = 0; i < Names.Length; i++)
+        {
+            if (name.SequenceEqual(Names[i]))
+            {
+                code = (byte)i;
+                return true;
+            }
+        }
+        code = 0;
+        return false;
+    }
 }

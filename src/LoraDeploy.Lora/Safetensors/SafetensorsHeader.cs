@@ -6,34 +6,57 @@ namespace LoraDeploy.Lora.Safetensors;
 /// with <see cref="OpenTensor"/>.
 /// </summary>
 /// <remarks>
-/// The reader keeps tensor names as UTF-8 bytes; <see cref="Tensors"/> and the name index behind
-/// <see cref="TryGetTensor"/> are built on first use, so probing a header makes no string per tensor.
+/// Like <c>JsonDocument</c>, the header keeps its tensor table in arrays rented from the shared pools (names stay
+/// UTF-8 slices of the header bytes), so reading and probing a header allocates almost nothing; dispose it to give
+/// them back. An undisposed header is still correct: the GC collects the arrays instead. After <see cref="Dispose"/>
+/// every member that reads the tensor table (<see cref="Tensors"/>, <see cref="TensorCount"/>,
+/// <see cref="TryGetTensor"/>, <see cref="OpenTensor"/>, <see cref="ReadTensor"/>, probing) throws
+/// <see cref="ObjectDisposedException"/>; <see cref="Metadata"/> and the lengths hold no pooled memory and stay
+/// readable. Disposing while another thread uses the header is not supported. <see cref="Tensors"/> and the name
+/// index behind <see cref="TryGetTensor"/> are built on first use, so probing a header makes no string per tensor.
 /// </remarks>
-public sealed class SafetensorsHeader
+public sealed class SafetensorsHeader : IDisposable
 {
+    private TensorTable? _table;
     private SafetensorsTensor[]? _tensors;
     private Dictionary<string, SafetensorsTensor>? _byName;
 
     internal SafetensorsHeader(
-        List<TensorEntry> entries,
+        TensorTable table,
         IReadOnlyDictionary<string, string> metadata,
         long headerLength,
         long fileLength)
     {
-        Entries = entries;
+        _table = table;
         Metadata = metadata;
         HeaderLength = headerLength;
         FileLength = fileLength;
     }
 
     /// <summary>Tensors in the order they appear in the header JSON.</summary>
-    public IReadOnlyList<SafetensorsTensor> Tensors => _tensors ??= Materialize();
+    public IReadOnlyList<SafetensorsTensor> Tensors
+    {
+        get
+        {
+            var table = Table;
+            return _tensors ??= Materialize(table);
+        }
+    }
 
     /// <summary>Number of tensors; unlike <c>Tensors.Count</c>, does not build the tensor list.</summary>
-    public int TensorCount => Entries.Count;
+    public int TensorCount => Table.Count;
 
-    /// <summary>The reader's tensor table, in header order (a list, not an interface, so that loops over it make no enumerator).</summary>
-    internal List<TensorEntry> Entries { get; }
+    /// <summary>The reader's tensor table, in header order.</summary>
+    /// <exception cref="ObjectDisposedException">The header has been disposed.</exception>
+    internal TensorTable Table
+    {
+        get
+        {
+            var table = _table;
+            ObjectDisposedException.ThrowIf(table is null, this);
+            return table;
+        }
+    }
 
     /// <summary>The <c>__metadata__</c> map (empty when absent).</summary>
     public IReadOnlyDictionary<string, string> Metadata { get; }
@@ -51,8 +74,11 @@ public sealed class SafetensorsHeader
     public long DataLength => FileLength - DataOffset;
 
     /// <summary>Looks a tensor up by name.</summary>
-    public bool TryGetTensor(string name, out SafetensorsTensor tensor) =>
-        (_byName ??= Tensors.ToDictionary(t => t.Name, StringComparer.Ordinal)).TryGetValue(name, out tensor!);
+    public bool TryGetTensor(string name, out SafetensorsTensor tensor)
+    {
+        var tensors = Tensors;
+        return (_byName ??= tensors.ToDictionary(t => t.Name, StringComparer.Ordinal)).TryGetValue(name, out tensor!);
+    }
 
     /// <summary>
     /// Returns a read-only stream over one tensor's bytes inside <paramref name="file"/> (which must be
@@ -80,7 +106,18 @@ public sealed class SafetensorsHeader
         stream.ReadExactly(destination);
     }
 
+    /// <summary>Gives the tensor table's arrays back to the pool; the header's tensors cannot be read afterwards.</summary>
+    public void Dispose() => Interlocked.Exchange(ref _table, null)?.Release();
+
     // Threads racing here build equal arrays; either may win.
-    private SafetensorsTensor[] Materialize() =>
-        [.. Entries.Select(e => new SafetensorsTensor(e.Name, e.Dtype, e.Shape, e.DataStart, e.DataEnd))];
+    private static SafetensorsTensor[] Materialize(TensorTable table)
+    {
+        var tensors = new SafetensorsTensor[table.Count];
+        for (var i = 0; i < tensors.Length; i++)
+        {
+            ref readonly var r = ref table[i];
+            tensors[i] = new SafetensorsTensor(table.Name(i), table.Dtype(i), table.Shape(i).ToArray(), r.DataStart, r.DataEnd);
+        }
+        return tensors;
+    }
 }

@@ -1,4 +1,4 @@
-using System.Buffers;
+using System.Diagnostics;
 using System.Buffers.Binary;
 using System.Globalization;
 using System.Runtime.CompilerServices;
@@ -69,42 +69,38 @@ public static class SafetensorsReader
         }
 
         var length = (int)headerLength;
-        // Pool the common small headers; a hostile 100 MB header should not stay cached in the pool.
+        // Pool the common small headers; a hostile 100 MB header should not stay cached in the pool. The header
+        // keeps the bytes (its unescaped names are slices of them) until it is disposed.
         var pooled = length <= PooledHeaderLimit;
-        var buffer = pooled ? ArrayPool<byte>.Shared.Rent(Math.Max(length, 1)) : new byte[length];
+        var table = new TensorTable(HeaderPool.Rent<byte>(Math.Max(length, 1), pooled), length, pooled);
         try
         {
-            var read = stream.ReadAtLeast(buffer.AsSpan(0, length), length, throwOnEndOfStream: false);
+            var read = stream.ReadAtLeast(table.JsonToFill, length, throwOnEndOfStream: false);
             if (read < length)
             {
                 throw new SafetensorsFormatException(
                     $"the file ended after {read} of {length} header bytes");
             }
-            return Parse(buffer.AsSpan(0, length), fileLength);
+            return Parse(table, fileLength);
         }
-        finally
+        catch
         {
-            if (pooled)
-            {
-                ArrayPool<byte>.Shared.Return(buffer);
-            }
+            table.Release();
+            throw;
         }
     }
 
     /// <summary>Parses and validates header JSON for a file of <paramref name="fileLength"/> bytes.</summary>
-    internal static SafetensorsHeader Parse(ReadOnlySpan<byte> json, long fileLength)
+    internal static SafetensorsHeader Parse(TensorTable table, long fileLength)
     {
+        var json = table.Json;
         if (!Utf8.IsValid(json))
         {
             throw new SafetensorsFormatException("the header is not valid UTF-8");
         }
 
-        // A tensor entry takes at least ~50 bytes of JSON and typically ~100-150; presizing saves rehashing.
-        var capacity = json.Length / 128;
-        var tensors = new List<TensorEntry>(capacity);
         // Made only once names stop ascending (see IsNewName).
-        HashSet<TensorEntry>? names = null;
-        var nameChunks = new NameChunks(json.Length);
+        HashSet<int>? names = null;
         IReadOnlyDictionary<string, string>? metadata = null;
         var scratch = new long[8];
 
@@ -128,16 +124,17 @@ public static class SafetensorsReader
                     continue;
                 }
                 // GetString (not CopyString) for escaped names so that escapes decoding to invalid UTF-16 fail as they always have.
+                // An unescaped name is the bytes between the quotes: the token starts at the opening one.
                 var tensor = reader.ValueIsEscaped
-                    ? nameChunks.Add(Encoding.UTF8.GetBytes(reader.GetString()!))
-                    : nameChunks.Add(reader.ValueSpan);
+                    ? table.AddEscapedName(Encoding.UTF8.GetBytes(reader.GetString()!))
+                    : table.AddName((int)reader.TokenStartIndex + 1, reader.ValueSpan.Length);
+                Debug.Assert(reader.ValueIsEscaped || table.NameUtf8(tensor).SequenceEqual(reader.ValueSpan));
                 reader.Read();
-                if (!IsNewName(tensor, tensors, ref names, capacity))
+                if (!IsNewName(table, tensor, ref names))
                 {
-                    throw new SafetensorsFormatException($"duplicate tensor name '{Truncate(tensor.Name)}' in the header");
+                    throw new SafetensorsFormatException($"duplicate tensor name '{Truncate(table.Name(tensor))}' in the header");
                 }
-                ReadTensor(ref reader, tensor, ref scratch);
-                tensors.Add(tensor);
+                ReadTensor(ref reader, table, tensor, ref scratch);
             }
             if (reader.Read())
             {
@@ -155,35 +152,35 @@ public static class SafetensorsReader
         }
 
         var headerLength = json.Length;
-        Validate(tensors, fileLength - 8 - headerLength);
-        return new SafetensorsHeader(tensors, metadata ?? EmptyMetadata, headerLength, fileLength);
+        Validate(table, fileLength - 8 - headerLength);
+        return new SafetensorsHeader(table, metadata ?? EmptyMetadata, headerLength, fileLength);
     }
 
     private static ReadOnlySpan<byte> MetadataKeyUtf8 => "__metadata__"u8;
 
     /// <summary>
-    /// Whether <paramref name="tensor"/>'s name differs from every name in <paramref name="earlier"/>. The safetensors
+    /// Whether tensor <paramref name="tensor"/>'s name differs from every name before it. The safetensors
     /// library writes tensors sorted by dtype, then by name in byte order, so within a dtype group each name is
     /// greater than the one before it and cannot repeat an earlier one: while that holds, no hashing is needed. From
     /// the first name that is not greater (a new dtype group, another writer's order, or a duplicate), every name so
     /// far and every later one goes into a keyed hash set. Either way each name is compared or hashed a bounded
     /// number of times, so the check stays linear whatever the order.
     /// </summary>
-    private static bool IsNewName(TensorEntry tensor, List<TensorEntry> earlier, ref HashSet<TensorEntry>? names, int capacity)
+    private static bool IsNewName(TensorTable table, int tensor, ref HashSet<int>? names)
     {
         if (names is not null)
         {
             return names.Add(tensor);
         }
-        if (earlier.Count == 0 || earlier[^1].NameUtf8.SequenceCompareTo(tensor.NameUtf8) < 0)
+        if (tensor == 0 || table.NameUtf8(tensor - 1).SequenceCompareTo(table.NameUtf8(tensor)) < 0)
         {
             return true;
         }
-        names = new HashSet<TensorEntry>(Math.Max(capacity, earlier.Count * 2), TensorEntry.NameComparer);
-        foreach (var name in earlier)
+        names = new HashSet<int>(Math.Max(table.Json.Length / 128, tensor * 2), new TensorTable.NameComparer(table));
+        for (var earlier = 0; earlier < tensor; earlier++)
         {
             // Distinct: they ascend.
-            names.Add(name);
+            names.Add(earlier);
         }
         return names.Add(tensor);
     }
@@ -219,54 +216,58 @@ public static class SafetensorsReader
         return metadata;
     }
 
-    private static void ReadTensor(ref Utf8JsonReader reader, TensorEntry tensor, ref long[] scratch)
+    private static void ReadTensor(ref Utf8JsonReader reader, TensorTable table, int tensor, ref long[] scratch)
     {
         if (reader.TokenType != JsonTokenType.StartObject)
         {
-            throw TensorError(tensor, "must be a JSON object, not " + Describe(reader.TokenType));
+            throw TensorError(table, tensor, "must be a JSON object, not " + Describe(reader.TokenType));
         }
 
-        string? dtype = null;
-        long[]? shape = null;
+        byte dtype = 0;
         long begin = 0, end = 0;
-        var haveOffsets = false;
+        bool haveDtype = false, haveShape = false, haveOffsets = false;
         while (reader.Read() && reader.TokenType == JsonTokenType.PropertyName)
         {
             if (reader.ValueTextEquals("dtype"u8))
             {
-                if (dtype is not null)
+                if (haveDtype)
                 {
-                    throw TensorError(tensor, "has a duplicate 'dtype' field");
+                    throw TensorError(table, tensor, "has a duplicate 'dtype' field");
                 }
                 reader.Read();
                 if (reader.TokenType != JsonTokenType.String)
                 {
-                    throw TensorError(tensor, "has a dtype that is " + Describe(reader.TokenType) + ", not a string");
+                    throw TensorError(table, tensor, "has a dtype that is " + Describe(reader.TokenType) + ", not a string");
                 }
-                dtype = (reader.ValueIsEscaped ? null : SafetensorsDtype.Intern(reader.ValueSpan))
-                    ?? KnownDtypeOrThrow(reader.GetString()!, tensor);
+                if (reader.ValueIsEscaped || !SafetensorsDtype.TryGetCode(reader.ValueSpan, out dtype))
+                {
+                    dtype = KnownDtypeOrThrow(reader.GetString()!, table, tensor);
+                }
+                haveDtype = true;
             }
             else if (reader.ValueTextEquals("shape"u8))
             {
-                if (shape is not null)
+                if (haveShape)
                 {
-                    throw TensorError(tensor, "has a duplicate 'shape' field");
+                    throw TensorError(table, tensor, "has a duplicate 'shape' field");
                 }
                 reader.Read();
-                var dims = ReadIntegers(ref reader, tensor, "shape", ref scratch);
-                shape = dims == 0 ? [] : scratch[..dims];
+                var dims = ReadIntegers(ref reader, table, tensor, "shape", ref scratch);
+                // Stored now: data_offsets reuse the scratch array.
+                table.SetShape(tensor, scratch.AsSpan(0, dims));
+                haveShape = true;
             }
             else if (reader.ValueTextEquals("data_offsets"u8))
             {
                 if (haveOffsets)
                 {
-                    throw TensorError(tensor, "has a duplicate 'data_offsets' field");
+                    throw TensorError(table, tensor, "has a duplicate 'data_offsets' field");
                 }
                 reader.Read();
-                var offsets = ReadIntegers(ref reader, tensor, "data_offsets", ref scratch);
+                var offsets = ReadIntegers(ref reader, table, tensor, "data_offsets", ref scratch);
                 if (offsets != 2)
                 {
-                    throw TensorError(tensor, "has " + offsets + " data_offsets; expected [begin, end]");
+                    throw TensorError(table, tensor, "has " + offsets + " data_offsets; expected [begin, end]");
                 }
                 (begin, end, haveOffsets) = (scratch[0], scratch[1], true);
             }
@@ -278,43 +279,43 @@ public static class SafetensorsReader
             }
         }
 
-        if (dtype is null)
+        if (!haveDtype)
         {
-            throw TensorError(tensor, "has no 'dtype'");
+            throw TensorError(table, tensor, "has no 'dtype'");
         }
-        if (shape is null)
+        if (!haveShape)
         {
-            throw TensorError(tensor, "has no 'shape'");
+            throw TensorError(table, tensor, "has no 'shape'");
         }
         if (!haveOffsets)
         {
-            throw TensorError(tensor, "has no 'data_offsets'");
+            throw TensorError(table, tensor, "has no 'data_offsets'");
         }
-        (tensor.Dtype, tensor.Shape, tensor.DataStart, tensor.DataEnd) = (dtype, shape, begin, end);
+        table.Set(tensor, dtype, begin, end);
     }
 
-    private static string KnownDtypeOrThrow(string dtype, TensorEntry tensor) =>
-        SafetensorsDtype.BitSize(dtype) > 0
-            ? dtype
-            : throw TensorError(tensor, "has unknown dtype '" + Truncate(dtype) + "'");
+    private static byte KnownDtypeOrThrow(string dtype, TensorTable table, int tensor) =>
+        SafetensorsDtype.BitSize(dtype) > 0 && SafetensorsDtype.TryGetCode(dtype, out var code)
+            ? code
+            : throw TensorError(table, tensor, "has unknown dtype '" + Truncate(dtype) + "'");
 
     /// <summary>Reads an array of non-negative integers into <paramref name="values"/> (grown as needed); returns the count.</summary>
-    private static int ReadIntegers(ref Utf8JsonReader reader, TensorEntry tensor, string field, ref long[] values)
+    private static int ReadIntegers(ref Utf8JsonReader reader, TensorTable table, int tensor, string field, ref long[] values)
     {
         if (reader.TokenType != JsonTokenType.StartArray)
         {
-            throw TensorError(tensor, "has a '" + field + "' that is " + Describe(reader.TokenType) + ", not an array");
+            throw TensorError(table, tensor, "has a '" + field + "' that is " + Describe(reader.TokenType) + ", not an array");
         }
         var count = 0;
         while (reader.Read() && reader.TokenType != JsonTokenType.EndArray)
         {
             if (reader.TokenType != JsonTokenType.Number || !reader.TryGetUInt64(out var value))
             {
-                throw TensorError(tensor, "has a '" + field + "' entry that is not a non-negative integer");
+                throw TensorError(table, tensor, "has a '" + field + "' entry that is not a non-negative integer");
             }
             if (value > long.MaxValue)
             {
-                throw TensorError(tensor, "has a '" + field + "' entry " + value + " that is too large");
+                throw TensorError(table, tensor, "has a '" + field + "' entry " + value + " that is too large");
             }
             if (count == values.Length)
             {
@@ -328,82 +329,91 @@ public static class SafetensorsReader
     // Messages are built out of line: interpolated strings in the hot ReadTensor/ReadIntegers would give them
     // large stack frames that are zeroed on every call.
     [MethodImpl(MethodImplOptions.NoInlining)]
-    private static SafetensorsFormatException TensorError(TensorEntry tensor, string detail) =>
-        new($"tensor '{Truncate(tensor.Name)}' {detail}");
+    private static SafetensorsFormatException TensorError(TensorTable table, int tensor, string detail) =>
+        new($"tensor '{Truncate(table.Name(tensor))}' {detail}");
 
-    private static void Validate(List<TensorEntry> tensors, long dataLength)
+    private static void Validate(TensorTable table, long dataLength)
     {
         // Validation walks tensors in data order. Writers usually emit them sorted already;
-        // only sort (a copy) when they are not.
-        IReadOnlyList<TensorEntry> ordered = tensors;
-        for (var i = 1; i < tensors.Count; i++)
+        // only sort (an index) when they are not.
+        var records = table.Records;
+        int[]? order = null;
+        for (var i = 1; i < records.Length; i++)
         {
-            if (CompareOffsets(tensors[i - 1], tensors[i]) > 0)
+            if (CompareOffsets(records[i - 1], records[i]) > 0)
             {
-                var copy = tensors.ToArray();
-                Array.Sort(copy, CompareOffsets);
-                ordered = copy;
+                order = new int[records.Length];
+                for (var j = 0; j < order.Length; j++)
+                {
+                    order[j] = j;
+                }
+                // The same comparisons as sorting the rows themselves, so equal offsets end up in the same order.
+                Array.Sort(order, (a, b) => CompareOffsets(table[a], table[b]));
                 break;
             }
         }
 
         long previousEnd = 0;
-        TensorEntry? previous = null;
-        foreach (var tensor in ordered)
+        var previous = -1;
+        for (var k = 0; k < records.Length; k++)
         {
+            var index = order is null ? k : order[k];
+            ref readonly var tensor = ref records[index];
             if (tensor.DataStart != previousEnd)
             {
-                throw new SafetensorsFormatException(previous is null
-                    ? $"tensor '{Truncate(tensor.Name)}' starts at byte {tensor.DataStart}; the data section must start with a tensor at byte 0"
-                    : $"tensor '{Truncate(tensor.Name)}' starts at byte {tensor.DataStart} but tensor '{Truncate(previous.Name)}' ends at byte {previousEnd} ({(tensor.DataStart > previousEnd ? "gap" : "overlap")})");
+                throw new SafetensorsFormatException(previous < 0
+                    ? $"tensor '{Truncate(table.Name(index))}' starts at byte {tensor.DataStart}; the data section must start with a tensor at byte 0"
+                    : $"tensor '{Truncate(table.Name(index))}' starts at byte {tensor.DataStart} but tensor '{Truncate(table.Name(previous))}' ends at byte {previousEnd} ({(tensor.DataStart > previousEnd ? "gap" : "overlap")})");
             }
             if (tensor.DataEnd < tensor.DataStart)
             {
                 throw new SafetensorsFormatException(
-                    $"tensor '{Truncate(tensor.Name)}' ends at byte {tensor.DataEnd}, before it starts at byte {tensor.DataStart}");
+                    $"tensor '{Truncate(table.Name(index))}' ends at byte {tensor.DataEnd}, before it starts at byte {tensor.DataStart}");
             }
 
             ulong elements = 1;
-            foreach (var dim in tensor.Shape)
+            var shape = table.Shape(index);
+            foreach (var dim in shape)
             {
                 if (!TryMultiply(elements, (ulong)dim, out elements))
                 {
                     throw new SafetensorsFormatException(
-                        $"tensor '{Truncate(tensor.Name)}' has shape {FormatShape(tensor.Shape)} whose element count overflows");
+                        $"tensor '{Truncate(table.Name(index))}' has shape {FormatShape(shape)} whose element count overflows");
                 }
             }
-            var bitSize = (ulong)SafetensorsDtype.BitSize(tensor.Dtype);
+            var dtype = SafetensorsDtype.Names[tensor.Dtype];
+            var bitSize = (ulong)SafetensorsDtype.BitSizes[tensor.Dtype];
             if (!TryMultiply(elements, bitSize, out var bits))
             {
                 throw new SafetensorsFormatException(
-                    $"tensor '{Truncate(tensor.Name)}' has shape {FormatShape(tensor.Shape)} whose size in bits overflows");
+                    $"tensor '{Truncate(table.Name(index))}' has shape {FormatShape(shape)} whose size in bits overflows");
             }
             if (bits % 8 != 0)
             {
                 throw new SafetensorsFormatException(
-                    $"tensor '{Truncate(tensor.Name)}' holds {bits} bits of {tensor.Dtype}, which is not a whole number of bytes");
+                    $"tensor '{Truncate(table.Name(index))}' holds {bits} bits of {dtype}, which is not a whole number of bytes");
             }
             var span = (ulong)(tensor.DataEnd - tensor.DataStart);
             if (bits / 8 != span)
             {
                 throw new SafetensorsFormatException(
-                    $"tensor '{Truncate(tensor.Name)}' is {tensor.Dtype} {FormatShape(tensor.Shape)} = {bits / 8} bytes but its data_offsets span {span} bytes");
+                    $"tensor '{Truncate(table.Name(index))}' is {dtype} {FormatShape(shape)} = {bits / 8} bytes but its data_offsets span {span} bytes");
             }
             previousEnd = tensor.DataEnd;
-            previous = tensor;
+            previous = index;
         }
 
         if (previousEnd != dataLength)
         {
             throw new SafetensorsFormatException(previousEnd > dataLength
-                ? $"tensor '{Truncate(previous!.Name)}' ends at byte {previousEnd} but the file has {dataLength} data bytes"
-                : previous is null
+                ? $"tensor '{Truncate(table.Name(previous))}' ends at byte {previousEnd} but the file has {dataLength} data bytes"
+                : previous < 0
                     ? $"the header lists no tensors but the file has {dataLength} data bytes after it"
-                    : $"the file has {dataLength - previousEnd} trailing bytes after the last tensor '{Truncate(previous.Name)}' (ends at byte {previousEnd} of {dataLength})");
+                    : $"the file has {dataLength - previousEnd} trailing bytes after the last tensor '{Truncate(table.Name(previous))}' (ends at byte {previousEnd} of {dataLength})");
         }
     }
 
-    private static int CompareOffsets(TensorEntry a, TensorEntry b)
+    private static int CompareOffsets(in TensorRecord a, in TensorRecord b)
     {
         var c = a.DataStart.CompareTo(b.DataStart);
         return c != 0 ? c : a.DataEnd.CompareTo(b.DataEnd);
@@ -416,8 +426,8 @@ public static class SafetensorsReader
         return wide == 0;
     }
 
-    private static string FormatShape(long[] shape) =>
-        "[" + string.Join(", ", shape.Take(8).Select(d => d.ToString(CultureInfo.InvariantCulture)))
+    private static string FormatShape(ReadOnlySpan<long> shape) =>
+        "[" + string.Join(", ", shape.ToArray().Take(8).Select(d => d.ToString(CultureInfo.InvariantCulture)))
         + (shape.Length > 8 ? $", … ({shape.Length} dims)]" : "]");
 
     private static string Truncate(string value) => value.Length <= 120 ? value : value[..120] + "…";

@@ -14,7 +14,7 @@ public sealed record SafetensorsTensor(string Name, string Dtype, long[] Shape, 
     /// <summary>Number of elements (product of <see cref="Shape"/>; 1 for a scalar).</summary>
     public long ElementCount => CountElements(Shape);
 
-    internal static long CountElements(long[] shape)
+    internal static long CountElements(ReadOnlySpan<long> shape)
     {
         long count = 1;
         foreach (var dim in shape)

@@ -108,7 +108,8 @@ public sealed partial class DownloadWorker(
         }
         try
         {
-            SafetensorsReader.ReadFile(staging);
+            // Validation only: the header's pooled tables go straight back.
+            SafetensorsReader.ReadFile(staging).Dispose();
         }
         catch (SafetensorsFormatException e)
         {
