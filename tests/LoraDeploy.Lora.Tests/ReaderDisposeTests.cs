@@ -12,14 +12,7 @@ namespace LoraDeploy.Lora.Tests;
 /// </summary>
 public sealed class ReaderDisposeTests
 {
-    private static byte[] File(string headerJson, long dataLength)
-    {
-        var json = Encoding.UTF8.GetBytes(headerJson);
-        var bytes = new byte[8 + json.Length + dataLength];
-        BinaryPrimitives.WriteUInt64LittleEndian(bytes, (ulong)json.Length);
-        json.CopyTo(bytes, 8);
-        return bytes;
-    }
+    private static byte[] File(string headerJson, long dataLength) => SafetensorsWriter.RawFile(headerJson, dataLength);
 
     // Tensors of one byte per element, U8, in order; names as given (raw JSON keys, already escaped).
     private static byte[] Header(IReadOnlyList<(string Key, long[] Shape)> tensors)

@@ -8,14 +8,7 @@ namespace LoraDeploy.Lora.Tests;
 /// <summary>One test per reader check (reference §1.2 plus duplicate keys), each asserting the message.</summary>
 public sealed class ReaderHostileInputTests
 {
-    private static byte[] File(string headerJson, long dataLength = 0)
-    {
-        var json = Encoding.UTF8.GetBytes(headerJson);
-        var bytes = new byte[8 + json.Length + dataLength];
-        BinaryPrimitives.WriteUInt64LittleEndian(bytes, (ulong)json.Length);
-        json.CopyTo(bytes, 8);
-        return bytes;
-    }
+    private static byte[] File(string headerJson, long dataLength = 0) => SafetensorsWriter.RawFile(headerJson, dataLength);
 
     private static string Reject(byte[] bytes) =>
         Assert.Throws<SafetensorsFormatException>(() => SafetensorsReader.Read(new MemoryStream(bytes))).Message;

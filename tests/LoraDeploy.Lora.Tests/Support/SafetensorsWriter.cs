@@ -47,6 +47,16 @@ internal sealed class SafetensorsWriter
         return this;
     }
 
+    /// <summary>A file of exactly this header text (no checks, for hostile input) and <paramref name="dataLength"/> zero bytes.</summary>
+    public static byte[] RawFile(string headerJson, long dataLength = 0)
+    {
+        var json = System.Text.Encoding.UTF8.GetBytes(headerJson);
+        var bytes = new byte[8 + json.Length + dataLength];
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt64LittleEndian(bytes, (ulong)json.Length);
+        json.CopyTo(bytes, 8);
+        return bytes;
+    }
+
     public static byte[] Half(double value)
     {
         var bytes = new byte[2];
