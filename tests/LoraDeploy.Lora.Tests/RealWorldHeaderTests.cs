@@ -25,9 +25,6 @@ public sealed class RealWorldHeaderTests : IClassFixture<RealWorldHeaderTests.Fi
         return data;
     }
 
-    [Fact]
-    public void There_are_twenty_layouts() => Assert.Equal(20, Names().Count);
-
     [Theory]
     [MemberData(nameof(Names))]
     public void Probe_matches_expected(string name)
@@ -39,38 +36,71 @@ public sealed class RealWorldHeaderTests : IClassFixture<RealWorldHeaderTests.Fi
 
         var report = LoraProber.ProbeFile(_files.PathOf(name, entry.GetProperty("header").GetString()!));
 
-        if (reliable.Contains("architecture"))
+        // Every field is scored on every layout: against expected.json where it calls the field reliable, else
+        // against the answer this prober gives (pinned below), so no layout and no field goes unchecked.
+        var actual = new Dictionary<string, string>
         {
-            Assert.Contains(report.Architecture, Accepted(expected, "architecture"));
-        }
-        if (reliable.Contains("network"))
+            ["architecture"] = report.Architecture,
+            ["network"] = report.Network,
+            ["format"] = report.Format,
+            ["lora_family"] = report.IsAdapter ? "true" : "false",
+            ["t2i_applicable"] = report.Applicable ? "true" : "false",
+        };
+        foreach (var (field, value) in actual)
         {
-            Assert.Contains(report.Network, Accepted(expected, "network"));
+            if (reliable.Contains(field))
+            {
+                var accepted = Accepted(expected, field);
+                Assert.True(accepted.Contains(value), $"{field}: expected.json accepts {string.Join("|", accepted)}, the prober said {value} ({report.NotApplicableReason})");
+            }
+            else
+            {
+                Assert.True(Unscored.TryGetValue((name, field), out var pinned), $"{field} of {name} is scored by nothing; pin the prober's answer ({value}) in Unscored");
+                Assert.Equal(pinned, value);
+            }
         }
-        if (reliable.Contains("format"))
-        {
-            Assert.Contains(report.Format, Accepted(expected, "format"));
-        }
-        if (reliable.Contains("lora_family"))
-        {
-            Assert.Equal(expected.GetProperty("lora_family").GetBoolean(), report.IsAdapter);
-        }
-        if (reliable.Contains("t2i_applicable"))
-        {
-            Assert.True(expected.GetProperty("t2i_applicable").GetBoolean() == report.Applicable, report.NotApplicableReason);
-        }
+
         var stats = entry.GetProperty("stats");
         Assert.Equal(stats.GetProperty("tensors").GetInt32(), report.TensorCount);
-        if (report.IsAdapter)
+        Assert.Equal(stats.GetProperty("dtypes").EnumerateObject().Select(p => p.Name).Order(StringComparer.Ordinal), report.Dtypes);
+        if (expected.GetProperty("lora_family").GetBoolean())
         {
             Assert.Equal(stats.GetProperty("modules").GetInt32(), report.ModuleCount);
+            var ranks = stats.GetProperty("ranks").EnumerateArray().Select(r => r.GetInt32()).ToList();
+            if (ranks.Count > 0)
+            {
+                Assert.Equal((ranks.Min(), ranks.Max()), (report.RankMin, report.RankMax));
+            }
         }
     }
+
+    /// <summary>
+    /// The prober's answers for the fields expected.json does not score (hand-made samples whose LoKr factor
+    /// shapes no real layer has, or which lack the keys that would tell). Pinned so a change to them is seen.
+    /// </summary>
+    private static readonly Dictionary<(string Name, string Field), string> Unscored = new()
+    {
+        [("flux1__invoke-lokr-bfl-synthetic", "architecture")] = "flux1",
+        [("flux1__invoke-lokr-bfl-synthetic", "lora_family")] = "true",
+        [("flux1__invoke-lokr-bfl-synthetic", "t2i_applicable")] = "true",
+        [("qwen-image__invoke-kohya-lokr-synthetic", "lora_family")] = "true",
+        [("qwen-image__invoke-kohya-lokr-synthetic", "t2i_applicable")] = "true",
+        [("qwen-image__invoke-diffusers-synthetic", "architecture")] = "flux1",
+        [("qwen-image__invoke-diffusers-synthetic", "format")] = "diffusers",
+        [("qwen-image__invoke-diffusers-synthetic", "t2i_applicable")] = "true",
+        [("anima__invoke-kohya-sample", "t2i_applicable")] = "true",
+        [("anima__invoke-kohya-te-sample", "t2i_applicable")] = "true",
+        [("anima__invoke-lokr-dora-synthetic", "network")] = "dora",
+        [("anima__invoke-lokr-dora-synthetic", "lora_family")] = "true",
+        [("anima__invoke-lokr-dora-synthetic", "t2i_applicable")] = "true",
+        [("anima__invoke-peft-sample", "t2i_applicable")] = "true",
+    };
 
     // expected.json spells ids of models outside its core vocabulary "other-known:<name>".
     private static HashSet<string> Accepted(JsonElement expected, string field)
     {
-        var accepted = new HashSet<string>(StringComparer.Ordinal) { expected.GetProperty(field).GetString()! };
+        var value = expected.GetProperty(field);
+        var accepted = new HashSet<string>(StringComparer.Ordinal) { value.ValueKind == JsonValueKind.String ? value.GetString()! : value.GetRawText() };
         if (expected.TryGetProperty(field + "_accept", out var list))
         {
             accepted.UnionWith(list.EnumerateArray().Select(e => e.GetString()!));
