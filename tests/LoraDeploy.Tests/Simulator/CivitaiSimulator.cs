@@ -36,7 +36,7 @@ public sealed record SimRangeRequest(int FileId, long Offset);
 /// // point Civitai:BaseUrl at sim.ApiBaseUrl and allow 127.0.0.1/32 in Network:AllowedPrivateRanges
 /// </code>
 /// </summary>
-public sealed class CivitaiSimulator : IAsyncDisposable
+public sealed partial class CivitaiSimulator : IAsyncDisposable
 {
     private static readonly JsonSerializerOptions Json = new() { PropertyNamingPolicy = null };
 
