@@ -502,9 +502,18 @@ public sealed class ProberTests
     [Fact]
     public void Report_serialises_with_snake_case_names()
     {
-        var report = Probe(new SafetensorsWriter().Lora("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 8, 2048, 640, alpha: 8));
+        // Every collection non-empty (two dtypes and alphas that differ give dtypes and a warning), so the
+        // round trip below compares real values, not empty lists.
+        var report = Probe(new SafetensorsWriter()
+            .Metadata("ss_output_name", "mychar_v1")
+            .Metadata("ss_tag_frequency", """{"10_mychar": {"mychar": 20, "smile": 5}}""")
+            .Lora("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 8, 2048, 640, alpha: 8)
+            .Lora("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_v", 8, 2048, 640, alpha: 4, dtype: "F32"));
+        Assert.Equal([1, 2, 1, 2, 1, 2],
+            [report.Targets.Count, report.Dtypes.Count, report.TriggerWords.Count, report.TopTags.Count, report.Metadata.Count, report.Warnings.Count]);
 
-        using var doc = JsonDocument.Parse(JsonSerializer.Serialize(report, ProbeJsonContext.Default.ProbeReport));
+        var json = JsonSerializer.Serialize(report, ProbeJsonContext.Default.ProbeReport);
+        using var doc = JsonDocument.Parse(json);
         var names = doc.RootElement.EnumerateObject().Select(p => p.Name).ToList();
 
         Assert.Equal(
@@ -513,11 +522,20 @@ public sealed class ProberTests
              "base_model_version", "metadata", "is_adapter", "applicable", "not_applicable_reason", "warnings",
              "file_sha256", "data_sha256"],
             names);
-        Assert.Equal(report, JsonSerializer.Deserialize(doc.RootElement.GetRawText(), ProbeJsonContext.Default.ProbeReport)! with
+        var back = JsonSerializer.Deserialize(json, ProbeJsonContext.Default.ProbeReport)!;
+        // Records compare collections by reference, so the collections are compared one by one.
+        Assert.Equal(report.Targets, back.Targets);
+        Assert.Equal(report.Dtypes, back.Dtypes);
+        Assert.Equal(report.TriggerWords, back.TriggerWords);
+        Assert.Equal(report.TopTags, back.TopTags);
+        Assert.Equal(report.Metadata.OrderBy(m => m.Key), back.Metadata.OrderBy(m => m.Key));
+        Assert.Equal(report.Warnings, back.Warnings);
+        Assert.Equal(report, back with
         {
             Targets = report.Targets, Dtypes = report.Dtypes, TriggerWords = report.TriggerWords, TopTags = report.TopTags,
             Metadata = report.Metadata, Warnings = report.Warnings,
         });
+        Assert.Equal(report.TopTags[0].Tag, doc.RootElement.GetProperty("top_tags")[0].GetProperty("tag").GetString());
     }
 
     [Fact]
