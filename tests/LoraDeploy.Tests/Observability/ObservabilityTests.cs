@@ -58,7 +58,8 @@ public sealed class ObservabilityTests
 
         await ImportPipelineTests.WaitUntilAsync(async () =>
             (await (await client.GetAsync($"/deploy/{deployId}")).ExpectAsync(HttpStatusCode.OK)).GetProperty("status").GetString() == "deploying");
-        await Task.Delay(300);
+        // The status flips before the pipeline logs it; wait for its last line rather than for a while.
+        await ImportPipelineTests.WaitUntilAsync(() => Task.FromResult(server.Output.Contains("now deploying", StringComparison.Ordinal)));
 
         var log = server.Output;
         var secretPart = TokenParts.Secret(adminToken);

@@ -327,10 +327,16 @@ public sealed class ImportPipelineTests
             ["Pipeline:CollectInterval"] = "00:00:00.200",
         });
         var version = h.Simulator.AddLora(AdapterFiles.Flux1(), baseModel: "Flux.1 D");
+        var other = h.Simulator.AddLora(AdapterFiles.Flux1(seed: 2), baseModel: "Flux.1 D");
         (await h.CreateAndWaitAsync("collect", PipelineHarness.ModelUrl(version))).AssertDeploying();
+        (await h.CreateAndWaitAsync("dropped", PipelineHarness.ModelUrl(other))).AssertDeploying();
         var blob = Path.Combine(h.Server.DataDir, "blobs", "sha256", version.File.Sha256[..2], version.File.Sha256);
+        var otherBlob = Path.Combine(h.Server.DataDir, "blobs", "sha256", other.File.Sha256[..2], other.File.Sha256);
         Assert.True(File.Exists(blob));
-        await Task.Delay(600);
+
+        // The collector has run once the other, unreferenced blob is gone; the referenced one must have survived it.
+        await (await h.User.Client.DeleteAsync("/v1/lora/dropped")).ExpectAsync(HttpStatusCode.OK);
+        await WaitUntilAsync(() => Task.FromResult(!File.Exists(otherBlob)));
         Assert.True(File.Exists(blob)); // still referenced
 
         await (await h.User.Client.DeleteAsync("/v1/lora/collect")).ExpectAsync(HttpStatusCode.OK);
