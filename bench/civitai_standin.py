@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Writes the files a static CivitAI stand-in (served by nginx) needs: a small valid FLUX.1 kohya LoRA and the
-/api/v1/model-versions/{id} JSON that lists it with its SHA-256. Standard library only.
+/api/v1/model-versions/{id} JSON that lists it with its SHA-256 (version.json, adapter.safetensors); with EXTRA > 0
+also EXTRA larger adapters (rank 16, 1.6 MiB, each with different bytes) as version-{id}.json and
+adapter-{id}.safetensors for ids VERSION_ID+1 .. VERSION_ID+EXTRA, the write load's imports. Standard library only.
 
-usage: civitai_standin.py OUT_DIR VERSION_ID
+usage: civitai_standin.py OUT_DIR VERSION_ID [EXTRA]
 """
 import hashlib
 import json
@@ -15,14 +17,14 @@ def half(value):
     return struct.pack("<e", value)
 
 
-def flux_lora(rank=4):
+def flux_lora(rank=4, name="bench"):
     modules = [
         ("lora_unet_double_blocks_0_img_attn_qkv", 3072, 9216),
         ("lora_unet_double_blocks_0_img_mlp_0", 3072, 12288),
         ("lora_unet_single_blocks_37_linear1", 3072, 21504),
     ]
     header = {"__metadata__": {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1",
-                               "ss_output_name": "bench"}}
+                               "ss_output_name": name}}
     data = bytearray()
 
     def tensor(name, dtype, shape, payload=None):
@@ -42,12 +44,9 @@ def flux_lora(rank=4):
     return struct.pack("<Q", len(raw)) + raw + bytes(data)
 
 
-def main():
-    out, version_id = sys.argv[1], int(sys.argv[2])
-    content = flux_lora()
+def write_version(out, version_id, content, suffix):
     sha = hashlib.sha256(content).hexdigest()
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "adapter.safetensors"), "wb") as f:
+    with open(os.path.join(out, f"adapter{suffix}.safetensors"), "wb") as f:
         f.write(content)
     version = {
         "id": version_id, "modelId": version_id, "name": "v1", "baseModel": "Flux.1 D", "status": "Published",
@@ -57,8 +56,18 @@ def main():
                    "primary": True, "metadata": {"format": "SafeTensor", "size": "full", "fp": "bf16"},
                    "hashes": {"SHA256": sha.upper()}, "pickleScanResult": "Success", "virusScanResult": "Success"}],
     }
-    with open(os.path.join(out, "version.json"), "w") as f:
+    with open(os.path.join(out, f"version{suffix}.json"), "w") as f:
         json.dump(version, f)
+    return sha
+
+
+def main():
+    out, version_id = sys.argv[1], int(sys.argv[2])
+    extra = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    os.makedirs(out, exist_ok=True)
+    sha = write_version(out, version_id, flux_lora(), "")
+    for n in range(1, extra + 1):
+        write_version(out, version_id + n, flux_lora(rank=16, name=f"load-{n:03d}"), f"-{version_id + n}")
     print(sha)
 
 

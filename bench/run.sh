@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # HTTP API benchmark: GET /deploy/{id} and GET /deploy/list under wrk (64 connections) against nginx serving the
 # same bytes from a static file (the ceiling), on SQLite and on PostgreSQL, for one caller and for 256 callers
-# picked at random per request (bench/many_callers.py, .lua); list latency for a caller with
-# 10,000 deploys among 1,000,000; POST /v1/lora/create → deploying for a version whose file is already stored.
+# picked at random per request (bench/many_callers.py, .lua), while another user's imports and their progress
+# writes run (bench/write_load.py); list latency for a caller with 10,000 deploys among 1,000,000;
+# POST /v1/lora/create → deploying for a version whose file is already stored.
 #
 # Needs (installs nothing): dotnet, wrk, nginx, sqlite3, psql, python3, curl, and a PostgreSQL server where the
 # connection may create databases. Debian: apt-get install -y wrk nginx sqlite3 postgresql-client.
@@ -13,7 +14,8 @@
 # BENCH_DURATION (wrk seconds per run, default 10), BENCH_ROWS (total deploys, default 1000000),
 # BENCH_CALLER_ROWS (the big caller's deploys, default 10000), BENCH_THREADS (wrk threads, default 2),
 # BENCH_WARMUP (seconds of load on each endpoint before it is measured, default 20), BENCH_ROUNDS (rounds of the
-# 64-connection runs, each nginx then the API, default 3; the summary gives each round's ratio and the median).
+# 64-connection runs, each nginx then the API, default 3; the summary gives each round's ratio, the median and the
+# worst), BENCH_WRITERS (write-load workers, each with one import at a time, default 4; 0 measures an idle table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +27,8 @@ CALLER_ROWS=${BENCH_CALLER_ROWS:-10000}
 THREADS=${BENCH_THREADS:-2}
 WARMUP=${BENCH_WARMUP:-20}
 ROUNDS=${BENCH_ROUNDS:-3}
+WRITERS=${BENCH_WRITERS:-4}
+LOAD_VERSIONS=8
 CONNECTIONS=64
 
 missing=()
@@ -57,8 +61,9 @@ APP="$WORK/app/loradeploy"
 # ---- nginx: the ceiling (static copies of the API's responses) and a static CivitAI stand-in ----
 mkdir -p "$WORK/www/civitai" "$WORK/nginx-tmp"
 VERSION_ID=900001
-ADAPTER_SHA=$(python3 bench/civitai_standin.py "$WORK/www/civitai" "$VERSION_ID")
+ADAPTER_SHA=$(python3 bench/civitai_standin.py "$WORK/www/civitai" "$VERSION_ID" "$LOAD_VERSIONS")
 chmod -R a+rX "$WORK/www"
+LOAD_IDS=$(seq -s '|' $((VERSION_ID + 1)) $((VERSION_ID + LOAD_VERSIONS)))
 NGINX_PORT=$(free_port)
 cat >"$WORK/nginx.conf" <<EOF
 worker_processes auto;
@@ -79,7 +84,14 @@ http {
     listen 127.0.0.1:$NGINX_PORT;
     root $WORK/www;
     location /static/ { default_type application/json; }
-    location /api/v1/model-versions/ { default_type application/json; try_files /civitai/version.json =404; }
+    # The write load's versions (ids above VERSION_ID) have files of their own, sent at 256 KB/s so that each of
+    # their imports spends ~6 s downloading and publishing progress; every other id is the one small adapter.
+    location ~ ^/api/v1/model-versions/(\d+)\$ { default_type application/json; try_files /civitai/version-\$1.json /civitai/version.json =404; }
+    location ~ ^/api/download/models/($LOAD_IDS)\$ {
+      default_type application/octet-stream;
+      limit_rate 256k;
+      try_files /civitai/adapter-\$1.safetensors =404;
+    }
     location /api/download/models/ { default_type application/octet-stream; try_files /civitai/adapter.safetensors =404; }
   }
 }
@@ -137,7 +149,8 @@ start_server() { # start_server PROVIDER_ARGS...  (sets SERVER_PID, BASE)
   "$APP" serve --urls "http://127.0.0.1:$port" --data-dir "$DATA" \
     --Logging:LogLevel:Default=Warning --Logging:LogLevel:Microsoft.Hosting.Lifetime=Warning \
     --Civitai:BaseUrl="$NGINX" --Network:AllowedPrivateRanges:0=127.0.0.0/8 \
-    --Pipeline:PollInterval=00:00:00.200 "$@" >"$WORK/server.log" 2>&1 &
+    --Pipeline:PollInterval=00:00:00.200 --Pipeline:BlobGracePeriod=00:00:00 --Pipeline:CollectInterval=00:00:05 \
+    "$@" >"$WORK/server.log" 2>&1 &
   SERVER_PID=$!
   PIDS+=("$SERVER_PID")
   BASE="http://127.0.0.1:$port"
@@ -232,9 +245,10 @@ PY
   fi
 
   echo "== $provider: migrate, users, seed $ROWS deploys ($CALLER_ROWS for the big caller)"
-  local small big
+  local small big writer
   small=$(token small)
   big=$(token big)
+  writer=$(token writer)
   local clock=$SECONDS
   if [ "$provider" = postgres ]; then seed_postgres "$db_url"; else seed_sqlite "$DATA/loradeploy.db"; fi
   # 256 more callers with 10 deploys and a token each, for the random-caller runs.
@@ -277,6 +291,16 @@ PY
   # list is 3.3 KB, its deploy 330 B: the nginx numbers stay the ceiling. wrk's Lua request hook costs wrk some CPU.
   BENCH_CALLERS="$WORK/callers.txt" BENCH_KIND=deploy wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" -s bench/many_callers.lua "$BASE" >/dev/null
   BENCH_CALLERS="$WORK/callers.txt" BENCH_KIND=list wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" -s bench/many_callers.lua "$BASE" >/dev/null
+  # The reads are measured while another user's imports run: each writer creates a deploy of one of the stand-in's
+  # slow files, waits for `deploying` (progress rows every 0.5 s meanwhile) and deletes it, over and over; the
+  # collector deletes the unreferenced blobs, so the versions keep being downloaded again. Every commit also ends
+  # the SQLite bodies kept for polls.
+  local load_pid=""
+  if [ "$WRITERS" -gt 0 ]; then
+    python3 bench/write_load.py "$BASE" "$writer" $((VERSION_ID + 1)) "$LOAD_VERSIONS" "$WRITERS" >"$WORK/write-load-$provider.txt" 2>&1 &
+    load_pid=$!
+    sleep 5
+  fi
   # Rounds, nginx right before the API each time: this machine's speed moves from one minute to the next.
   for round in $(seq 1 "$ROUNDS"); do
     wrk_run "nginx-deploy-$provider#$round" "$NGINX/static/deploy-$provider.json"
@@ -286,6 +310,11 @@ PY
     wrk_run "api-list-$provider#$round" "$BASE/deploy/list" "$small"
     wrk_callers "api-list256-$provider#$round" list
   done
+  if [ -n "$load_pid" ]; then
+    kill -TERM "$load_pid"
+    wait "$load_pid" || { cat "$WORK/write-load-$provider.txt" >&2; exit 1; }
+    echo "   $(cat "$WORK/write-load-$provider.txt") during the rounds"
+  fi
 
   echo "== $provider: GET /deploy/list for the caller with $CALLER_ROWS deploys, one connection (name rps p50_ms p99_ms)"
   curl -sf -H "Authorization: Bearer $big" "$BASE/deploy/list" -o "$WORK/big.json"
@@ -324,7 +353,7 @@ for line in open(sys.argv[1]):
         rounds.setdefault(name, {})[int(number)] = [float(x) for x in parts[1:]]
 def median(values):
     return statistics.median(values)
-print(f"{'endpoint':<26}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'× nginx':>9}  per round (× nginx / p99 ms)")
+print(f"{'endpoint':<26}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'× nginx':>9}{'worst':>7}  per round (× nginx / p99 ms)")
 for name, runs in rows.items():
     if name in rounds:
         rps, p50, p99 = (median([r[i] for r in runs]) for i in range(3))
@@ -334,7 +363,7 @@ for name, runs in rows.items():
             ceiling = rounds[f"nginx-{kind.removesuffix('256')}-{provider}"]
             ratios = [values[0] / ceiling[n][0] for n, values in sorted(rounds[name].items())]
             per = " ".join(f"{ratio:.2f}/{values[2]:.1f}" for ratio, (_, values) in zip(ratios, sorted(rounds[name].items())))
-            line += f"{median(ratios):>9.2f}  {per}"
+            line += f"{median(ratios):>9.2f}{min(ratios):>7.2f}  {per}"
         print(line)
     elif name.startswith("api-biglist") or name.startswith("nginx-biglist"):
         print(f"{name:<26}{runs[0][0]:>9.0f}{runs[0][1]:>8.2f}{runs[0][2]:>8.2f}")

@@ -75,7 +75,9 @@ if (verbose)
 {
     Console.WriteLine(server.Output);
 }
-Console.WriteLine($"median: curl+sync {curlMedian:F3} s ({mib / curlMedian:F0} MiB/s), import {importMedian:F3} s ({mib / importMedian:F0} MiB/s), throughput ratio {curlMedian / importMedian:F2}, max RSS growth {rssGrowth.Max() / 1048576.0:F1} MiB");
+// Each run's ratio compares contenders timed back to back; their spread says how far one run can be trusted here.
+var ratios = curlTimes.Zip(importTimes, (curl, import) => curl / import).Order().ToList();
+Console.WriteLine($"median: curl+sync {curlMedian:F3} s ({mib / curlMedian:F0} MiB/s), import {importMedian:F3} s ({mib / importMedian:F0} MiB/s), throughput ratio {Median(ratios):F2} (runs {ratios[0]:F2}-{ratios[^1]:F2}), max RSS growth {rssGrowth.Max() / 1048576.0:F1} MiB");
 Directory.Delete(work, recursive: true);
 return 0;
 
