@@ -9,7 +9,7 @@
 # connection may create databases. Debian: apt-get install -y wrk nginx sqlite3 postgresql-client.
 #
 #   bench/run.sh                     # both providers
-#   BENCH_PROVIDERS=sqlite bench/run.sh
+#   BENCH_PROVIDERS=sqlite bench/run.sh   # sqlite, sqlite_plain (no bodies kept for polls), postgres
 # Settings (env): BENCH_PG (libpq URL of a server, default postgresql://postgres:postgres@127.0.0.1:5432/postgres),
 # BENCH_DURATION (wrk seconds per run, default 10), BENCH_ROWS (total deploys, default 1000000),
 # BENCH_CALLER_ROWS (the big caller's deploys, default 10000), BENCH_THREADS (wrk threads, default 2),
@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PROVIDERS=${BENCH_PROVIDERS:-"sqlite postgres"}
+PROVIDERS=${BENCH_PROVIDERS:-"sqlite sqlite_plain postgres"}
 PG_URL=${BENCH_PG:-postgresql://postgres:postgres@127.0.0.1:5432/postgres}
 DURATION=${BENCH_DURATION:-10}
 ROWS=${BENCH_ROWS:-1000000}
@@ -228,6 +228,9 @@ run_provider() {
   DATA="$WORK/data-$provider"
   mkdir -p "$DATA"
   PROVIDER_ARGS=()
+  # sqlite_plain: SQLite without the bodies kept for polls (Deploy:ReadCacheBytes=0), to see what that cache buys.
+  SERVER_ARGS=()
+  [ "$provider" = sqlite_plain ] && SERVER_ARGS=(--Deploy:ReadCacheBytes=0)
   if [ "$provider" = postgres ]; then
     PG_DB="loradeploy_bench_$$"
     psql -q "$PG_URL" -c "CREATE DATABASE \"$PG_DB\"" >/dev/null
@@ -272,7 +275,7 @@ PY
     for q in "$by_id" "$list"; do sqlite3 -readonly "$DATA/loradeploy.db" "EXPLAIN QUERY PLAN $q" | sed 's/^/     /'; done
   fi
 
-  start_server "${PROVIDER_ARGS[@]}"
+  start_server "${PROVIDER_ARGS[@]}" "${SERVER_ARGS[@]}"
   local id=seed000000000005
   curl -sf -H "Authorization: Bearer $small" "$BASE/deploy/$id" >"$WORK/www/static/deploy-$provider.json"
   curl -sf -H "Authorization: Bearer $small" "$BASE/deploy/list" >"$WORK/www/static/list-$provider.json"
