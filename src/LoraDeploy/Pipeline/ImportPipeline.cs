@@ -495,7 +495,7 @@ public sealed partial class ImportPipeline(
         {
             logger.LogError(e, "Import step failed for deploy {DeployId}", deployId);
             await FailAsync(deployId, PipelineReasonClass.Internal,
-                "LoraDeploy hit an internal error while importing this LoRA; the server log has the details (search for the deploy id). Delete and create it again to retry.",
+                "LoraDeploy hit an internal error while importing this LoRA; the server log has the details (search for the deploy id). Start the deploy again (POST /deploy/{id}/start) to retry.",
                 CancellationToken.None);
         }
     }

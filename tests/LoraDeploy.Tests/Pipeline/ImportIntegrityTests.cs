@@ -189,6 +189,23 @@ public sealed class ImportIntegrityTests
     }
 
     [Fact]
+    public async Task A_worker_that_dies_of_an_unexpected_error_stops_renewing_its_lease_so_the_download_is_taken_over()
+    {
+        await using var h = await PipelineHarness.StartAsync();
+        var version = h.Simulator.AddLora(AdapterFiles.Flux1(seed: 14), baseModel: "Flux.1 D");
+        // A folder where the staging file should be: opening it throws, which no catch of the worker expects.
+        var blocker = Path.Combine(h.Server.DataDir, "blobs", "staging", "download-1.part");
+        Directory.CreateDirectory(blocker);
+        var id = (await h.CreateAsync("crashing", PipelineHarness.ModelUrl(version))).GetProperty("deploy_id").GetString()!;
+
+        // Claimed again only once the dead worker's lease (3 s here) has lapsed, i.e. nobody renews it any more.
+        await ImportPipelineTests.WaitUntilAsync(() => h.Server.QueryAsync(db => db.Downloads.AnyAsync(d => d.Attempts >= 2)));
+        Directory.Delete(blocker);
+
+        (await h.WaitAsync(id)).AssertDeploying();
+    }
+
+    [Fact]
     public async Task A_refused_download_leaves_no_staging_file_behind()
     {
         await using var h = await PipelineHarness.StartAsync();
