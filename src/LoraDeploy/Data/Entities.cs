@@ -84,8 +84,9 @@ public sealed class Deploy
 }
 
 /// <summary>
-/// One fetch of one CivitAI file, shared by every deploy waiting on it (single-flight through the
-/// unique <see cref="SourceKey"/>). Claimed with a lease like a deploy.
+/// One fetch of one file, shared by every deploy waiting on it (single-flight through the unique
+/// <see cref="SourceKey"/>: <c>sha256:{listed hash}</c>, or <c>civitai:file:{id}</c> when CivitAI lists no hash).
+/// Claimed with a lease like a deploy.
 /// </summary>
 public sealed class Download
 {
@@ -105,6 +106,12 @@ public sealed class Download
     public string? LeaseOwner { get; set; }
     public DateTime? LeaseExpiresAt { get; set; }
     public int Attempts { get; set; }
+    /// <summary>When the first worker began fetching; Pipeline:DownloadDeadline counts from here, across restarts.</summary>
+    public DateTime? StartedAt { get; set; }
+    /// <summary>Since when no byte has arrived, once that lasted Pipeline:StalledAfter; null while bytes flow.</summary>
+    public DateTime? StalledSince { get; set; }
+    /// <summary>The replica (lease owner name) that finished the fetch and stored the blob.</summary>
+    public string? FetchedBy { get; set; }
     public DateTime CreatedAt { get; set; }
     public DateTime UpdatedAt { get; set; }
 }

@@ -98,6 +98,7 @@ public abstract class LoraDeployDbContext(DbContextOptions options) : DbContext(
             download.Property(d => d.FailReason).HasMaxLength(2000);
             download.Property(d => d.FailClass).HasMaxLength(32);
             download.Property(d => d.LeaseOwner).HasMaxLength(64);
+            download.Property(d => d.FetchedBy).HasMaxLength(64);
             download.HasIndex(d => d.SourceKey).IsUnique();
             download.HasIndex(d => new { d.Status, d.LeaseExpiresAt });
         });

@@ -157,10 +157,40 @@ public static class DeployEndpoints
         TransitionAsync(db, CurrentUser.From(http.User), deploy_id, [DeployStatus.Deploying, DeployStatus.Running], DeployStatus.Stopped,
             "only a deploying or running deployment can be stopped", time, ct);
 
-    internal static Task<Results<Ok<DeployStatusOut>, NotFound<DeepError>, BadRequest<DeepError>>> StartDeploy(
-        string deploy_id, HttpContext http, LoraDeployDbContext db, TimeProvider time, CancellationToken ct) =>
-        TransitionAsync(db, CurrentUser.From(http.User), deploy_id, [DeployStatus.Stopped], DeployStatus.Deploying,
-            "only a stopped deployment can be started", time, ct);
+    /// <summary>
+    /// Starts a stopped deployment, or retries a failed import: the same deploy (id and name) goes back to
+    /// <c>initializing</c> and the pipeline resolves and fetches it again, now that its cause may be gone.
+    /// </summary>
+    internal static async Task<Results<Ok<DeployStatusOut>, NotFound<DeepError>, BadRequest<DeepError>>> StartDeploy(
+        string deploy_id, HttpContext http, LoraDeployDbContext db, Pipeline.PipelineSignal pipeline, TimeProvider time, CancellationToken ct)
+    {
+        var user = CurrentUser.From(http.User);
+        var now = time.GetUtcNow().UtcDateTime;
+        await using (var transaction = await db.Database.BeginTransactionAsync(ct))
+        {
+            var requeued = await db.Deploys
+                .Where(d => d.Id == deploy_id && d.UserId == user.Id && d.Status == DeployStatus.Failed)
+                .ExecuteUpdateAsync(set => set
+                    .SetProperty(d => d.Status, DeployStatus.Initializing)
+                    .SetProperty(d => d.FailReason, "")
+                    .SetProperty(d => d.FailClass, "")
+                    .SetProperty(d => d.DownloadId, (long?)null)
+                    .SetProperty(d => d.LeaseOwner, (string?)null)
+                    .SetProperty(d => d.LeaseExpiresAt, (DateTime?)null)
+                    .SetProperty(d => d.UpdatedAt, now), ct);
+            if (requeued == 1)
+            {
+                // Progress counts from zero again until the new bytes are stored and probed.
+                await db.Loras.Where(l => l.DeployId == deploy_id && !l.Deleted)
+                    .ExecuteUpdateAsync(set => set.SetProperty(l => l.Sha256, (string?)null).SetProperty(l => l.UpdatedAt, now), ct);
+                await transaction.CommitAsync(ct);
+                pipeline.Wake();
+                return TypedResults.Ok(new DeployStatusOut(deploy_id));
+            }
+        }
+        return await TransitionAsync(db, user, deploy_id, [DeployStatus.Stopped], DeployStatus.Deploying,
+            "only a stopped deployment, or one whose import failed, can be started", time, ct);
+    }
 
     /// <summary>Marks a deploy and its LoRA deleted. Idempotent; the pipeline notices and cancels any fetch.</summary>
     internal static async Task MarkDeletedAsync(LoraDeployDbContext db, string deployId, DateTime now, CancellationToken ct)

@@ -69,6 +69,7 @@ public sealed record LoraOut(
     string Version,
     long? SizeBytes,
     long DownloadedBytes,
+    string? StalledSince,
     CivitaiInfo? Civitai,
     JsonElement? Probe,
     IReadOnlyList<string> Warnings,
@@ -83,7 +84,8 @@ public sealed record LoraStatusOut(
     string FailReason,
     string Version,
     long? SizeBytes,
-    long DownloadedBytes);
+    long DownloadedBytes,
+    string? StalledSince);
 
 public sealed record LoraDeleteOut(string LoraName, string DeployId);
 

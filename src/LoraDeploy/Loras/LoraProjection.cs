@@ -13,6 +13,7 @@ public sealed class LoraRow
     public required string FailReason { get; init; }
     public required string Version { get; init; }
     public long? DownloadBytesDone { get; init; }
+    public DateTime? DownloadStalledSince { get; init; }
 
     public static IQueryable<LoraRow> Query(LoraDeployDbContext db) =>
         from lora in db.Loras
@@ -25,12 +26,16 @@ public sealed class LoraRow
             FailReason = deploy.FailReason,
             Version = deploy.Version,
             DownloadBytesDone = deploy.Download == null ? null : deploy.Download.BytesDone,
+            DownloadStalledSince = deploy.Download == null ? null : deploy.Download.StalledSince,
         };
 
     public string ModelName => $"{OwnerName}/{Lora.Name}";
 
     /// <summary>Bytes in hand: the shared download's progress while fetching, the whole file once stored.</summary>
     public long DownloadedBytes => Lora.Sha256 is not null ? Lora.SizeBytes ?? 0 : DownloadBytesDone ?? 0;
+
+    /// <summary>Since when no byte arrived for this LoRA's download (once that lasted Pipeline:StalledAfter), while downloading.</summary>
+    public string? StalledSince => Status == DeployStatus.Downloading && DownloadStalledSince is { } since ? Timestamps.Format(since) : null;
 
     public LoraOut ToOut() => new(
         Lora.Name,
@@ -45,6 +50,7 @@ public sealed class LoraRow
         Version,
         Lora.SizeBytes,
         DownloadedBytes,
+        StalledSince,
         Lora.CivitaiVersionId is null
             ? null
             : new CivitaiInfo(
@@ -61,5 +67,5 @@ public sealed class LoraRow
         Timestamps.Format(Lora.UpdatedAt));
 
     public LoraStatusOut ToStatus() =>
-        new(Lora.Name, ModelName, Lora.DeployId, Status, FailReason, Version, Lora.SizeBytes, DownloadedBytes);
+        new(Lora.Name, ModelName, Lora.DeployId, Status, FailReason, Version, Lora.SizeBytes, DownloadedBytes, StalledSince);
 }

@@ -40,6 +40,8 @@ public sealed partial class DownloadWorker(
                 .SetProperty(d => d.LeaseOwner, owner)
                 .SetProperty(d => d.LeaseExpiresAt, now + Lease)
                 .SetProperty(d => d.Attempts, d => d.Attempts + 1)
+                .SetProperty(d => d.StartedAt, d => d.StartedAt ?? now)
+                .SetProperty(d => d.StalledSince, (DateTime?)null)
                 .SetProperty(d => d.UpdatedAt, now), ct) == 1;
     }
 
@@ -54,7 +56,11 @@ public sealed partial class DownloadWorker(
             .Select(d => d.Id).ToListAsync(stoppingToken);
         using var scope = logger.BeginScope("Download {DownloadId} for deploys {DeployIds}", downloadId, string.Join(",", waiting));
 
-        using var work = CancellationTokenSource.CreateLinkedTokenSource(stoppingToken);
+        // The deadline counts from the first start, so restarts and take-overs do not reset it.
+        var deadline = options.Value.DownloadDeadline;
+        var left = (row.StartedAt ?? Now) + deadline - Now;
+        using var overdue = new CancellationTokenSource(left > TimeSpan.Zero ? left : TimeSpan.Zero, time);
+        using var work = CancellationTokenSource.CreateLinkedTokenSource(stoppingToken, overdue.Token);
         var progress = new LatestProgress();
         var abandoned = false;
         var renewal = RenewWhileRunningAsync(downloadId, progress, () => { abandoned = true; work.Cancel(); }, work.Token);
@@ -82,18 +88,45 @@ public sealed partial class DownloadWorker(
             // Shutting down: keep the lease's row and the staging file; whoever claims it next resumes with Range.
             await renewal;
         }
+        catch (OperationCanceledException) when (overdue.IsCancellationRequested)
+        {
+            await FailForGoodAsync(db, downloadId, staging, work, renewal, PipelineReasonClass.DownloadDeadline,
+                $"The download of CivitAI file {file.FileId} did not finish within Pipeline:DownloadDeadline ({deadline}); {Math.Max(progress.Value, startBytes)} of about {file.ListedSizeBytes} bytes had arrived. The file host is too slow right now: start the deploy again later, or raise Pipeline:DownloadDeadline.");
+        }
         catch (DownloadFailedException e)
         {
-            await work.CancelAsync();
-            await renewal;
-            await EndAsync(db, downloadId, DownloadStatus.Failed, e.ReasonClass, e.FailReason, null, CancellationToken.None);
+            await FailForGoodAsync(db, downloadId, staging, work, renewal, e.ReasonClass, e.FailReason);
         }
         catch (OutboundRequestRefusedException e)
         {
-            await work.CancelAsync();
-            await renewal;
-            await EndAsync(db, downloadId, DownloadStatus.Failed, Sources.ReasonClass.Refused, e.Message, null, CancellationToken.None);
+            await FailForGoodAsync(db, downloadId, staging, work, renewal, Sources.ReasonClass.Refused, e.Message);
         }
+        catch (IOException e) when (IsDiskFull(e))
+        {
+            await FailForGoodAsync(db, downloadId, staging, work, renewal, PipelineReasonClass.DiskFull,
+                $"The disk of the blob store ({Path.GetDirectoryName(staging)}) is full ({e.Message}) after {progress.Value} bytes of CivitAI file {file.FileId}; the partial file was deleted. Free space there (or point Storage:Path at a bigger disk), then start the deploy again.");
+        }
+        finally
+        {
+            // Whatever ends the worker, even an exception nobody expected, the lease stops being renewed, so the
+            // row is not held forever by a worker that is gone (it lapses and another worker takes over).
+            await work.CancelAsync();
+            await renewal.ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+        }
+    }
+
+    /// <summary>ENOSPC (28) or EDQUOT (122): .NET on Linux puts the errno into the IOException's HResult.</summary>
+    internal static bool IsDiskFull(IOException e) => OperatingSystem.IsLinux()
+        ? e.HResult is 28 or 122
+        : e.HResult is unchecked((int)0x80070070) or unchecked((int)0x80070027); // ERROR_DISK_FULL, ERROR_HANDLE_DISK_FULL
+
+    /// <summary>Ends a download that will not be retried by itself: its staging file goes at once (even an empty one).</summary>
+    private async Task FailForGoodAsync(LoraDeployDbContext db, long downloadId, string staging, CancellationTokenSource work, Task renewal, string failClass, string failReason)
+    {
+        await work.CancelAsync();
+        await renewal;
+        TryDelete(staging);
+        await EndAsync(db, downloadId, DownloadStatus.Failed, failClass, failReason, null, CancellationToken.None);
     }
 
     private async Task VerifyAndStoreAsync(LoraDeployDbContext db, long downloadId, ResolvedCivitaiFile file, string staging, DownloadResult result, CancellationToken ct)
@@ -144,6 +177,8 @@ public sealed partial class DownloadWorker(
                 .SetProperty(d => d.FailReason, failReason)
                 .SetProperty(d => d.BlobSha256, blob)
                 .SetProperty(d => d.BytesDone, d => bytes ?? d.BytesDone)
+                .SetProperty(d => d.StalledSince, (DateTime?)null)
+                .SetProperty(d => d.FetchedBy, d => status == DownloadStatus.Done ? owner : d.FetchedBy)
                 .SetProperty(d => d.LeaseOwner, (string?)null)
                 .SetProperty(d => d.LeaseExpiresAt, (DateTime?)null)
                 .SetProperty(d => d.UpdatedAt, now), ct);
@@ -153,11 +188,16 @@ public sealed partial class DownloadWorker(
         }
     }
 
-    /// <summary>Renews the lease and publishes progress; gives up the work when the lease is lost or nobody waits.</summary>
+    /// <summary>
+    /// Renews the lease and publishes progress (and since when no byte arrived, once that lasted
+    /// Pipeline:StalledAfter); gives up the work when the lease is lost or nobody waits.
+    /// </summary>
     private async Task RenewWhileRunningAsync(long downloadId, LatestProgress progress, Action abandon, CancellationToken ct)
     {
         var interval = TimeSpan.FromTicks(Math.Min(Lease.Ticks / 3, options.Value.ProgressInterval.Ticks));
         using var timer = new PeriodicTimer(interval, time);
+        var lastBytes = progress.Value;
+        var lastByteAt = Now;
         try
         {
             while (await timer.WaitForNextTickAsync(ct))
@@ -165,10 +205,17 @@ public sealed partial class DownloadWorker(
                 await using var db = await contexts.CreateDbContextAsync(ct);
                 var now = Now;
                 var bytes = progress.Value;
+                if (bytes != lastBytes)
+                {
+                    lastBytes = bytes;
+                    lastByteAt = now;
+                }
+                DateTime? stalledSince = now - lastByteAt >= options.Value.StalledAfter ? lastByteAt : null;
                 var renewed = await db.Downloads.Where(d => d.Id == downloadId && d.LeaseOwner == owner)
                     .ExecuteUpdateAsync(set => set
                         .SetProperty(d => d.LeaseExpiresAt, now + Lease)
                         .SetProperty(d => d.BytesDone, d => bytes > d.BytesDone ? bytes : d.BytesDone)
+                        .SetProperty(d => d.StalledSince, stalledSince)
                         .SetProperty(d => d.UpdatedAt, now), ct);
                 var waiting = await db.Deploys.AnyAsync(d => d.DownloadId == downloadId && d.Status == DeployStatus.Downloading, ct);
                 if (renewed == 0 || !waiting)

@@ -32,6 +32,7 @@ public sealed partial class ImportPipeline(
 {
     private readonly string _owner = $"{Environment.MachineName}:{Environment.ProcessId}:{Guid.NewGuid().ToString("N")[..6]}";
     private readonly ConcurrentDictionary<long, Task> _downloads = new();
+    private readonly ConcurrentDictionary<string, Task> _resolutions = new();
     private PipelineOptions Options => options.Value;
     private DateTime Now => time.GetUtcNow().UtcDateTime;
 
@@ -73,27 +74,88 @@ public sealed partial class ImportPipeline(
             }
         }
         // Downloads stop with the host; their rows keep their leases and staging files, so a restart resumes them.
-        await Task.WhenAll(_downloads.Values).ContinueWith(_ => { }, CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
+        await Task.WhenAll(_downloads.Values.Concat(_resolutions.Values)).ContinueWith(_ => { }, CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
     }
 
     // ---- step 1: resolve new deploys ----
 
+    /// <summary>
+    /// Starts resolutions as tasks of their own and does not wait for them: a CivitAI answer that trickles holds
+    /// only its own deploy, never the others (nor the downloads and finishing steps of this loop).
+    /// </summary>
     private async Task<bool> ResolveNewDeploysAsync(CancellationToken ct)
     {
-        var claimed = await ClaimNewDeploysAsync(ct);
-        if (claimed.Count == 0)
+        var free = ResolveParallelism - _resolutions.Count;
+        if (free <= 0)
         {
             return false;
         }
-        await Parallel.ForEachAsync(claimed, new ParallelOptions { MaxDegreeOfParallelism = ResolveParallelism, CancellationToken = ct }, async (deployId, token) =>
+        var claimed = await ClaimNewDeploysAsync(free, ct);
+        foreach (var deployId in claimed)
         {
-            using var scope = logger.BeginScope("Deploy {DeployId}", deployId);
-            await GuardAsync(deployId, () => ResolveDeployAsync(deployId, token), token);
-        });
-        return true;
+            _resolutions[deployId] = Task.Run(() => RunResolutionAsync(deployId, ct), CancellationToken.None);
+        }
+        return claimed.Count > 0;
     }
 
     private const int ResolveParallelism = 8;
+
+    /// <summary>
+    /// Resolves one claimed deploy while renewing its lease (so nobody takes it over however slow CivitAI is);
+    /// a lost lease — the deploy was deleted — cancels the resolution and its request to CivitAI.
+    /// </summary>
+    private async Task RunResolutionAsync(string deployId, CancellationToken stoppingToken)
+    {
+        using var scope = logger.BeginScope("Deploy {DeployId}", deployId);
+        using var work = CancellationTokenSource.CreateLinkedTokenSource(stoppingToken);
+        var renewal = RenewResolutionLeaseAsync(deployId, work);
+        try
+        {
+            await GuardAsync(deployId, () => ResolveDeployAsync(deployId, work.Token), work.Token);
+        }
+        catch (OperationCanceledException) when (work.IsCancellationRequested)
+        {
+            // Deleted meanwhile, or shutting down (the lease then lapses and a replica resolves it again).
+        }
+        catch (Exception e)
+        {
+            logger.LogError(e, "Resolution of deploy {DeployId} failed; it will be retried when its lease expires", deployId);
+        }
+        finally
+        {
+            await work.CancelAsync();
+            await renewal;
+            _resolutions.TryRemove(deployId, out _);
+            signal.Wake();
+        }
+    }
+
+    private async Task RenewResolutionLeaseAsync(string deployId, CancellationTokenSource work)
+    {
+        try
+        {
+            using var timer = new PeriodicTimer(Options.LeaseDuration / 3, time);
+            while (await timer.WaitForNextTickAsync(work.Token))
+            {
+                await using var db = await contexts.CreateDbContextAsync(work.Token);
+                var now = Now;
+                var renewed = await OwnDeploy(db, deployId).Where(d => d.DownloadId == null)
+                    .ExecuteUpdateAsync(set => set.SetProperty(d => d.LeaseExpiresAt, now + Options.LeaseDuration), work.Token);
+                if (renewed == 0)
+                {
+                    await work.CancelAsync();
+                    return;
+                }
+            }
+        }
+        catch (OperationCanceledException)
+        {
+        }
+        catch (Exception e)
+        {
+            logger.LogWarning(e, "Could not renew the lease of deploy {DeployId}; will try again", deployId);
+        }
+    }
 
     /// <summary>
     /// Claims new (or abandoned) deploys for this replica. PostgreSQL claims a batch in one statement with
@@ -101,12 +163,12 @@ public sealed partial class ImportPipeline(
     /// one writer anyway and claims row by row with a conditional update. Either way a row is claimed once.
     /// Batches are no larger than what is resolved at once, so no claimed row waits long enough for its lease to lapse.
     /// </summary>
-    private async Task<List<string>> ClaimNewDeploysAsync(CancellationToken ct)
+    private async Task<List<string>> ClaimNewDeploysAsync(int free, CancellationToken ct)
     {
         await using var db = await contexts.CreateDbContextAsync(ct);
         var now = Now;
         var until = now + Options.LeaseDuration;
-        var limit = Math.Min(Options.BatchSize, ResolveParallelism);
+        var limit = Math.Min(Options.BatchSize, free);
         if (db is PostgresLoraDeployContext)
         {
             return await db.Database.SqlQuery<string>($"""
@@ -166,7 +228,9 @@ public sealed partial class ImportPipeline(
             await FailAsync(deployId, Sources.ReasonClass.InvalidUrl, $"The CivitAI link cannot be read: {parseError}", ct);
             return;
         }
-        var resolved = await civitai.ResolveAsync(reference, ct);
+        // No access check here: CivitAI counts every hit on its download endpoint against the account's quota, so
+        // only the one download that moves the bytes asks it (a stored or in-flight file never does).
+        var resolved = await civitai.ResolveAsync(reference, ct, checkDownloadAccess: false);
         if (!resolved.Succeeded)
         {
             await FailAsync(deployId, resolved.ReasonClass, resolved.FailReason, ct);
@@ -206,10 +270,14 @@ public sealed partial class ImportPipeline(
         signal.Wake();
     }
 
-    /// <summary>Single flight: one download row per CivitAI file, whoever asks and however many replicas run.</summary>
+    /// <summary>
+    /// Single flight: one download row per file, whoever asks and however many replicas run. A file is its listed
+    /// SHA-256, not CivitAI's file id (an id can be re-listed with other bytes). A file with no listed hash is keyed by
+    /// its id and shared only while in flight: what it turns out to be once fetched is not known in advance.
+    /// </summary>
     private async Task<long> GetOrCreateDownloadAsync(LoraDeployDbContext db, ResolvedCivitaiFile file, CancellationToken ct)
     {
-        var key = $"civitai:file:{file.FileId}";
+        var key = file.ListedSha256 is { } listed ? $"sha256:{listed}" : $"civitai:file:{file.FileId}";
         var resolvedJson = JsonSerializer.Serialize(file, PipelineJsonContext.Default.ResolvedCivitaiFile);
         for (var attempt = 0; attempt < 3; attempt++)
         {
@@ -243,7 +311,7 @@ public sealed partial class ImportPipeline(
             }
 
             var stale = existing.Status is DownloadStatus.Failed or DownloadStatus.Cancelled
-                || (existing.Status == DownloadStatus.Done && (existing.BlobSha256 is null || !blobs.Exists(existing.BlobSha256)));
+                || (existing.Status == DownloadStatus.Done && (file.ListedSha256 is null || existing.BlobSha256 is null || !blobs.Exists(existing.BlobSha256)));
             if (!stale)
             {
                 metrics.DedupHit("in_flight");
@@ -260,7 +328,12 @@ public sealed partial class ImportPipeline(
                     .SetProperty(d => d.ResolvedJson, resolvedJson)
                     .SetProperty(d => d.ExpectedSha256, file.ListedSha256)
                     .SetProperty(d => d.SizeBytes, file.ListedSizeBytes)
+                    .SetProperty(d => d.CivitaiVersionId, file.VersionId)
+                    .SetProperty(d => d.CivitaiFileId, file.FileId)
                     .SetProperty(d => d.BytesDone, 0)
+                    .SetProperty(d => d.StartedAt, (DateTime?)null)
+                    .SetProperty(d => d.StalledSince, (DateTime?)null)
+                    .SetProperty(d => d.FetchedBy, (string?)null)
                     .SetProperty(d => d.LeaseOwner, (string?)null)
                     .SetProperty(d => d.LeaseExpiresAt, (DateTime?)null)
                     .SetProperty(d => d.UpdatedAt, Now), ct);
@@ -340,6 +413,14 @@ public sealed partial class ImportPipeline(
             return;
         }
         var lora = await db.Loras.AsTracking().FirstAsync(l => l.DeployId == deployId, ct);
+        if (lora.ExpectedSha256 is { } expected && !string.Equals(expected, sha256, StringComparison.Ordinal))
+        {
+            // The deploy's version is the listed hash: it may never go live with other bytes.
+            await FailAsync(deployId, PipelineReasonClass.HashMismatch,
+                $"The stored file has SHA-256 {sha256}, but CivitAI lists {expected} for file {lora.CivitaiFileId}; LoraDeploy does not deploy bytes other than the listed ones. Start the deploy again to fetch the file anew.",
+                ct);
+            return;
+        }
         ProbeReport report;
         try
         {
@@ -365,7 +446,7 @@ public sealed partial class ImportPipeline(
             await FailAsync(deployId, failClass!, failReason, ct);
             return;
         }
-        var version = lora.ExpectedSha256 ?? sha256;
+        var version = sha256; // equal to the listed hash when there is one (checked above)
         var advanced = await OwnDeploy(db, deployId).ExecuteUpdateAsync(set => set
             .SetProperty(d => d.Status, DeployStatus.Deploying)
             .SetProperty(d => d.Version, version)
@@ -414,7 +495,7 @@ public sealed partial class ImportPipeline(
         {
             logger.LogError(e, "Import step failed for deploy {DeployId}", deployId);
             await FailAsync(deployId, PipelineReasonClass.Internal,
-                "LoraDeploy hit an internal error while importing this LoRA; the server log has the details (search for the deploy id). Delete and create it again to retry.",
+                "LoraDeploy hit an internal error while importing this LoRA; the server log has the details (search for the deploy id). Start the deploy again (POST /deploy/{id}/start) to retry.",
                 CancellationToken.None);
         }
     }
@@ -476,11 +557,9 @@ public sealed partial class ImportPipeline(
 
     // ---- housekeeping ----
 
-    /// <summary>Deletes blobs no live LoRA references once they are older than the grace period: row first, then bytes.</summary>
     /// <summary>
-    /// Deletes staging files of downloads that ended without storing them (failed for good, or their row is gone),
-    /// once older than the grace period. A failed download keeps its partial file until then, so a create right
-    /// after a transient failure still resumes instead of starting over.
+    /// Deletes staging files no live download owns (their row is gone, or a worker died before it could clean up),
+    /// once older than the grace period. A download that fails for good deletes its own file at once.
     /// </summary>
     private async Task CollectStagingAsync(CancellationToken ct)
     {
@@ -516,6 +595,7 @@ public sealed partial class ImportPipeline(
         name.StartsWith("download-", StringComparison.Ordinal) && name.EndsWith(".part", StringComparison.Ordinal)
         && long.TryParse(name.AsSpan(9, name.Length - 14), out var id) ? id : null;
 
+    /// <summary>Deletes blobs no live LoRA references once they are older than the grace period: row first, then bytes.</summary>
     private async Task CollectBlobsAsync(CancellationToken ct)
     {
         await using var db = await contexts.CreateDbContextAsync(ct);

@@ -13,6 +13,8 @@ public static class PipelineReasonClass
     public const string UnknownArchitecture = "unknown_architecture";
     public const string ArchitectureMismatch = "architecture_mismatch";
     public const string Internal = "internal";
+    public const string DownloadDeadline = "download_deadline";
+    public const string DiskFull = "disk_full";
 }
 
 internal static class DeployFailure

@@ -29,4 +29,12 @@ public sealed class PipelineOptions
     public TimeSpan BlobGracePeriod { get; set; } = TimeSpan.FromHours(1);
 
     public TimeSpan CollectInterval { get; set; } = TimeSpan.FromMinutes(5);
+
+    /// <summary>A download still unfinished this long after it first started fails (class <c>download_deadline</c>).</summary>
+    [Range(typeof(TimeSpan), "00:00:00.001", "30.00:00:00")]
+    public TimeSpan DownloadDeadline { get; set; } = TimeSpan.FromHours(4);
+
+    /// <summary>When no byte arrived for this long, the LoRA shows <c>stalled_since</c>.</summary>
+    [Range(typeof(TimeSpan), "00:00:00.001", "1.00:00:00")]
+    public TimeSpan StalledAfter { get; set; } = TimeSpan.FromMinutes(1);
 }

@@ -14,12 +14,17 @@ public sealed class CivitaiClient(HttpClient http, IOptionsMonitor<CivitaiOption
     private static readonly string[] LoraTypes = ["LORA", "LoCon", "DoRA"];
     private static readonly string[] PrimaryCapableFileTypes = ["Model", "Pruned Model"];
 
-    public async Task<CivitaiResolveResult> ResolveAsync(CivitaiReference reference, CancellationToken cancellationToken)
+    /// <summary>
+    /// With <c>checkDownloadAccess</c>, also asks the download endpoint whether this account may fetch the file.
+    /// CivitAI counts every hit there against the account's download quota, so the import pipeline passes false and
+    /// lets the one download that moves the bytes find out instead.
+    /// </summary>
+    public async Task<CivitaiResolveResult> ResolveAsync(CivitaiReference reference, CancellationToken cancellationToken, bool checkDownloadAccess = true)
     {
         var civitai = options.CurrentValue;
         try
         {
-            var result = await ResolveCoreAsync(reference, civitai, cancellationToken).ConfigureAwait(false);
+            var result = await ResolveCoreAsync(reference, civitai, checkDownloadAccess, cancellationToken).ConfigureAwait(false);
             if (result.Succeeded)
             {
                 logger.LogInformation("Resolved {Reference} to file {FileId} ({FileName}) of version {VersionId}", reference, result.File.FileId, result.File.FileName, result.File.VersionId);
@@ -48,7 +53,7 @@ public sealed class CivitaiClient(HttpClient http, IOptionsMonitor<CivitaiOption
         }
     }
 
-    private async Task<CivitaiResolveResult> ResolveCoreAsync(CivitaiReference reference, CivitaiOptions civitai, CancellationToken ct)
+    private async Task<CivitaiResolveResult> ResolveCoreAsync(CivitaiReference reference, CivitaiOptions civitai, bool checkDownloadAccess, CancellationToken ct)
     {
         CivitaiVersionDto version;
         int modelId;
@@ -138,6 +143,10 @@ public sealed class CivitaiClient(HttpClient http, IOptionsMonitor<CivitaiOption
         };
 
         // The JSON does not say whether a login is needed or access was bought; only the download endpoint knows.
+        if (!checkDownloadAccess)
+        {
+            return CivitaiResolveResult.Ok(resolved);
+        }
         return await ProbeDownloadAsync(resolved, civitai, ct).ConfigureAwait(false) ?? CivitaiResolveResult.Ok(resolved);
     }
 

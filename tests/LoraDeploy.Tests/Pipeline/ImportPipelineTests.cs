@@ -345,14 +345,12 @@ public sealed class ImportPipelineTests
     }
 
     [Fact]
-    public async Task A_download_that_failed_for_good_has_its_staging_file_collected_after_the_grace_period()
+    public async Task A_download_that_failed_for_good_deletes_its_staging_file_at_once()
     {
         await using var h = await PipelineHarness.StartAsync(settings: new Dictionary<string, string?>
         {
             ["Import:MaxResumeAttempts"] = "1",
             ["Import:MaxRetryAttempts"] = "1",
-            ["Pipeline:BlobGracePeriod"] = "00:00:03",
-            ["Pipeline:CollectInterval"] = "00:00:00.200",
         });
         var content = AdapterFiles.Flux1(rank: 16);
         var version = h.Simulator.AddLora(content, baseModel: "Flux.1 D");
@@ -367,8 +365,8 @@ public sealed class ImportPipelineTests
         var reason = (await h.WaitAsync(id)).AssertFailed();
 
         Assert.Contains(version.File.Id.ToString(System.Globalization.CultureInfo.InvariantCulture), reason);
-        Assert.Single(Directory.GetFiles(staging)); // kept for a while, so a retry right away can resume
-        await WaitUntilAsync(() => Task.FromResult(Directory.GetFiles(staging).Length == 0));
+        // Deleted when the download failed, not an hour later (the default Pipeline:BlobGracePeriod).
+        Assert.Empty(Directory.GetFiles(staging));
         Assert.Equal(0, await h.Server.QueryAsync(db => db.Blobs.CountAsync()));
     }
 

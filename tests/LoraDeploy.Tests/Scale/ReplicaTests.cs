@@ -42,6 +42,8 @@ public sealed class ReplicaTests
             Assert.Equal(version.File.Sha256, deploy.GetProperty("version").GetString());
         }
         Assert.Equal(1, cluster.Simulator.DownloadsStarted(version.File.Id));
+        // CivitAI counts download-endpoint hits against the account's quota: only the one fetch may ask it.
+        Assert.Equal(1, cluster.Simulator.DownloadEndpointHits(version.File.Id));
         Assert.Equal([version.File.Sha256], cluster.StoredBlobs());
         await using var db = cluster.OpenDatabase();
         Assert.Equal(1, await db.Downloads.CountAsync());
@@ -96,7 +98,9 @@ public sealed class ReplicaTests
         await using var check = cluster.OpenDatabase();
         var row = await check.Downloads.SingleAsync();
         Assert.Equal(DownloadStatus.Done, row.Status);
-        Assert.Contains($":{survivor.ProcessId}:", (await check.Deploys.SingleAsync()).LeaseOwner ?? $":{survivor.ProcessId}:", StringComparison.Ordinal);
+        // The download row records which replica finished the fetch (the lease is cleared when it ends).
+        Assert.NotNull(row.FetchedBy);
+        Assert.Contains($":{survivor.ProcessId}:", row.FetchedBy, StringComparison.Ordinal);
     }
 
     [Fact]

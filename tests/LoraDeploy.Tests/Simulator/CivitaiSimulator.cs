@@ -198,6 +198,10 @@ public sealed partial class CivitaiSimulator : IAsyncDisposable
     private Task HandleApiAsync(HttpContext ctx)
     {
         var segments = ctx.Request.Path.Value!.Split('/', StringSplitOptions.RemoveEmptyEntries);
+        if (TrickleFor(ctx, segments) is { } trickle)
+        {
+            return trickle;
+        }
         if (segments is ["api", "v1", ..])
         {
             var fault = TakeApiFault(429) ? 429 : TakeApiFault(503) ? 503 : 0;
@@ -348,7 +352,7 @@ public sealed partial class CivitaiSimulator : IAsyncDisposable
         return JsonAsync(ctx, 200, body);
     }
 
-    private static Dictionary<string, object?> FileJson(SimFile f, string baseUrl, bool omitFalsePrimary)
+    private Dictionary<string, object?> FileJson(SimFile f, string baseUrl, bool omitFalsePrimary)
     {
         var metadata = new Dictionary<string, object?>();
         if (f.Format is not null)
@@ -384,6 +388,10 @@ public sealed partial class CivitaiSimulator : IAsyncDisposable
         if (f.Primary || !omitFalsePrimary)
         {
             o["primary"] = f.Primary;
+        }
+        if (HashesOmitted(f))
+        {
+            o.Remove("hashes");
         }
         return o;
     }
