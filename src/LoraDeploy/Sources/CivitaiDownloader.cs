@@ -98,6 +98,10 @@ public sealed class CivitaiDownloader(
             {
                 throw new DownloadFailedException($"the download of {s.Name} was refused: {ex.Message}", ReasonClass.Refused, ex);
             }
+            catch (UpstreamAnswerException ex)
+            {
+                throw new DownloadFailedException($"the download of {s.Name} failed: {ex.Message}", ex.ReasonClass, ex);
+            }
             catch (Exception ex) when (ex is HttpRequestException or TimeoutRejectedException && !ct.IsCancellationRequested)
             {
                 GiveUpAfter(ref failures, s, ex, $"could not download {s.Name} ({ex.Message}); check the network and try again");
@@ -134,7 +138,7 @@ public sealed class CivitaiDownloader(
                 {
                     if (fromCivitai)
                     {
-                        var body = await CivitaiHttp.ReadErrorAsync(response, ct).ConfigureAwait(false);
+                        var body = await CivitaiHttp.ReadErrorAsync(response, s.Import, time, ct).ConfigureAwait(false);
                         var (reasonClass, reason) = CivitaiHttp.DescribeDownloadError(response.StatusCode, body, s.File.VersionId, s.Civitai.HasToken, time);
                         throw new DownloadFailedException(reason, reasonClass);
                     }

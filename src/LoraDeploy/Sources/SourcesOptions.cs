@@ -137,6 +137,12 @@ public sealed class ImportOptions : IValidatableObject
     /// <summary>How many times a download may resume (Range) or refresh its signed link in a row without new bytes.</summary>
     public int MaxResumeAttempts { get; set; } = 5;
 
+    /// <summary>Largest CivitAI API (JSON) answer read; real ones are a few hundred KiB at most.</summary>
+    public long MaxApiBodyBytes { get; set; } = 8L * 1024 * 1024;
+
+    /// <summary>Time allowed for a whole API (JSON or error) body once its headers arrived.</summary>
+    public TimeSpan ApiBodyTimeout { get; set; } = TimeSpan.FromSeconds(30);
+
     /// <summary>Redirect hops followed per request.</summary>
     public int MaxRedirects { get; set; } = 5;
 
@@ -166,6 +172,14 @@ public sealed class ImportOptions : IValidatableObject
         if (MaxResumeAttempts is < 0 or > 100)
         {
             yield return new ValidationResult("Import:MaxResumeAttempts must be between 0 and 100", [nameof(MaxResumeAttempts)]);
+        }
+        if (MaxApiBodyBytes < 1024)
+        {
+            yield return new ValidationResult("Import:MaxApiBodyBytes must be at least 1024", [nameof(MaxApiBodyBytes)]);
+        }
+        if (ApiBodyTimeout <= TimeSpan.Zero || ApiBodyTimeout > TimeSpan.FromDays(1))
+        {
+            yield return new ValidationResult("Import:ApiBodyTimeout must be positive and at most 1 day", [nameof(ApiBodyTimeout)]);
         }
         if (MaxRedirects is < 0 or > 20)
         {
