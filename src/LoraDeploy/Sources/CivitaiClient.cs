@@ -9,7 +9,12 @@ using Polly.Timeout;
 namespace LoraDeploy.Sources;
 
 /// <summary>Turns a <see cref="CivitaiReference"/> into exactly one downloadable adapter file, or says why not.</summary>
-public sealed class CivitaiClient(HttpClient http, IOptionsMonitor<CivitaiOptions> options, TimeProvider time, ILogger<CivitaiClient> logger)
+public sealed class CivitaiClient(
+    HttpClient http,
+    IOptionsMonitor<CivitaiOptions> options,
+    IOptionsMonitor<ImportOptions> importOptions,
+    TimeProvider time,
+    ILogger<CivitaiClient> logger)
 {
     private static readonly string[] LoraTypes = ["LORA", "LoCon", "DoRA"];
     private static readonly string[] PrimaryCapableFileTypes = ["Model", "Pruned Model"];
@@ -37,7 +42,11 @@ public sealed class CivitaiClient(HttpClient http, IOptionsMonitor<CivitaiOption
         }
         catch (OutboundRequestRefusedException ex)
         {
-            return CivitaiResolveResult.Fail(ReasonClass.Refused, $"could not contact CivitAI at {civitai.GetBaseUri()}: {ex.Message}");
+            // Only the operator's own Civitai:BaseUrl gets the setting named; a redirect's target never does.
+            var hint = ex.Address is not null && !ex.ViaRedirect
+                ? "; Civitai:BaseUrl is contacted only at public addresses or ones listed in Network:AllowedPrivateRanges"
+                : "";
+            return CivitaiResolveResult.Fail(ReasonClass.Refused, $"could not contact CivitAI at {civitai.GetBaseUri()}: {ex.Message}{hint}");
         }
         catch (TimeoutRejectedException)
         {
@@ -50,6 +59,10 @@ public sealed class CivitaiClient(HttpClient http, IOptionsMonitor<CivitaiOption
         catch (JsonException)
         {
             return CivitaiResolveResult.Fail(ReasonClass.Upstream, $"CivitAI at {civitai.GetBaseUri()} answered with JSON this service cannot read; check Civitai:BaseUrl");
+        }
+        catch (UpstreamAnswerException ex)
+        {
+            return CivitaiResolveResult.Fail(ex.ReasonClass, ex.Message);
         }
     }
 
@@ -159,7 +172,7 @@ public sealed class CivitaiClient(HttpClient http, IOptionsMonitor<CivitaiOption
         {
             return null;
         }
-        var body = await CivitaiHttp.ReadErrorAsync(response, ct).ConfigureAwait(false);
+        var body = await CivitaiHttp.ReadErrorAsync(response, importOptions.CurrentValue, time, ct).ConfigureAwait(false);
         var (reasonClass, reason) = CivitaiHttp.DescribeDownloadError(response.StatusCode, body, file.VersionId, civitai.HasToken, time);
         return CivitaiResolveResult.Fail(reasonClass, reason);
     }
@@ -314,13 +327,13 @@ public sealed class CivitaiClient(HttpClient http, IOptionsMonitor<CivitaiOption
         using var request = CivitaiHttp.CreateRequest(new Uri(civitai.GetBaseUri(), relative), civitai);
         request.Headers.Accept.Add(new MediaTypeWithQualityHeaderValue("application/json"));
         using var response = await http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead, ct).ConfigureAwait(false);
+        var import = importOptions.CurrentValue;
         if (!response.IsSuccessStatusCode)
         {
-            var error = await CivitaiHttp.ReadErrorAsync(response, ct).ConfigureAwait(false);
+            var error = await CivitaiHttp.ReadErrorAsync(response, import, time, ct).ConfigureAwait(false);
             return (response.StatusCode, null, error.Message);
         }
-        await using var stream = await response.Content.ReadAsStreamAsync(ct).ConfigureAwait(false);
-        var body = await JsonSerializer.DeserializeAsync(stream, typeInfo, ct).ConfigureAwait(false);
+        var body = await ResponseBodyLimits.ReadJsonAsync(response.Content, typeInfo, import.MaxApiBodyBytes, import.ApiBodyTimeout, time, "/" + relative, ct).ConfigureAwait(false);
         return (response.StatusCode, body, null);
     }
 
@@ -348,17 +361,20 @@ internal static class CivitaiHttp
         return request;
     }
 
-    /// <summary>Reads CivitAI's error body leniently: <c>error</c> may be a string or an object (reference §5.13).</summary>
-    public static async Task<ErrorBody> ReadErrorAsync(HttpResponseMessage response, CancellationToken ct)
+    /// <summary>
+    /// Reads CivitAI's error body leniently: <c>error</c> may be a string or an object (reference §5.13). At most
+    /// <see cref="ResponseBodyLimits.ErrorBodyBytes"/> are read, within Import:ApiBodyTimeout; a longer or slower body says nothing.
+    /// </summary>
+    public static async Task<ErrorBody> ReadErrorAsync(HttpResponseMessage response, ImportOptions import, TimeProvider time, CancellationToken ct)
     {
         try
         {
-            var text = await response.Content.ReadAsStringAsync(ct).ConfigureAwait(false);
-            if (text.Length > 64 * 1024)
+            var bytes = await ResponseBodyLimits.ReadAtMostAsync(response.Content, ResponseBodyLimits.ErrorBodyBytes, import.ApiBodyTimeout, time, ct).ConfigureAwait(false);
+            if (bytes is null)
             {
                 return new ErrorBody(null, null, null);
             }
-            using var doc = JsonDocument.Parse(text);
+            using var doc = JsonDocument.Parse(bytes);
             if (doc.RootElement.ValueKind != JsonValueKind.Object)
             {
                 return new ErrorBody(null, null, null);

@@ -62,6 +62,7 @@ public sealed class CivitaiDownloader(
         public long Have { get; set; }
         public byte[] Head { get; } = new byte[9];
         public bool HeadChecked { get; set; }
+        public DownloadAttemptBudget Budget { get; set; } = null!;
         public string Name => $"CivitAI file {File.FileId} of version {File.VersionId}";
     }
 
@@ -77,13 +78,18 @@ public sealed class CivitaiDownloader(
             logger.LogInformation("Resuming {File} from byte {Offset} of an existing staging file", s.Name, s.Have);
         }
 
+        // Every request of this download, retried by the resilience handler or resumed here, spends from one budget.
+        var budget = new DownloadAttemptBudget(s.Import, s.Have);
+        s.Budget = budget;
         Uri? signed = null;
-        var failures = 0;
+        var passesWithoutNewData = 0;
         while (true)
         {
             ct.ThrowIfCancellationRequested();
+            var furthestBefore = budget.Furthest;
             var usingSigned = signed is not null;
             using var request = usingSigned ? new HttpRequestMessage(HttpMethod.Get, signed) : CivitaiHttp.CreateRequest(s.File.DownloadUrl, s.Civitai);
+            request.Options.Set(DownloadAttemptBudget.Key, budget);
             if (s.Have > 0)
             {
                 request.Headers.Range = new RangeHeaderValue(s.Have, null);
@@ -98,12 +104,21 @@ public sealed class CivitaiDownloader(
             {
                 throw new DownloadFailedException($"the download of {s.Name} was refused: {ex.Message}", ReasonClass.Refused, ex);
             }
+            catch (DownloadAttemptsExhaustedException ex)
+            {
+                throw new DownloadFailedException($"the download of {s.Name} cannot make progress: {ex.Message}; try again later", budget.LastProblemClass, ex);
+            }
+            catch (UpstreamAnswerException ex)
+            {
+                throw new DownloadFailedException($"the download of {s.Name} failed: {ex.Message}", ex.ReasonClass, ex);
+            }
             catch (Exception ex) when (ex is HttpRequestException or TimeoutRejectedException && !ct.IsCancellationRequested)
             {
-                GiveUpAfter(ref failures, s, ex, $"could not download {s.Name} ({ex.Message}); check the network and try again");
-                continue;
+                // The resilience handler has already retried this; another round here would only multiply its attempts.
+                throw new DownloadFailedException($"could not download {s.Name} ({ex.Message}); check the network and try again", ReasonClass.Network, ex);
             }
 
+            string problem;
             using (response)
             {
                 var finalUri = response.RequestMessage?.RequestUri ?? request.RequestUri!;
@@ -115,94 +130,52 @@ public sealed class CivitaiDownloader(
                     // Signed links expire (about a day at CivitAI); ask CivitAI for a fresh one.
                     logger.LogInformation("Signed link for {File} answered {Status}; asking CivitAI for a fresh one", s.Name, status);
                     signed = null;
-                    GiveUpAfter(ref failures, s, null, $"the storage links CivitAI gave for {s.Name} keep failing ({status}); try again later");
-                    continue;
+                    problem = $"the storage link CivitAI gave answered {status}";
                 }
-
-                if (status == 416 && s.Have > 0)
+                else if (status == 416 && s.Have > 0)
                 {
                     if (response.Content.Headers.ContentRange?.Length is { } length && length == s.Have)
                     {
                         break; // the staging file already holds every byte
                     }
+                    problem = $"the storage host {finalUri.IdnHost} rejected the range from byte {s.Have}";
                     Restart(s);
-                    GiveUpAfter(ref failures, s, null, $"the server rejected every byte range for {s.Name}; try again later");
-                    continue;
                 }
-
-                if (!response.IsSuccessStatusCode)
+                else if (!response.IsSuccessStatusCode)
                 {
                     if (fromCivitai)
                     {
-                        var body = await CivitaiHttp.ReadErrorAsync(response, ct).ConfigureAwait(false);
+                        var body = await CivitaiHttp.ReadErrorAsync(response, s.Import, time, ct).ConfigureAwait(false);
                         var (reasonClass, reason) = CivitaiHttp.DescribeDownloadError(response.StatusCode, body, s.File.VersionId, s.Civitai.HasToken, time);
                         throw new DownloadFailedException(reason, reasonClass);
                     }
-                    var storageFailure = status >= 300 && status < 400
-                        ? $"the download of {s.Name} was redirected more than Import:MaxRedirects allows"
-                        : $"the storage host {finalUri.Host} answered {status} for {s.Name}; try again later";
-                    GiveUpAfter(ref failures, s, null, storageFailure, status == 429 ? ReasonClass.RateLimited : ReasonClass.Upstream);
-                    continue;
-                }
-
-                if (!fromCivitai)
-                {
-                    signed = finalUri;
-                }
-
-                var range = response.Content.Headers.ContentRange;
-                if (response.StatusCode == HttpStatusCode.PartialContent)
-                {
-                    if (range?.From != s.Have)
-                    {
-                        logger.LogWarning("{File}: asked for bytes from {Offset} but got {Range}; starting over", s.Name, s.Have, range);
-                        Restart(s);
-                        continue;
-                    }
-                }
-                else if (s.Have > 0)
-                {
-                    // 200 to a Range request: the server ignored it, so the body starts at byte 0.
-                    logger.LogInformation("{File}: server ignored Range; starting over", s.Name);
-                    Restart(s);
-                }
-
-                long? total = range?.Length ?? (response.Content.Headers.ContentLength is { } cl ? cl + s.Have : null);
-                if (total > s.Import.MaxFileBytes)
-                {
+                    // 429 and 5xx were retried by the resilience handler already; anything else will not change by asking again.
                     throw new DownloadFailedException(
-                        $"{s.Name} is {total} bytes, over Import:MaxFileBytes ({s.Import.MaxFileBytes}); raise the limit to import it",
-                        ReasonClass.TooLarge) { DiscardStaging = true };
+                        $"the storage host {finalUri.IdnHost} answered {status} for {s.Name}; try again later",
+                        status == 429 ? ReasonClass.RateLimited : ReasonClass.Upstream);
                 }
-                CheckContentType(s, response.Content.Headers.ContentType?.MediaType);
-
-                var before = s.Have;
-                try
+                else
                 {
-                    await using var body = await response.Content.ReadAsStreamAsync(ct).ConfigureAwait(false);
-                    await CopyAsync(s, body, ct).ConfigureAwait(false);
-                }
-                catch (BodyInterruptedException ex)
-                {
-                    if (s.Have > before)
+                    if (!fromCivitai)
                     {
-                        failures = 0;
+                        signed = finalUri;
                     }
-                    logger.LogInformation("{File}: connection dropped at byte {Offset} ({Error}); resuming", s.Name, s.Have, ex.InnerException?.Message);
-                    GiveUpAfter(ref failures, s, ex.InnerException, $"the download of {s.Name} kept breaking off at byte {s.Have}; try again later");
-                    continue;
-                }
-
-                if (total is { } t && s.Have < t)
-                {
-                    if (s.Have > before)
+                    var outcome = await ReceiveAsync(s, response, finalUri, ct).ConfigureAwait(false);
+                    if (outcome is null)
                     {
-                        failures = 0;
+                        break;
                     }
-                    GiveUpAfter(ref failures, s, null, $"the download of {s.Name} kept ending early at byte {s.Have} of {t}; try again later");
-                    continue;
+                    problem = outcome;
                 }
-                break;
+            }
+
+            // Back to the network: the attempt budget bounds how often, and a pass that brought nothing new waits first.
+            budget.LastProblem = problem;
+            budget.LastProblemClass = ReasonClass.Network;
+            passesWithoutNewData = budget.Furthest > furthestBefore ? 0 : passesWithoutNewData + 1;
+            if (passesWithoutNewData > 0)
+            {
+                await Task.Delay(Backoff(s.Import, passesWithoutNewData), time, ct).ConfigureAwait(false);
             }
         }
 
@@ -212,12 +185,60 @@ public sealed class CivitaiDownloader(
         }
     }
 
-    private void GiveUpAfter(ref int failures, State s, Exception? inner, string reason, string reasonClass = ReasonClass.Network)
+    /// <summary>Streams one successful answer into the staging file; null when the file is complete, else what went wrong.</summary>
+    private async Task<string?> ReceiveAsync(State s, HttpResponseMessage response, Uri finalUri, CancellationToken ct)
     {
-        if (++failures > s.Import.MaxResumeAttempts)
+        var range = response.Content.Headers.ContentRange;
+        if (response.StatusCode == HttpStatusCode.PartialContent)
         {
-            throw new DownloadFailedException(reason, reasonClass, inner);
+            if (range?.From != s.Have)
+            {
+                logger.LogWarning("{File}: asked for bytes from {Offset} but got {Range}; starting over", s.Name, s.Have, range);
+                var asked = s.Have;
+                Restart(s);
+                return $"the storage host {finalUri.IdnHost} sent bytes {range?.ToString() ?? "without a Content-Range"} when asked for bytes from {asked}";
+            }
         }
+        else if (s.Have > 0)
+        {
+            // 200 to a Range request: the server ignored it, so the body starts at byte 0.
+            logger.LogInformation("{File}: server ignored Range; starting over", s.Name);
+            Restart(s);
+        }
+
+        long? total = range?.Length ?? (response.Content.Headers.ContentLength is { } cl ? cl + s.Have : null);
+        if (total > s.Import.MaxFileBytes)
+        {
+            throw new DownloadFailedException(
+                $"{s.Name} is {total} bytes, over Import:MaxFileBytes ({s.Import.MaxFileBytes}); raise the limit to import it",
+                ReasonClass.TooLarge) { DiscardStaging = true };
+        }
+        CheckContentType(s, response.Content.Headers.ContentType?.MediaType);
+
+        try
+        {
+            await using var body = await response.Content.ReadAsStreamAsync(ct).ConfigureAwait(false);
+            await CopyAsync(s, body, ct).ConfigureAwait(false);
+        }
+        catch (BodyInterruptedException ex)
+        {
+            logger.LogInformation("{File}: connection dropped at byte {Offset} ({Error}); resuming", s.Name, s.Have, ex.InnerException?.Message);
+            return $"the connection broke off at byte {s.Have} ({ex.InnerException?.Message})";
+        }
+
+        if (total is { } t && s.Have < t)
+        {
+            return $"the answer ended early at byte {s.Have} of {t}";
+        }
+        return null;
+    }
+
+    /// <summary>Exponential wait before going back after passes without new data, capped like the retry strategy's.</summary>
+    private static TimeSpan Backoff(ImportOptions import, int passesWithoutNewData)
+    {
+        var factor = Math.Pow(2, Math.Min(passesWithoutNewData - 1, 30));
+        var delay = import.RetryBaseDelay.TotalMilliseconds * factor;
+        return delay >= import.RetryMaxDelay.TotalMilliseconds ? import.RetryMaxDelay : TimeSpan.FromMilliseconds(delay);
     }
 
     private static async Task HashExistingAsync(State s, CancellationToken ct)
@@ -259,6 +280,9 @@ public sealed class CivitaiDownloader(
     private async Task CopyAsync(State s, Stream body, CancellationToken ct)
     {
         var idleTimeout = s.Import.ReadIdleTimeout;
+        // The minimum rate is checked per window of this body, so a trickle cannot hold a download slot for ever.
+        var windowStart = time.GetTimestamp();
+        var windowBytes = 0L;
         using var idle = new CancellationTokenSource(Timeout.InfiniteTimeSpan, time);
         await using var link = ct.UnsafeRegister(static o => ((CancellationTokenSource)o!).Cancel(), idle);
         byte[][] buffers = [ArrayPool<byte>.Shared.Rent(BufferSize), ArrayPool<byte>.Shared.Rent(BufferSize)];
@@ -309,7 +333,22 @@ public sealed class CivitaiDownloader(
                 s.Hash.AppendData(chunk, 0, n);
                 await write.ConfigureAwait(false);
                 s.Have += n;
+                s.Budget.NoteOffset(s.Have);
                 s.Progress?.Report(s.Have);
+
+                windowBytes += n;
+                var elapsed = time.GetElapsedTime(windowStart);
+                if (elapsed >= s.Import.MinRateWindow)
+                {
+                    if (windowBytes < s.Import.MinBytesPerSecond * elapsed.TotalSeconds)
+                    {
+                        throw new DownloadFailedException(
+                            $"the download of {s.Name} was slower than Import:MinBytesPerSecond ({s.Import.MinBytesPerSecond} bytes/s): {windowBytes} bytes in {elapsed.TotalSeconds:0.#} s at byte {s.Have}; the storage host or the network is too slow, try again later",
+                            ReasonClass.Network);
+                    }
+                    windowStart = time.GetTimestamp();
+                    windowBytes = 0;
+                }
             }
         }
         finally

@@ -8,10 +8,37 @@ namespace LoraDeploy.Sources;
 /// <summary>An outbound connection or redirect was refused by policy (SSRF guard); retrying will not help.</summary>
 public sealed class OutboundRequestRefusedException(string message) : Exception(message)
 {
+    /// <summary>The host name (or literal address) that was refused, when an address was the reason.</summary>
+    public string? Host { get; private init; }
+    public IPAddress? Address { get; private init; }
+    /// <summary>Why the address is refused, e.g. "loopback" or "private".</summary>
+    public string? Category { get; private init; }
+    /// <summary>The refused address was a redirect's target, not the URL this service was configured with.</summary>
+    public bool ViaRedirect { get; private init; }
+
+    // States the fact only: the fix is never to widen the guard for an address someone else chose (a redirect).
     public static OutboundRequestRefusedException ForAddress(string host, IPAddress address, string category) =>
         new(host == address.ToString()
-            ? $"refused to connect to {address} ({category}); add it to Network:AllowedPrivateRanges to allow it"
-            : $"refused to connect to {host} at {address} ({category}); add it to Network:AllowedPrivateRanges to allow it");
+            ? $"refused to connect to {address} ({category} address)"
+            : $"refused to connect to {host} at {address} ({category} address)")
+        {
+            Host = host,
+            Address = address,
+            Category = category,
+        };
+
+    /// <summary>The same refusal, worded for a redirect target that CivitAI (or its storage) sent us to.</summary>
+    internal OutboundRequestRefusedException ForRedirect() => Address is null
+        ? new OutboundRequestRefusedException($"redirect refused: {Message}") { ViaRedirect = true }
+        : new OutboundRequestRefusedException(Host == Address.ToString()
+            ? $"redirect to {Address} refused: {Category} address is not CivitAI"
+            : $"redirect to {Host} refused: it resolves to {Address}, a {Category} address, which is not CivitAI")
+        {
+            Host = Host,
+            Address = Address,
+            Category = Category,
+            ViaRedirect = true,
+        };
 }
 
 /// <summary>Classifies addresses that must not be reached from a server fetching user-supplied URLs.</summary>

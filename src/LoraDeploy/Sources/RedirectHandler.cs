@@ -1,3 +1,4 @@
+using System.Diagnostics.CodeAnalysis;
 using System.Net;
 using Microsoft.Extensions.Options;
 
@@ -7,7 +8,7 @@ namespace LoraDeploy.Sources;
 /// Follows redirects hop by hop (auto-redirect is off on the primary handler) so that every hop goes back
 /// through the connect guard, and drops <c>Authorization</c> as soon as the origin changes.
 /// </summary>
-internal sealed class RedirectHandler(IOptionsMonitor<ImportOptions> import) : DelegatingHandler
+internal sealed class RedirectHandler(IOptionsMonitor<ImportOptions> import, IOptionsMonitor<CivitaiOptions> civitai) : DelegatingHandler
 {
     /// <summary>Set to false on a request to get the 3xx itself (used to probe CivitAI's download endpoint).</summary>
     public static readonly HttpRequestOptionsKey<bool> FollowRedirects = new("LoraDeploy.FollowRedirects");
@@ -20,10 +21,17 @@ internal sealed class RedirectHandler(IOptionsMonitor<ImportOptions> import) : D
         var current = request;
         for (var hop = 0; ; hop++)
         {
-            var response = await SendUnwrappedAsync(current, cancellationToken).ConfigureAwait(false);
-            if (!follow || !IsRedirect(response.StatusCode) || response.Headers.Location is null)
+            var response = await SendUnwrappedAsync(current, viaRedirect: hop > 0, cancellationToken).ConfigureAwait(false);
+            if (!follow || !IsRedirect(response.StatusCode))
             {
                 return response;
+            }
+            if (!TryGetTarget(response, current.RequestUri!, out var target, out var problem))
+            {
+                var status = (int)response.StatusCode;
+                response.Dispose();
+                // Not transient (the same answer would come again), so not an HttpRequestException the retry would repeat.
+                throw new UpstreamAnswerException($"{Who(current.RequestUri!)} answered {status} with an unusable redirect Location ({problem})", ReasonClass.Upstream);
             }
             if (hop >= maxHops)
             {
@@ -32,9 +40,6 @@ internal sealed class RedirectHandler(IOptionsMonitor<ImportOptions> import) : D
                 throw new OutboundRequestRefusedException($"gave up after {maxHops} redirects starting at {Redact(request.RequestUri!)}; raise Import:MaxRedirects if this is expected");
             }
 
-            var target = response.Headers.Location.IsAbsoluteUri
-                ? response.Headers.Location
-                : new Uri(current.RequestUri!, response.Headers.Location);
             response.Dispose();
             if (target.Scheme != Uri.UriSchemeHttp && target.Scheme != Uri.UriSchemeHttps)
             {
@@ -67,7 +72,7 @@ internal sealed class RedirectHandler(IOptionsMonitor<ImportOptions> import) : D
         }
     }
 
-    private async Task<HttpResponseMessage> SendUnwrappedAsync(HttpRequestMessage request, CancellationToken cancellationToken)
+    private async Task<HttpResponseMessage> SendUnwrappedAsync(HttpRequestMessage request, bool viaRedirect, CancellationToken cancellationToken)
     {
         try
         {
@@ -76,9 +81,37 @@ internal sealed class RedirectHandler(IOptionsMonitor<ImportOptions> import) : D
         catch (HttpRequestException ex) when (ex.InnerException is OutboundRequestRefusedException refused)
         {
             // Surface the refusal itself so the retry strategy does not treat it as a transient network error.
-            throw new OutboundRequestRefusedException(refused.Message);
+            throw viaRedirect ? refused.ForRedirect() : refused;
         }
     }
+
+    /// <summary>The absolute target of a 3xx, or why its Location cannot be followed.</summary>
+    private static bool TryGetTarget(HttpResponseMessage response, Uri current, [NotNullWhen(true)] out Uri? target, [NotNullWhen(false)] out string? problem)
+    {
+        target = null;
+        if (response.Headers.Location is { } location)
+        {
+            if (location.IsAbsoluteUri ? (target = location) is not null : Uri.TryCreate(current, location, out target))
+            {
+                problem = null;
+                return true;
+            }
+        }
+        // An unparsable Location is dropped by the typed header but kept among the raw ones.
+        problem = response.Headers.NonValidated.TryGetValues("Location", out var raw) && raw.Count > 0
+            ? $"\"{Printable(raw.ToString())}\" is not a URL"
+            : "no Location header";
+        return false;
+    }
+
+    private static string Printable(string raw)
+    {
+        var cleaned = new string(raw.Select(c => char.IsControl(c) ? '?' : c).ToArray());
+        return cleaned.Length > 200 ? cleaned[..200] + "…" : cleaned;
+    }
+
+    private string Who(Uri uri) =>
+        Origin(uri) == Origin(civitai.CurrentValue.GetBaseUri()) ? "CivitAI" : $"the host {uri.IdnHost}";
 
     private static bool IsRedirect(HttpStatusCode status) => status is HttpStatusCode.MovedPermanently or HttpStatusCode.Found
         or HttpStatusCode.SeeOther or HttpStatusCode.TemporaryRedirect or HttpStatusCode.PermanentRedirect;

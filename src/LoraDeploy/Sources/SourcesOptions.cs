@@ -119,7 +119,10 @@ public sealed class ImportOptions : IValidatableObject
     /// <summary>Largest adapter file accepted (default 4 GiB).</summary>
     public long MaxFileBytes { get; set; } = 4L * 1024 * 1024 * 1024;
 
-    /// <summary>Retries after the first attempt for 429/5xx/timeouts (so at most this + 1 attempts per request).</summary>
+    /// <summary>
+    /// Retries after the first attempt for 429/5xx/timeouts (so at most this + 1 attempts per request). A download's
+    /// retries and resumes share one budget of 1 + this + <see cref="MaxResumeAttempts"/> requests without new data.
+    /// </summary>
     public int MaxRetryAttempts { get; set; } = 4;
 
     /// <summary>First backoff delay; later ones grow exponentially with jitter.</summary>
@@ -136,6 +139,18 @@ public sealed class ImportOptions : IValidatableObject
 
     /// <summary>How many times a download may resume (Range) or refresh its signed link in a row without new bytes.</summary>
     public int MaxResumeAttempts { get; set; } = 5;
+
+    /// <summary>A download slower than this over <see cref="MinRateWindow"/> fails, so it frees its slot (0 turns the check off).</summary>
+    public long MinBytesPerSecond { get; set; } = 4096;
+
+    /// <summary>The span over which <see cref="MinBytesPerSecond"/> is measured.</summary>
+    public TimeSpan MinRateWindow { get; set; } = TimeSpan.FromMinutes(1);
+
+    /// <summary>Largest CivitAI API (JSON) answer read; real ones are a few hundred KiB at most.</summary>
+    public long MaxApiBodyBytes { get; set; } = 8L * 1024 * 1024;
+
+    /// <summary>Time allowed for a whole API (JSON or error) body once its headers arrived.</summary>
+    public TimeSpan ApiBodyTimeout { get; set; } = TimeSpan.FromSeconds(30);
 
     /// <summary>Redirect hops followed per request.</summary>
     public int MaxRedirects { get; set; } = 5;
@@ -166,6 +181,22 @@ public sealed class ImportOptions : IValidatableObject
         if (MaxResumeAttempts is < 0 or > 100)
         {
             yield return new ValidationResult("Import:MaxResumeAttempts must be between 0 and 100", [nameof(MaxResumeAttempts)]);
+        }
+        if (MinBytesPerSecond < 0)
+        {
+            yield return new ValidationResult("Import:MinBytesPerSecond must be ≥ 0 (0 turns the check off)", [nameof(MinBytesPerSecond)]);
+        }
+        if (MinRateWindow <= TimeSpan.Zero || MinRateWindow > TimeSpan.FromDays(1))
+        {
+            yield return new ValidationResult("Import:MinRateWindow must be positive and at most 1 day", [nameof(MinRateWindow)]);
+        }
+        if (MaxApiBodyBytes < 1024)
+        {
+            yield return new ValidationResult("Import:MaxApiBodyBytes must be at least 1024", [nameof(MaxApiBodyBytes)]);
+        }
+        if (ApiBodyTimeout <= TimeSpan.Zero || ApiBodyTimeout > TimeSpan.FromDays(1))
+        {
+            yield return new ValidationResult("Import:ApiBodyTimeout must be positive and at most 1 day", [nameof(ApiBodyTimeout)]);
         }
         if (MaxRedirects is < 0 or > 20)
         {

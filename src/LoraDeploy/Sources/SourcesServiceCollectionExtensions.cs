@@ -24,6 +24,7 @@ public static class SourcesServiceCollectionExtensions
         services.AddOptions<ImportOptions>().Bind(configuration.GetSection(ImportOptions.SectionName)).ValidateDataAnnotations().ValidateOnStart();
         services.TryAddSingleton<OutboundConnectGuard>();
         services.TryAddTransient<RedirectHandler>();
+        services.TryAddTransient<DownloadAttemptBudgetHandler>();
 
         services.AddHttpClient<CivitaiClient>().AddGuardedPipeline();
         services.AddHttpClient<CivitaiDownloader>().AddGuardedPipeline();
@@ -31,7 +32,7 @@ public static class SourcesServiceCollectionExtensions
         return services;
     }
 
-    /// <summary>Retry (outermost) → redirect follower → guarded sockets handler.</summary>
+    /// <summary>Retry (outermost) → download attempt budget → redirect follower → guarded sockets handler.</summary>
     internal static IHttpClientBuilder AddGuardedPipeline(this IHttpClientBuilder builder)
     {
         builder.ConfigureHttpClient(client =>
@@ -74,6 +75,7 @@ public static class SourcesServiceCollectionExtensions
             }
             pipeline.AddTimeout(import.AttemptTimeout);
         });
+        builder.AddHttpMessageHandler<DownloadAttemptBudgetHandler>();
         builder.AddHttpMessageHandler<RedirectHandler>();
         return builder;
     }

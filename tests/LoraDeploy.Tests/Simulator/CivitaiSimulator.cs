@@ -103,7 +103,12 @@ public sealed partial class CivitaiSimulator : IAsyncDisposable
             k.Listen(options.ApiAddress, 0, lo =>
             {
                 api = lo;
-                lo.Use(next => ctx => { Interlocked.Increment(ref sim!._apiConnections); return next(ctx); });
+                lo.Use(next => ctx =>
+                {
+                    Interlocked.Increment(ref sim!._apiConnections);
+                    ctx.Transport = sim.CountApiBytes(ctx.Transport);
+                    return next(ctx);
+                });
             });
             k.Listen(IPAddress.Loopback, 0, lo =>
             {
@@ -176,7 +181,7 @@ public sealed partial class CivitaiSimulator : IAsyncDisposable
             {
                 await HandleStorageAsync(ctx);
             }
-            else
+            else if (!await HostileApiAsync(ctx))
             {
                 await HandleApiAsync(ctx);
             }
@@ -545,6 +550,10 @@ public sealed partial class CivitaiSimulator : IAsyncDisposable
         }
 
         _downloadsStarted.AddOrUpdate(fid, 1, (_, n) => n + 1);
+        if (await HostileStorageAsync(ctx, file))
+        {
+            return;
+        }
         var faults = file.Faults;
         if (TakeOne(faults, static f => f.Storage503Times, static (f, n) => f.Storage503Times = n))
         {

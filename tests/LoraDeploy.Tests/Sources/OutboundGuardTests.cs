@@ -16,7 +16,7 @@ public class OutboundGuardTests
         var result = await h.ResolveAsync($"https://civitai.com/model-versions/{v.Id}");
 
         Assert.Equal(ReasonClass.Refused, result.ReasonClass);
-        Assert.Contains("refused to connect to 127.0.0.1 (loopback); add it to Network:AllowedPrivateRanges to allow it", result.FailReason);
+        Assert.Contains("refused to connect to 127.0.0.1 (loopback address); Civitai:BaseUrl is contacted only at public addresses or ones listed in Network:AllowedPrivateRanges", result.FailReason);
         Assert.Equal(0, sim.Connections);
         Assert.Empty(sim.Requests);
     }
@@ -35,7 +35,8 @@ public class OutboundGuardTests
             h.Downloader.DownloadAsync(file, h.StagingPath(), null, TestContext.Current.CancellationToken));
 
         Assert.Equal(ReasonClass.Refused, ex.ReasonClass);
-        Assert.Contains("127.0.0.2 (loopback)", ex.FailReason);
+        Assert.Contains("redirect to 127.0.0.2 refused: loopback address is not CivitAI", ex.FailReason);
+        Assert.DoesNotContain("AllowedPrivateRanges", ex.FailReason); // never advise widening the guard for a redirect
         Assert.Equal(0, trap.Connections);
         Assert.Equal(1, sim.DownloadEndpointHits(v.File.Id) - 1); // refusals are not retried
     }
