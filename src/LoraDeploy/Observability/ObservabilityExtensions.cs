@@ -81,7 +81,7 @@ public sealed class MetricsOptions
     public const string Section = "Metrics";
 
     /// <summary>When set, <c>/metrics</c> needs <c>Authorization: Bearer</c> this token, from any address.</summary>
-    [MinLength(16, ErrorMessage = "Metrics:Token must be at least 16 characters.")]
+    [RegularExpression(@"^\S{16,}\z", ErrorMessage = "Metrics:Token must be at least 16 characters without spaces.")]
     public string? Token { get; set; }
 }
 
