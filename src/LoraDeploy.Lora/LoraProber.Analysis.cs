@@ -400,16 +400,16 @@ public static partial class LoraProber
             return digits == 0 ? -1 : index;
         }
 
-        [GeneratedRegex(@"^blocks_\d+_((self|cross)_attn_(q|k|v|o|k_img|v_img|norm_q|norm_k)|ffn_(0|2))$", RegexOptions.CultureInvariant)]
+        [GeneratedRegex(@"^blocks_\d+_((self|cross)_attn_(q|k|v|o|k_img|v_img|norm_q|norm_k)|ffn_(0|2))\z", RegexOptions.CultureInvariant)]
         private static partial Regex WanRegex();
 
-        [GeneratedRegex(@"^blocks_\d+_((self|cross)_attn_(q|k|v|output)_proj|adaln_modulation_\w+|mlp_layer\d)$", RegexOptions.CultureInvariant)]
+        [GeneratedRegex(@"^blocks_\d+_((self|cross)_attn_(q|k|v|output)_proj|adaln_modulation_\w+|mlp_layer\d)\z", RegexOptions.CultureInvariant)]
         private static partial Regex AnimaRegex();
 
-        [GeneratedRegex(@"^blocks_\d+_(attn_(wq|wk|wv|wo|gate)|mlp_(up|down|gate))$", RegexOptions.CultureInvariant)]
+        [GeneratedRegex(@"^blocks_\d+_(attn_(wq|wk|wv|wo|gate)|mlp_(up|down|gate))\z", RegexOptions.CultureInvariant)]
         private static partial Regex Krea2Regex();
 
-        [GeneratedRegex(@"^(model_)?(layers_\d+_(self_attn|mlp)_\w+|embed_tokens|lm_head)$", RegexOptions.CultureInvariant)]
+        [GeneratedRegex(@"^(model_)?(layers_\d+_(self_attn|mlp)_\w+|embed_tokens|lm_head)\z", RegexOptions.CultureInvariant)]
         private static partial Regex LanguageModelRegex();
 
         // SAI names: SDXL's attention blocks sit at output_blocks 0-2 (SD 1/2 has resnets only there).

@@ -44,7 +44,7 @@ public static class ServerApp
         app.UseDeepErrors();
         app.UseRouting();
         app.UseDefaultFiles();
-        app.UseStaticFiles();
+        app.UseStaticFiles(DashboardHeaders.StaticFiles());
         app.UseAuthentication();
         app.UseAuthorization();
 

@@ -47,8 +47,15 @@ public static class ApiTokens
         return true;
     }
 
-    public static bool Matches(ParsedToken presented, byte[] storedHash) =>
-        CryptographicOperations.FixedTimeEquals(presented.SecretHash, storedHash);
+    /// <summary>
+    /// True when the presented secret hashes to <paramref name="storedHash"/>. With no stored hash (an unknown token
+    /// id) the same comparison runs against a hash no secret is known to have, so both cases take one path.
+    /// </summary>
+    public static bool Verify(ParsedToken presented, byte[]? storedHash) =>
+        CryptographicOperations.FixedTimeEquals(presented.SecretHash, storedHash ?? UnknownTokenHash) & storedHash is not null;
+
+    /// <summary>Random per process: no secret can be chosen to match it.</summary>
+    private static readonly byte[] UnknownTokenHash = RandomNumberGenerator.GetBytes(SHA256.HashSizeInBytes);
 
     /// <summary>Lowercase alphanumeric random id (deploy ids, token ids).</summary>
     public static string RandomId(int length) => RandomNumberGenerator.GetString(IdAlphabet, length);

@@ -9,6 +9,7 @@ public static class AuthExtensions
     public static IServiceCollection AddTokenAuth(this IServiceCollection services)
     {
         services.AddMemoryCache();
+        services.AddSingleton<UnknownTokenIds>();
         services.AddAuthentication(TokenAuthenticationHandler.SchemeName)
             .AddScheme<AuthenticationSchemeOptions, TokenAuthenticationHandler>(TokenAuthenticationHandler.SchemeName, null);
         services.AddAuthorizationBuilder()

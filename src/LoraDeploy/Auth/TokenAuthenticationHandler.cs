@@ -10,14 +10,16 @@ namespace LoraDeploy.Auth;
 
 /// <summary>
 /// DeepInfra's auth: <c>Authorization: Bearer TOKEN</c> (scheme case-insensitive) or <c>xi-api-key: TOKEN</c>.
-/// Verified tokens are cached briefly by token id + secret hash, so a hot path costs one hash, not a query.
+/// Verified tokens are cached briefly by token id + secret hash, so a hot path costs one hash, not a query; ids that
+/// match no token are remembered briefly too (<see cref="UnknownTokenIds"/>), so probing ids costs no query either.
 /// </summary>
 public sealed class TokenAuthenticationHandler(
     IOptionsMonitor<AuthenticationSchemeOptions> options,
     ILoggerFactory logger,
     UrlEncoder encoder,
     IDbContextFactory<LoraDeployDbContext> contexts,
-    IMemoryCache cache) : AuthenticationHandler<AuthenticationSchemeOptions>(options, logger, encoder)
+    IMemoryCache cache,
+    UnknownTokenIds unknownTokens) : AuthenticationHandler<AuthenticationSchemeOptions>(options, logger, encoder)
 {
     public const string SchemeName = "Token";
     private static readonly TimeSpan CacheFor = TimeSpan.FromSeconds(30);
@@ -35,7 +37,7 @@ public sealed class TokenAuthenticationHandler(
         }
 
         var cacheKey = (typeof(CurrentUser), parsed.Id);
-        if (!cache.TryGetValue(cacheKey, out VerifiedToken? verified) || verified is null)
+        if (!cache.TryGetValue(cacheKey, out VerifiedToken? verified) && !unknownTokens.Contains(parsed.Id))
         {
             // Only a cache miss touches the database, so a hot request does not rent a context for auth.
             await using var db = await contexts.CreateDbContextAsync(Context.RequestAborted);
@@ -45,12 +47,17 @@ public sealed class TokenAuthenticationHandler(
                 .FirstOrDefaultAsync(Context.RequestAborted);
             if (row is null)
             {
-                return AuthenticateResult.Fail("Unknown token.");
+                unknownTokens.Add(parsed.Id);
             }
-            verified = new VerifiedToken(row.SecretHash, Principal(row.UserId, row.UserName, row.IsAdmin));
-            cache.Set(cacheKey, verified, CacheFor);
+            else
+            {
+                verified = new VerifiedToken(row.SecretHash, Principal(row.UserId, row.UserName, row.IsAdmin));
+                cache.Set(cacheKey, verified, CacheFor);
+            }
         }
-        if (!ApiTokens.Matches(parsed, verified.SecretHash))
+        // Known or not, the same constant-time comparison runs (an unknown id against a hash no secret has), so an
+        // unknown id and a wrong secret take one path and answer alike.
+        if (!ApiTokens.Verify(parsed, verified?.SecretHash) || verified is null)
         {
             return AuthenticateResult.Fail("Bad token.");
         }

@@ -51,25 +51,53 @@ public static class DeployEndpoints
         return app;
     }
 
-    internal static Results<DeployListJson, JsonHttpResult<HTTPValidationError>> ListDeploys(
-        string? status, HttpContext http, DeployReads reads)
+    internal static async Task<Results<DeployListJson, Ok<List<DeploymentOut>>, JsonHttpResult<HTTPValidationError>>> ListDeploys(
+        string? status,
+        [System.ComponentModel.Description(Paging.LimitDescription)] string? limit,
+        [System.ComponentModel.Description(Paging.AfterDescription)] string? after,
+        HttpContext http, DeployReads reads, LoraDeployDbContext db, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
-        if (string.IsNullOrWhiteSpace(status))
+        var errors = new ValidationErrors();
+        List<string>? wanted = null;
+        if (!string.IsNullOrWhiteSpace(status))
         {
-            return new DeployListJson(reads, user.Id, statuses: null);
+            wanted = status.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries).Distinct().ToList();
+            var unknown = wanted.Where(s => !DeployStatus.All.Contains(s)).ToList();
+            if (unknown.Count > 0)
+            {
+                errors.Add(["query", "status"],
+                    $"Value error, unknown status {string.Join(", ", unknown.Select(u => $"'{u}'"))}; expected a comma-separated list of: {string.Join(", ", DeployStatus.All)}",
+                    "value_error");
+            }
         }
-        var wanted = status.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries).Distinct().ToList();
-        var unknown = wanted.Where(s => !DeployStatus.All.Contains(s)).ToList();
-        if (unknown.Count > 0)
+        var page = Paging.Read(limit, after, errors);
+        if (errors.Any)
         {
-            var errors = new ValidationErrors();
-            errors.Add(["query", "status"],
-                $"Value error, unknown status {string.Join(", ", unknown.Select(u => $"'{u}'"))}; expected a comma-separated list of: {string.Join(", ", DeployStatus.All)}",
-                "value_error");
             return errors.ToResult();
         }
-        return new DeployListJson(reads, user.Id, wanted);
+        if (page is null)
+        {
+            return new DeployListJson(reads, user.Id, wanted);
+        }
+        return TypedResults.Ok(await PageAsync(db, user, wanted, page, http, ct));
+    }
+
+    /// <summary>One page of the list, newest first, through EF: paging is the rare path, the hot poll stays on <see cref="DeployReads"/>.</summary>
+    private static async Task<List<DeploymentOut>> PageAsync(
+        LoraDeployDbContext db, CurrentUser user, List<string>? statuses, Paging.Page page, HttpContext http, CancellationToken ct)
+    {
+        var query = db.Deploys.Where(d => d.UserId == user.Id);
+        query = statuses is null ? query.Where(d => d.Status != DeployStatus.Deleted) : query.Where(d => statuses.Contains(d.Status));
+        if (page.AfterCreatedAt is { } createdAt && page.AfterId is { } afterId)
+        {
+            query = query.Where(d => d.CreatedAt < createdAt || (d.CreatedAt == createdAt && d.Id.CompareTo(afterId) < 0));
+        }
+        var rows = await query.OrderByDescending(d => d.CreatedAt).ThenByDescending(d => d.Id).Take(page.Limit + 1).ToListAsync(ct);
+        Paging.LinkNext(http, page, rows.Count, () => Paging.Cursor(rows[page.Limit - 1].CreatedAt, rows[page.Limit - 1].Id));
+        return rows.Take(page.Limit).Select(d => new DeploymentOut(d.Id, d.ModelName, d.Version, d.Task, d.Status, d.FailReason,
+            Timestamps.Format(d.CreatedAt), Timestamps.Format(d.UpdatedAt), new DeployInstances(d.RunningInstances, d.PendingInstances),
+            null, new ScaleSettings(d.MinInstances, d.MaxInstances), d.Type)).ToList();
     }
 
     internal static async Task<Results<DeployJson, NotFound<DeepError>>> GetDeploy(

@@ -1,4 +1,7 @@
+using System.Net.Sockets;
 using Microsoft.AspNetCore.Diagnostics;
+using Microsoft.Data.Sqlite;
+using Npgsql;
 
 namespace LoraDeploy;
 
@@ -10,6 +13,13 @@ public static class ErrorHandling
         app.UseExceptionHandler(error => error.Run(async context =>
         {
             var exception = context.Features.Get<IExceptionHandlerFeature>()?.Error;
+            if (exception is not null && DatabaseUnavailable(exception) is { } reason)
+            {
+                context.Response.StatusCode = StatusCodes.Status503ServiceUnavailable;
+                context.Response.Headers.RetryAfter = RetryAfterSeconds.ToString(System.Globalization.CultureInfo.InvariantCulture);
+                await context.Response.WriteAsJsonAsync(new DeepError($"database unavailable ({reason}); try again shortly"), ApiJson.Context.DeepError);
+                return;
+            }
             var (status, message) = exception switch
             {
                 BadHttpRequestException bad => (bad.StatusCode, bad.StatusCode == StatusCodes.Status413PayloadTooLarge
@@ -38,4 +48,44 @@ public static class ErrorHandling
         });
         return app;
     }
+
+    /// <summary>What a client should wait before asking again while the database is out.</summary>
+    public const int RetryAfterSeconds = 5;
+
+    /// <summary>
+    /// Why the database cannot serve the request, when that is the failure: a server that is unreachable or a file that
+    /// cannot be written (read-only, full, I/O error) is an outage to retry later (503), not a bug (500). EF wraps the
+    /// provider's exception (DbUpdateException, the retry strategy's InvalidOperationException), so the chain is walked.
+    /// </summary>
+    internal static string? DatabaseUnavailable(Exception exception)
+    {
+        for (var e = exception; e is not null; e = e.InnerException)
+        {
+            switch (e)
+            {
+                case SqliteException sqlite when sqlite.SqliteErrorCode is SqliteBusy or SqliteReadOnly or SqliteIoError
+                    or SqliteFull or SqliteCantOpen:
+                    return sqlite.SqliteErrorCode switch
+                    {
+                        SqliteBusy => "the database file is locked",
+                        SqliteReadOnly => "the database file cannot be written",
+                        SqliteFull => "the disk holding the database is full",
+                        SqliteCantOpen => "the database file cannot be opened",
+                        _ => "the database file cannot be read or written",
+                    };
+                // Transient: connection refused or lost, server shutting down or out of connections.
+                case NpgsqlException { IsTransient: true }:
+                case SocketException:
+                    return "the database server cannot be reached";
+            }
+        }
+        return null;
+    }
+
+    // SQLite's primary result codes (sqlite3.h).
+    private const int SqliteBusy = 5;
+    private const int SqliteReadOnly = 8;
+    private const int SqliteIoError = 10;
+    private const int SqliteFull = 13;
+    private const int SqliteCantOpen = 14;
 }

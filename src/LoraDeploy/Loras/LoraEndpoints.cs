@@ -39,8 +39,11 @@ public static class LoraEndpoints
             .WithSummary("Change privacy or description");
         lora.MapDelete("/lora/{lora_name}", DeleteLora).WithSummary("Delete your LoRA and its deploy");
         lora.MapGet("/user/loras", ListUserLoras).WithSummary("Your LoRAs");
-        lora.MapGet("/model/{org}/{name}/loras", (string org, string name, HttpContext http, LoraDeployDbContext db, CancellationToken ct) =>
-                ListBaseModelLoras($"{org}/{name}", http, db, ct))
+        lora.MapGet("/model/{org}/{name}/loras", (string org, string name,
+                    [System.ComponentModel.Description(Paging.LimitDescription)] string? limit,
+                    [System.ComponentModel.Description(Paging.AfterDescription)] string? after,
+                    HttpContext http, LoraDeployDbContext db, CancellationToken ct) =>
+                ListBaseModelLoras($"{org}/{name}", limit, after, http, db, ct))
             .WithSummary("Your and public LoRAs on a base model");
         lora.MapGet("/model/{model_name}/loras", ListBaseModelLoras).ExcludeFromDescription();
 
@@ -133,37 +136,76 @@ public static class LoraEndpoints
         return TypedResults.Ok(new LoraDeleteOut(lora_name, deployId));
     }
 
-    internal static async Task<Ok<List<LoraOut>>> ListUserLoras(
+    internal static async Task<Results<Ok<List<LoraOut>>, JsonHttpResult<HTTPValidationError>>> ListUserLoras(
+        [System.ComponentModel.Description(Paging.LimitDescription)] string? limit,
+        [System.ComponentModel.Description(Paging.AfterDescription)] string? after,
         HttpContext http, LoraDeployDbContext db, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
-        var rows = await LoraRow.Query(db)
-            .Where(r => r.Lora.UserId == user.Id && !r.Lora.Deleted)
-            .OrderByDescending(r => r.Lora.CreatedAt).ThenByDescending(r => r.Lora.Id)
-            .ToListAsync(ct);
-        return TypedResults.Ok(rows.Select(r => r.ToOut()).ToList());
+        return await ListAsync(LoraRow.Query(db).Where(r => r.Lora.UserId == user.Id && !r.Lora.Deleted), limit, after, http, ct);
     }
 
-    internal static async Task<Ok<List<LoraOut>>> ListBaseModelLoras(
-        string model_name, HttpContext http, LoraDeployDbContext db, CancellationToken ct)
+    internal static async Task<Results<Ok<List<LoraOut>>, JsonHttpResult<HTTPValidationError>>> ListBaseModelLoras(
+        string model_name,
+        [System.ComponentModel.Description(Paging.LimitDescription)] string? limit,
+        [System.ComponentModel.Description(Paging.AfterDescription)] string? after,
+        HttpContext http, LoraDeployDbContext db, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
         var baseModel = Uri.UnescapeDataString(model_name); // routing leaves an escaped '/' (%2F) as it came
-        var rows = await LoraRow.Query(db)
-            .Where(r => r.Lora.BaseModel == baseModel && !r.Lora.Deleted && (r.Lora.UserId == user.Id || !r.Lora.Private))
-            .OrderByDescending(r => r.Lora.CreatedAt).ThenByDescending(r => r.Lora.Id)
-            .ToListAsync(ct);
-        return TypedResults.Ok(rows.Select(r => r.ToOut()).ToList());
+        return await ListAsync(
+            LoraRow.Query(db).Where(r => r.Lora.BaseModel == baseModel && !r.Lora.Deleted && (r.Lora.UserId == user.Id || !r.Lora.Private)),
+            limit, after, http, ct);
     }
 
-    internal static async Task<Ok<List<ModelOut>>> ListPublicModels(
-        LoraDeployDbContext db, IOptions<PricingOptions> pricing, CancellationToken ct)
+    /// <summary>LoRAs newest first: all of them, or one page when <c>limit</c>/<c>after</c> ask for it (<see cref="Paging"/>).</summary>
+    private static async Task<Results<Ok<List<LoraOut>>, JsonHttpResult<HTTPValidationError>>> ListAsync(
+        IQueryable<LoraRow> rows, string? limit, string? after, HttpContext http, CancellationToken ct)
     {
-        var rows = await db.Loras
-            .Where(l => !l.Private && !l.Deleted)
-            .OrderByDescending(l => l.CreatedAt).ThenByDescending(l => l.Id)
-            .Select(l => new { Owner = l.User!.Name, l.Name, l.Description, l.BaseModel })
-            .ToListAsync(ct);
+        var errors = new ValidationErrors();
+        var page = Paging.Read(limit, after, errors, numericIds: true);
+        if (errors.Any)
+        {
+            return errors.ToResult();
+        }
+        if (page?.AfterCreatedAt is { } createdAt && long.TryParse(page.AfterId, System.Globalization.CultureInfo.InvariantCulture, out var afterId))
+        {
+            rows = rows.Where(r => r.Lora.CreatedAt < createdAt || (r.Lora.CreatedAt == createdAt && r.Lora.Id < afterId));
+        }
+        var ordered = rows.OrderByDescending(r => r.Lora.CreatedAt).ThenByDescending(r => r.Lora.Id);
+        var found = await (page is null ? ordered : ordered.Take(page.Limit + 1)).ToListAsync(ct);
+        if (page is not null)
+        {
+            Paging.LinkNext(http, page, found.Count, () => Paging.Cursor(found[page.Limit - 1].Lora.CreatedAt, found[page.Limit - 1].Lora.Id));
+            found = found.Take(page.Limit).ToList();
+        }
+        return TypedResults.Ok(found.Select(r => r.ToOut()).ToList());
+    }
+
+    internal static async Task<Results<Ok<List<ModelOut>>, JsonHttpResult<HTTPValidationError>>> ListPublicModels(
+        [System.ComponentModel.Description(Paging.LimitDescription)] string? limit,
+        [System.ComponentModel.Description(Paging.AfterDescription)] string? after,
+        HttpContext http, LoraDeployDbContext db, IOptions<PricingOptions> pricing, CancellationToken ct)
+    {
+        var errors = new ValidationErrors();
+        var page = Paging.Read(limit, after, errors, numericIds: true);
+        if (errors.Any)
+        {
+            return errors.ToResult();
+        }
+        var loras = db.Loras.Where(l => !l.Private && !l.Deleted);
+        if (page?.AfterCreatedAt is { } createdAt && long.TryParse(page.AfterId, System.Globalization.CultureInfo.InvariantCulture, out var afterId))
+        {
+            loras = loras.Where(l => l.CreatedAt < createdAt || (l.CreatedAt == createdAt && l.Id < afterId));
+        }
+        var ordered = loras.OrderByDescending(l => l.CreatedAt).ThenByDescending(l => l.Id)
+            .Select(l => new { Owner = l.User!.Name, l.Name, l.Description, l.BaseModel, l.CreatedAt, l.Id });
+        var rows = await (page is null ? ordered : ordered.Take(page.Limit + 1)).ToListAsync(ct);
+        if (page is not null)
+        {
+            Paging.LinkNext(http, page, rows.Count, () => Paging.Cursor(rows[page.Limit - 1].CreatedAt, rows[page.Limit - 1].Id));
+            rows = rows.Take(page.Limit).ToList();
+        }
         var price = pricing.Value;
         var unit = new ModelPricingImageUnits(price.CentsPerImageUnit, price.DefaultWidth, price.DefaultHeight, price.DefaultIterations, UsageFromCost: false);
         return TypedResults.Ok(

@@ -1,4 +1,8 @@
+using System.ComponentModel.DataAnnotations;
 using System.Diagnostics.Metrics;
+using System.Net;
+using System.Security.Cryptography;
+using System.Text;
 using LoraDeploy.Data;
 using LoraDeploy.Pipeline;
 using Microsoft.EntityFrameworkCore;
@@ -18,6 +22,7 @@ public static class ObservabilityExtensions
             console.TimestampFormat = "yyyy-MM-ddTHH:mm:ss.fffZ ";
             console.UseUtcTimestamp = true;
         });
+        builder.Services.AddOptions<MetricsOptions>().BindConfiguration(MetricsOptions.Section).ValidateDataAnnotations().ValidateOnStart();
         builder.Services.AddSingleton<DeployStatusGauge>();
         builder.Services.AddHostedService(sp => sp.GetRequiredService<DeployStatusGauge>());
         builder.Services.AddOpenTelemetry().WithMetrics(metrics => metrics
@@ -27,11 +32,57 @@ public static class ObservabilityExtensions
         return builder;
     }
 
+    /// <summary>
+    /// <c>/metrics</c> shows every tenant's deploy counts, so it is not public: with <c>Metrics:Token</c> set it needs
+    /// <c>Authorization: Bearer</c> that token (401 otherwise); without one it answers loopback clients only.
+    /// </summary>
     public static IEndpointRouteBuilder MapMetrics(this IEndpointRouteBuilder app)
     {
-        app.MapPrometheusScrapingEndpoint("/metrics").AllowAnonymous();
+        var options = app.ServiceProvider.GetRequiredService<Microsoft.Extensions.Options.IOptions<MetricsOptions>>().Value;
+        var expected = string.IsNullOrEmpty(options.Token) ? null : SHA256.HashData(Encoding.UTF8.GetBytes(options.Token));
+        app.MapPrometheusScrapingEndpoint("/metrics", meterProvider: null, configureBranchedPipeline: branch => branch.Use(async (context, next) =>
+        {
+            if (MetricsRefusal(context, expected) is { } refusal)
+            {
+                context.Response.StatusCode = refusal.Status;
+                if (refusal.Status == StatusCodes.Status401Unauthorized)
+                {
+                    context.Response.Headers.WWWAuthenticate = "Bearer";
+                }
+                await context.Response.WriteAsJsonAsync(new DeepError(refusal.Message), ApiJson.Context.DeepError);
+                return;
+            }
+            await next(context);
+        }), optionsName: null).AllowAnonymous();
         return app;
     }
+
+    private static (int Status, string Message)? MetricsRefusal(HttpContext context, byte[]? expectedTokenHash)
+    {
+        if (expectedTokenHash is not null)
+        {
+            var presented = Auth.TokenAuthenticationHandler.ReadToken(context.Request.Headers) ?? "";
+            return CryptographicOperations.FixedTimeEquals(SHA256.HashData(Encoding.UTF8.GetBytes(presented)), expectedTokenHash)
+                ? null
+                : (StatusCodes.Status401Unauthorized, "/metrics needs Authorization: Bearer with the token set in Metrics:Token");
+        }
+        // A request a proxy forwarded comes from loopback too; the forwarding headers give it away.
+        var local = context.Connection.RemoteIpAddress is { } remote && IPAddress.IsLoopback(remote)
+            && !context.Request.Headers.ContainsKey("X-Forwarded-For") && !context.Request.Headers.ContainsKey("Forwarded");
+        return local
+            ? null
+            : (StatusCodes.Status403Forbidden, "/metrics answers loopback clients only; set Metrics:Token to scrape it from elsewhere");
+    }
+}
+
+/// <summary>Settings section <c>Metrics</c>: who may read <c>/metrics</c>.</summary>
+public sealed class MetricsOptions
+{
+    public const string Section = "Metrics";
+
+    /// <summary>When set, <c>/metrics</c> needs <c>Authorization: Bearer</c> this token, from any address.</summary>
+    [RegularExpression(@"^\S{16,}\z", ErrorMessage = "Metrics:Token must be at least 16 characters without spaces.")]
+    public string? Token { get; set; }
 }
 
 /// <summary>

@@ -94,7 +94,7 @@ public static partial class CivitaiUrl
 
     private const string Example = "https://civitai.com/models/123?modelVersionId=456";
 
-    [GeneratedRegex(@"^(?:urn:)?(?:air:)?([a-z0-9_.\-]+):([a-z0-9_.\-]+):([a-z0-9_.\-]+):([0-9]+)(?:@([0-9]+))?(?:\+([0-9]+))?(?:\.([a-z0-9]+))?$", RegexOptions.IgnoreCase | RegexOptions.CultureInvariant)]
+    [GeneratedRegex(@"^(?:urn:)?(?:air:)?([a-z0-9_.\-]+):([a-z0-9_.\-]+):([a-z0-9_.\-]+):([0-9]+)(?:@([0-9]+))?(?:\+([0-9]+))?(?:\.([a-z0-9]+))?\z", RegexOptions.IgnoreCase | RegexOptions.CultureInvariant)]
     private static partial Regex AirPattern();
 
     /// <summary>

@@ -57,7 +57,7 @@ public sealed partial class FileSystemBlobStore : IBlobStore
         Directory.CreateDirectory(_staging);
     }
 
-    [GeneratedRegex("^[0-9a-f]{64}$")]
+    [GeneratedRegex(@"^[0-9a-f]{64}\z")]
     private static partial Regex Sha256Hex();
 
     public string StagingPath(string name)

@@ -44,9 +44,9 @@ export async function api(method, path, { body, auth = true } = {}) {
     json = null;
   }
   if (!response.ok) {
-    const detail = Array.isArray(json?.detail) ? json.detail : [];
+    const detail = (Array.isArray(json?.detail) ? json.detail : []).map((d) => ({ ...d, msg: plain(d?.msg) }));
     const message =
-      typeof json?.error === "string" ? json.error
+      typeof json?.error === "string" ? plain(json.error)
       : detail.length ? detail.map((d) => d.msg).join("; ")
       : typeof json?.detail === "string" ? json.detail
       : `${response.status} ${response.statusText}`.trim();
@@ -56,3 +56,8 @@ export async function api(method, path, { body, auth = true } = {}) {
 }
 
 export const enc = encodeURIComponent;
+
+/** A message as a person reads it: without the "Value error, " prefix the API keeps for pydantic-shaped 422s. */
+export function plain(text) {
+  return String(text ?? "").replace(/^Value error, /, "");
+}

@@ -1,5 +1,5 @@
 // LoraDeploy dashboard: hash-routed views over the HTTP API. No build step, no third-party code.
-import { api, ApiError, enc, getToken, setToken } from "./api.js";
+import { api, ApiError, enc, getToken, plain, setToken } from "./api.js";
 
 const main = document.getElementById("main");
 const POLL_MS = 1500;
@@ -250,7 +250,7 @@ async function renderDeploys() {
         fill(row.tr,
           h("td", { "data-label": "Name" }, h("a", { href: `#/lora/${enc(name)}` }, d.model_name)),
           h("td", { "data-label": "Status" }, h("div", {}, statusBadge(d.status),
-            d.status === "failed" && d.fail_reason ? h("p", { class: "fail-reason" }, d.fail_reason) : null)),
+            d.status === "failed" && d.fail_reason ? h("p", { class: "fail-reason" }, plain(d.fail_reason)) : null)),
           h("td", { "data-label": "Progress" },
             d.status === "downloading" ? downloadProgress(lora)
               : SETTLED.has(d.status) ? h("span", { class: "muted" }, d.status === "failed" ? "—" : "done")
@@ -464,7 +464,7 @@ async function renderLora(loraName) {
       h("div", { class: "page-head" },
         h("h1", {}, lora.model_name),
         statusBadge(lora.status)),
-      lora.status === "failed" ? notice("error", lora.fail_reason || "The deployment failed.") : null,
+      lora.status === "failed" ? notice("error", plain(lora.fail_reason) || "The deployment failed.") : null,
       lora.status === "downloading" ? downloadProgress(lora) : null,
       Array.isArray(lora.warnings) && lora.warnings.length
         ? h("ul", { class: "warnings" }, lora.warnings.map((w) => h("li", {}, w))) : null,

@@ -1,4 +1,6 @@
 using System.Text.RegularExpressions;
+using LoraDeploy.Tests.Pipeline;
+using Microsoft.EntityFrameworkCore;
 using Microsoft.Playwright;
 
 namespace LoraDeploy.Tests.Dashboard;
@@ -256,6 +258,106 @@ public sealed class DashboardTests(E2eEnvironment env) : IClassFixture<E2eEnviro
                     Assert.Matches("^https?://", href);
                 }
             }
+        }
+        Assert.Empty(browser.PageErrors);
+    }
+    /// <summary>The longest fail reasons the pipeline writes: two SHA-256s, and a 200-character tensor name.</summary>
+    private static readonly string[] LongFailReasons =
+    [
+        $"The downloaded bytes have SHA-256 {new string('a', 64)}, but CivitAI lists {new string('b', 64)} for file 3018; the file was not stored. It may have been replaced or corrupted on CivitAI's side: try again later or report it to the model's author.",
+        $"Value error, 3 tensors are not LoRA-family parameters (e.g. '{string.Concat(Enumerable.Repeat("lora_unet_down_blocks_", 10))[..200]}')",
+    ];
+
+    [Fact]
+    public async Task The_longest_fail_reasons_fit_a_desktop_window_and_a_phone()
+    {
+        await using var browser = await StartAsync();
+        for (var i = 0; i < LongFailReasons.Length; i++)
+        {
+            var name = $"dash-long-{i}";
+            var id = (await env.CreateViaApiAsync(name, env.MissingUrl)).GetProperty("deploy_id").GetString()!;
+            // Wait for the pipeline to be done with it, then write the reason where the pipeline cannot overwrite it.
+            await ImportPipelineTests.WaitUntilAsync(async () =>
+                (await env.GetJsonAsync($"deploy/{id}")).GetProperty("status").GetString() == "failed");
+            var reason = LongFailReasons[i];
+            await env.Server.QueryAsync(db => db.Deploys.Where(d => d.Id == id)
+                .ExecuteUpdateAsync(set => set.SetProperty(d => d.FailReason, reason)));
+        }
+
+        foreach (var phone in new[] { false, true })
+        {
+            var page = await browser.NewPageAsync(phone);
+            await SignInAsync(page);
+            var width = phone ? 390 : 1280;
+            foreach (var (hash, shot) in new[] { ("#/deploys", "list"), ("#/lora/dash-long-0", "lora-0"), ("#/lora/dash-long-1", "lora-1") })
+            {
+                await page.GotoAsync(Url(hash));
+                await page.Locator(hash == "#/deploys" ? ".fail-reason" : ".notice.error").First.WaitForAsync();
+                await DashboardBrowser.ScreenshotAsync(page, $"30-long-reason-{shot}-{width}");
+
+                var overflow = await page.EvaluateAsync<int>("document.documentElement.scrollWidth - document.documentElement.clientWidth");
+                Assert.True(overflow <= 0, $"{hash} scrolls sideways by {overflow}px at {width}px");
+                // Every element that holds a reason, every table and card ends inside the window.
+                var widest = await page.EvaluateAsync<double>(
+                    "() => Math.max(...[...document.querySelectorAll('table, tr, td, .fail-reason, .notice, .table-wrap')].map(e => e.getBoundingClientRect().right))");
+                Assert.True(widest <= width, $"{hash}: an element reaches {widest}px in a {width}px window");
+                // ... and no text runs out of its box (a box of fixed width with an unbroken string spilling over it).
+                var spill = await page.EvaluateAsync<string>(
+                    "() => [...document.querySelectorAll('td, .fail-reason, .notice, .facts dd')].filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.className || e.tagName).join(', ')");
+                Assert.True(spill == "", $"{hash} at {width}px: text runs out of {spill}");
+            }
+            if (!phone)
+            {
+                // The Actions column stays on screen beside the long reasons.
+                await page.GotoAsync(Url("#/deploys"));
+                var actions = Row(page, $"{env.User}/dash-long-0").Locator("td[data-label='Actions']");
+                var box = await actions.BoundingBoxAsync();
+                Assert.NotNull(box);
+                Assert.True(box.X + box.Width <= width, $"Actions end at {box.X + box.Width}px");
+            }
+            // What a person reads carries no pydantic prefix.
+            await page.GotoAsync(Url("#/lora/dash-long-1"));
+            await Assertions.Expect(page.Locator(".notice.error")).ToHaveTextAsync(LongFailReasons[1]["Value error, ".Length..]);
+        }
+        Assert.Empty(browser.PageErrors);
+    }
+
+    [Fact]
+    public async Task The_dashboard_and_its_files_send_security_headers_and_still_work()
+    {
+        await using var browser = await StartAsync();
+        using var http = new HttpClient { BaseAddress = env.BaseUrl };
+        foreach (var path in new[] { "/", "/index.html", "/app.js", "/api.js", "/app.css", "/favicon.svg" })
+        {
+            using var response = await http.GetAsync(path);
+            Assert.Equal(System.Net.HttpStatusCode.OK, response.StatusCode);
+            Assert.Equal("default-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+                string.Join(",", response.Headers.GetValues("Content-Security-Policy")));
+            Assert.Equal("DENY", string.Join(",", response.Headers.GetValues("X-Frame-Options")));
+            Assert.Equal("nosniff", string.Join(",", response.Headers.GetValues("X-Content-Type-Options")));
+        }
+
+        // Under that policy the dashboard still signs in and lists, and the browser reports no violation.
+        var page = await browser.NewPageAsync();
+        var violations = new List<string>();
+        page.Console += (_, message) =>
+        {
+            if (message.Text.Contains("Content Security Policy", StringComparison.OrdinalIgnoreCase))
+            {
+                lock (violations)
+                {
+                    violations.Add(message.Text);
+                }
+            }
+        };
+        await SignInAsync(page);
+        await page.Locator("main h1").First.WaitForAsync();
+        await page.GotoAsync(Url("#/new"));
+        await page.GetByLabel("CivitAI URL").WaitForAsync();
+        await page.WaitForLoadStateAsync(LoadState.NetworkIdle);
+        lock (violations)
+        {
+            Assert.Empty(violations);
         }
         Assert.Empty(browser.PageErrors);
     }

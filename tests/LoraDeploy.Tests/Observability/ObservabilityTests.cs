@@ -83,4 +83,43 @@ public sealed class ObservabilityTests
         }
         return count;
     }
+    [Fact]
+    public async Task Metrics_need_the_configured_token()
+    {
+        const string token = "metrics-secret-0123456789";
+        await using var server = await LoraDeployServer.StartAsync(TestDatabase.Sqlite,
+            new Dictionary<string, string?>(ServerFixture.ControlPlaneOnly) { ["Metrics:Token"] = token });
+
+        using var anonymous = server.CreateClient();
+        var refused = await anonymous.GetAsync("/metrics");
+        Assert.Equal("Bearer", refused.Headers.WwwAuthenticate.ToString());
+        Assert.Contains("Metrics:Token", await refused.ExpectErrorAsync(HttpStatusCode.Unauthorized));
+        using var wrong = server.CreateClient(token + "x");
+        await (await wrong.GetAsync("/metrics")).ExpectErrorAsync(HttpStatusCode.Unauthorized);
+        // An API token is not the metrics token.
+        using var user = server.CreateClient(await server.CreateTokenAsync("alice"));
+        await (await user.GetAsync("/metrics")).ExpectErrorAsync(HttpStatusCode.Unauthorized);
+
+        using var scraper = server.CreateClient(token);
+        var scraped = await scraper.GetAsync("/metrics");
+        Assert.Equal(HttpStatusCode.OK, scraped.StatusCode);
+        Assert.Contains("# TYPE", await scraped.Content.ReadAsStringAsync());
+    }
+
+    [Fact]
+    public async Task Without_a_token_metrics_answer_loopback_clients_only()
+    {
+        await using var server = await LoraDeployServer.StartAsync(TestDatabase.Sqlite, ServerFixture.ControlPlaneOnly);
+        using var local = server.CreateClient();
+        Assert.Equal(HttpStatusCode.OK, (await local.GetAsync("/metrics")).StatusCode);
+
+        // Through a reverse proxy on this machine the connection is loopback too; the forwarding header tells.
+        foreach (var (header, value) in new[] { ("X-Forwarded-For", "203.0.113.7"), ("Forwarded", "for=203.0.113.7") })
+        {
+            using var request = new HttpRequestMessage(HttpMethod.Get, "/metrics");
+            request.Headers.Add(header, value);
+            var message = await (await local.SendAsync(request)).ExpectErrorAsync(HttpStatusCode.Forbidden);
+            Assert.Contains("Metrics:Token", message);
+        }
+    }
 }

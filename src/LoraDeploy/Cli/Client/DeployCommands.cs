@@ -337,7 +337,7 @@ internal static partial class DeployCommands
         }
     }
 
-    [GeneratedRegex("^[a-z0-9]{8,40}$")]
+    [GeneratedRegex(@"^[a-z0-9]{8,40}\z")]
     private static partial Regex DeployIdShape();
 
     private static int Count(string text, string option) =>
