@@ -30,6 +30,7 @@ internal static class ServeCommand
                 args.AddRange(["--urls", DefaultUrls]);
             }
             await using var app = ServerApp.Build([.. args]);
+            Console.Out.WriteLine(DataDirectory.Describe(app.Configuration));
             await ServerApp.RunAsync(app, ct);
             return 0;
         });

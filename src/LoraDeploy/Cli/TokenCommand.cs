@@ -30,6 +30,7 @@ internal static class TokenCommand
             builder.Services.AddSingleton(TimeProvider.System);
             builder.Services.AddDatabase(builder.Configuration);
             using var host = builder.Build();
+            Console.Out.WriteLine(DataDirectory.Describe(builder.Configuration));
             await host.Services.GetRequiredService<DatabaseMigrator>().MigrateAsync(ct);
             await using var db = await host.Services.GetRequiredService<IDbContextFactory<LoraDeployDbContext>>().CreateDbContextAsync(ct);
             var now = host.Services.GetRequiredService<TimeProvider>().GetUtcNow().UtcDateTime;
