@@ -1,4 +1,5 @@
 using System.CommandLine;
+using LoraDeploy.Data;
 
 namespace LoraDeploy.Cli;
 
@@ -31,7 +32,15 @@ internal static class ServeCommand
             }
             await using var app = ServerApp.Build([.. args]);
             Console.Out.WriteLine(DataDirectory.Describe(app.Configuration));
-            await ServerApp.RunAsync(app, ct);
+            try
+            {
+                await ServerApp.RunAsync(app, ct);
+            }
+            catch (DatabaseStartException e)
+            {
+                await Console.Error.WriteLineAsync($"error: {e.Message}");
+                return 1;
+            }
             return 0;
         });
         return command;
