@@ -91,16 +91,6 @@ public sealed class DatabaseStartTests : IDisposable
         }
     }
 
-    [Fact]
-    public async Task A_first_start_on_sqlite_logs_no_failed_command()
-    {
-        await using var server = await ServerProcess.StartAsync(_dataDir, new Dictionary<string, string?> { ["Pipeline:Enabled"] = "false" });
-
-        Assert.Contains("Applying", server.Output);
-        Assert.DoesNotContain("Failed executing DbCommand", server.Output);
-        Assert.DoesNotContain("fail:", server.Output);
-    }
-
     private static async Task ExecuteAsync(string connectionString, string sql)
     {
         await using var connection = new NpgsqlConnection(connectionString);
