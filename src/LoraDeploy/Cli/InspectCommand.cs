@@ -36,6 +36,11 @@ internal static class InspectCommand
         ProbeReport report;
         try
         {
+            if (AdapterFileKind.DescribeFile(path) is { } kind)
+            {
+                error.WriteLine($"inspect: {path} is {kind}");
+                return NotAnAdapter;
+            }
             report = LoraProber.ProbeFile(path, hashes: asJson);
         }
         catch (SafetensorsFormatException e)

@@ -1,4 +1,5 @@
 using System.CommandLine;
+using LoraDeploy.Data;
 
 namespace LoraDeploy.Cli;
 
@@ -30,7 +31,16 @@ internal static class ServeCommand
                 args.AddRange(["--urls", DefaultUrls]);
             }
             await using var app = ServerApp.Build([.. args]);
-            await ServerApp.RunAsync(app, ct);
+            Console.Out.WriteLine(DataDirectory.Describe(app.Configuration));
+            try
+            {
+                await ServerApp.RunAsync(app, ct);
+            }
+            catch (DatabaseStartException e)
+            {
+                await Console.Error.WriteLineAsync($"error: {e.Message}");
+                return 1;
+            }
             return 0;
         });
         return command;

@@ -30,7 +30,16 @@ internal static class TokenCommand
             builder.Services.AddSingleton(TimeProvider.System);
             builder.Services.AddDatabase(builder.Configuration);
             using var host = builder.Build();
-            await host.Services.GetRequiredService<DatabaseMigrator>().MigrateAsync(ct);
+            Console.Out.WriteLine(DataDirectory.Describe(builder.Configuration));
+            try
+            {
+                await host.Services.GetRequiredService<DatabaseMigrator>().MigrateAsync(ct);
+            }
+            catch (DatabaseStartException e)
+            {
+                await Console.Error.WriteLineAsync($"error: {e.Message}");
+                return 1;
+            }
             await using var db = await host.Services.GetRequiredService<IDbContextFactory<LoraDeployDbContext>>().CreateDbContextAsync(ct);
             var now = host.Services.GetRequiredService<TimeProvider>().GetUtcNow().UtcDateTime;
             string token;

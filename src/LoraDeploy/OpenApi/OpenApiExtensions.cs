@@ -64,13 +64,44 @@ public static class OpenApiExtensions
         return services;
     }
 
-    /// <summary><c>/openapi/v1.json</c> and the Scalar reference at <c>/docs</c>.</summary>
+    /// <summary>
+    /// <c>/openapi/v1.json</c> and the Scalar reference at <c>/docs</c>. A self-hosted, possibly air-gapped server's
+    /// page makes no request off the machine: Scalar's fonts from its CDN, the AI chat, MCP, telemetry, the developer
+    /// toolbar ("Generate SDK", "Deploy") and the client button are all off, and a CSP holds the page to its own origin.
+    /// </summary>
     public static IEndpointRouteBuilder MapApiDocumentation(this IEndpointRouteBuilder app)
     {
         app.MapOpenApi().AllowAnonymous();
         app.MapScalarApiReference("/docs", options => options
             .WithTitle("LoraDeploy API")
-            .WithOpenApiRoutePattern("/openapi/{documentName}.json")).AllowAnonymous();
+            .WithOpenApiRoutePattern("/openapi/{documentName}.json")
+            .DisableDefaultFonts()
+            .DisableAgent()
+            .DisableMcp()
+            .DisableTelemetry()
+            .HideDeveloperTools()
+            .HideClientButton()
+            .WithNonce())
+            .AllowAnonymous()
+            .Add(endpoint => endpoint.RequestDelegate = WithContentSecurityPolicy(endpoint.RequestDelegate!));
         return app;
     }
+
+    /// <summary>
+    /// Only this origin, plus the per-request nonce Scalar puts on its inline start-up script and the inline styles its
+    /// components set; nothing may frame the page.
+    /// </summary>
+    private static RequestDelegate WithContentSecurityPolicy(RequestDelegate inner) => context =>
+    {
+        context.Response.OnStarting(() =>
+        {
+            var script = context.Items[ScalarOptions.NonceHttpContextItemKey] is string nonce ? $"'self' 'nonce-{nonce}'" : "'self'";
+            context.Response.Headers.ContentSecurityPolicy =
+                $"default-src 'self'; script-src {script}; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; " +
+                "font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; object-src 'none'; base-uri 'self'; " +
+                "form-action 'self'; frame-ancestors 'none'";
+            return Task.CompletedTask;
+        });
+        return inner(context);
+    };
 }

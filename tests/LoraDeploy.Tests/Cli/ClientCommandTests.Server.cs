@@ -78,6 +78,9 @@ public sealed class ClientCommandServerTests(E2eEnvironment env) : IClassFixture
 
         var again = await env.CliAsync("delete", id);
         Assert.True(again.ExitCode == 0, $"delete is idempotent: {again}");
+        var againByName = await env.CliAsync("delete", "cli-nowait");
+        Assert.True(againByName.ExitCode == 0, $"delete NAME is idempotent: {againByName}");
+        Assert.Equal($"{env.User}/cli-nowait is already deleted (deploy {id})", againByName.StdOut.Trim());
         var filtered = await env.CliAsync("list", "--status", "deleted", "--json");
         Assert.Contains(ParseOnly(filtered).EnumerateArray(), d => d.GetProperty("deploy_id").GetString() == id);
     }
@@ -140,18 +143,24 @@ public sealed class ClientCommandServerTests(E2eEnvironment env) : IClassFixture
         Assert.True(created.ExitCode == 0, created.ToString());
         var id = ParseOnly(created).GetProperty("deploy_id").GetString()!;
 
-        var stop = await env.CliAsync("stop", id, "--json");
+        var stop = await env.CliAsync("stop", "cli-stop", "--json"); // by name, like status and delete
         Assert.True(stop.ExitCode == 0, stop.ToString());
         Assert.Equal(id, ParseOnly(stop).GetProperty("deploy_id").GetString());
         Assert.Equal("stopped", ParseOnly(await env.CliAsync("status", id, "--json")).GetProperty("status").GetString());
 
         var stopAgain = await env.CliAsync("stop", id);
         Assert.Equal(1, stopAgain.ExitCode);
-        Assert.Contains("stopped", Assert.Single(ErrorLines(stopAgain)));
+        var refused = Assert.Single(ErrorLines(stopAgain));
+        Assert.Contains("stopped", refused);
+        Assert.DoesNotContain("server error", refused); // a user mistake: the server's sentence, not a status code
 
-        var start = await env.CliAsync("start", id);
+        var start = await env.CliAsync("start", "cli-stop");
         Assert.True(start.ExitCode == 0, start.ToString());
         Assert.Equal($"starting deploy {id}", start.StdOut.Trim());
+
+        var scaled = await env.CliAsync("scale", "cli-stop", "--min", "0", "--max", "2");
+        Assert.True(scaled.ExitCode == 0, scaled.ToString());
+        Assert.Equal(2, (await env.GetJsonAsync($"deploy/{id}")).GetProperty("settings").GetProperty("max_instances").GetInt32());
     }
 
     [Fact]
@@ -198,8 +207,9 @@ public sealed class ClientCommandServerTests(E2eEnvironment env) : IClassFixture
         Assert.Equal("", result.StdOut);
         var line = Assert.Single(ErrorLines(result));
         Assert.StartsWith("error: invalid request: ", line);
-        Assert.Contains("body.lora_name: ", line);
+        Assert.Contains("body.lora_name: lora_name must be", line);
         Assert.Contains("body.source.civit_url: ", line);
+        Assert.DoesNotContain("Value error", line);
     }
 
     [Fact]
@@ -216,14 +226,97 @@ public sealed class ClientCommandServerTests(E2eEnvironment env) : IClassFixture
     }
 
     [Fact]
-    public async Task A_bad_token_is_reported_with_a_hint()
+    public async Task A_refused_token_is_told_apart_from_a_missing_one()
     {
-        var result = await LoraDeployExe.RunAsync(["list", "--token", "not-a-token", "--server", env.BaseUrl.ToString()]);
+        var refused = await LoraDeployExe.RunAsync(["list", "--token", "ld_aaaaaaaaaaaa_wrong", "--server", env.BaseUrl.ToString()]);
+        var fromEnv = await LoraDeployExe.RunAsync(["list", "--server", env.BaseUrl.ToString()],
+            new Dictionary<string, string?> { ["LORADEPLOY_TOKEN"] = "ld_aaaaaaaaaaaa_wrong" });
+        var missing = await LoraDeployExe.RunAsync(["list", "--server", env.BaseUrl.ToString()]);
 
-        Assert.Equal(1, result.ExitCode);
-        var line = Assert.Single(ErrorLines(result));
-        Assert.StartsWith("error: not authenticated: ", line);
-        Assert.Contains("--token", line);
+        Assert.Equal(1, refused.ExitCode);
+        Assert.Equal("error: not authenticated: the server refused the token from --token; check it, or create one with 'loradeploy token create --user NAME'",
+            Assert.Single(ErrorLines(refused)));
+        Assert.Equal(1, fromEnv.ExitCode);
+        Assert.Contains("the server refused the token from LORADEPLOY_TOKEN", Assert.Single(ErrorLines(fromEnv)));
+        Assert.Equal(1, missing.ExitCode);
+        Assert.Equal("error: not authenticated: no token given; use --token TOKEN or set LORADEPLOY_TOKEN", Assert.Single(ErrorLines(missing)));
+    }
+
+    /// <summary>A LoRA whose download never ends: the storage host pauses an hour before each chunk.</summary>
+    private string StalledUrl(int seed)
+    {
+        var version = env.Civitai.AddLora(AdapterFiles.Flux1(seed: seed, rank: 4), baseModel: "Flux.1 D", modelName: $"Stalled {seed}");
+        version.File.Faults.ChunkDelay = TimeSpan.FromHours(1);
+        return $"https://civitai.com/models/{version.Model.Id}?modelVersionId={version.Id}";
+    }
+
+    [Fact]
+    public async Task Create_and_status_watch_give_up_after_timeout_and_exit_3()
+    {
+        var create = await env.CliAsync("create", "--civitai", StalledUrl(seed: 301), "--base", E2eEnvironment.Flux,
+            "--name", "cli-timeout", "--timeout", "2s");
+
+        Assert.Equal(3, create.ExitCode);
+        var line = Assert.Single(ErrorLines(create));
+        Assert.Matches(@"^error: gave up after 2 s \(--timeout\): cli-timeout is still (initializing|downloading); it goes on on the server \(follow it with 'loradeploy status cli-timeout --watch'\)$", line);
+
+        var watch = await env.CliAsync("status", "cli-timeout", "--watch", "--json", "--timeout", "1500ms");
+        Assert.Equal(3, watch.ExitCode);
+        Assert.Equal("", watch.StdOut);
+        Assert.StartsWith("error: gave up after 1.5 s (--timeout): cli-timeout is still ", Assert.Single(ErrorLines(watch)));
+
+        Assert.Equal(0, (await env.CliAsync("delete", "cli-timeout")).ExitCode);
+    }
+
+    [Fact]
+    public async Task List_cuts_long_fail_reasons_to_the_width_and_json_keeps_them_whole()
+    {
+        var version = env.Civitai.AddLora(AdapterFiles.Flux1(seed: 302, rank: 4), baseModel: "Flux.1 D", modelName: "Mismatch");
+        version.File.ListedSha256 = new string('a', 64); // the bytes cannot match: the reason names both hashes
+        var url = $"https://civitai.com/models/{version.Model.Id}?modelVersionId={version.Id}";
+        Assert.Equal(1, (await env.CliAsync("create", "--civitai", url, "--base", E2eEnvironment.Flux, "--name", "cli-long-reason", "--json")).ExitCode);
+        var reason = (await env.GetJsonAsync("v1/lora/cli-long-reason")).GetProperty("fail_reason").GetString()!;
+        Assert.True(reason.Length > 120, reason);
+
+        var table = await LoraDeployExe.RunAsync(["list"], new Dictionary<string, string?>(env.ClientEnv) { ["COLUMNS"] = "140" });
+
+        Assert.True(table.ExitCode == 0, table.ToString());
+        var lines = table.StdOut.Split('\n', StringSplitOptions.RemoveEmptyEntries);
+        Assert.All(lines, l => Assert.True(l.Length <= 140, $"{l.Length} columns: {l}"));
+        var row = Assert.Single(lines, l => l.Contains("/cli-long-reason", StringComparison.Ordinal));
+        Assert.EndsWith("…", row);
+        Assert.Contains(reason[..20], row);
+        var json = ParseOnly(await env.CliAsync("list", "--json"));
+        Assert.Contains(json.EnumerateArray(), d => d.GetProperty("fail_reason").GetString() == reason);
+    }
+
+    [Fact]
+    public async Task On_a_terminal_a_failed_create_shows_no_empty_bar_and_the_reason_once()
+    {
+        var name = "cli-tty-fail";
+        var dll = LoraDeployExe.DllPath;
+        var command = $"stty cols 160 2>/dev/null; dotnet '{dll}' create --civitai '{env.MissingUrl}' --base '{E2eEnvironment.Flux}' --name {name}";
+        var start = LoraDeployExe.StartInfo([], env.ClientEnv);
+        start.FileName = "script"; // a pseudo-terminal: the live view a user sees, not the plain lines of a pipe
+        start.ArgumentList.Clear();
+        foreach (var arg in new[] { "-qec", command, "/dev/null" })
+        {
+            start.ArgumentList.Add(arg);
+        }
+        start.Environment["TERM"] = "xterm-256color";
+        using var process = System.Diagnostics.Process.Start(start)!;
+        process.StandardInput.Close();
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        await process.WaitForExitAsync(new CancellationTokenSource(TimeSpan.FromSeconds(120)).Token);
+        var screen = await stdout;
+
+        Assert.True(process.ExitCode == 1, screen);
+        var reason = (await env.GetJsonAsync("deploy/list?status=failed")).EnumerateArray()
+            .Single(d => d.GetProperty("model_name").GetString() == $"{env.User}/{name}").GetProperty("fail_reason").GetString()!;
+        Assert.Single(Regex.Matches(screen, Regex.Escape(reason[..30])));
+        Assert.DoesNotContain("?/s", screen);
+        Assert.DoesNotContain("1 byte", screen);
+        Assert.DoesNotContain("**:**", screen);
     }
 
     [Fact]

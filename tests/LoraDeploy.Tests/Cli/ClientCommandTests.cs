@@ -54,7 +54,8 @@ public class ClientCommandTests
     [InlineData("--max must be a whole number", "scale", "abc123def456", "--min", "0", "--max", "many")]
     [InlineData("give a LoRA name or a deploy id", "status")]
     [InlineData("give a LoRA name or a deploy id", "delete")]
-    [InlineData("missing ID", "stop")]
+    [InlineData("give a LoRA name or a deploy id", "stop")]
+    [InlineData("--timeout must be a duration such as 90s, 10m or 1h", "status", "x", "--watch", "--timeout", "soon")]
     public async Task Usage_errors_exit_2_with_one_line(string message, params string[] args)
     {
         // Nothing listens here: a usage error must be caught before any request.

@@ -104,7 +104,9 @@ public sealed class InspectCommandTests : IDisposable
     public async Task Malformed_file_exits_2_with_one_line_on_stderr()
     {
         var path = Path.Combine(_dir, "bad.safetensors");
-        await File.WriteAllBytesAsync(path, Encoding.ASCII.GetBytes("PK\x03\x04 definitely a zip file"), TestContext.Current.CancellationToken);
+        var bytes = new byte[64];
+        BinaryPrimitives.WriteUInt64LittleEndian(bytes, 40); // header length fits, but no JSON follows
+        await File.WriteAllBytesAsync(path, bytes, TestContext.Current.CancellationToken);
 
         var (exitCode, output, error) = await Inspect(path, "--json");
 
@@ -112,6 +114,33 @@ public sealed class InspectCommandTests : IDisposable
         Assert.Empty(output);
         Assert.Single(error.TrimEnd().Split('\n'));
         Assert.Contains("not a valid safetensors file", error, StringComparison.Ordinal);
+    }
+
+    public static TheoryData<string, byte[], string> OtherKinds => new()
+    {
+        // torch.save's legacy format: pickle protocol 2.
+        { "legacy.ckpt", [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19], "is a PickleTensor (pickle) file, which can run code when loaded; only safetensors are read" },
+        // torch.save's zip format: the first entry is archive/data.pkl.
+        { "model.pt", [.. "PK\x03\x04"u8, .. new byte[26], .. "archive/data.pkl"u8, 0x80, 0x02], "is a PyTorch checkpoint (a zip with a pickle inside), which can run code when loaded" },
+        { "lora.zip", [.. "PK\x03\x04"u8, .. new byte[26], .. "my-lora.safetensors"u8], "is a zip archive; unpack it" },
+        { "lora.safetensors", [.. "\n<!DOCTYPE html><html><head><title>Sign in</title>"u8], "is an HTML page, not a safetensors file" },
+        { "adapter.gguf", [.. "GGUF"u8, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], "is a GGUF file (llama.cpp's format), not a safetensors file" },
+    };
+
+    [Theory]
+    [MemberData(nameof(OtherKinds))]
+    public async Task A_file_of_another_kind_is_named_in_one_line(string name, byte[] content, string expected)
+    {
+        var path = Path.Combine(_dir, name);
+        await File.WriteAllBytesAsync(path, [.. content, .. new byte[256]], TestContext.Current.CancellationToken);
+
+        var (exitCode, output, error) = await Inspect(path);
+
+        Assert.Equal(2, exitCode);
+        Assert.Empty(output);
+        var line = Assert.Single(error.TrimEnd().Split('\n'));
+        Assert.Contains($"{path} {expected}", line, StringComparison.Ordinal);
+        Assert.DoesNotContain("header length", line, StringComparison.Ordinal);
     }
 
     [Fact]

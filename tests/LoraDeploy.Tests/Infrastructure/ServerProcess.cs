@@ -45,8 +45,13 @@ public sealed class ServerProcess : IAsyncDisposable
 
     public static string ExecutablePath => Path.Combine(AppContext.BaseDirectory, "loradeploy.dll");
 
-    /// <summary>Starts <c>serve</c> on a free loopback port with <paramref name="settings"/> as <c>--Key=value</c>; waits until ready.</summary>
-    public static async Task<ServerProcess> StartAsync(string dataDir, IReadOnlyDictionary<string, string?> settings, TimeSpan? readyTimeout = null)
+    /// <summary>
+    /// Starts <c>serve</c> in <paramref name="dataDir"/> on a free loopback port with <paramref name="settings"/> as
+    /// <c>--Key=value</c>; waits until ready. Without <paramref name="dataDirArgument"/> no <c>--data-dir</c> is given,
+    /// so the server picks its data folder by the default rule (./data of its working directory).
+    /// </summary>
+    public static async Task<ServerProcess> StartAsync(string dataDir, IReadOnlyDictionary<string, string?> settings, TimeSpan? readyTimeout = null,
+        bool dataDirArgument = true)
     {
         var port = FreePort();
         var start = new ProcessStartInfo("dotnet")
@@ -56,7 +61,9 @@ public sealed class ServerProcess : IAsyncDisposable
             UseShellExecute = false,
             WorkingDirectory = dataDir,
         };
-        foreach (var arg in new[] { ExecutablePath, "serve", "--urls", $"http://127.0.0.1:{port}", "--data-dir", dataDir })
+        string[] dataDirArgs = dataDirArgument ? ["--data-dir", dataDir] : [];
+        string[] serveArgs = [ExecutablePath, "serve", "--urls", $"http://127.0.0.1:{port}", .. dataDirArgs];
+        foreach (var arg in serveArgs)
         {
             start.ArgumentList.Add(arg);
         }

@@ -4,6 +4,7 @@ using System.Net.Sockets;
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using System.Text.RegularExpressions;
 
 namespace LoraDeploy.Cli.Client;
 
@@ -14,10 +15,14 @@ namespace LoraDeploy.Cli.Client;
 internal sealed class ApiClient : IDisposable
 {
     private readonly HttpClient _http;
+    private readonly string? _tokenSource;
 
-    public ApiClient(Uri server, string? token, HttpMessageHandler? handler = null)
+    /// <summary>A client for <paramref name="server"/>; <paramref name="tokenSource"/> names where the token came from
+    /// (<c>--token</c> or <c>LORADEPLOY_TOKEN</c>), for a 401's message.</summary>
+    public ApiClient(Uri server, string? token, string? tokenSource = null, HttpMessageHandler? handler = null)
     {
         Server = server;
+        _tokenSource = string.IsNullOrWhiteSpace(token) ? null : tokenSource ?? "the token given";
         _http = handler is null ? new HttpClient() : new HttpClient(handler);
         _http.BaseAddress = server;
         _http.Timeout = TimeSpan.FromSeconds(30);
@@ -70,7 +75,7 @@ internal sealed class ApiClient : IDisposable
             var text = await response.Content.ReadAsStringAsync(ct).ConfigureAwait(false);
             if (!response.IsSuccessStatusCode)
             {
-                throw new ClientException(ErrorFormatter.Format(response.StatusCode, text), ExitCodes.ServerError,
+                throw new ClientException(ErrorFormatter.Format(response.StatusCode, text, _tokenSource), ExitCodes.ServerError,
                     (int)response.StatusCode);
             }
 
@@ -118,11 +123,21 @@ internal sealed class ApiClient : IDisposable
 internal sealed record ApiResponse(JsonElement Json, string Text);
 
 /// <summary>Turns the server's error bodies into one line: <c>{"error":…}</c> or 422 <c>detail</c> items with their <c>loc</c>.</summary>
-internal static class ErrorFormatter
+internal static partial class ErrorFormatter
 {
-    public static string Format(HttpStatusCode status, string body)
+    /// <summary>One line for an error answer; <paramref name="tokenSource"/> is where the token sent came from (<c>--token</c>,
+    /// <c>LORADEPLOY_TOKEN</c>), or null when none was sent.</summary>
+    public static string Format(HttpStatusCode status, string body, string? tokenSource = null)
     {
         var code = (int)status;
+        if (code == 401)
+        {
+            // A refused token and a missing one need different fixes; the server says "Not authenticated" for both.
+            return tokenSource is null
+                ? "not authenticated: no token given; use --token TOKEN or set LORADEPLOY_TOKEN"
+                : $"not authenticated: the server refused the token from {tokenSource}; check it, or create one with 'loradeploy token create --user NAME'";
+        }
+
         string? message = null;
         try
         {
@@ -136,7 +151,7 @@ internal static class ErrorFormatter
                 }
                 else if (root.TryGetProperty("error", out var error) && error.ValueKind == JsonValueKind.String)
                 {
-                    message = error.GetString();
+                    message = Clean(error.GetString() ?? "");
                 }
                 else if (root.TryGetProperty("title", out var title) && title.ValueKind == JsonValueKind.String)
                 {
@@ -150,24 +165,34 @@ internal static class ErrorFormatter
         }
 
         message = string.IsNullOrWhiteSpace(message) ? status.ToString() : OneLine(message);
+        // A 4xx is the user's to fix and the server's sentence says how; only a 5xx is the server's own failure.
         var prefix = code switch
         {
-            422 => "invalid request",
-            401 => "not authenticated",
-            403 => "forbidden",
-            404 => "not found",
-            409 => "conflict",
-            _ => $"server error {code}",
+            422 => "invalid request: ",
+            403 => "forbidden: ",
+            404 => "not found: ",
+            409 => "conflict: ",
+            429 => "too many requests: ",
+            >= 400 and < 500 => "",
+            _ => $"server error {code}: ",
         };
-        var hint = code == 401 ? " (give --token or set LORADEPLOY_TOKEN)" : "";
-        return $"{prefix}: {message}{hint}";
+        return prefix + message;
     }
+
+    /// <summary>
+    /// The server's messages carry pydantic's "Value error, " prefix (DeepInfra's clients expect it in 422 bodies); a
+    /// person reading the CLI does not need it.
+    /// </summary>
+    public static string Clean(string message) => PydanticPrefix().Replace(message, "");
+
+    [GeneratedRegex(@"^(Value error|Assertion failed), ")]
+    private static partial Regex PydanticPrefix();
 
     private static string FormatDetail(JsonElement detail)
     {
         if (detail.ValueKind == JsonValueKind.String)
         {
-            return detail.GetString() ?? "";
+            return Clean(detail.GetString() ?? "");
         }
         if (detail.ValueKind != JsonValueKind.Array)
         {
@@ -177,7 +202,7 @@ internal static class ErrorFormatter
         var parts = new List<string>();
         foreach (var item in detail.EnumerateArray())
         {
-            var msg = item.TryGetProperty("msg", out var m) ? m.ToString() : item.ToString();
+            var msg = Clean(item.TryGetProperty("msg", out var m) ? m.ToString() : item.ToString());
             if (item.TryGetProperty("loc", out var loc) && loc.ValueKind == JsonValueKind.Array)
             {
                 var path = string.Join('.', loc.EnumerateArray().Select(static l => l.ToString()));

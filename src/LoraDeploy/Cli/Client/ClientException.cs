@@ -15,4 +15,7 @@ internal static class ExitCodes
     public const int Ok = 0;
     public const int ServerError = 1;
     public const int Usage = 2;
+
+    /// <summary><c>--timeout</c> passed before the deploy settled; it goes on on the server.</summary>
+    public const int TimedOut = 3;
 }

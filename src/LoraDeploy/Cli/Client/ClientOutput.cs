@@ -26,6 +26,14 @@ internal sealed class ClientOutput
         }
     }
 
+    /// <summary>
+    /// Columns a line may use: the terminal's width, or <c>COLUMNS</c> when stdout is not a terminal (null then
+    /// when unset: lines are not cut for scripts and files).
+    /// </summary>
+    public int? Width => Interactive
+        ? Console.Profile.Width
+        : int.TryParse(Environment.GetEnvironmentVariable("COLUMNS"), out var columns) && columns > 0 ? columns : null;
+
     /// <summary>True when stdout is a terminal: live progress and colours are used.</summary>
     public bool Interactive { get; }
 

@@ -36,21 +36,23 @@ internal sealed class CommonOptions
     {
         var server = FirstNonEmpty(result.GetValue(Server), Environment.GetEnvironmentVariable("LORADEPLOY_SERVER"))
                      ?? DefaultServer;
-        var token = FirstNonEmpty(result.GetValue(Token), Environment.GetEnvironmentVariable("LORADEPLOY_TOKEN"));
+        var fromOption = FirstNonEmpty(result.GetValue(Token));
+        var token = fromOption ?? FirstNonEmpty(Environment.GetEnvironmentVariable("LORADEPLOY_TOKEN"));
+        var tokenSource = token is null ? null : fromOption is not null ? "--token" : "LORADEPLOY_TOKEN";
         if (!Uri.TryCreate(server.EndsWith('/') ? server : server + "/", UriKind.Absolute, out var uri)
             || (uri.Scheme != Uri.UriSchemeHttp && uri.Scheme != Uri.UriSchemeHttps))
         {
             throw new ClientException($"--server must be an http(s) URL, got '{server}'", ExitCodes.Usage);
         }
-        return new ClientContext(uri, token, result.GetValue(Json));
+        return new ClientContext(uri, token, tokenSource, result.GetValue(Json));
     }
 
     private static string? FirstNonEmpty(params string?[] values) =>
         values.FirstOrDefault(static v => !string.IsNullOrWhiteSpace(v))?.Trim();
 }
 
-/// <summary>What a client command resolved from its options.</summary>
-internal sealed record ClientContext(Uri Server, string? Token, bool Json)
+/// <summary>What a client command resolved from its options; <paramref name="TokenSource"/> names where the token came from.</summary>
+internal sealed record ClientContext(Uri Server, string? Token, string? TokenSource, bool Json)
 {
-    public ApiClient CreateClient() => new(Server, Token);
+    public ApiClient CreateClient() => new(Server, Token, TokenSource);
 }

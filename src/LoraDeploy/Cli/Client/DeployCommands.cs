@@ -18,9 +18,10 @@ internal static partial class DeployCommands
         var isPublic = new Option<bool>("--public") { Description = "List the LoRA publicly (private by default)." };
         var description = new Option<string?>("--description") { Description = "Free text shown with the LoRA.", HelpName = "TEXT" };
         var noWait = new Option<bool>("--no-wait") { Description = "Return once the deploy is accepted instead of following it." };
+        var timeout = TimeoutOption();
 
         var command = new Command("create", "Deploy a LoRA from CivitAI and follow it until it deploys or fails.");
-        foreach (var o in new Option[] { civitai, baseModel, name, isPublic, description, noWait })
+        foreach (var o in new Option[] { civitai, baseModel, name, isPublic, description, noWait, timeout })
         {
             command.Options.Add(o);
         }
@@ -31,6 +32,7 @@ internal static partial class DeployCommands
             var url = Required(r.GetValue(civitai), "--civitai URL");
             var model = Required(r.GetValue(baseModel), "--base MODEL");
             var lora = Required(r.GetValue(name), "--name NAME");
+            var limit = r.GetValue(timeout) is { } timeoutText ? Durations.Parse(timeoutText, "--timeout") : (TimeSpan?)null;
             var body = new JsonObject
             {
                 ["lora_name"] = lora,
@@ -61,14 +63,14 @@ internal static partial class DeployCommands
                 output.Markup($"created [bold]{Markup.Escape(modelName)}[/] deploy {Markup.Escape(deployId)}");
             }
             var watcher = new DeployWatcher(client, output, quiet: ctx.Json);
-            var final = await watcher.WatchAsync(Json.LoraNameOf(modelName.Length > 0 ? modelName : lora), ct).ConfigureAwait(false);
+            var final = await watcher.WatchAsync(Json.LoraNameOf(modelName.Length > 0 ? modelName : lora), limit, ct).ConfigureAwait(false);
             if (ctx.Json)
             {
                 var deploy = await client.GetAsync($"deploy/{Uri.EscapeDataString(deployId)}", ct).ConfigureAwait(false);
                 output.Out.WriteLine(deploy.Text.Trim());
                 return ExitCodeFor(final, output, printReason: true);
             }
-            PrintSummary(final, output);
+            PrintSummary(final, output, showFailReason: false); // the reason is printed once, on stderr
             return ExitCodeFor(final, output, printReason: true);
         }));
         return command;
@@ -79,13 +81,16 @@ internal static partial class DeployCommands
         var common = new CommonOptions();
         var target = new Argument<string>("NAME|ID") { Description = "A LoRA name or a deploy id.", Arity = ArgumentArity.ZeroOrOne };
         var watch = new Option<bool>("--watch", "-w") { Description = "Follow the deploy until it deploys or fails." };
+        var timeout = TimeoutOption();
         var command = new Command("status", "Show a deploy or LoRA; with --watch follow it live.");
         command.Arguments.Add(target);
         command.Options.Add(watch);
+        command.Options.Add(timeout);
         common.AddTo(command);
 
         command.SetAction(Run(common, async (r, ctx, client, output, ct) =>
         {
+            var limit = r.GetValue(timeout) is { } timeoutText ? Durations.Parse(timeoutText, "--timeout") : (TimeSpan?)null;
             var (response, isDeploy) = await FindAsync(client, r.GetValue(target) ?? "", ct).ConfigureAwait(false);
             if (!r.GetValue(watch) || DeployWatcher.IsSettled(response.Json.Str("status")))
             {
@@ -102,7 +107,7 @@ internal static partial class DeployCommands
 
             var loraName = Json.LoraNameOf(response.Json.Str("model_name"));
             var watcher = new DeployWatcher(client, output, quiet: ctx.Json);
-            var final = await watcher.WatchAsync(loraName, ct).ConfigureAwait(false);
+            var final = await watcher.WatchAsync(loraName, limit, ct).ConfigureAwait(false);
             if (ctx.Json)
             {
                 var path = isDeploy
@@ -112,7 +117,7 @@ internal static partial class DeployCommands
                 output.Out.WriteLine(again.Text.Trim());
                 return ExitCodeFor(final, output, printReason: true);
             }
-            PrintSummary(final, output);
+            PrintSummary(final, output, showFailReason: false); // the reason is printed once, on stderr
             return ExitCodeFor(final, output, printReason: true);
         }));
         return command;
@@ -150,6 +155,7 @@ internal static partial class DeployCommands
                 d.Str("deploy_id"), d.Str("model_name"), d.Str("status"), Json.ShortHash(d.Str("version")),
                 d.Str("updated_at"), d.Str("fail_reason"),
             }).ToList();
+            FitLastColumn(headers, rows, output);
             if (output.Interactive)
             {
                 var table = new Table().Border(TableBorder.Rounded);
@@ -187,7 +193,30 @@ internal static partial class DeployCommands
 
         command.SetAction(Run(common, async (r, ctx, client, output, ct) =>
         {
-            var (found, isDeploy) = await FindAsync(client, r.GetValue(target) ?? "", ct).ConfigureAwait(false);
+            var name = r.GetValue(target) ?? "";
+            ApiResponse found;
+            bool isDeploy;
+            try
+            {
+                (found, isDeploy) = await FindAsync(client, name, ct).ConfigureAwait(false);
+            }
+            catch (ClientException ex) when (ex.StatusCode == 404)
+            {
+                // Delete is idempotent: a LoRA that is already gone is no longer found by name, but its deploy is listed.
+                if (await FindDeletedAsync(client, name.Trim(), ct).ConfigureAwait(false) is not { } gone)
+                {
+                    throw;
+                }
+                if (ctx.Json)
+                {
+                    output.Out.WriteLine(new JsonObject { ["lora_name"] = name.Trim(), ["deploy_id"] = gone.Str("deploy_id") }.ToJsonString());
+                }
+                else
+                {
+                    output.Line($"{gone.Str("model_name")} is already deleted (deploy {gone.Str("deploy_id")})");
+                }
+                return ExitCodes.Ok;
+            }
             var response = isDeploy
                 ? await client.DeleteAsync($"deploy/{Uri.EscapeDataString(found.Json.Str("deploy_id"))}", ct).ConfigureAwait(false)
                 : await client.DeleteAsync($"v1/lora/{Uri.EscapeDataString(found.Json.Str("lora_name"))}", ct).ConfigureAwait(false);
@@ -207,14 +236,15 @@ internal static partial class DeployCommands
     public static Command TransitionCommand(string verb, string description)
     {
         var common = new CommonOptions();
-        var id = new Argument<string>("ID") { Description = "The deploy id.", Arity = ArgumentArity.ZeroOrOne };
+        var id = new Argument<string>("NAME|ID") { Description = "A LoRA name or a deploy id.", Arity = ArgumentArity.ZeroOrOne };
         var command = new Command(verb, description);
         command.Arguments.Add(id);
         common.AddTo(command);
 
         command.SetAction(Run(common, async (r, ctx, client, output, ct) =>
         {
-            var deployId = Required(r.GetValue(id), "ID");
+            var (found, _) = await FindAsync(client, r.GetValue(id) ?? "", ct).ConfigureAwait(false);
+            var deployId = found.Json.Str("deploy_id");
             var response = await client.PostAsync($"deploy/{Uri.EscapeDataString(deployId)}/{verb}", null, ct).ConfigureAwait(false);
             if (ctx.Json)
             {
@@ -232,7 +262,7 @@ internal static partial class DeployCommands
     public static Command ScaleCommand()
     {
         var common = new CommonOptions();
-        var id = new Argument<string>("ID") { Description = "The deploy id.", Arity = ArgumentArity.ZeroOrOne };
+        var id = new Argument<string>("NAME|ID") { Description = "A LoRA name or a deploy id.", Arity = ArgumentArity.ZeroOrOne };
         // Parsed here rather than by the parser, so a bad number is a usage error (exit 2) like the rest.
         var min = new Option<string?>("--min") { Description = "Minimum instances (0 or more).", HelpName = "N" };
         var max = new Option<string?>("--max") { Description = "Maximum instances (at least --min).", HelpName = "N" };
@@ -244,7 +274,7 @@ internal static partial class DeployCommands
 
         command.SetAction(Run(common, async (r, ctx, client, output, ct) =>
         {
-            var deployId = Required(r.GetValue(id), "ID");
+            var target = Required(r.GetValue(id), "NAME|ID");
             if (r.GetValue(min) is not { } minText || r.GetValue(max) is not { } maxText)
             {
                 throw new ClientException("give both --min N and --max N", ExitCodes.Usage);
@@ -255,6 +285,8 @@ internal static partial class DeployCommands
             {
                 throw new ClientException($"need 0 <= --min <= --max, got --min {lo} --max {hi}", ExitCodes.Usage);
             }
+            var (found, _) = await FindAsync(client, target, ct).ConfigureAwait(false);
+            var deployId = found.Json.Str("deploy_id");
             var body = new JsonObject
             {
                 ["settings"] = new JsonObject { ["min_instances"] = lo, ["max_instances"] = hi },
@@ -340,6 +372,50 @@ internal static partial class DeployCommands
     [GeneratedRegex(@"^[a-z0-9]{8,40}\z")]
     private static partial Regex DeployIdShape();
 
+    /// <summary>Your deleted deploy of the LoRA <paramref name="name"/>, if there is one.</summary>
+    private static async Task<JsonElement?> FindDeletedAsync(ApiClient client, string name, CancellationToken ct)
+    {
+        if (name.Length == 0)
+        {
+            return null;
+        }
+        var deleted = await client.GetAsync("deploy/list?status=deleted", ct).ConfigureAwait(false);
+        return deleted.Json.ValueKind == JsonValueKind.Array
+            && deleted.Json.EnumerateArray().FirstOrDefault(d => Json.LoraNameOf(d.Str("model_name")) == name) is { ValueKind: JsonValueKind.Object } gone
+            ? gone
+            : null;
+    }
+
+    private static Option<string?> TimeoutOption() => new("--timeout")
+    {
+        Description = "Stop waiting after this long (e.g. 90s, 10m, 1h) and exit 3; the deploy goes on on the server.",
+        HelpName = "DURATION",
+    };
+
+    /// <summary>
+    /// Cuts the last column (fail reasons: long hashes and tensor names) so each row fits the terminal on one line;
+    /// <c>--json</c> and <c>status</c> have the full text.
+    /// </summary>
+    private static void FitLastColumn(string[] headers, List<string[]> rows, ClientOutput output)
+    {
+        if (output.Width is not { } width)
+        {
+            return;
+        }
+        var last = headers.Length - 1;
+        var others = Enumerable.Range(0, last).Sum(i => Math.Max(headers[i].Length, rows.Max(row => row[i].Length)));
+        // Plain rows put two spaces between columns; the rounded table puts "│ " before and " " after each, plus "│".
+        var overhead = output.Interactive ? 3 * headers.Length + 1 : 2 * last;
+        var room = Math.Max(headers[last].Length, width - others - overhead);
+        foreach (var row in rows)
+        {
+            if (row[last].Length > room)
+            {
+                row[last] = string.Concat(row[last].AsSpan(0, room - 1), "…");
+            }
+        }
+    }
+
     private static int Count(string text, string option) =>
         int.TryParse(text, System.Globalization.NumberStyles.AllowLeadingSign, System.Globalization.CultureInfo.InvariantCulture, out var n)
             ? n
@@ -373,7 +449,7 @@ internal static partial class DeployCommands
     private static string OrUnknown(string reason) => reason.Length > 0 ? reason : "no reason given";
 
     /// <summary>Prints a <c>DeploymentOut</c> or <c>LoraOut</c> as a few readable lines, ending with the status line.</summary>
-    private static void PrintSummary(JsonElement item, ClientOutput output)
+    private static void PrintSummary(JsonElement item, ClientOutput output, bool showFailReason = true)
     {
         void Field(string label, string value)
         {
@@ -407,7 +483,7 @@ internal static partial class DeployCommands
 
         var status = item.Str("status");
         output.Markup($"[bold]{Markup.Escape(item.Str("model_name"))}[/] {StatusMarkup(status)} [grey](deploy {Markup.Escape(item.Str("deploy_id"))})[/]");
-        if (status == "failed")
+        if (status == "failed" && showFailReason)
         {
             output.Markup($"  [red]fail reason[/]  {Markup.Escape(OrUnknown(item.Str("fail_reason")))}");
         }

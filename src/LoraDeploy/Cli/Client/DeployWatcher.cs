@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Text.Json;
 using Spectre.Console;
+using Spectre.Console.Rendering;
 
 namespace LoraDeploy.Cli.Client;
 
@@ -18,8 +19,30 @@ internal sealed class DeployWatcher(ApiClient client, ClientOutput output, bool 
     public static bool IsSettled(string status) =>
         status is "deploying" or "running" or "failed" or "stopped" or "deleted";
 
-    /// <summary>Watches until settled; returns the last <c>LoraOut</c> seen.</summary>
-    public async Task<JsonElement> WatchAsync(string loraName, CancellationToken ct)
+    private string _lastStatus = "";
+
+    /// <summary>
+    /// Watches until settled; returns the last <c>LoraOut</c> seen. After <paramref name="timeout"/> it gives up with a
+    /// <see cref="ClientException"/> (<see cref="ExitCodes.TimedOut"/>); the deploy itself goes on.
+    /// </summary>
+    public async Task<JsonElement> WatchAsync(string loraName, TimeSpan? timeout, CancellationToken ct)
+    {
+        using var deadline = timeout is { } limit ? new CancellationTokenSource(limit, TimeProvider.System) : null;
+        using var linked = deadline is null ? null : CancellationTokenSource.CreateLinkedTokenSource(ct, deadline.Token);
+        try
+        {
+            return await WatchUntilSettledAsync(loraName, linked?.Token ?? ct).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (deadline is { IsCancellationRequested: true } && !ct.IsCancellationRequested)
+        {
+            var still = _lastStatus.Length > 0 ? $"still {_lastStatus}" : "not settled";
+            throw new ClientException(
+                $"gave up after {Durations.Format(timeout!.Value)} (--timeout): {loraName} is {still}; it goes on on the server " +
+                $"(follow it with 'loradeploy status {loraName} --watch')", ExitCodes.TimedOut);
+        }
+    }
+
+    private async Task<JsonElement> WatchUntilSettledAsync(string loraName, CancellationToken ct)
     {
         var path = $"v1/lora/{Uri.EscapeDataString(loraName)}";
         if (quiet)
@@ -33,16 +56,18 @@ internal sealed class DeployWatcher(ApiClient client, ClientOutput output, bool 
         }
 
         JsonElement last = default;
+        // The finished bar is hidden: each step leaves a ✓/✗ line instead, and a deploy that failed before its size was
+        // known would otherwise stay on screen as "0% 1 byte ?/s **:**:**".
         await output.Console.Progress()
             .AutoClear(false)
-            .HideCompleted(false)
+            .HideCompleted(true)
             .Columns(
                 new TaskDescriptionColumn { Alignment = Justify.Left },
                 new ProgressBarColumn(),
-                new PercentageColumn(),
-                new DownloadedColumn(),
-                new TransferSpeedColumn(),
-                new RemainingTimeColumn(),
+                new OnceSizeKnown(new PercentageColumn()),
+                new OnceSizeKnown(new DownloadedColumn()),
+                new OnceSizeKnown(new TransferSpeedColumn()),
+                new OnceSizeKnown(new RemainingTimeColumn()),
                 new SpinnerColumn())
             .StartAsync(async ctx =>
             {
@@ -72,7 +97,8 @@ internal sealed class DeployWatcher(ApiClient client, ClientOutput output, bool 
             }
 
             report(lora);
-            if (IsSettled(lora.Str("status")))
+            _lastStatus = lora.Str("status");
+            if (IsSettled(_lastStatus))
             {
                 return lora;
             }
@@ -81,6 +107,15 @@ internal sealed class DeployWatcher(ApiClient client, ClientOutput output, bool 
     }
 
     private static int StepIndex(string status) => Array.IndexOf(Steps, status);
+
+    /// <summary>A column that shows nothing until the download's size is known (the task is indeterminate before).</summary>
+    private sealed class OnceSizeKnown(ProgressColumn inner) : ProgressColumn
+    {
+        public override IRenderable Render(RenderOptions options, ProgressTask task, TimeSpan deltaTime) =>
+            task.IsIndeterminate ? Text.Empty : inner.Render(options, task, deltaTime);
+
+        public override int? GetColumnWidth(RenderOptions options) => inner.GetColumnWidth(options);
+    }
 
     /// <summary>Lines for logs and tests: one per step, and download progress every quarter.</summary>
     private sealed class PlainReporter(ClientOutput output)
@@ -115,6 +150,7 @@ internal sealed class DeployWatcher(ApiClient client, ClientOutput output, bool 
         private readonly ProgressTask _task = CreateTask(ctx);
         private readonly Stopwatch _stepClock = Stopwatch.StartNew();
         private string _status = "";
+        private string _previous = "";
 
         private static ProgressTask CreateTask(ProgressContext ctx)
         {
@@ -128,12 +164,14 @@ internal sealed class DeployWatcher(ApiClient client, ClientOutput output, bool 
             var status = lora.Str("status");
             if (status != _status)
             {
-                if (_status.Length > 0 && StepIndex(_status) >= 0)
+                var settled = IsSettled(status) && status is not ("deploying" or "running");
+                if (_status.Length > 0 && StepIndex(_status) >= 0 && !settled)
                 {
                     output.Console.MarkupLine(
                         $"[green]✓[/] {Markup.Escape(_status)} [grey]({_stepClock.Elapsed.TotalSeconds:0.0} s)[/]");
+                    _stepClock.Restart();
                 }
-                _stepClock.Restart();
+                _previous = _status;
                 _status = status;
                 _task.Description = $"[bold]{Markup.Escape(status)}[/]";
             }
@@ -153,15 +191,11 @@ internal sealed class DeployWatcher(ApiClient client, ClientOutput output, bool 
         public void Finish(JsonElement lora)
         {
             var status = lora.Str("status");
-            if (status is "deploying" or "running")
+            if (status is not ("deploying" or "running") && StepIndex(_previous) >= 0)
             {
-                _task.Value = _task.MaxValue;
-                _task.IsIndeterminate = false;
-                _task.Description = $"[green]{Markup.Escape(status)}[/]";
-            }
-            else
-            {
-                _task.Description = $"[red]{Markup.Escape(status)}[/]";
+                // The step that did not finish; the reason is printed once, by the command.
+                output.Console.MarkupLine(
+                    $"[red]✗[/] {Markup.Escape(_previous)} [grey]({_stepClock.Elapsed.TotalSeconds:0.0} s)[/]");
             }
             _task.StopTask();
         }
