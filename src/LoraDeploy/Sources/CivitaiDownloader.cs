@@ -6,6 +6,8 @@ using System.Security.Cryptography;
 using Microsoft.Extensions.Options;
 using Polly.Timeout;
 
+using LoraDeploy.Lora;
+
 namespace LoraDeploy.Sources;
 
 /// <summary>
@@ -387,7 +389,7 @@ public sealed class CivitaiDownloader(
         if (known < s.Head.Length || !LooksLikeSafetensors(s.Head, null))
         {
             throw new DownloadFailedException(
-                $"{s.Name} is {Describe(s.Head.AsSpan(0, known))}, not a safetensors file; CivitAI may have served an error or login page instead of the file",
+                $"{s.Name} is {AdapterFileKind.Describe(s.Head.AsSpan(0, known)) ?? "not a safetensors file (its first bytes match no format this service knows)"}; CivitAI may have served an error page or another file than the one it lists",
                 ReasonClass.NotSafetensors) { DiscardStaging = true };
         }
     }
@@ -402,22 +404,6 @@ public sealed class CivitaiDownloader(
         var headerLength = BinaryPrimitives.ReadUInt64LittleEndian(head);
         return headerLength >= 2 && headerLength <= MaxHeaderBytes && head[8] == (byte)'{'
                && (total is null || (ulong)total.Value >= headerLength + 8);
-    }
-
-    private static string Describe(ReadOnlySpan<byte> head)
-    {
-        var trimmed = head.TrimStart(" \t\r\n"u8);
-        if (trimmed.Length == 0)
-        {
-            return head.Length == 0 ? "empty" : "too short";
-        }
-        return trimmed[0] switch
-        {
-            (byte)'<' => "an HTML or XML page",
-            (byte)'{' or (byte)'[' => "a JSON document",
-            (byte)'P' when trimmed.Length > 1 && trimmed[1] == (byte)'K' => "a zip archive",
-            _ => "something else",
-        };
     }
 
     private static void CheckContentType(State s, string? mediaType)

@@ -131,9 +131,25 @@ public class CivitaiDownloaderTests
         Assert.Contains(sim.Requests, r => r.Host == "storage" && r.Status == 503);
     }
 
+    [Fact]
+    public async Task A_pickle_served_as_the_file_is_named_as_one()
+    {
+        await using var sim = await CivitaiSimulator.StartAsync(cancellationToken: Ct);
+        // torch.save's legacy format: pickle protocol 2 (PROTO 0x80 0x02), then the pickled objects.
+        var v = sim.AddLora([0x80, 0x02, (byte)'}', (byte)'q', 0x00, (byte)'(', (byte)'X', 0x0a, 0x00, 0x00, 0x00, (byte)'.']);
+        await using var h = new SourcesHarness(sim);
+        var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
+
+        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.StagingPath(), null, Ct));
+
+        Assert.Equal(ReasonClass.NotSafetensors, ex.ReasonClass);
+        Assert.Contains("is a PickleTensor (pickle) file, which can run code when loaded", ex.FailReason);
+        Assert.False(File.Exists(h.StagingPath()));
+    }
+
     [Theory]
     [InlineData(false, "HTML page (text/html)")]
-    [InlineData(true, "is an HTML or XML page, not a safetensors file")]
+    [InlineData(true, "is an HTML page, not a safetensors file")]
     public async Task Html_instead_of_safetensors_fails_and_discards_the_staging_file(bool disguised, string expected)
     {
         await using var sim = await CivitaiSimulator.StartAsync(cancellationToken: Ct);
