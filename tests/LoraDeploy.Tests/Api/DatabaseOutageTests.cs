@@ -1,11 +1,7 @@
 using System.Data.Common;
 using System.Net;
-using System.Net.Http.Headers;
-using LoraDeploy.Auth;
 using LoraDeploy.Data;
 using Microsoft.AspNetCore.Builder;
-using Microsoft.AspNetCore.Hosting.Server;
-using Microsoft.AspNetCore.Hosting.Server.Features;
 using Microsoft.EntityFrameworkCore;
 using Microsoft.EntityFrameworkCore.Diagnostics;
 
@@ -21,7 +17,7 @@ public sealed class DatabaseOutageTests
     public async Task Postgres_that_cannot_be_reached_answers_503_with_Retry_After()
     {
         // Nothing listens on the port: what a stopped PostgreSQL looks like to the server.
-        await using var server = await OutageServer.StartAsync(new()
+        await using var server = await ConfiguredServer.StartAsync(new()
         {
             ["Database:Provider"] = "postgres",
             ["ConnectionStrings:Postgres"] = $"Host=127.0.0.1;Port={ServerProcess.FreePort()};Username=u;Password=p;Database=d;Timeout=5",
@@ -39,7 +35,7 @@ public sealed class DatabaseOutageTests
     {
         // PRAGMA query_only makes SQLite refuse writes as a read-only file does, even for root (chmod does not stop root).
         var readOnly = new QueryOnlySwitch();
-        await using var server = await OutageServer.StartAsync([], builder =>
+        await using var server = await ConfiguredServer.StartAsync([], builder =>
             builder.Services.ConfigureDbContext<SqliteLoraDeployContext>(db => db.AddInterceptors(readOnly)));
         var token = await server.CreateTokenAsync("alice");
         using var client = server.CreateClient(token);
@@ -95,68 +91,6 @@ public sealed class DatabaseOutageTests
             using var command = connection.CreateCommand();
             command.CommandText = On ? "PRAGMA query_only = ON" : "PRAGMA query_only = OFF";
             command.ExecuteNonQuery();
-        }
-    }
-
-    /// <summary>The real host over loopback, with services a test may add (LoraDeployServer takes settings only).</summary>
-    private sealed class OutageServer : IAsyncDisposable
-    {
-        private readonly WebApplication _app;
-        private readonly string _dataDir;
-
-        private OutageServer(WebApplication app, string dataDir)
-        {
-            _app = app;
-            _dataDir = dataDir;
-        }
-
-        public Uri BaseUrl { get; private set; } = null!;
-
-        public static async Task<OutageServer> StartAsync(Dictionary<string, string?> settings, Action<WebApplicationBuilder>? configure = null)
-        {
-            var dataDir = Path.Combine(Path.GetTempPath(), "loradeploy-tests", Guid.NewGuid().ToString("N"));
-            Directory.CreateDirectory(dataDir);
-            settings[DataDirectory.Key] = dataDir;
-            settings["Pipeline:Enabled"] = "false";
-            var app = ServerApp.Build(["--urls", "http://127.0.0.1:0"], builder =>
-            {
-                builder.Configuration.AddInMemoryCollection(settings);
-                builder.Logging.ClearProviders();
-                configure?.Invoke(builder);
-            });
-            await app.Services.GetRequiredService<DatabaseMigrator>().MigrateAsync(CancellationToken.None);
-            await app.StartAsync();
-            var server = new OutageServer(app, dataDir)
-            {
-                BaseUrl = new Uri(app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First()),
-            };
-            return server;
-        }
-
-        public async Task<string> CreateTokenAsync(string userName)
-        {
-            await using var db = await _app.Services.GetRequiredService<IDbContextFactory<LoraDeployDbContext>>().CreateDbContextAsync();
-            return await ApiTokens.CreateForUserAsync(db, userName, isAdmin: false, "test", DateTime.UtcNow, CancellationToken.None);
-        }
-
-        public HttpClient CreateClient(string token) => new()
-        {
-            BaseAddress = BaseUrl,
-            DefaultRequestHeaders = { Authorization = new AuthenticationHeaderValue("Bearer", token) },
-        };
-
-        public async ValueTask DisposeAsync()
-        {
-            await _app.StopAsync();
-            await _app.DisposeAsync();
-            Microsoft.Data.Sqlite.SqliteConnection.ClearAllPools();
-            try
-            {
-                Directory.Delete(_dataDir, recursive: true);
-            }
-            catch (IOException)
-            {
-            }
         }
     }
 }

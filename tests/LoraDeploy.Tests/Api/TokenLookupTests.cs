@@ -1,6 +1,9 @@
-using System.Diagnostics;
+using System.Collections.Concurrent;
+using System.Data.Common;
 using System.Net;
 using LoraDeploy.Auth;
+using LoraDeploy.Data;
+using Microsoft.EntityFrameworkCore;
 using Microsoft.EntityFrameworkCore.Diagnostics;
 
 namespace LoraDeploy.Tests.Api;
@@ -9,29 +12,30 @@ namespace LoraDeploy.Tests.Api;
 /// Token ids cannot be probed: an unknown id costs one database query, not one per try, and takes the same
 /// comparison as a wrong secret (issue 16, finding 21).
 /// </summary>
-public sealed class TokenLookupTests(SqliteServerFixture fixture) : IClassFixture<SqliteServerFixture>
+public sealed class TokenLookupTests
 {
-    private LoraDeployServer Server => fixture.Server;
-
     [Fact]
     public async Task An_unknown_token_id_is_looked_up_once_and_refused_like_a_wrong_secret()
     {
-        var alice = await Server.CreateUserAsync("alice");
+        var commands = new CommandParameters();
+        await using var server = await ConfiguredServer.StartAsync([], builder =>
+            builder.Services.ConfigureDbContext<SqliteLoraDeployContext>(db => db.AddInterceptors(commands)));
+        var token = await server.CreateTokenAsync("alice");
         var unknownId = ApiTokens.RandomId(12);
-        var unknown = $"ld_{unknownId}_{TokenParts.Secret(alice.Token)}";
-        using var queries = new CommandsWithParameter(unknownId);
+        var unknown = $"ld_{unknownId}_{TokenParts.Secret(token)}";
 
-        using var first = Server.CreateClient(unknown);
+        using var first = server.CreateClient(unknown);
         var firstBody = await (await first.GetAsync("/deploy/list")).ExpectErrorAsync(HttpStatusCode.Unauthorized);
-        Assert.Equal(1, queries.Count);
-        using var second = Server.CreateClient(unknown);
+        Assert.Equal(1, commands.Count(unknownId));
+        using var second = server.CreateClient(unknown);
         await (await second.GetAsync("/deploy/list")).ExpectErrorAsync(HttpStatusCode.Unauthorized);
-        Assert.Equal(1, queries.Count); // remembered: the second try asked the database nothing
+        Assert.Equal(1, commands.Count(unknownId)); // remembered: the second try asked the database nothing
 
-        var lastChar = alice.Token[^1] == 'A' ? 'B' : 'A';
-        using var wrongSecret = Server.CreateClient(alice.Token[..^1] + lastChar);
+        var lastChar = token[^1] == 'A' ? 'B' : 'A';
+        using var wrongSecret = server.CreateClient(token[..^1] + lastChar);
         Assert.Equal(firstBody, await (await wrongSecret.GetAsync("/deploy/list")).ExpectErrorAsync(HttpStatusCode.Unauthorized));
-        (await alice.Client.GetAsync("/deploy/list")).EnsureSuccessStatusCode();
+        using var alice = server.CreateClient(token);
+        (await alice.GetAsync("/deploy/list")).EnsureSuccessStatusCode();
     }
 
     [Fact]
@@ -44,56 +48,34 @@ public sealed class TokenLookupTests(SqliteServerFixture fixture) : IClassFixtur
         Assert.False(ApiTokens.Verify(presented, new byte[32]));
     }
 
-    /// <summary>Counts the EF commands, of any server in this process, that carry <paramref name="value"/> as a parameter.</summary>
-    private sealed class CommandsWithParameter : IObserver<DiagnosticListener>, IObserver<KeyValuePair<string, object?>>, IDisposable
+    /// <summary>Counts, per string parameter value, the queries EF sends.</summary>
+    private sealed class CommandParameters : DbCommandInterceptor
     {
-        private readonly string _value;
-        private readonly IDisposable _all;
-        private readonly List<IDisposable> _listeners = [];
-        private int _count;
+        private readonly ConcurrentDictionary<string, int> _seen = new();
 
-        public CommandsWithParameter(string value)
+        public int Count(string value) => _seen.GetValueOrDefault(value);
+
+        public override InterceptionResult<DbDataReader> ReaderExecuting(DbCommand command, CommandEventData eventData, InterceptionResult<DbDataReader> result)
         {
-            _value = value;
-            _all = DiagnosticListener.AllListeners.Subscribe(this);
+            Record(command);
+            return result;
         }
 
-        public int Count => Volatile.Read(ref _count);
-
-        public void OnNext(DiagnosticListener listener)
+        public override ValueTask<InterceptionResult<DbDataReader>> ReaderExecutingAsync(
+            DbCommand command, CommandEventData eventData, InterceptionResult<DbDataReader> result, CancellationToken cancellationToken = default)
         {
-            if (listener.Name == Microsoft.EntityFrameworkCore.DbLoggerCategory.Name)
+            Record(command);
+            return ValueTask.FromResult(result);
+        }
+
+        private void Record(DbCommand command)
+        {
+            foreach (var parameter in command.Parameters.Cast<DbParameter>())
             {
-                lock (_listeners)
+                if (parameter.Value is string text)
                 {
-                    _listeners.Add(listener.Subscribe(this));
+                    _seen.AddOrUpdate(text, 1, (_, count) => count + 1);
                 }
-            }
-        }
-
-        public void OnNext(KeyValuePair<string, object?> value)
-        {
-            if (value.Key == RelationalEventId.CommandExecuting.Name && value.Value is CommandEventData data
-                && data.Command.Parameters.Cast<System.Data.Common.DbParameter>().Any(p => Equals(p.Value, _value)))
-            {
-                Interlocked.Increment(ref _count);
-            }
-        }
-
-        public void OnCompleted()
-        {
-        }
-
-        public void OnError(Exception error)
-        {
-        }
-
-        public void Dispose()
-        {
-            _all.Dispose();
-            lock (_listeners)
-            {
-                _listeners.ForEach(l => l.Dispose());
             }
         }
     }

@@ -109,7 +109,9 @@ public sealed class ObservabilityTests
     [Fact]
     public async Task Without_a_token_metrics_answer_loopback_clients_only()
     {
-        await using var server = await LoraDeployServer.StartAsync(TestDatabase.Sqlite, ServerFixture.ControlPlaneOnly);
+        // An empty value (Metrics__Token= in an environment) means no token, not a start-up failure.
+        await using var server = await LoraDeployServer.StartAsync(TestDatabase.Sqlite,
+            new Dictionary<string, string?>(ServerFixture.ControlPlaneOnly) { ["Metrics:Token"] = "" });
         using var local = server.CreateClient();
         Assert.Equal(HttpStatusCode.OK, (await local.GetAsync("/metrics")).StatusCode);
 
