@@ -64,16 +64,21 @@ public sealed class DatabaseMigrator(
     /// </summary>
     private async Task CreatePostgresDatabaseIfMissingAsync(LoraDeployDbContext db, CancellationToken cancellationToken)
     {
-        var creator = db.GetService<IRelationalDatabaseCreator>();
-        if (await creator.ExistsAsync(cancellationToken))
+        if (await db.GetService<IRelationalDatabaseCreator>().ExistsAsync(cancellationToken))
         {
             return;
         }
-        var name = new NpgsqlConnectionStringBuilder(db.Database.GetConnectionString()).Database;
+        var target = new NpgsqlConnectionStringBuilder(db.Database.GetConnectionString());
+        // On our own connection to the maintenance database rather than EF's creator: EF logs a refused CREATE DATABASE
+        // as a failed command with its SQL, and the user should see only the one line below.
+        var maintenance = new NpgsqlConnectionStringBuilder(target.ConnectionString) { Database = "postgres", Pooling = false, Multiplexing = false };
         try
         {
-            await creator.CreateAsync(cancellationToken);
-            logger.LogInformation("Created the PostgreSQL database {Database}", name);
+            await using var connection = new NpgsqlConnection(maintenance.ToString());
+            await connection.OpenAsync(cancellationToken);
+            await using var create = new NpgsqlCommand($"CREATE DATABASE \"{target.Database!.Replace("\"", "\"\"", StringComparison.Ordinal)}\"", connection);
+            await create.ExecuteNonQueryAsync(cancellationToken);
+            logger.LogInformation("Created the PostgreSQL database {Database}", target.Database);
         }
         catch (PostgresException e) when (e.SqlState == PostgresErrorCodes.DuplicateDatabase)
         {
@@ -81,10 +86,9 @@ public sealed class DatabaseMigrator(
         }
         catch (PostgresException e) when (e.SqlState == PostgresErrorCodes.InsufficientPrivilege)
         {
-            var builder = new NpgsqlConnectionStringBuilder(db.Database.GetConnectionString());
             throw new DatabaseStartException(
-                $"the PostgreSQL database '{name}' does not exist on {builder.Host}:{builder.Port} and user '{builder.Username}' may not create it: " +
-                $"create it (createdb -h {builder.Host} -p {builder.Port} -O {builder.Username} {name}) or set ConnectionStrings:Postgres to an existing database", e);
+                $"the PostgreSQL database '{target.Database}' does not exist on {target.Host}:{target.Port} and user '{target.Username}' may not create it: " +
+                $"create it (createdb -h {target.Host} -p {target.Port} -O {target.Username} {target.Database}) or set ConnectionStrings:Postgres to an existing database", e);
         }
     }
 
