@@ -74,6 +74,10 @@ public class AddressPolicyTests
     [InlineData("Network:AllowedPrivateRanges:0", "not-an-ip", "not-an-ip")]
     [InlineData("Civitai:BaseUrl", "civitai.com", "Civitai:BaseUrl")]
     [InlineData("Import:MaxFileBytes", "0", "Import:MaxFileBytes")]
+    [InlineData("Import:MinBytesPerSecond", "-1", "Import:MinBytesPerSecond")]
+    [InlineData("Import:MinRateWindow", "00:00:00", "Import:MinRateWindow")]
+    [InlineData("Import:MaxApiBodyBytes", "10", "Import:MaxApiBodyBytes")]
+    [InlineData("Import:ApiBodyTimeout", "00:00:00", "Import:ApiBodyTimeout")]
     public void Bad_settings_fail_with_the_setting_named(string key, string value, string expected)
     {
         using var sp = Build(new() { [key] = value });

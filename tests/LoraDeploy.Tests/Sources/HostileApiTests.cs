@@ -52,55 +52,48 @@ public class HostileApiTests
     [Fact]
     public async Task An_endless_api_error_body_is_read_only_up_to_the_limit()
     {
-        await using var sim = await CivitaiSimulator.StartAsync(cancellationToken: Ct);
-        var v = sim.AddLora(SimContent.Safetensors());
-        await using var h = new SourcesHarness(sim);
-        sim.Hostile.ApiErrorBodyBytes = EndlessBytes;
-
-        var before = sim.ApiBytesSent;
-
-        var result = await h.ResolveAsync($"https://civitai.com/model-versions/{v.Id}");
+        var (result, versionId, bytesSent) = await ResolveAgainstEndlessAnswerAsync(hostile => hostile.ApiErrorBodyBytes = EndlessBytes);
 
         Assert.Equal(ReasonClass.NotFound, result.ReasonClass);
-        Assert.Contains($"CivitAI has no published version {v.Id}", result.FailReason);
-        await EndlessAnswerEndedAsync(sim);
-        Assert.InRange(sim.ApiBytesSent - before, 1, BufferedBytes);
+        Assert.Contains($"CivitAI has no published version {versionId}", result.FailReason);
+        Assert.InRange(bytesSent, 1, BufferedBytes);
     }
 
     [Fact]
     public async Task An_endless_error_body_on_the_download_probe_is_read_only_up_to_the_limit()
     {
-        await using var sim = await CivitaiSimulator.StartAsync(cancellationToken: Ct);
-        var v = sim.AddLora(SimContent.Safetensors());
-        await using var h = new SourcesHarness(sim);
-        sim.Hostile.DownloadErrorBodyBytes = EndlessBytes;
-
-        var before = sim.ApiBytesSent;
-
-        var result = await h.ResolveAsync($"https://civitai.com/model-versions/{v.Id}");
+        var (result, versionId, bytesSent) = await ResolveAgainstEndlessAnswerAsync(hostile => hostile.DownloadErrorBodyBytes = EndlessBytes);
 
         Assert.Equal(ReasonClass.AuthRequired, result.ReasonClass);
-        Assert.Contains($"CivitAI requires a login to download version {v.Id}", result.FailReason);
-        await EndlessAnswerEndedAsync(sim);
-        Assert.InRange(sim.ApiBytesSent - before, 1, BufferedBytes);
+        Assert.Contains($"CivitAI requires a login to download version {versionId}", result.FailReason);
+        Assert.InRange(bytesSent, 1, BufferedBytes);
     }
 
     [Fact]
     public async Task An_endless_json_string_fails_at_the_api_body_limit()
     {
+        var (result, versionId, bytesSent) = await ResolveAgainstEndlessAnswerAsync(
+            hostile => hostile.ApiJsonStringBytes = EndlessBytes, new() { ["Import:MaxApiBodyBytes"] = "1048576" });
+
+        Assert.Equal(ReasonClass.Upstream, result.ReasonClass);
+        Assert.Contains($"CivitAI's answer for /api/v1/model-versions/{versionId} is larger than Import:MaxApiBodyBytes (1048576 bytes)", result.FailReason);
+        Assert.InRange(bytesSent, 1, BufferedBytes);
+    }
+
+    /// <summary>Resolves a version while the API answers with an endless body; BytesSent is what the API host's transport took in meanwhile.</summary>
+    private static async Task<(CivitaiResolveResult Result, int VersionId, long BytesSent)> ResolveAgainstEndlessAnswerAsync(
+        Action<SimHostile> endless, Dictionary<string, string?>? settings = null)
+    {
         await using var sim = await CivitaiSimulator.StartAsync(cancellationToken: Ct);
         var v = sim.AddLora(SimContent.Safetensors());
-        await using var h = new SourcesHarness(sim, extra: new() { ["Import:MaxApiBodyBytes"] = "1048576" });
-        sim.Hostile.ApiJsonStringBytes = EndlessBytes;
-
+        await using var h = new SourcesHarness(sim, extra: settings);
+        endless(sim.Hostile);
         var before = sim.ApiBytesSent;
 
         var result = await h.ResolveAsync($"https://civitai.com/model-versions/{v.Id}");
 
-        Assert.Equal(ReasonClass.Upstream, result.ReasonClass);
-        Assert.Contains($"CivitAI's answer for /api/v1/model-versions/{v.Id} is larger than Import:MaxApiBodyBytes (1048576 bytes)", result.FailReason);
         await EndlessAnswerEndedAsync(sim);
-        Assert.InRange(sim.ApiBytesSent - before, 1, BufferedBytes);
+        return (result, v.Id, sim.ApiBytesSent - before);
     }
 
     [Theory]
