@@ -67,7 +67,8 @@ public static class OpenApiExtensions
     /// <summary>
     /// <c>/openapi/v1.json</c> and the Scalar reference at <c>/docs</c>. A self-hosted, possibly air-gapped server's
     /// page makes no request off the machine: Scalar's fonts from its CDN, the AI chat, MCP, telemetry, the developer
-    /// toolbar ("Generate SDK", "Deploy") and the client button are all off, and a CSP holds the page to its own origin.
+    /// toolbar ("Generate SDK", "Deploy"), the client button and the "Powered by Scalar" link are all off, and a CSP
+    /// holds the page to its own origin.
     /// </summary>
     public static IEndpointRouteBuilder MapApiDocumentation(this IEndpointRouteBuilder app)
     {
@@ -81,6 +82,7 @@ public static class OpenApiExtensions
             .DisableTelemetry()
             .HideDeveloperTools()
             .HideClientButton()
+            .WithCustomCss("a[href^='https://scalar.com/'] { display: none; }") // "Powered by Scalar", a link off the machine
             .WithNonce())
             .AllowAnonymous()
             .Add(endpoint => endpoint.RequestDelegate = WithContentSecurityPolicy(endpoint.RequestDelegate!));

@@ -8,7 +8,7 @@ namespace LoraDeploy.Tests.Cli;
 /// The real <c>loradeploy</c> client against a real server on loopback (its own process) that resolves and
 /// downloads from the CivitAI simulator (<see cref="E2eEnvironment"/>). Output is redirected here, so the plain (non-ANSI) rendering is checked.
 /// </summary>
-public sealed class ClientCommandServerTests(E2eEnvironment env) : IClassFixture<E2eEnvironment>, IAsyncLifetime
+public sealed partial class ClientCommandServerTests(E2eEnvironment env) : IClassFixture<E2eEnvironment>, IAsyncLifetime
 {
     public async ValueTask InitializeAsync() => await env.StartAsync();
 
@@ -286,20 +286,27 @@ public sealed class ClientCommandServerTests(E2eEnvironment env) : IClassFixture
         var row = Assert.Single(lines, l => l.Contains("/cli-long-reason", StringComparison.Ordinal));
         Assert.EndsWith("…", row);
         Assert.Contains(reason[..20], row);
+        var (exitCode, screen) = await TerminalAsync("list");
+        Assert.True(exitCode == 0, screen);
+        var screenLines = AnsiEscape().Replace(screen, "").Split('\n', StringSplitOptions.RemoveEmptyEntries);
+        Assert.All(screenLines, l => Assert.True(l.TrimEnd('\r').Length <= 160, $"{l.Length} columns on a 160-column terminal: {l}"));
+        Assert.Single(screenLines, l => l.Contains("/cli-long-reason", StringComparison.Ordinal) && l.Contains('…'));
+
         var json = ParseOnly(await env.CliAsync("list", "--json"));
         Assert.Contains(json.EnumerateArray(), d => d.GetProperty("fail_reason").GetString() == reason);
     }
 
-    [Fact]
-    public async Task On_a_terminal_a_failed_create_shows_no_empty_bar_and_the_reason_once()
+    /// <summary>
+    /// Runs the client in a pseudo-terminal 160 columns wide (<c>script</c>): the live view and table a user sees, not
+    /// the plain lines of a pipe. Returns what the terminal received (stdout and stderr).
+    /// </summary>
+    private async Task<(int ExitCode, string Screen)> TerminalAsync(params string[] args)
     {
-        var name = "cli-tty-fail";
-        var dll = LoraDeployExe.DllPath;
-        var command = $"stty cols 160 2>/dev/null; dotnet '{dll}' create --civitai '{env.MissingUrl}' --base '{E2eEnvironment.Flux}' --name {name}";
+        var quoted = string.Join(' ', args.Select(a => "'" + a.Replace("'", "'\\''", StringComparison.Ordinal) + "'"));
         var start = LoraDeployExe.StartInfo([], env.ClientEnv);
-        start.FileName = "script"; // a pseudo-terminal: the live view a user sees, not the plain lines of a pipe
+        start.FileName = "script";
         start.ArgumentList.Clear();
-        foreach (var arg in new[] { "-qec", command, "/dev/null" })
+        foreach (var arg in new[] { "-qec", $"stty cols 160 2>/dev/null; dotnet '{LoraDeployExe.DllPath}' {quoted}", "/dev/null" })
         {
             start.ArgumentList.Add(arg);
         }
@@ -308,9 +315,19 @@ public sealed class ClientCommandServerTests(E2eEnvironment env) : IClassFixture
         process.StandardInput.Close();
         var stdout = process.StandardOutput.ReadToEndAsync();
         await process.WaitForExitAsync(new CancellationTokenSource(TimeSpan.FromSeconds(120)).Token);
-        var screen = await stdout;
+        return (process.ExitCode, await stdout);
+    }
 
-        Assert.True(process.ExitCode == 1, screen);
+    [GeneratedRegex(@"\x1b(\[[0-9;?]*[A-Za-z]|[=>])")]
+    private static partial Regex AnsiEscape();
+
+    [Fact]
+    public async Task On_a_terminal_a_failed_create_shows_no_empty_bar_and_the_reason_once()
+    {
+        var name = "cli-tty-fail";
+        var (exitCode, screen) = await TerminalAsync("create", "--civitai", env.MissingUrl, "--base", E2eEnvironment.Flux, "--name", name);
+
+        Assert.True(exitCode == 1, screen);
         var reason = (await env.GetJsonAsync("deploy/list?status=failed")).EnumerateArray()
             .Single(d => d.GetProperty("model_name").GetString() == $"{env.User}/{name}").GetProperty("fail_reason").GetString()!;
         Assert.Single(Regex.Matches(screen, Regex.Escape(reason[..30])));

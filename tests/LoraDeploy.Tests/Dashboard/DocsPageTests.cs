@@ -59,6 +59,10 @@ public sealed partial class DocsPageTests
             Assert.Equal(0, await page.GetByRole(AriaRole.Button, new() { Name = offMachine, Exact = true }).CountAsync());
             Assert.Equal(0, await page.GetByRole(AriaRole.Link, new() { Name = offMachine, Exact = true }).CountAsync());
         }
+        // Nor a visible link off the machine ("Powered by Scalar" and the like).
+        var offSiteLinks = await page.EvaluateAsync<string[]>(
+            "() => [...document.querySelectorAll('a[href]')].filter(a => a.offsetParent !== null && new URL(a.href, location.href).origin !== location.origin && !a.href.startsWith('blob:') && !a.href.startsWith('data:')).map(a => a.href + ' ' + a.className + ' ' + a.textContent.trim())");
+        Assert.True(offSiteLinks.Length == 0, string.Join("\n", offSiteLinks));
         lock (consoleErrors)
         {
             Assert.DoesNotContain(consoleErrors, e => e.Contains("Content Security Policy", StringComparison.OrdinalIgnoreCase));
