@@ -30,6 +30,7 @@ public static class ServerApp
         builder.Services.AddApiJson();
 
         builder.Services.AddDatabase(builder.Configuration);
+        builder.Services.AddHealth();
         builder.Services.AddTokenAuth();
         builder.Services.AddSingleton<BaseModelRegistry>();
         builder.Services.AddLoraApi();

@@ -115,17 +115,27 @@ public sealed partial class DownloadWorker(
         }
     }
 
+    private static readonly HashSet<string> ResumableClasses =
+        [Sources.ReasonClass.Network, Sources.ReasonClass.Upstream, Sources.ReasonClass.RateLimited, PipelineReasonClass.DownloadDeadline];
+
     /// <summary>ENOSPC (28) or EDQUOT (122): .NET on Linux puts the errno into the IOException's HResult.</summary>
     internal static bool IsDiskFull(IOException e) => OperatingSystem.IsLinux()
         ? e.HResult is 28 or 122
         : e.HResult is unchecked((int)0x80070070) or unchecked((int)0x80070027); // ERROR_DISK_FULL, ERROR_HANDLE_DISK_FULL
 
-    /// <summary>Ends a download that will not be retried by itself: its staging file goes at once (even an empty one).</summary>
+    /// <summary>
+    /// Ends a download that will not be retried by itself. Its staging file goes at once (even an empty one), unless
+    /// it holds bytes and the cause may pass (network, the host, a rate limit, the deadline): then it stays for
+    /// Pipeline:BlobGracePeriod, so that starting the deploy again resumes with Range instead of starting over.
+    /// </summary>
     private async Task FailForGoodAsync(LoraDeployDbContext db, long downloadId, string staging, CancellationTokenSource work, Task renewal, string failClass, string failReason)
     {
         await work.CancelAsync();
         await renewal;
-        TryDelete(staging);
+        if (!(ResumableClasses.Contains(failClass) && File.Exists(staging) && new FileInfo(staging).Length > 0))
+        {
+            TryDelete(staging);
+        }
         await EndAsync(db, downloadId, DownloadStatus.Failed, failClass, failReason, null, CancellationToken.None);
     }
 

@@ -53,6 +53,20 @@ public sealed class DatabaseOutageTests
         (await client.GetAsync("/deploy/list")).EnsureSuccessStatusCode();
     }
 
+    [Fact]
+    public async Task Ready_says_the_database_disk_is_full_when_free_space_is_below_the_minimum()
+    {
+        // No test can fill a real disk; a minimum above any disk's size stands in for one with no room left.
+        await using var server = await ConfiguredServer.StartAsync(new() { ["Health:MinFreeBytes"] = long.MaxValue.ToString(System.Globalization.CultureInfo.InvariantCulture) });
+        using var client = server.CreateClient("unused");
+
+        var ready = await client.GetAsync("/ready");
+
+        Assert.Equal(HttpStatusCode.ServiceUnavailable, ready.StatusCode);
+        Assert.NotNull(ready.Headers.RetryAfter);
+        Assert.StartsWith("database disk full (", (await ready.ExpectAsync(HttpStatusCode.ServiceUnavailable)).GetProperty("status").GetString());
+    }
+
     private static readonly object CreateBody = new
     {
         lora_name = "first",

@@ -345,7 +345,7 @@ public sealed class ImportPipelineTests
     }
 
     [Fact]
-    public async Task A_download_that_failed_for_good_deletes_its_staging_file_at_once()
+    public async Task A_download_that_failed_on_the_network_keeps_its_partial_file_and_starting_again_resumes_it()
     {
         await using var h = await PipelineHarness.StartAsync(settings: new Dictionary<string, string?>
         {
@@ -365,9 +365,18 @@ public sealed class ImportPipelineTests
         var reason = (await h.WaitAsync(id)).AssertFailed();
 
         Assert.Contains(version.File.Id.ToString(System.Globalization.CultureInfo.InvariantCulture), reason);
-        // Deleted when the download failed, not an hour later (the default Pipeline:BlobGracePeriod).
+        var kept = Assert.Single(Directory.GetFiles(staging));
+        var keptBytes = new FileInfo(kept).Length;
+        Assert.True(keptBytes > 0);
+
+        // The host recovers; starting the deploy again goes on from the kept bytes instead of from zero.
+        version.File.Faults.Storage503Times = 0;
+        version.File.Faults.DropAfterBytes = null;
+        version.File.Faults.ChunkDelay = TimeSpan.Zero;
+        await (await h.User.Client.PostAsync($"/deploy/{id}/start", null)).ExpectAsync(HttpStatusCode.OK);
+        (await h.WaitAsync(id)).AssertDeploying();
+        Assert.Contains(new SimRangeRequest(version.File.Id, keptBytes), h.Simulator.RangeRequests);
         Assert.Empty(Directory.GetFiles(staging));
-        Assert.Equal(0, await h.Server.QueryAsync(db => db.Blobs.CountAsync()));
     }
 
     internal static async Task WaitUntilAsync(Func<Task<bool>> condition, int seconds = 30)
