@@ -13,12 +13,15 @@ namespace LoraDeploy.Tests.Api;
 /// </summary>
 public sealed class DatabaseOutageTests
 {
+    private static readonly Dictionary<string, string?> PipelineOff = new() { ["Pipeline:Enabled"] = "false" };
+
     [Fact]
     public async Task Postgres_that_cannot_be_reached_answers_503_with_Retry_After()
     {
         // Nothing listens on the port: what a stopped PostgreSQL looks like to the server.
-        await using var server = await ConfiguredServer.StartAsync(new()
+        await using var server = await LoraDeployServer.StartAsync(settings: new Dictionary<string, string?>
         {
+            ["Pipeline:Enabled"] = "false",
             ["Database:Provider"] = "postgres",
             ["ConnectionStrings:Postgres"] = $"Host=127.0.0.1;Port={ServerProcess.FreePort()};Username=u;Password=p;Database=d;Timeout=5",
             ["Database:MigrateAtStart"] = "false",
@@ -35,7 +38,7 @@ public sealed class DatabaseOutageTests
     {
         // PRAGMA query_only makes SQLite refuse writes as a read-only file does, even for root (chmod does not stop root).
         var readOnly = new QueryOnlySwitch();
-        await using var server = await ConfiguredServer.StartAsync([], builder =>
+        await using var server = await LoraDeployServer.StartAsync(settings: PipelineOff, configure: builder =>
             builder.Services.ConfigureDbContext<SqliteLoraDeployContext>(db => db.AddInterceptors(readOnly)));
         var token = await server.CreateTokenAsync("alice");
         using var client = server.CreateClient(token);
@@ -57,7 +60,11 @@ public sealed class DatabaseOutageTests
     public async Task Ready_says_the_database_disk_is_full_when_free_space_is_below_the_minimum()
     {
         // No test can fill a real disk; a minimum above any disk's size stands in for one with no room left.
-        await using var server = await ConfiguredServer.StartAsync(new() { ["Health:MinFreeBytes"] = long.MaxValue.ToString(System.Globalization.CultureInfo.InvariantCulture) });
+        await using var server = await LoraDeployServer.StartAsync(settings: new Dictionary<string, string?>
+        {
+            ["Pipeline:Enabled"] = "false",
+            ["Health:MinFreeBytes"] = long.MaxValue.ToString(System.Globalization.CultureInfo.InvariantCulture),
+        });
         using var client = server.CreateClient("unused");
 
         var ready = await client.GetAsync("/ready");

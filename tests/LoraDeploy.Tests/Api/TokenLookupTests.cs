@@ -14,11 +14,13 @@ namespace LoraDeploy.Tests.Api;
 /// </summary>
 public sealed class TokenLookupTests
 {
+    private static readonly Dictionary<string, string?> PipelineOff = new() { ["Pipeline:Enabled"] = "false" };
+
     [Fact]
     public async Task An_unknown_token_id_is_looked_up_once_and_refused_like_a_wrong_secret()
     {
         var commands = new CommandParameters();
-        await using var server = await ConfiguredServer.StartAsync([], builder =>
+        await using var server = await LoraDeployServer.StartAsync(settings: PipelineOff, configure: builder =>
             builder.Services.ConfigureDbContext<SqliteLoraDeployContext>(db => db.AddInterceptors(commands)));
         var token = await server.CreateTokenAsync("alice");
         var unknownId = ApiTokens.RandomId(12);

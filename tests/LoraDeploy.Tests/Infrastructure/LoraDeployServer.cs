@@ -10,20 +10,23 @@ namespace LoraDeploy.Tests;
 
 /// <summary>
 /// The real host on real HTTP over loopback, on a throwaway data folder (SQLite file + blobs) or a throwaway
-/// PostgreSQL database. <see cref="RestartAsync"/> boots a new host on the same data.
+/// PostgreSQL database. <see cref="RestartAsync"/> boots a new host on the same data. <c>configure</c> adds to the
+/// host what settings cannot (an EF interceptor, say), on every boot.
 /// </summary>
 public sealed class LoraDeployServer : IAsyncDisposable
 {
     private readonly Dictionary<string, string?> _settings;
     private readonly bool _ownsData;
+    private readonly Action<WebApplicationBuilder>? _configure;
     private WebApplication? _app;
 
-    private LoraDeployServer(TestDatabase database, string dataDir, Dictionary<string, string?> settings, bool ownsData)
+    private LoraDeployServer(TestDatabase database, string dataDir, Dictionary<string, string?> settings, bool ownsData, Action<WebApplicationBuilder>? configure = null)
     {
         Database = database;
         DataDir = dataDir;
         _settings = settings;
         _ownsData = ownsData;
+        _configure = configure;
     }
 
     public TestDatabase Database { get; }
@@ -34,7 +37,8 @@ public sealed class LoraDeployServer : IAsyncDisposable
 
     public static async Task<LoraDeployServer> StartAsync(
         TestDatabase database = TestDatabase.Sqlite,
-        IDictionary<string, string?>? settings = null)
+        IDictionary<string, string?>? settings = null,
+        Action<WebApplicationBuilder>? configure = null)
     {
         var dataDir = Path.Combine(Path.GetTempPath(), "loradeploy-tests", Guid.NewGuid().ToString("N"));
         Directory.CreateDirectory(dataDir);
@@ -52,7 +56,7 @@ public sealed class LoraDeployServer : IAsyncDisposable
         {
             all[key] = value;
         }
-        var server = new LoraDeployServer(database, dataDir, all, ownsData: true);
+        var server = new LoraDeployServer(database, dataDir, all, ownsData: true, configure);
         await server.BootAsync();
         return server;
     }
@@ -63,6 +67,7 @@ public sealed class LoraDeployServer : IAsyncDisposable
         {
             builder.Configuration.AddInMemoryCollection(_settings);
             builder.Logging.ClearProviders();
+            _configure?.Invoke(builder);
         });
         await _app.Services.GetRequiredService<DatabaseMigrator>().MigrateAsync(CancellationToken.None);
         await _app.StartAsync();
