@@ -55,6 +55,14 @@ public sealed partial class DownloadWorker(
         var waiting = await db.Deploys.Where(d => d.DownloadId == downloadId && d.Status == DeployStatus.Downloading)
             .Select(d => d.Id).ToListAsync(stoppingToken);
         using var scope = logger.BeginScope("Download {DownloadId} for deploys {DeployIds}", downloadId, string.Join(",", waiting));
+        if (row.Attempts > options.Value.MaxDownloadStarts)
+        {
+            // Every earlier start ended without an outcome; whatever stops the worker would stop this one too.
+            await EndAsync(db, downloadId, DownloadStatus.Failed, PipelineReasonClass.Internal,
+                $"The download of CivitAI file {file.FileId} was started {row.Attempts - 1} times and each time its worker stopped without finishing (a crash or a restart; the server log has the details: search for download {downloadId}). Start the deploy again to retry.",
+                null, stoppingToken);
+            return;
+        }
 
         // The deadline counts from the first start, so restarts and take-overs do not reset it.
         var deadline = options.Value.DownloadDeadline;

@@ -34,6 +34,13 @@ public sealed class PipelineOptions
     [Range(typeof(TimeSpan), "00:00:00.001", "30.00:00:00")]
     public TimeSpan DownloadDeadline { get; set; } = TimeSpan.FromHours(4);
 
+    /// <summary>
+    /// A download whose worker stopped without finishing (a crash, a restart) is taken up again after its lease; after
+    /// this many starts it fails instead (class <c>internal</c>), so a download that kills its worker does not loop.
+    /// </summary>
+    [Range(1, 1000)]
+    public int MaxDownloadStarts { get; set; } = 10;
+
     /// <summary>When no byte arrived for this long, the LoRA shows <c>stalled_since</c>.</summary>
     [Range(typeof(TimeSpan), "00:00:00.001", "1.00:00:00")]
     public TimeSpan StalledAfter { get; set; } = TimeSpan.FromMinutes(1);

@@ -208,6 +208,21 @@ public sealed class ImportIntegrityTests
     }
 
     [Fact]
+    public async Task A_download_whose_worker_keeps_dying_fails_after_Pipeline_MaxDownloadStarts()
+    {
+        await using var h = await PipelineHarness.StartAsync(settings: new Dictionary<string, string?> { ["Pipeline:MaxDownloadStarts"] = "2" });
+        var version = h.Simulator.AddLora(AdapterFiles.Flux1(seed: 15), baseModel: "Flux.1 D");
+        // As above, the worker dies on every start; this time nothing clears the cause.
+        Directory.CreateDirectory(Path.Combine(h.Server.DataDir, "blobs", "staging", "download-1.part"));
+        var id = (await h.CreateAsync("always-crashing", PipelineHarness.ModelUrl(version))).GetProperty("deploy_id").GetString()!;
+
+        var reason = (await h.WaitAsync(id)).AssertFailed();
+
+        Assert.Contains("was started 2 times and each time its worker stopped without finishing", reason);
+        Assert.Equal(3, await h.Server.QueryAsync(db => db.Downloads.Select(d => d.Attempts).SingleAsync()));
+    }
+
+    [Fact]
     public async Task A_refused_download_leaves_no_staging_file_behind()
     {
         await using var h = await PipelineHarness.StartAsync();
