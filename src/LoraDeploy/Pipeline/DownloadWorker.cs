@@ -50,7 +50,7 @@ public sealed partial class DownloadWorker(
         await using var db = await contexts.CreateDbContextAsync(stoppingToken);
         var row = await db.Downloads.FirstAsync(d => d.Id == downloadId, stoppingToken);
         var file = JsonSerializer.Deserialize(row.ResolvedJson!, PipelineJsonContext.Default.ResolvedCivitaiFile)!;
-        var staging = blobs.StagingPath($"download-{downloadId}.part");
+        var staging = $"download-{downloadId}.part";
         // Every line names the deploys this shared download serves, so a user's deploy id finds them.
         var waiting = await db.Deploys.Where(d => d.DownloadId == downloadId && d.Status == DeployStatus.Downloading)
             .Select(d => d.Id).ToListAsync(stoppingToken);
@@ -73,11 +73,11 @@ public sealed partial class DownloadWorker(
         var abandoned = false;
         var renewal = RenewWhileRunningAsync(downloadId, progress, () => { abandoned = true; work.Cancel(); }, work.Token);
         var clock = Stopwatch.StartNew();
-        var startBytes = File.Exists(staging) ? new FileInfo(staging).Length : 0;
+        var startBytes = blobs.StagingLength(staging);
         LogStarting(downloadId, file.FileId, file.VersionId, startBytes);
         try
         {
-            var result = await downloader.DownloadAsync(file, staging, progress, work.Token);
+            var result = await downloader.DownloadAsync(file, blobs, staging, progress, work.Token);
             metrics.BytesDownloaded(result.Bytes - startBytes);
             await work.CancelAsync();
             await renewal;
@@ -112,7 +112,7 @@ public sealed partial class DownloadWorker(
         catch (IOException e) when (IsDiskFull(e))
         {
             await FailForGoodAsync(db, downloadId, staging, work, renewal, PipelineReasonClass.DiskFull,
-                $"The disk of the blob store ({Path.GetDirectoryName(staging)}) is full ({e.Message}) after {progress.Value} bytes of CivitAI file {file.FileId}; the partial file was deleted. Free space there (or point Storage:Path at a bigger disk), then start the deploy again.");
+                $"The disk of the blob store ({blobs.Location}) is full ({e.Message}) after {progress.Value} bytes of CivitAI file {file.FileId}; the partial file was deleted. Free space there (or point Storage:Path at a bigger disk), then start the deploy again.");
         }
         finally
         {
@@ -140,7 +140,7 @@ public sealed partial class DownloadWorker(
     {
         await work.CancelAsync();
         await renewal;
-        if (!(ResumableClasses.Contains(failClass) && File.Exists(staging) && new FileInfo(staging).Length > 0))
+        if (!(ResumableClasses.Contains(failClass) && blobs.StagingLength(staging) > 0))
         {
             TryDelete(staging);
         }
@@ -160,7 +160,8 @@ public sealed partial class DownloadWorker(
         try
         {
             // Validation only: the header's pooled tables go straight back.
-            SafetensorsReader.ReadFile(staging).Dispose();
+            await using var staged = blobs.OpenStaging(staging);
+            SafetensorsReader.Read(staged).Dispose();
         }
         catch (SafetensorsFormatException e)
         {
@@ -170,8 +171,15 @@ public sealed partial class DownloadWorker(
             return;
         }
 
-        // Bytes first: the blob is complete and durable before any row names it.
-        await blobs.PutAsync(result.Sha256, staging, ct);
+        // Bytes first: the blob is complete, verified and durable before any row names it.
+        if (await blobs.CommitStagingAsync(staging, result.Sha256, ct) == BlobPutResult.HashMismatch)
+        {
+            // The file changed under the download after it hashed it (another writer): nothing was stored.
+            await EndAsync(db, downloadId, DownloadStatus.Failed, PipelineReasonClass.HashMismatch,
+                $"The downloaded bytes of CivitAI file {file.FileId} changed on disk before they were stored (their SHA-256 is no longer {result.Sha256}); nothing was stored. Start the deploy again to fetch the file anew.",
+                null, ct);
+            return;
+        }
         db.Blobs.Add(new Blob { Sha256 = result.Sha256, SizeBytes = result.Bytes, CreatedAt = Now });
         try
         {
@@ -248,11 +256,11 @@ public sealed partial class DownloadWorker(
         }
     }
 
-    private static void TryDelete(string path)
+    private void TryDelete(string staging)
     {
         try
         {
-            File.Delete(path);
+            blobs.DeleteStaging(staging);
         }
         catch (IOException)
         {

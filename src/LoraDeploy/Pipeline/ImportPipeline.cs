@@ -406,8 +406,8 @@ public sealed partial class ImportPipeline(
     /// <summary>Probes the stored blob and lets the deploy through only when it fits the base model's family.</summary>
     private async Task FinishAsync(LoraDeployDbContext db, string deployId, string sha256, CancellationToken ct)
     {
-        var path = blobs.LocalPath(sha256);
-        if (path is null)
+        await using var blob = await blobs.OpenReadAsync(sha256, ct: ct);
+        if (blob is null)
         {
             await RequeueAsync(db, deployId, ct); // collected between the check and now: fetch it again
             return;
@@ -424,7 +424,8 @@ public sealed partial class ImportPipeline(
         ProbeReport report;
         try
         {
-            report = LoraProber.ProbeFile(path);
+            using var header = SafetensorsReader.Read(blob);
+            report = LoraProber.Probe(header, blob);
         }
         catch (SafetensorsFormatException e)
         {
@@ -435,7 +436,7 @@ public sealed partial class ImportPipeline(
         var (failClass, failReason, warnings) = AdapterGate.Check(report, lora.BaseModel, lora.CivitaiBaseModel, baseModels);
         var now = Now;
         lora.Sha256 = sha256;
-        lora.SizeBytes = new FileInfo(path).Length;
+        lora.SizeBytes = blob.Length;
         lora.ProbeJson = JsonSerializer.Serialize(report, ProbeJsonContext.Default.ProbeReport);
         lora.WarningsJson = JsonSerializer.Serialize(warnings, PipelineJsonContext.Default.ListString);
         lora.UpdatedAt = now;
@@ -582,7 +583,7 @@ public sealed partial class ImportPipeline(
         {
             try
             {
-                File.Delete(blobs.StagingPath(name));
+                blobs.DeleteStaging(name);
                 LogCollected($"staging file {name}");
             }
             catch (IOException)

@@ -7,11 +7,12 @@ using Microsoft.Extensions.Options;
 using Polly.Timeout;
 
 using LoraDeploy.Lora;
+using LoraDeploy.Storage;
 
 namespace LoraDeploy.Sources;
 
 /// <summary>
-/// Streams a resolved CivitAI file into a staging path while hashing it, resuming with Range after drops
+/// Streams a resolved CivitAI file into a staging file of the blob store while hashing it, resuming with Range after drops
 /// and crashes, and asking CivitAI for a fresh signed link when the old one stops working.
 /// Durability (fsync, rename, storing) is the caller's job.
 /// </summary>
@@ -26,12 +27,13 @@ public sealed class CivitaiDownloader(
     // A safetensors header bigger than this is not a LoRA (real ones are a few hundred KiB at most).
     private const ulong MaxHeaderBytes = 100 * 1024 * 1024;
 
-    public async Task<DownloadResult> DownloadAsync(ResolvedCivitaiFile file, string stagingPath, IProgress<long>? progress, CancellationToken cancellationToken)
+    /// <summary>Downloads into (or resumes) the staging file <paramref name="stagingName"/> of <paramref name="blobs"/>.</summary>
+    public async Task<DownloadResult> DownloadAsync(ResolvedCivitaiFile file, IBlobStore blobs, string stagingName, IProgress<long>? progress, CancellationToken cancellationToken)
     {
         var state = new State(file, civitaiOptions.CurrentValue, importOptions.CurrentValue, progress);
         try
         {
-            await using (var output = new FileStream(stagingPath, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None, bufferSize: 1, FileOptions.Asynchronous))
+            await using (var output = blobs.OpenStaging(stagingName))
             {
                 state.Output = output;
                 await RunAsync(state, cancellationToken).ConfigureAwait(false);
@@ -44,7 +46,7 @@ public sealed class CivitaiDownloader(
         catch (DownloadFailedException ex) when (ex.DiscardStaging)
         {
             // The bytes themselves are the problem (too big, not safetensors): resuming them later would be wrong.
-            TryDelete(stagingPath);
+            TryDelete(blobs, stagingName);
             throw;
         }
         finally
@@ -59,7 +61,7 @@ public sealed class CivitaiDownloader(
         public CivitaiOptions Civitai { get; } = civitai;
         public ImportOptions Import { get; } = import;
         public IProgress<long>? Progress { get; } = progress;
-        public FileStream Output { get; set; } = null!;
+        public Stream Output { get; set; } = null!;
         public IncrementalHash Hash { get; } = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         public long Have { get; set; }
         public byte[] Head { get; } = new byte[9];
@@ -441,11 +443,11 @@ public sealed class CivitaiDownloader(
     private static bool SameOrigin(Uri a, Uri b) =>
         Uri.Compare(a, b, UriComponents.SchemeAndServer, UriFormat.Unescaped, StringComparison.OrdinalIgnoreCase) == 0;
 
-    private static void TryDelete(string path)
+    private static void TryDelete(IBlobStore blobs, string stagingName)
     {
         try
         {
-            File.Delete(path);
+            blobs.DeleteStaging(stagingName);
         }
         catch (IOException)
         {

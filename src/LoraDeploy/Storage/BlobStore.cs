@@ -1,4 +1,6 @@
+using System.Buffers;
 using System.ComponentModel.DataAnnotations;
+using System.Security.Cryptography;
 using System.Runtime.InteropServices;
 using System.Text.RegularExpressions;
 
@@ -18,35 +20,62 @@ public enum BlobPutResult
     /// <summary>The bytes are now stored under their hash.</summary>
     Stored,
 
-    /// <summary>A blob with that hash was already there (same hash, same bytes); the staging file was discarded.</summary>
+    /// <summary>A blob with that hash was already there (same hash, same bytes); the new bytes were discarded.</summary>
     AlreadyExists,
+
+    /// <summary>The bytes do not hash to the given SHA-256; nothing was stored and the bytes were discarded.</summary>
+    HashMismatch,
 }
 
 /// <summary>
-/// Content-addressed blob store: <c>sha256/ab/abcd…</c>. Blobs are never overwritten; a blob appears only
-/// complete (fsynced, renamed into place, folder fsynced), so a row can safely point at it afterwards.
+/// Content-addressed blob store: blobs are read and written as streams under their SHA-256, never by path. Blobs
+/// are never overwritten; a blob appears only complete and verified (fsynced, renamed into place, folder fsynced),
+/// so a row can safely point at it afterwards. Staging files are named partial writes (resumable downloads) that
+/// become blobs through <see cref="CommitStagingAsync"/>.
 /// </summary>
 public interface IBlobStore
 {
-    /// <summary>A staging path on the same filesystem as the blobs (so the final move is an atomic rename).</summary>
-    string StagingPath(string name);
+    /// <summary>Where the store keeps its bytes, for messages to people only (e.g. which disk is full).</summary>
+    string Location { get; }
+
+    /// <summary>
+    /// Opens the blob for reading: seekable, positions relative to <paramref name="offset"/>, at most
+    /// <paramref name="length"/> bytes (to the end when null). Null when no such blob exists.
+    /// </summary>
+    Task<Stream?> OpenReadAsync(string sha256, long offset = 0, long? length = null, CancellationToken ct = default);
+
+    /// <summary>
+    /// Stores <paramref name="content"/> under <paramref name="sha256"/>, hashing as it writes; the blob appears only
+    /// when the bytes match. An existing blob is never overwritten.
+    /// </summary>
+    Task<BlobPutResult> PutAsync(string sha256, Stream content, CancellationToken ct = default);
+
+    bool Exists(string sha256);
+
+    bool Delete(string sha256);
+
+    /// <summary>
+    /// Opens (creating when absent) the staging file <paramref name="name"/> for reading and writing, exclusively,
+    /// so a download resumes the bytes an earlier process left there.
+    /// </summary>
+    Stream OpenStaging(string name);
+
+    /// <summary>The staging file's length, 0 when there is none.</summary>
+    long StagingLength(string name);
 
     /// <summary>The staging files present now, with their last write time (for collecting abandoned ones).</summary>
     IEnumerable<(string Name, DateTime LastWriteUtc)> StagingFiles();
 
-    /// <summary>Moves a verified staging file into place under <paramref name="sha256"/>.</summary>
-    Task<BlobPutResult> PutAsync(string sha256, string stagingPath, CancellationToken ct);
+    /// <summary>Makes the staging file the blob <paramref name="sha256"/> after verifying its bytes; the staging file is gone afterwards.</summary>
+    Task<BlobPutResult> CommitStagingAsync(string name, string sha256, CancellationToken ct = default);
 
-    bool Exists(string sha256);
-
-    /// <summary>The blob's local path (for header-only reads by the prober), or null when absent.</summary>
-    string? LocalPath(string sha256);
-
-    bool Delete(string sha256);
+    bool DeleteStaging(string name);
 }
 
 public sealed partial class FileSystemBlobStore : IBlobStore
 {
+    private const int CopyBufferSize = 1024 * 1024;
+
     private readonly string _root;
     private readonly string _staging;
 
@@ -57,55 +86,81 @@ public sealed partial class FileSystemBlobStore : IBlobStore
         Directory.CreateDirectory(_staging);
     }
 
+    public string Location => _root;
+
     [GeneratedRegex(@"^[0-9a-f]{64}\z")]
     private static partial Regex Sha256Hex();
 
-    public string StagingPath(string name)
+    public Task<Stream?> OpenReadAsync(string sha256, long offset = 0, long? length = null, CancellationToken ct = default)
     {
-        if (name.Contains('/') || name.Contains('\\') || name.Contains(".."))
+        ArgumentOutOfRangeException.ThrowIfNegative(offset);
+        if (length is { } l)
         {
-            throw new ArgumentException("Staging names are plain file names.", nameof(name));
+            ArgumentOutOfRangeException.ThrowIfNegative(l, nameof(length));
         }
-        return System.IO.Path.Combine(_staging, name);
+        ct.ThrowIfCancellationRequested();
+        FileStream file;
+        try
+        {
+            // Unbuffered: readers either copy with their own large buffer or make small positioned reads (the prober).
+            file = new FileStream(PathOf(sha256), FileMode.Open, FileAccess.Read, FileShare.Read | FileShare.Delete, bufferSize: 0, FileOptions.Asynchronous);
+        }
+        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
+        {
+            return Task.FromResult<Stream?>(null);
+        }
+        if (offset == 0 && (length is null || length >= file.Length))
+        {
+            return Task.FromResult<Stream?>(file);
+        }
+        var start = Math.Min(offset, file.Length);
+        var end = length is { } len ? Math.Min(file.Length, start + len) : file.Length;
+        return Task.FromResult<Stream?>(new RangeStream(file, start, end - start));
     }
 
-    public IEnumerable<(string Name, DateTime LastWriteUtc)> StagingFiles() =>
-        new DirectoryInfo(_staging).EnumerateFiles().Select(f => (f.Name, f.LastWriteTimeUtc));
-
-    public async Task<BlobPutResult> PutAsync(string sha256, string stagingPath, CancellationToken ct)
+    public async Task<BlobPutResult> PutAsync(string sha256, Stream content, CancellationToken ct = default)
     {
         var target = PathOf(sha256);
         if (File.Exists(target))
         {
-            File.Delete(stagingPath);
             return BlobPutResult.AlreadyExists;
         }
-        await using (var staged = new FileStream(stagingPath, FileMode.Open, FileAccess.ReadWrite, FileShare.None))
-        {
-            staged.Flush(flushToDisk: true);
-        }
-        var folder = System.IO.Path.GetDirectoryName(target)!;
-        Directory.CreateDirectory(folder);
+        var temp = System.IO.Path.Combine(_staging, $"put-{Guid.NewGuid():N}.tmp");
         try
         {
-            File.Move(stagingPath, target, overwrite: false);
+            using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+            await using (var output = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, bufferSize: 0, FileOptions.Asynchronous))
+            {
+                var buffer = ArrayPool<byte>.Shared.Rent(CopyBufferSize);
+                try
+                {
+                    int n;
+                    while ((n = await content.ReadAsync(buffer.AsMemory(0, CopyBufferSize), ct).ConfigureAwait(false)) > 0)
+                    {
+                        hash.AppendData(buffer, 0, n);
+                        await output.WriteAsync(buffer.AsMemory(0, n), ct).ConfigureAwait(false);
+                    }
+                }
+                finally
+                {
+                    ArrayPool<byte>.Shared.Return(buffer);
+                }
+            }
+            if (!string.Equals(Convert.ToHexStringLower(hash.GetHashAndReset()), sha256, StringComparison.Ordinal))
+            {
+                File.Delete(temp);
+                return BlobPutResult.HashMismatch;
+            }
+            return MoveIntoPlace(temp, target);
         }
-        catch (IOException) when (File.Exists(target))
+        catch
         {
-            File.Delete(stagingPath); // another writer stored the same hash first
-            return BlobPutResult.AlreadyExists;
+            TryDeleteFile(temp);
+            throw;
         }
-        FsyncDirectory(folder);
-        return BlobPutResult.Stored;
     }
 
     public bool Exists(string sha256) => File.Exists(PathOf(sha256));
-
-    public string? LocalPath(string sha256)
-    {
-        var path = PathOf(sha256);
-        return File.Exists(path) ? path : null;
-    }
 
     public bool Delete(string sha256)
     {
@@ -116,6 +171,100 @@ public sealed partial class FileSystemBlobStore : IBlobStore
         }
         File.Delete(path);
         return true;
+    }
+
+    public Stream OpenStaging(string name) =>
+        new FileStream(StagingPathOf(name), FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None, bufferSize: 1, FileOptions.Asynchronous);
+
+    public long StagingLength(string name)
+    {
+        var file = new FileInfo(StagingPathOf(name));
+        return file.Exists ? file.Length : 0;
+    }
+
+    public IEnumerable<(string Name, DateTime LastWriteUtc)> StagingFiles() =>
+        new DirectoryInfo(_staging).EnumerateFiles().Select(f => (f.Name, f.LastWriteTimeUtc));
+
+    /// <summary>
+    /// Verifies rather than trusts the caller's hash: it reads the bytes back once (from the page cache, just written),
+    /// which is what lets the store promise that a blob's bytes match its name, whatever wrote the staging file
+    /// (a resumed download hashes a prefix an earlier process left, and replicas share the staging folder).
+    /// </summary>
+    public async Task<BlobPutResult> CommitStagingAsync(string name, string sha256, CancellationToken ct = default)
+    {
+        var staged = StagingPathOf(name);
+        var target = PathOf(sha256);
+        if (File.Exists(target))
+        {
+            File.Delete(staged);
+            return BlobPutResult.AlreadyExists;
+        }
+        string actual;
+        await using (var file = new FileStream(staged, FileMode.Open, FileAccess.ReadWrite, FileShare.None, bufferSize: 0, FileOptions.Asynchronous))
+        {
+            file.Flush(flushToDisk: true);
+            actual = Convert.ToHexStringLower(await SHA256.HashDataAsync(file, ct).ConfigureAwait(false));
+        }
+        if (!string.Equals(actual, sha256, StringComparison.Ordinal))
+        {
+            File.Delete(staged);
+            return BlobPutResult.HashMismatch;
+        }
+        return MoveIntoPlace(staged, target);
+    }
+
+    public bool DeleteStaging(string name)
+    {
+        var path = StagingPathOf(name);
+        if (!File.Exists(path))
+        {
+            return false;
+        }
+        File.Delete(path);
+        return true;
+    }
+
+    /// <summary>fsyncs the verified file and renames it into place (never over an existing blob), then fsyncs the folder.</summary>
+    private static BlobPutResult MoveIntoPlace(string source, string target)
+    {
+        using (var file = new FileStream(source, FileMode.Open, FileAccess.ReadWrite, FileShare.None, bufferSize: 0))
+        {
+            file.Flush(flushToDisk: true);
+        }
+        var folder = System.IO.Path.GetDirectoryName(target)!;
+        Directory.CreateDirectory(folder);
+        try
+        {
+            File.Move(source, target, overwrite: false);
+        }
+        catch (IOException) when (File.Exists(target))
+        {
+            File.Delete(source); // another writer stored the same hash first
+            return BlobPutResult.AlreadyExists;
+        }
+        FsyncDirectory(folder);
+        return BlobPutResult.Stored;
+    }
+
+    private string StagingPathOf(string name)
+    {
+        if (name.Length == 0 || name.Contains('/') || name.Contains('\\') || name.Contains(".."))
+        {
+            throw new ArgumentException("Staging names are plain file names.", nameof(name));
+        }
+        return System.IO.Path.Combine(_staging, name);
+    }
+
+    private static void TryDeleteFile(string path)
+    {
+        try
+        {
+            File.Delete(path);
+        }
+        catch (IOException)
+        {
+            // Best effort: the staging collector removes leftovers after the grace period.
+        }
     }
 
     private string PathOf(string sha256)

@@ -18,7 +18,7 @@ public class CivitaiDownloaderTests
         var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
         var reported = new List<long>();
 
-        var result = await h.Downloader.DownloadAsync(file, h.StagingPath(), new SyncProgress(reported.Add), Ct);
+        var result = await h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, new SyncProgress(reported.Add), Ct);
 
         Assert.Equal(v.File.Sha256, result.Sha256);
         Assert.Equal(file.ListedSha256, result.Sha256);
@@ -38,7 +38,7 @@ public class CivitaiDownloaderTests
         await using var h = new SourcesHarness(sim);
         var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
 
-        var result = await h.Downloader.DownloadAsync(file, h.StagingPath(), null, Ct);
+        var result = await h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, Ct);
 
         Assert.Equal(v.File.Sha256, result.Sha256);
         Assert.Equal(v.File.Content.Length, result.Bytes);
@@ -58,7 +58,7 @@ public class CivitaiDownloaderTests
         var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
         await File.WriteAllBytesAsync(h.StagingPath(), v.File.Content.AsSpan(0, 300_001).ToArray(), Ct);
 
-        var result = await h.Downloader.DownloadAsync(file, h.StagingPath(), null, Ct);
+        var result = await h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, Ct);
 
         Assert.Equal(v.File.Sha256, result.Sha256);
         Assert.Equal(v.File.Content.Length, result.Bytes);
@@ -74,7 +74,7 @@ public class CivitaiDownloaderTests
         var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
         await File.WriteAllBytesAsync(h.StagingPath(), v.File.Content, Ct);
 
-        var result = await h.Downloader.DownloadAsync(file, h.StagingPath(), null, Ct);
+        var result = await h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, Ct);
 
         Assert.Equal(v.File.Sha256, result.Sha256);
         Assert.Contains(sim.Requests, r => r.Host == "storage" && r.Status == 416);
@@ -90,7 +90,7 @@ public class CivitaiDownloaderTests
         var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
         await File.WriteAllBytesAsync(h.StagingPath(), v.File.Content.AsSpan(0, 200_000).ToArray(), Ct);
 
-        var result = await h.Downloader.DownloadAsync(file, h.StagingPath(), null, Ct);
+        var result = await h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, Ct);
 
         Assert.Equal(v.File.Sha256, result.Sha256);
         Assert.Equal(v.File.Content.Length, new FileInfo(h.StagingPath()).Length);
@@ -107,7 +107,7 @@ public class CivitaiDownloaderTests
         v.File.Faults.RetryAfterSeconds = 1;
 
         var clock = Stopwatch.StartNew();
-        var result = await h.Downloader.DownloadAsync(file, h.StagingPath(), null, Ct);
+        var result = await h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, Ct);
 
         Assert.Equal(v.File.Sha256, result.Sha256);
         Assert.True(clock.Elapsed >= TimeSpan.FromMilliseconds(900), $"retried after {clock.Elapsed}, not after Retry-After: 1");
@@ -124,7 +124,7 @@ public class CivitaiDownloaderTests
         await using var h = new SourcesHarness(sim);
         var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
 
-        var result = await h.Downloader.DownloadAsync(file, h.StagingPath(), null, Ct);
+        var result = await h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, Ct);
 
         Assert.Equal(v.File.Sha256, result.Sha256);
         Assert.Equal(2, sim.DownloadsStarted(v.File.Id));
@@ -140,7 +140,7 @@ public class CivitaiDownloaderTests
         await using var h = new SourcesHarness(sim);
         var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
 
-        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.StagingPath(), null, Ct));
+        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, Ct));
 
         Assert.Equal(ReasonClass.NotSafetensors, ex.ReasonClass);
         Assert.Contains("is a PickleTensor (pickle) file, which can run code when loaded", ex.FailReason);
@@ -159,7 +159,7 @@ public class CivitaiDownloaderTests
         await using var h = new SourcesHarness(sim);
         var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
 
-        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.StagingPath(), null, Ct));
+        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, Ct));
 
         Assert.Equal(ReasonClass.NotSafetensors, ex.ReasonClass);
         Assert.Contains(expected, ex.FailReason);
@@ -174,7 +174,7 @@ public class CivitaiDownloaderTests
         await using var h = new SourcesHarness(sim, extra: new() { ["Import:MaxFileBytes"] = "100000" });
         var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
 
-        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.StagingPath(), new SyncProgress(_ => Assert.Fail("read body")), Ct));
+        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, new SyncProgress(_ => Assert.Fail("read body")), Ct));
 
         Assert.Equal(ReasonClass.TooLarge, ex.ReasonClass);
         Assert.Contains("over Import:MaxFileBytes (100000)", ex.FailReason);
@@ -190,7 +190,7 @@ public class CivitaiDownloaderTests
         await using var h = new SourcesHarness(sim, extra: new() { ["Import:MaxFileBytes"] = "1500000" });
         var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
 
-        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.StagingPath(), null, Ct));
+        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, Ct));
 
         Assert.Equal(ReasonClass.TooLarge, ex.ReasonClass);
         Assert.Contains("grew past Import:MaxFileBytes", ex.FailReason);
@@ -209,7 +209,7 @@ public class CivitaiDownloaderTests
         var expired = false;
 
         // Let a day pass while the first response is streaming, so the link is dead by the time we resume.
-        var result = await h.Downloader.DownloadAsync(file, h.StagingPath(), new SyncProgress(_ =>
+        var result = await h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, new SyncProgress(_ =>
         {
             if (!expired)
             {
@@ -233,7 +233,7 @@ public class CivitaiDownloaderTests
         await using var h = new SourcesHarness(sim);
         var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
 
-        var result = await h.Downloader.DownloadAsync(file, h.StagingPath(), null, Ct);
+        var result = await h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, Ct);
 
         Assert.Equal(new string('a', 64), file.ListedSha256);
         Assert.Equal(v.File.Sha256, result.Sha256);
@@ -248,7 +248,7 @@ public class CivitaiDownloaderTests
         var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
         v.RequireAuth = true;
 
-        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.StagingPath(), null, Ct));
+        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, Ct));
 
         Assert.Equal(ReasonClass.AuthRequired, ex.ReasonClass);
         Assert.Equal($"CivitAI requires a login to download version {v.Id}; set Civitai:Token", ex.FailReason);
@@ -273,7 +273,7 @@ public class CivitaiDownloaderTimeoutTests
         var file = await h.ResolveOkAsync($"https://civitai.com/model-versions/{v.Id}");
         v.File.Faults.ChunkDelay = TimeSpan.FromMilliseconds(60); // ~660 ms in all, each gap well under the idle timeout
 
-        var result = await h.Downloader.DownloadAsync(file, h.StagingPath(), null, Ct);
+        var result = await h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, Ct);
 
         Assert.Equal(v.File.Sha256, result.Sha256);
         Assert.Empty(sim.RangeRequests);
@@ -294,7 +294,7 @@ public class CivitaiDownloaderTimeoutTests
         using var deadline = CancellationTokenSource.CreateLinkedTokenSource(Ct);
         deadline.CancelAfter(TimeSpan.FromSeconds(30)); // only so a build without the budget fails instead of hanging
 
-        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.StagingPath(), null, deadline.Token));
+        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, deadline.Token));
 
         Assert.Equal(ReasonClass.Network, ex.ReasonClass);
         Assert.Contains("5 requests in a row brought no new data", ex.FailReason);

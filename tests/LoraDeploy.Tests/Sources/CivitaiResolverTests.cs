@@ -214,7 +214,7 @@ public class CivitaiResolverTests
         {
             var file = await withToken.ResolveOkAsync(url);
             Assert.DoesNotContain(sim.ValidToken, file.DownloadUrl.ToString(), StringComparison.Ordinal);
-            var download = await withToken.Downloader.DownloadAsync(file, withToken.StagingPath(), null, TestContext.Current.CancellationToken);
+            var download = await withToken.Downloader.DownloadAsync(file, withToken.Blobs, withToken.StagingName, null, TestContext.Current.CancellationToken);
             Assert.Equal(v.File.Sha256, download.Sha256);
         }
         Assert.True(sim.ApiRequestsWithAuthorization > 0);

@@ -108,7 +108,7 @@ public class HostileApiTests
         sim.Hostile.DownloadRedirectLocation = location;
         using var deadline = Deadline();
 
-        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.StagingPath(), null, deadline.Token));
+        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, deadline.Token));
 
         Assert.Equal(ReasonClass.Upstream, ex.ReasonClass);
         Assert.Contains($"CivitAI answered 307 with an unusable redirect Location {expected}", ex.FailReason);

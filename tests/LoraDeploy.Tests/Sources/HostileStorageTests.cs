@@ -31,7 +31,7 @@ public class HostileStorageTests
         sim.Hostile.Storage503Forever = true;
         using var deadline = Deadline();
 
-        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.StagingPath(), null, deadline.Token));
+        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, deadline.Token));
 
         Assert.Equal(ReasonClass.Upstream, ex.ReasonClass);
         Assert.Contains("answered 503", ex.FailReason);
@@ -49,7 +49,7 @@ public class HostileStorageTests
         sim.Hostile.StorageIgnoresRangeAndClosesEarly = true;
         using var deadline = Deadline();
 
-        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.StagingPath(), null, deadline.Token));
+        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, deadline.Token));
 
         Assert.Equal(ReasonClass.Network, ex.ReasonClass);
         Assert.Contains($"cannot make progress: {AttemptBound} requests in a row brought no new data", ex.FailReason);
@@ -66,7 +66,7 @@ public class HostileStorageTests
         sim.Hostile.StorageWrongOffset = true;
         using var deadline = Deadline();
 
-        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.StagingPath(), null, deadline.Token));
+        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, deadline.Token));
 
         Assert.Equal(ReasonClass.Network, ex.ReasonClass);
         Assert.Contains("when asked for bytes from 0", ex.FailReason);
@@ -88,7 +88,7 @@ public class HostileStorageTests
         sim.Hostile.StorageTrickleDelay = TimeSpan.FromMilliseconds(20);
         using var deadline = Deadline();
 
-        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.StagingPath(), null, deadline.Token));
+        var ex = await Assert.ThrowsAsync<DownloadFailedException>(() => h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, deadline.Token));
 
         Assert.Equal(ReasonClass.Network, ex.ReasonClass);
         Assert.Contains("slower than Import:MinBytesPerSecond (65536 bytes/s)", ex.FailReason);

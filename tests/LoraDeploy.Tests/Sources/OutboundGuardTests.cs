@@ -32,7 +32,7 @@ public class OutboundGuardTests
         v.File.Faults.RedirectTo = new Uri($"{trap.ApiBaseUrl}/latest/meta-data/");
 
         var ex = await Assert.ThrowsAsync<DownloadFailedException>(() =>
-            h.Downloader.DownloadAsync(file, h.StagingPath(), null, TestContext.Current.CancellationToken));
+            h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, TestContext.Current.CancellationToken));
 
         Assert.Equal(ReasonClass.Refused, ex.ReasonClass);
         Assert.Contains("redirect to 127.0.0.2 refused: loopback address is not CivitAI", ex.FailReason);
@@ -51,7 +51,7 @@ public class OutboundGuardTests
         v.File.Faults.RedirectTo = new Uri("file:///etc/passwd");
 
         var ex = await Assert.ThrowsAsync<DownloadFailedException>(() =>
-            h.Downloader.DownloadAsync(file, h.StagingPath(), null, TestContext.Current.CancellationToken));
+            h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, TestContext.Current.CancellationToken));
 
         Assert.Equal(ReasonClass.Refused, ex.ReasonClass);
     }
@@ -65,7 +65,7 @@ public class OutboundGuardTests
         await using var h = new SourcesHarness(sim, token: sim.ValidToken);
         var file = await h.ResolveOkAsync($"https://civitai.com/api/download/models/{v.Id}");
 
-        var result = await h.Downloader.DownloadAsync(file, h.StagingPath(), null, TestContext.Current.CancellationToken);
+        var result = await h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, TestContext.Current.CancellationToken);
 
         Assert.Equal(v.File.Sha256, result.Sha256);
         Assert.True(sim.ApiRequestsWithAuthorization >= 2);
@@ -86,7 +86,7 @@ public class RedirectLimitTests
         v.File.Faults.RedirectTo = new Uri($"{sim.ApiBaseUrl}{v.File.DownloadPath}");
 
         var ex = await Assert.ThrowsAsync<DownloadFailedException>(() =>
-            h.Downloader.DownloadAsync(file, h.StagingPath(), null, TestContext.Current.CancellationToken));
+            h.Downloader.DownloadAsync(file, h.Blobs, h.StagingName, null, TestContext.Current.CancellationToken));
 
         Assert.Equal(ReasonClass.Refused, ex.ReasonClass);
         Assert.Contains("5 redirects", ex.FailReason);

@@ -1,4 +1,5 @@
 using LoraDeploy.Sources;
+using LoraDeploy.Storage;
 using LoraDeploy.Tests.Simulator;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
@@ -36,12 +37,19 @@ internal sealed class SourcesHarness : IAsyncDisposable
         services.AddLogging();
         services.AddSources(configuration);
         _services = services.BuildServiceProvider(new ServiceProviderOptions { ValidateOnBuild = true, ValidateScopes = true });
-        StagingDir = Directory.CreateTempSubdirectory("loradeploy-sources-").FullName;
+        StoreDir = Directory.CreateTempSubdirectory("loradeploy-sources-").FullName;
+        Blobs = new FileSystemBlobStore(StoreDir);
     }
 
-    public string StagingDir { get; }
+    /// <summary>The root of <see cref="Blobs"/>, a real blob store the downloader stages into.</summary>
+    public string StoreDir { get; }
 
-    public string StagingPath(string name = "file.part") => Path.Combine(StagingDir, name);
+    public FileSystemBlobStore Blobs { get; }
+
+    public string StagingName => "file.part";
+
+    /// <summary>Where the store keeps <see cref="StagingName"/>, for tests that plant or inspect the bytes.</summary>
+    public string StagingPath() => Path.Combine(StoreDir, "staging", StagingName);
 
     public CivitaiClient Client => _services.GetRequiredService<CivitaiClient>();
 
@@ -67,7 +75,7 @@ internal sealed class SourcesHarness : IAsyncDisposable
         await _services.DisposeAsync();
         try
         {
-            Directory.Delete(StagingDir, recursive: true);
+            Directory.Delete(StoreDir, recursive: true);
         }
         catch (IOException)
         {
