@@ -200,9 +200,8 @@ public sealed partial class FileSystemBlobStore : IBlobStore
             return BlobPutResult.AlreadyExists;
         }
         string actual;
-        await using (var file = new FileStream(staged, FileMode.Open, FileAccess.ReadWrite, FileShare.None, bufferSize: 0, FileOptions.Asynchronous))
+        await using (var file = new FileStream(staged, FileMode.Open, FileAccess.Read, FileShare.None, bufferSize: 0, FileOptions.Asynchronous))
         {
-            file.Flush(flushToDisk: true);
             actual = Convert.ToHexStringLower(await SHA256.HashDataAsync(file, ct).ConfigureAwait(false));
         }
         if (!string.Equals(actual, sha256, StringComparison.Ordinal))
