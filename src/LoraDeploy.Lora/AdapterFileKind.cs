@@ -71,8 +71,11 @@ public static class AdapterFileKind
         return null;
     }
 
-    /// <summary>safetensors starts with an 8-byte little-endian header length, then the JSON header's '{'.</summary>
-    private static bool LooksLikeSafetensors(ReadOnlySpan<byte> head)
+    /// <summary>
+    /// safetensors starts with an 8-byte little-endian header length the reader accepts, then the JSON header's '{'
+    /// (the downloader checks a file's first bytes with this before fetching the rest).
+    /// </summary>
+    public static bool LooksLikeSafetensors(ReadOnlySpan<byte> head)
     {
         if (head.Length < 9)
         {

@@ -1,5 +1,4 @@
 using System.Buffers;
-using System.Buffers.Binary;
 using System.Net;
 using System.Net.Http.Headers;
 using System.Security.Cryptography;
@@ -24,8 +23,6 @@ public sealed class CivitaiDownloader(
     ILogger<CivitaiDownloader> logger)
 {
     private const int BufferSize = 1024 * 1024;
-    // A safetensors header bigger than this is not a LoRA (real ones are a few hundred KiB at most).
-    private const ulong MaxHeaderBytes = 100 * 1024 * 1024;
 
     /// <summary>Downloads into (or resumes) the staging file <paramref name="stagingName"/> of <paramref name="blobs"/>.</summary>
     public async Task<DownloadResult> DownloadAsync(ResolvedCivitaiFile file, IBlobStore blobs, string stagingName, IProgress<long>? progress, CancellationToken cancellationToken)
@@ -272,7 +269,7 @@ public sealed class CivitaiDownloader(
         // A partial file that does not start like safetensors is left over from something else; start clean.
         if (s.Have >= s.Head.Length)
         {
-            s.HeadChecked = LooksLikeSafetensors(s.Head, null);
+            s.HeadChecked = AdapterFileKind.LooksLikeSafetensors(s.Head);
             if (!s.HeadChecked)
             {
                 Restart(s);
@@ -388,24 +385,12 @@ public sealed class CivitaiDownloader(
     {
         s.HeadChecked = true;
         var known = (int)Math.Min(knownBytes, s.Head.Length);
-        if (known < s.Head.Length || !LooksLikeSafetensors(s.Head, null))
+        if (known < s.Head.Length || !AdapterFileKind.LooksLikeSafetensors(s.Head))
         {
             throw new DownloadFailedException(
                 $"{s.Name} is {AdapterFileKind.Describe(s.Head.AsSpan(0, known)) ?? "not a safetensors file (its first bytes match no format this service knows)"}; CivitAI may have served an error page or another file than the one it lists",
                 ReasonClass.NotSafetensors) { DiscardStaging = true };
         }
-    }
-
-    /// <summary>safetensors starts with an 8-byte little-endian header length, then the JSON header's '{'.</summary>
-    internal static bool LooksLikeSafetensors(ReadOnlySpan<byte> head, long? total)
-    {
-        if (head.Length < 9)
-        {
-            return false;
-        }
-        var headerLength = BinaryPrimitives.ReadUInt64LittleEndian(head);
-        return headerLength >= 2 && headerLength <= MaxHeaderBytes && head[8] == (byte)'{'
-               && (total is null || (ulong)total.Value >= headerLength + 8);
     }
 
     private static void CheckContentType(State s, string? mediaType)
