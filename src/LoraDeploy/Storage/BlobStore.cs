@@ -162,16 +162,7 @@ public sealed partial class FileSystemBlobStore : IBlobStore
 
     public bool Exists(string sha256) => File.Exists(PathOf(sha256));
 
-    public bool Delete(string sha256)
-    {
-        var path = PathOf(sha256);
-        if (!File.Exists(path))
-        {
-            return false;
-        }
-        File.Delete(path);
-        return true;
-    }
+    public bool Delete(string sha256) => DeleteIfPresent(PathOf(sha256));
 
     public Stream OpenStaging(string name) =>
         new FileStream(StagingPathOf(name), FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None, bufferSize: 1, FileOptions.Asynchronous);
@@ -212,9 +203,10 @@ public sealed partial class FileSystemBlobStore : IBlobStore
         return MoveIntoPlace(staged, target);
     }
 
-    public bool DeleteStaging(string name)
+    public bool DeleteStaging(string name) => DeleteIfPresent(StagingPathOf(name));
+
+    private static bool DeleteIfPresent(string path)
     {
-        var path = StagingPathOf(name);
         if (!File.Exists(path))
         {
             return false;
