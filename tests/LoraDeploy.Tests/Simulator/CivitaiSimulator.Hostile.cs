@@ -84,16 +84,7 @@ public sealed partial class CivitaiSimulator
         }
         if (jsonApi && h.ApiTrickleDelay is { } delay)
         {
-            ctx.Response.StatusCode = 200;
-            ctx.Response.ContentType = "application/json; charset=utf-8";
-            await ctx.Response.Body.WriteAsync("{\"id\":1,\"name\":\""u8.ToArray(), ctx.RequestAborted);
-            while (!ctx.RequestAborted.IsCancellationRequested)
-            {
-                await ctx.Response.Body.FlushAsync(ctx.RequestAborted);
-                await Task.Delay(delay, ctx.RequestAborted);
-                await ctx.Response.Body.WriteAsync(Filler.AsMemory(0, 1), ctx.RequestAborted);
-                Interlocked.Increment(ref _hostileBytesSent);
-            }
+            await TrickleJsonAsync(ctx, delay);
             return true;
         }
         if (download && h.DownloadRedirectLocation is { } location)
@@ -106,6 +97,21 @@ public sealed partial class CivitaiSimulator
             return true;
         }
         return false;
+    }
+
+    /// <summary>Answers 200 with JSON that never ends: one more byte every <paramref name="delay"/> until the client goes away.</summary>
+    private async Task TrickleJsonAsync(HttpContext ctx, TimeSpan delay)
+    {
+        ctx.Response.StatusCode = 200;
+        ctx.Response.ContentType = "application/json; charset=utf-8";
+        await ctx.Response.Body.WriteAsync("{\"id\":1,\"name\":\""u8.ToArray(), ctx.RequestAborted);
+        while (!ctx.RequestAborted.IsCancellationRequested)
+        {
+            await ctx.Response.Body.FlushAsync(ctx.RequestAborted);
+            await Task.Delay(delay, ctx.RequestAborted);
+            await ctx.Response.Body.WriteAsync(Filler.AsMemory(0, 1), ctx.RequestAborted);
+            Interlocked.Increment(ref _hostileBytesSent);
+        }
     }
 
     /// <summary>Answers a storage GET of a valid signed link the hostile way, if one is set; false serves the file normally.</summary>

@@ -49,17 +49,10 @@ public sealed partial class CivitaiSimulator
 
     private async Task TrickleAsync(HttpContext ctx)
     {
-        ctx.Response.StatusCode = 200;
-        ctx.Response.ContentType = "application/json; charset=utf-8";
         try
         {
-            await ctx.Response.WriteAsync("{", ctx.RequestAborted);
-            while (true)
-            {
-                await ctx.Response.Body.FlushAsync(ctx.RequestAborted);
-                await Task.Delay(TimeSpan.FromMilliseconds(200), ctx.RequestAborted);
-                await ctx.Response.WriteAsync(" ", ctx.RequestAborted);
-            }
+            await TrickleJsonAsync(ctx, TimeSpan.FromMilliseconds(200));
+            Interlocked.Increment(ref _trickleAborts); // the trickle ends only when the client has gone
         }
         catch (OperationCanceledException) when (ctx.RequestAborted.IsCancellationRequested)
         {
