@@ -32,7 +32,7 @@ public static class ServerApp
         builder.Services.AddDatabase(builder.Configuration);
         builder.Services.AddHealth();
         builder.Services.AddTokenAuth();
-        builder.Services.AddSingleton<BaseModelRegistry>();
+        builder.Services.AddBaseModels();
         builder.Services.AddLoraApi();
         builder.Services.AddDeployApi();
         builder.Services.AddBlobStorage(builder.Configuration);

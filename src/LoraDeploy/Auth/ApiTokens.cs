@@ -20,9 +20,7 @@ public static class ApiTokens
     /// <summary>Creates a token for <paramref name="user"/> and returns it in full; it is never shown again.</summary>
     public static async Task<string> CreateAsync(LoraDeployDbContext db, User user, string? label, DateTime now, CancellationToken ct)
     {
-        var id = RandomId(IdLength);
-        var secret = Convert.ToBase64String(RandomNumberGenerator.GetBytes(32))
-            .TrimEnd('=').Replace('+', '-').Replace('/', '_');
+        var (id, secret) = NewIdAndSecret();
         db.ApiTokens.Add(new ApiToken
         {
             Id = id,
@@ -35,15 +33,22 @@ public static class ApiTokens
         return $"{Prefix}{id}_{secret}";
     }
 
-    public static bool TryParse(string? token, out ParsedToken parsed)
+    public static bool TryParse(string? token, out ParsedToken parsed) => TryParse(token, Prefix, out parsed);
+
+    /// <summary>A fresh token id and a 256-bit secret (base64url, 43 characters).</summary>
+    internal static (string Id, string Secret) NewIdAndSecret() =>
+        (RandomId(IdLength), Convert.ToBase64String(RandomNumberGenerator.GetBytes(32)).TrimEnd('=').Replace('+', '-').Replace('/', '_'));
+
+    /// <summary>Parses <c>{prefix}{id}_{secret}</c>; each credential kind has its own prefix, so one never passes for another.</summary>
+    internal static bool TryParse(string? token, string prefix, out ParsedToken parsed)
     {
         parsed = default;
-        if (token is null || token.Length != Prefix.Length + IdLength + 1 + 43 || !token.StartsWith(Prefix, StringComparison.Ordinal)
-            || token[Prefix.Length + IdLength] != '_')
+        if (token is null || token.Length != prefix.Length + IdLength + 1 + 43 || !token.StartsWith(prefix, StringComparison.Ordinal)
+            || token[prefix.Length + IdLength] != '_')
         {
             return false;
         }
-        parsed = new ParsedToken(token.Substring(Prefix.Length, IdLength), HashSecret(token.AsSpan(Prefix.Length + IdLength + 1)));
+        parsed = new ParsedToken(token.Substring(prefix.Length, IdLength), HashSecret(token.AsSpan(prefix.Length + IdLength + 1)));
         return true;
     }
 
@@ -60,7 +65,7 @@ public static class ApiTokens
     /// <summary>Lowercase alphanumeric random id (deploy ids, token ids).</summary>
     public static string RandomId(int length) => RandomNumberGenerator.GetString(IdAlphabet, length);
 
-    private static byte[] HashSecret(ReadOnlySpan<char> secret)
+    internal static byte[] HashSecret(ReadOnlySpan<char> secret)
     {
         Span<byte> utf8 = stackalloc byte[Encoding.UTF8.GetMaxByteCount(secret.Length)];
         var count = Encoding.UTF8.GetBytes(secret, utf8);

@@ -1,3 +1,5 @@
+using Microsoft.Extensions.Options;
+
 namespace LoraDeploy.BaseModels;
 
 /// <summary>
@@ -11,7 +13,42 @@ public sealed class BaseModelOptions
     public Dictionary<string, string> Models { get; set; } = new(StringComparer.Ordinal);
 }
 
-/// <summary>Which base models a LoRA may be deployed on, and which architecture family each one is.</summary>
+/// <summary>Engines a pool can run on.</summary>
+public static class Engines
+{
+    public const string LlamaCpp = "llamacpp";
+    public const string ComfyUi = "comfyui";
+}
+
+/// <summary>ComfyUI settings of an image pool (<c>BaseModels:{name}:ComfyUi:*</c>).</summary>
+public sealed record ComfyUiSettings(string? Url, string? LoraFolder, string? Checkpoint, string? Unet, string? Clip1, string? Clip2, string? Vae);
+
+/// <summary>
+/// One accepted base model. With an <see cref="Engine"/> it is also a serving pool: workers of that engine load the
+/// base once and serve many adapters on it.
+/// </summary>
+public sealed record BaseModelEntry(string Name, string Family)
+{
+    public const int DefaultMaxAdaptersPerWorker = 8;
+
+    public string? Engine { get; init; }
+    /// <summary>llamacpp: path of the base GGUF.</summary>
+    public string? Gguf { get; init; }
+    public ComfyUiSettings? ComfyUi { get; init; }
+    /// <summary>Adapters a worker keeps resident for this pool (LRU beyond it; pinned ones never evicted).</summary>
+    public int MaxAdaptersPerWorker { get; init; } = DefaultMaxAdaptersPerWorker;
+    /// <summary>Default inference parameters (<c>BaseModels:{name}:Defaults:{parameter}</c>), applied where a request is silent.</summary>
+    public IReadOnlyDictionary<string, string> Defaults { get; init; } = new Dictionary<string, string>();
+
+    public bool IsPool => Engine is not null;
+}
+
+/// <summary>
+/// Which base models a LoRA may be deployed on, which architecture family each one is, and which of them are serving
+/// pools. An entry is either <c>BaseModels:{name}=family</c> or a section (<c>Family</c>, <c>Engine</c>, <c>Gguf</c>,
+/// <c>ComfyUi:*</c>, <c>MaxAdaptersPerWorker</c>, <c>Defaults:*</c>). Configured entries add to (or override) the
+/// defaults; an empty family removes a default.
+/// </summary>
 public sealed class BaseModelRegistry
 {
     public static readonly IReadOnlyDictionary<string, string> Defaults = new Dictionary<string, string>(StringComparer.Ordinal)
@@ -22,34 +59,107 @@ public sealed class BaseModelRegistry
         ["stable-diffusion-v1-5/stable-diffusion-v1-5"] = "sd1",
     };
 
-    private readonly Dictionary<string, string> _families;
+    private readonly Dictionary<string, BaseModelEntry> _entries;
 
     public BaseModelRegistry(IConfiguration configuration)
     {
-        _families = new Dictionary<string, string>(Defaults, StringComparer.Ordinal);
+        _entries = Defaults.ToDictionary(d => d.Key, d => new BaseModelEntry(d.Key, d.Value), StringComparer.Ordinal);
+        var errors = new List<string>();
         // Bound by hand: configuration keys may contain '/' and '.', which the binder would nest.
         foreach (var entry in configuration.GetSection(BaseModelOptions.Section).GetChildren())
         {
             var name = entry.Key;
-            var family = entry.Value;
-            if (family is null)
+            if (entry.Value is { } family)
             {
+                if (family.Length == 0)
+                {
+                    _entries.Remove(name);
+                }
+                else
+                {
+                    _entries[name] = new BaseModelEntry(name, family);
+                }
                 continue;
             }
-            if (family.Length == 0)
+            if (Parse(entry, errors) is { } parsed)
             {
-                _families.Remove(name);
-            }
-            else
-            {
-                _families[name] = family;
+                _entries[name] = parsed;
             }
         }
+        Errors = errors;
     }
 
-    public IEnumerable<string> Names => _families.Keys.Order(StringComparer.Ordinal);
+    /// <summary>What is wrong with the configured entries, one sentence each (checked at start).</summary>
+    public IReadOnlyList<string> Errors { get; }
 
-    public bool TryGetFamily(string baseModel, out string family) => _families.TryGetValue(baseModel, out family!);
+    public IEnumerable<string> Names => _entries.Keys.Order(StringComparer.Ordinal);
+
+    public bool TryGetFamily(string baseModel, out string family)
+    {
+        family = _entries.TryGetValue(baseModel, out var entry) ? entry.Family : null!;
+        return family is not null;
+    }
+
+    public BaseModelEntry? Find(string baseModel) => _entries.GetValueOrDefault(baseModel);
+
+    /// <summary>Entries with an engine: each is a pool of workers.</summary>
+    public IEnumerable<BaseModelEntry> Pools => _entries.Values.Where(e => e.IsPool).OrderBy(e => e.Name, StringComparer.Ordinal);
+
+    private static BaseModelEntry? Parse(IConfigurationSection section, List<string> errors)
+    {
+        var key = $"{BaseModelOptions.Section}:{section.Key}";
+        var family = section["Family"];
+        if (string.IsNullOrWhiteSpace(family))
+        {
+            errors.Add($"{key}:Family is missing: every base model needs its architecture family (e.g. sdxl, flux1, llama).");
+            return null;
+        }
+        var engine = section["Engine"] is { Length: > 0 } e ? e.Trim().ToLowerInvariant() : null;
+        var max = BaseModelEntry.DefaultMaxAdaptersPerWorker;
+        if (section["MaxAdaptersPerWorker"] is { } maxText && (!int.TryParse(maxText, out max) || max < 1 || max > 10_000))
+        {
+            errors.Add($"{key}:MaxAdaptersPerWorker '{maxText}' is not a whole number from 1 to 10000.");
+        }
+        var comfy = section.GetSection("ComfyUi");
+        var entry = new BaseModelEntry(section.Key, family.Trim())
+        {
+            Engine = engine,
+            Gguf = section["Gguf"],
+            ComfyUi = comfy.Exists()
+                ? new ComfyUiSettings(comfy["Url"], comfy["LoraFolder"], comfy["Checkpoint"], comfy["Unet"], comfy["Clip1"], comfy["Clip2"], comfy["Vae"])
+                : null,
+            MaxAdaptersPerWorker = max,
+            Defaults = section.GetSection("Defaults").GetChildren()
+                .Where(d => d.Value is not null)
+                .ToDictionary(d => d.Key, d => d.Value!, StringComparer.Ordinal),
+        };
+        switch (engine)
+        {
+            case null:
+                break;
+            case Engines.LlamaCpp:
+                if (string.IsNullOrWhiteSpace(entry.Gguf))
+                {
+                    errors.Add($"{key}:Gguf is missing: a llamacpp pool needs the path of its base model's GGUF file.");
+                }
+                break;
+            case Engines.ComfyUi:
+                if (!Uri.TryCreate(entry.ComfyUi?.Url, UriKind.Absolute, out var url) || url.Scheme is not ("http" or "https"))
+                {
+                    errors.Add($"{key}:ComfyUi:Url is missing or not an http(s) URL: a comfyui pool needs its ComfyUI server's address.");
+                }
+                var needs = entry.Family == "flux1" ? new[] { "Unet", "Clip1", "Clip2", "Vae" } : ["Checkpoint"];
+                foreach (var missing in needs.Where(n => string.IsNullOrWhiteSpace(comfy[n])))
+                {
+                    errors.Add($"{key}:ComfyUi:{missing} is missing: the {entry.Family} graph loads that model file.");
+                }
+                break;
+            default:
+                errors.Add($"{key}:Engine '{engine}' is not an engine LoraDeploy has; use {Engines.LlamaCpp} or {Engines.ComfyUi}.");
+                break;
+        }
+        return entry;
+    }
 
     /// <summary>
     /// The family of a CivitAI <c>baseModel</c> string. CivitAI's list is open-ended and renamed now and then, so
@@ -83,5 +193,23 @@ public sealed class BaseModelRegistry
             "ZImageTurbo" or "ZImageBase" => "z-image",
             _ => null,
         };
+    }
+}
+
+public static class BaseModelServiceCollectionExtensions
+{
+    /// <summary>The registry, with its configured entries checked at start (one message per bad entry).</summary>
+    public static IServiceCollection AddBaseModels(this IServiceCollection services)
+    {
+        services.AddSingleton<BaseModelRegistry>();
+        services.AddSingleton<IValidateOptions<BaseModelOptions>, BaseModelRegistryValidation>();
+        services.AddOptions<BaseModelOptions>().ValidateOnStart();
+        return services;
+    }
+
+    private sealed class BaseModelRegistryValidation(BaseModelRegistry registry) : IValidateOptions<BaseModelOptions>
+    {
+        public ValidateOptionsResult Validate(string? name, BaseModelOptions options) =>
+            registry.Errors.Count == 0 ? ValidateOptionsResult.Success : ValidateOptionsResult.Fail(registry.Errors);
     }
 }

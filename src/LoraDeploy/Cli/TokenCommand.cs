@@ -6,22 +6,33 @@ using Microsoft.EntityFrameworkCore;
 
 namespace LoraDeploy.Cli;
 
-/// <summary><c>loradeploy token create --user NAME [--data-dir DIR]</c>: works beside a running server on the same data.</summary>
+/// <summary>
+/// <c>loradeploy token create (--user NAME | --worker NAME) [--data-dir DIR]</c>: works beside a running server on the
+/// same data. A worker token is its own credential kind (see <see cref="WorkerTokens"/>).
+/// </summary>
 internal static class TokenCommand
 {
     public static Command Create()
     {
-        var user = new Option<string>("--user") { Description = "User name (created if new).", Required = true };
+        var user = new Option<string?>("--user") { Description = "User name (created if new)." };
+        var worker = new Option<string?>("--worker") { Description = "Worker name: a token for `loradeploy worker` (replaces that worker's earlier token)." };
         var label = new Option<string?>("--label") { Description = "A note to remember the token by." };
         var dataDir = new Option<string?>("--data-dir") { Description = "Data folder (default ./data)." };
-        var create = new Command("create", "Create an API token; prints it as the last line (shown once).") { user, label, dataDir };
+        var create = new Command("create", "Create an API token; prints it as the last line (shown once).") { user, worker, label, dataDir };
         create.TreatUnmatchedTokensAsErrors = false;
         create.SetAction(async (result, ct) =>
         {
-            var name = result.GetValue(user)!;
+            var (userName, workerName) = (result.GetValue(user), result.GetValue(worker));
+            if ((userName is null) == (workerName is null))
+            {
+                await Console.Error.WriteLineAsync("error: give exactly one of --user NAME or --worker NAME.");
+                return 2;
+            }
+            var name = userName ?? workerName!;
+            var kind = userName is null ? "worker" : "user";
             if (!LoraNames.IsValid(name))
             {
-                await Console.Error.WriteLineAsync($"error: '{name}' is not a valid user name (1-64 of letters, digits, '.', '_', '-', starting alphanumeric).");
+                await Console.Error.WriteLineAsync($"error: '{name}' is not a valid {kind} name (1-64 of letters, digits, '.', '_', '-', starting alphanumeric).");
                 return 2;
             }
             var args = ServeCommand.HostArgs(result, dataDir, result.UnmatchedTokens);
@@ -42,6 +53,13 @@ internal static class TokenCommand
             }
             await using var db = await host.Services.GetRequiredService<IDbContextFactory<LoraDeployDbContext>>().CreateDbContextAsync(ct);
             var now = host.Services.GetRequiredService<TimeProvider>().GetUtcNow().UtcDateTime;
+            if (workerName is not null)
+            {
+                var workerToken = await WorkerTokens.CreateAsync(db, workerName, now, ct);
+                Console.Out.WriteLine($"Created a token for worker '{workerName}' (shown once; use it with `loradeploy worker --token`):");
+                Console.Out.WriteLine(workerToken);
+                return 0;
+            }
             string token;
             try
             {

@@ -20,6 +20,20 @@ public sealed class ApiToken
     public DateTime CreatedAt { get; set; }
 }
 
+/// <summary>
+/// A worker's credential: its own kind, so a worker token opens no user route and a user token no worker route.
+/// Stored like an API token (SHA-256 of the secret, compared in constant time).
+/// </summary>
+public sealed class WorkerToken
+{
+    /// <summary>The public part of the token (<c>ldw_{Id}_{secret}</c>), used to find the row.</summary>
+    public required string Id { get; set; }
+    /// <summary>The worker's name (<c>token create --worker NAME</c>), unique.</summary>
+    public required string Name { get; set; }
+    public required byte[] SecretHash { get; set; }
+    public DateTime CreatedAt { get; set; }
+}
+
 public sealed class Lora
 {
     public long Id { get; set; }
@@ -33,7 +47,6 @@ public sealed class Lora
     public bool Private { get; set; }
     public string Description { get; set; } = "";
     public bool Deleted { get; set; }
-    public required string DeployId { get; set; }
     public DateTime CreatedAt { get; set; }
     public DateTime UpdatedAt { get; set; }
 
@@ -46,14 +59,44 @@ public sealed class Lora
     public string? TrainedWordsJson { get; set; }
     /// <summary>SHA-256 CivitAI lists for the file (lowercase hex).</summary>
     public string? ExpectedSha256 { get; set; }
-    /// <summary>SHA-256 of the bytes actually stored (lowercase hex).</summary>
-    public string? Sha256 { get; set; }
+    /// <summary>The stored, probed adapter (its SHA-256), once the import verified it; null until then.</summary>
+    public string? AdapterSha256 { get; set; }
+    public Adapter? Adapter { get; set; }
     public long? SizeBytes { get; set; }
-    public string? ProbeJson { get; set; }
+    /// <summary>Warnings about this adapter on this LoRA's base model (JSON list of sentences).</summary>
     public string? WarningsJson { get; set; }
 }
 
-/// <summary>A deployment. The row is also the pipeline's job: claimed with a lease, advanced by status.</summary>
+/// <summary>
+/// A verified adapter file: the bytes (by SHA-256, a blob) and what the prober learned, as columns routing and
+/// validation can use. Shared by every LoRA that points at the same bytes, whoever imported them.
+/// </summary>
+public sealed class Adapter
+{
+    public required string Sha256 { get; set; }
+    public long SizeBytes { get; set; }
+    /// <summary>Key layout (kohya, diffusers, peft, …).</summary>
+    public required string Format { get; set; }
+    /// <summary>Network type (lora, locon, loha, lokr, …).</summary>
+    public required string Network { get; set; }
+    /// <summary>Architecture id from the keys (sdxl, flux1, sd1, …).</summary>
+    public required string Architecture { get; set; }
+    public int? RankMin { get; set; }
+    public int? RankMax { get; set; }
+    public double? Alpha { get; set; }
+    /// <summary>The whole probe report (JSON), for display.</summary>
+    public required string ProbeJson { get; set; }
+    /// <summary>Where the bytes were first found (<c>civitai</c>, <c>huggingface</c>) and the reference there.</summary>
+    public required string SourceType { get; set; }
+    public required string SourceRef { get; set; }
+    public DateTime CreatedAt { get; set; }
+}
+
+/// <summary>
+/// A deployment: the desired state (status, settings, pool = its LoRA's base model). The import is its own job
+/// (<see cref="ImportJob"/>) and the serving capacity its own observed state (<see cref="Instance"/>); the
+/// status and instance counts here mirror both, as the user sees them.
+/// </summary>
 public sealed class Deploy
 {
     public required string Id { get; set; }
@@ -70,17 +113,86 @@ public sealed class Deploy
     public string Version { get; set; } = "";
     public int MinInstances { get; set; } = 1;
     public int MaxInstances { get; set; } = 1;
+    /// <summary>Instances ready with the adapter (a summary of <see cref="Instance"/> rows, kept by the placer).</summary>
     public int RunningInstances { get; set; }
+    /// <summary>Instances loading it, or wanted while no worker can take them.</summary>
     public int PendingInstances { get; set; }
     public DateTime CreatedAt { get; set; }
     public DateTime UpdatedAt { get; set; }
+}
 
-    // Pipeline bookkeeping.
+/// <summary>
+/// The import of one deploy's adapter, owned by the pipeline: claimed with a lease, advanced by its own status, so a
+/// failed import can be retried (requeued) without touching the deploy's identity. The deploy mirrors what a user sees.
+/// </summary>
+public sealed class ImportJob
+{
+    public long Id { get; set; }
+    public required string DeployId { get; set; }
+    public Deploy? Deploy { get; set; }
+    public string Status { get; set; } = ImportJobStatus.Queued;
     public string? LeaseOwner { get; set; }
     public DateTime? LeaseExpiresAt { get; set; }
     public int Attempts { get; set; }
+    /// <summary>The shared download this job waits on, once resolved.</summary>
     public long? DownloadId { get; set; }
     public Download? Download { get; set; }
+    public DateTime CreatedAt { get; set; }
+    public DateTime UpdatedAt { get; set; }
+}
+
+public static class ImportJobStatus
+{
+    /// <summary>Waiting to be resolved (the deploy shows <c>initializing</c>).</summary>
+    public const string Queued = "queued";
+    /// <summary>Claimed: resolving at the source, then waiting on its download (the deploy shows <c>downloading</c>).</summary>
+    public const string Importing = "importing";
+    /// <summary>Stored, verified and probed (the deploy moved on to <c>deploying</c>).</summary>
+    public const string Done = "done";
+    /// <summary>Failed for good, or abandoned because the deploy was deleted; a start requeues it.</summary>
+    public const string Ended = "ended";
+}
+
+/// <summary>A worker process serving one engine's pools: registered and heartbeating through the database.</summary>
+public sealed class Worker
+{
+    public required string Id { get; set; }
+    /// <summary>The worker token's name (<c>token create --worker NAME</c>).</summary>
+    public required string Name { get; set; }
+    public required string Engine { get; set; }
+    /// <summary>Pools (base model names) it serves, JSON list.</summary>
+    public required string PoolsJson { get; set; }
+    public int Slots { get; set; }
+    /// <summary>Where the server sends inference requests.</summary>
+    public required string Url { get; set; }
+    public required string Version { get; set; }
+    public int QueueDepth { get; set; }
+    public int BusySlots { get; set; }
+    public DateTime RegisteredAt { get; set; }
+    public DateTime LastHeartbeatAt { get; set; }
+}
+
+/// <summary>Observed state: one worker holding (or loading, or refusing) one deploy's adapter.</summary>
+public sealed class Instance
+{
+    public long Id { get; set; }
+    public required string DeployId { get; set; }
+    public required string WorkerId { get; set; }
+    public Worker? Worker { get; set; }
+    public required string AdapterSha256 { get; set; }
+    public string State { get; set; } = InstanceState.Loading;
+    /// <summary>Kept by the placer for <c>min_instances</c>: never evicted by the worker's LRU.</summary>
+    public bool Pinned { get; set; }
+    /// <summary>The engine's reason when <see cref="State"/> is failed.</summary>
+    public string FailReason { get; set; } = "";
+    public DateTime Since { get; set; }
+}
+
+public static class InstanceState
+{
+    public const string Loading = "loading";
+    public const string Ready = "ready";
+    public const string Failed = "failed";
 }
 
 /// <summary>

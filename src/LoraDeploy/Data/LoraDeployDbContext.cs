@@ -11,6 +11,11 @@ public abstract class LoraDeployDbContext(DbContextOptions options) : DbContext(
     public DbSet<Lora> Loras => Set<Lora>();
     public DbSet<Deploy> Deploys => Set<Deploy>();
     public DbSet<Download> Downloads => Set<Download>();
+    public DbSet<Adapter> Adapters => Set<Adapter>();
+    public DbSet<ImportJob> ImportJobs => Set<ImportJob>();
+    public DbSet<Worker> Workers => Set<Worker>();
+    public DbSet<WorkerToken> WorkerTokens => Set<WorkerToken>();
+    public DbSet<Instance> Instances => Set<Instance>();
     public DbSet<Blob> Blobs => Set<Blob>();
     public DbSet<IdempotencyRecord> IdempotencyRecords => Set<IdempotencyRecord>();
 
@@ -49,14 +54,80 @@ public abstract class LoraDeployDbContext(DbContextOptions options) : DbContext(
             lora.Property(l => l.BaseModel).HasMaxLength(200);
             lora.Property(l => l.SourceType).HasMaxLength(32);
             lora.Property(l => l.SourceUrl).HasMaxLength(2048);
-            lora.Property(l => l.DeployId).HasMaxLength(32);
             lora.Property(l => l.ExpectedSha256).HasMaxLength(64);
-            lora.Property(l => l.Sha256).HasMaxLength(64);
+            lora.Property(l => l.AdapterSha256).HasMaxLength(64);
             lora.HasOne(l => l.User).WithMany().HasForeignKey(l => l.UserId);
+            // A collected adapter leaves deleted LoRAs pointing nowhere rather than blocking the collection.
+            lora.HasOne(l => l.Adapter).WithMany().HasForeignKey(l => l.AdapterSha256).OnDelete(DeleteBehavior.SetNull);
             // A name is unique per user among the LoRAs that are not deleted.
             lora.HasIndex(l => new { l.UserId, l.Name }).IsUnique().HasFilter(DeletedFalseFilter);
             lora.HasIndex(l => new { l.BaseModel, l.Private }).HasFilter(DeletedFalseFilter);
-            lora.HasIndex(l => l.DeployId).IsUnique();
+            lora.HasIndex(l => l.AdapterSha256);
+        });
+
+        modelBuilder.Entity<Adapter>(adapter =>
+        {
+            adapter.ToTable("adapters");
+            adapter.HasKey(a => a.Sha256);
+            adapter.Property(a => a.Sha256).HasMaxLength(64);
+            adapter.Property(a => a.Format).HasMaxLength(32);
+            adapter.Property(a => a.Network).HasMaxLength(32);
+            adapter.Property(a => a.Architecture).HasMaxLength(64);
+            adapter.Property(a => a.SourceType).HasMaxLength(32);
+            adapter.Property(a => a.SourceRef).HasMaxLength(2048);
+        });
+
+        modelBuilder.Entity<ImportJob>(job =>
+        {
+            job.ToTable("import_jobs");
+            job.Property(j => j.DeployId).HasMaxLength(32);
+            job.Property(j => j.Status).HasMaxLength(16);
+            job.Property(j => j.LeaseOwner).HasMaxLength(64);
+            job.HasOne(j => j.Deploy).WithOne().HasForeignKey<ImportJob>(j => j.DeployId);
+            job.HasOne(j => j.Download).WithMany().HasForeignKey(j => j.DownloadId);
+            job.HasIndex(j => j.DeployId).IsUnique();
+            job.HasIndex(j => j.DownloadId);
+            // The claim query: only the jobs still importing, oldest first. Partial, so it stays tiny however many
+            // deploys exist (done and ended jobs are almost all of them).
+            job.HasIndex(j => j.CreatedAt).HasDatabaseName("IX_import_jobs_Active_CreatedAt")
+                .HasFilter("\"Status\" IN ('queued', 'importing')");
+        });
+
+        modelBuilder.Entity<WorkerToken>(token =>
+        {
+            token.ToTable("worker_tokens");
+            token.HasKey(t => t.Id);
+            token.Property(t => t.Id).HasMaxLength(32);
+            token.Property(t => t.Name).HasMaxLength(64);
+            token.Property(t => t.SecretHash).HasMaxLength(32);
+            token.HasIndex(t => t.Name).IsUnique();
+        });
+
+        modelBuilder.Entity<Worker>(worker =>
+        {
+            worker.ToTable("workers");
+            worker.HasKey(w => w.Id);
+            worker.Property(w => w.Id).HasMaxLength(64);
+            worker.Property(w => w.Name).HasMaxLength(64);
+            worker.Property(w => w.Engine).HasMaxLength(16);
+            worker.Property(w => w.PoolsJson).HasMaxLength(4000);
+            worker.Property(w => w.Url).HasMaxLength(2048);
+            worker.Property(w => w.Version).HasMaxLength(64);
+            worker.HasIndex(w => w.LastHeartbeatAt);
+        });
+
+        modelBuilder.Entity<Instance>(instance =>
+        {
+            instance.ToTable("instances");
+            instance.Property(i => i.DeployId).HasMaxLength(32);
+            instance.Property(i => i.WorkerId).HasMaxLength(64);
+            instance.Property(i => i.AdapterSha256).HasMaxLength(64);
+            instance.Property(i => i.State).HasMaxLength(16);
+            instance.Property(i => i.FailReason).HasMaxLength(2000);
+            instance.HasOne<Deploy>().WithMany().HasForeignKey(i => i.DeployId).OnDelete(DeleteBehavior.Cascade);
+            instance.HasOne(i => i.Worker).WithMany().HasForeignKey(i => i.WorkerId).OnDelete(DeleteBehavior.Cascade);
+            instance.HasIndex(i => new { i.DeployId, i.WorkerId }).IsUnique();
+            instance.HasIndex(i => i.WorkerId);
         });
 
         modelBuilder.Entity<Deploy>(deploy =>
@@ -71,21 +142,15 @@ public abstract class LoraDeployDbContext(DbContextOptions options) : DbContext(
             deploy.Property(d => d.FailReason).HasMaxLength(2000);
             deploy.Property(d => d.FailClass).HasMaxLength(32);
             deploy.Property(d => d.Version).HasMaxLength(64);
-            deploy.Property(d => d.LeaseOwner).HasMaxLength(64);
             deploy.HasOne(d => d.Lora).WithOne().HasForeignKey<Deploy>(d => d.LoraId);
-            deploy.HasOne(d => d.Download).WithMany().HasForeignKey(d => d.DownloadId);
             // Lists: a user's deploys newest first, optionally by status.
             // Lists: a user's deploys newest first; Id is the tie-breaker of the ORDER BY, so the index alone gives the
             // order and a caller with 10,000 deploys costs a range read, not a sort.
             deploy.HasIndex(d => new { d.UserId, d.CreatedAt, d.Id });
             deploy.HasIndex(d => new { d.UserId, d.Status, d.CreatedAt, d.Id });
-            // The pipeline's queue: rows by status.
-            deploy.HasIndex(d => new { d.Status, d.LeaseExpiresAt });
-            // The pipeline's claim query: only the rows still importing, oldest first. Partial, so it stays tiny
-            // however many deploys exist, and SQLite uses it even when ANALYZE says Status is unselective (its
-            // statistics keep averages, not the skew of a table that is almost all deploying/running).
-            deploy.HasIndex(d => d.CreatedAt).HasDatabaseName("IX_deploys_Importing_CreatedAt")
-                .HasFilter("\"Status\" IN ('initializing', 'downloading')");
+            // The placer's scan: deploys waiting for or holding capacity. Partial, like the import queue's index.
+            deploy.HasIndex(d => d.CreatedAt).HasDatabaseName("IX_deploys_Serving_CreatedAt")
+                .HasFilter("\"Status\" IN ('deploying', 'running')");
         });
 
         modelBuilder.Entity<Download>(download =>

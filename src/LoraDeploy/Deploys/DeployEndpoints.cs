@@ -202,15 +202,19 @@ public static class DeployEndpoints
                     .SetProperty(d => d.Status, DeployStatus.Initializing)
                     .SetProperty(d => d.FailReason, "")
                     .SetProperty(d => d.FailClass, "")
-                    .SetProperty(d => d.DownloadId, (long?)null)
-                    .SetProperty(d => d.LeaseOwner, (string?)null)
-                    .SetProperty(d => d.LeaseExpiresAt, (DateTime?)null)
                     .SetProperty(d => d.UpdatedAt, now), ct);
             if (requeued == 1)
             {
+                await db.ImportJobs.Where(j => j.DeployId == deploy_id)
+                    .ExecuteUpdateAsync(set => set
+                        .SetProperty(j => j.Status, ImportJobStatus.Queued)
+                        .SetProperty(j => j.DownloadId, (long?)null)
+                        .SetProperty(j => j.LeaseOwner, (string?)null)
+                        .SetProperty(j => j.LeaseExpiresAt, (DateTime?)null)
+                        .SetProperty(j => j.UpdatedAt, now), ct);
                 // Progress counts from zero again until the new bytes are stored and probed.
-                await db.Loras.Where(l => l.DeployId == deploy_id && !l.Deleted)
-                    .ExecuteUpdateAsync(set => set.SetProperty(l => l.Sha256, (string?)null).SetProperty(l => l.UpdatedAt, now), ct);
+                await db.Loras.Where(l => db.Deploys.Any(d => d.Id == deploy_id && d.LoraId == l.Id) && !l.Deleted)
+                    .ExecuteUpdateAsync(set => set.SetProperty(l => l.AdapterSha256, (string?)null).SetProperty(l => l.UpdatedAt, now), ct);
                 await transaction.CommitAsync(ct);
                 pipeline.Wake();
                 return TypedResults.Ok(new DeployStatusOut(deploy_id));
@@ -231,8 +235,9 @@ public static class DeployEndpoints
                 .SetProperty(d => d.RunningInstances, 0)
                 .SetProperty(d => d.PendingInstances, 0)
                 .SetProperty(d => d.UpdatedAt, now), ct);
+        await Pipeline.DeployFailure.EndImportAsync(db, deployId, now, ct);
         await db.Loras
-            .Where(l => l.DeployId == deployId && !l.Deleted)
+            .Where(l => db.Deploys.Any(d => d.Id == deployId && d.LoraId == l.Id) && !l.Deleted)
             .ExecuteUpdateAsync(set => set.SetProperty(l => l.Deleted, true).SetProperty(l => l.UpdatedAt, now), ct);
         await transaction.CommitAsync(ct);
     }

@@ -73,7 +73,6 @@ internal static class CreateLora
             SourceUrl = request.CivitUrl,
             Private = request.Private,
             Description = request.Description,
-            DeployId = deployId,
             CreatedAt = now,
             UpdatedAt = now,
         };
@@ -87,6 +86,7 @@ internal static class CreateLora
             UpdatedAt = now,
         };
         db.Deploys.Add(deploy);
+        db.ImportJobs.Add(new ImportJob { DeployId = deployId, Deploy = deploy, CreatedAt = now, UpdatedAt = now });
         if (idempotencyKey.Length > 0)
         {
             db.IdempotencyRecords.Add(new IdempotencyRecord

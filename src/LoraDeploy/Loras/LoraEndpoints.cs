@@ -124,9 +124,9 @@ public static class LoraEndpoints
         string lora_name, HttpContext http, LoraDeployDbContext db, TimeProvider time, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
-        var deployId = await db.Loras
-            .Where(l => l.UserId == user.Id && l.Name == lora_name && !l.Deleted)
-            .Select(l => l.DeployId)
+        var deployId = await db.Deploys
+            .Where(d => d.Lora!.UserId == user.Id && d.Lora.Name == lora_name && !d.Lora.Deleted)
+            .Select(d => d.Id)
             .FirstOrDefaultAsync(ct);
         if (deployId is null)
         {

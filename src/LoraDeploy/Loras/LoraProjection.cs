@@ -3,7 +3,7 @@ using LoraDeploy.Data;
 
 namespace LoraDeploy.Loras;
 
-/// <summary>The columns a LoRA response needs, read in one query (LoRA ⋈ deploy ⟕ download).</summary>
+/// <summary>The columns a LoRA response needs, read in one query (LoRA ⋈ deploy ⟕ import job ⟕ download ⟕ adapter).</summary>
 public sealed class LoraRow
 {
     // Settable properties (not a constructor) so EF can keep composing Where/OrderBy over the projection.
@@ -12,12 +12,16 @@ public sealed class LoraRow
     public required string Status { get; init; }
     public required string FailReason { get; init; }
     public required string Version { get; init; }
+    public required string DeployId { get; init; }
+    public string? ProbeJson { get; init; }
     public long? DownloadBytesDone { get; init; }
     public DateTime? DownloadStalledSince { get; init; }
 
     public static IQueryable<LoraRow> Query(LoraDeployDbContext db) =>
         from lora in db.Loras
-        join deploy in db.Deploys on lora.DeployId equals deploy.Id
+        join deploy in db.Deploys on lora.Id equals deploy.LoraId
+        join job in db.ImportJobs on deploy.Id equals job.DeployId into jobs
+        from job in jobs.DefaultIfEmpty()
         select new LoraRow
         {
             Lora = lora,
@@ -25,14 +29,16 @@ public sealed class LoraRow
             Status = deploy.Status,
             FailReason = deploy.FailReason,
             Version = deploy.Version,
-            DownloadBytesDone = deploy.Download == null ? null : deploy.Download.BytesDone,
-            DownloadStalledSince = deploy.Download == null ? null : deploy.Download.StalledSince,
+            DeployId = deploy.Id,
+            ProbeJson = lora.Adapter == null ? null : lora.Adapter.ProbeJson,
+            DownloadBytesDone = job == null || job.Download == null ? null : job.Download.BytesDone,
+            DownloadStalledSince = job == null || job.Download == null ? null : job.Download.StalledSince,
         };
 
     public string ModelName => $"{OwnerName}/{Lora.Name}";
 
     /// <summary>Bytes in hand: the shared download's progress while fetching, the whole file once stored.</summary>
-    public long DownloadedBytes => Lora.Sha256 is not null ? Lora.SizeBytes ?? 0 : DownloadBytesDone ?? 0;
+    public long DownloadedBytes => Lora.AdapterSha256 is not null ? Lora.SizeBytes ?? 0 : DownloadBytesDone ?? 0;
 
     /// <summary>Since when no byte arrived for this LoRA's download (once that lasted Pipeline:StalledAfter), while downloading.</summary>
     public string? StalledSince => Status == DeployStatus.Downloading && DownloadStalledSince is { } since ? Timestamps.Format(since) : null;
@@ -44,7 +50,7 @@ public sealed class LoraRow
         new SourceModel(Lora.SourceType, Lora.SourceUrl),
         Lora.Private,
         Lora.Description,
-        Lora.DeployId,
+        DeployId,
         Status,
         FailReason,
         Version,
@@ -61,11 +67,11 @@ public sealed class LoraRow
                 Lora.CivitaiBaseModel,
                 Lora.TrainedWordsJson is null ? [] : JsonSerializer.Deserialize(Lora.TrainedWordsJson, ApiJson.Context.ListString) ?? [],
                 Lora.SourceUrl),
-        Lora.ProbeJson is null ? null : JsonDocument.Parse(Lora.ProbeJson).RootElement.Clone(),
+        ProbeJson is null ? null : JsonDocument.Parse(ProbeJson).RootElement.Clone(),
         Lora.WarningsJson is null ? [] : JsonSerializer.Deserialize(Lora.WarningsJson, ApiJson.Context.ListString) ?? [],
         Timestamps.Format(Lora.CreatedAt),
         Timestamps.Format(Lora.UpdatedAt));
 
     public LoraStatusOut ToStatus() =>
-        new(Lora.Name, ModelName, Lora.DeployId, Status, FailReason, Version, Lora.SizeBytes, DownloadedBytes, StalledSince);
+        new(Lora.Name, ModelName, DeployId, Status, FailReason, Version, Lora.SizeBytes, DownloadedBytes, StalledSince);
 }

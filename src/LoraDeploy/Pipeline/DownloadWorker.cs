@@ -52,8 +52,8 @@ public sealed partial class DownloadWorker(
         var file = JsonSerializer.Deserialize(row.ResolvedJson!, PipelineJsonContext.Default.ResolvedCivitaiFile)!;
         var staging = $"download-{downloadId}.part";
         // Every line names the deploys this shared download serves, so a user's deploy id finds them.
-        var waiting = await db.Deploys.Where(d => d.DownloadId == downloadId && d.Status == DeployStatus.Downloading)
-            .Select(d => d.Id).ToListAsync(stoppingToken);
+        var waiting = await db.ImportJobs.Where(j => j.DownloadId == downloadId && j.Status == ImportJobStatus.Importing)
+            .Select(j => j.DeployId).ToListAsync(stoppingToken);
         using var scope = logger.BeginScope("Download {DownloadId} for deploys {DeployIds}", downloadId, string.Join(",", waiting));
         if (row.Attempts > options.Value.MaxDownloadStarts)
         {
@@ -243,7 +243,7 @@ public sealed partial class DownloadWorker(
                         .SetProperty(d => d.BytesDone, d => bytes > d.BytesDone ? bytes : d.BytesDone)
                         .SetProperty(d => d.StalledSince, stalledSince)
                         .SetProperty(d => d.UpdatedAt, now), ct);
-                var waiting = await db.Deploys.AnyAsync(d => d.DownloadId == downloadId && d.Status == DeployStatus.Downloading, ct);
+                var waiting = await db.ImportJobs.AnyAsync(j => j.DownloadId == downloadId && j.Status == ImportJobStatus.Importing, ct);
                 if (renewed == 0 || !waiting)
                 {
                     abandon();

@@ -13,9 +13,9 @@ using Microsoft.Extensions.Options;
 namespace LoraDeploy.Pipeline;
 
 /// <summary>
-/// Moves deploys from <c>initializing</c> through <c>downloading</c> to <c>deploying</c> (or <c>failed</c>).
-/// The database is the queue: every step claims its row with a conditional update and a lease, so any number
-/// of replicas can run this and a crash loses nothing (the lease expires and someone else carries on).
+/// Runs import jobs, moving their deploys from <c>initializing</c> through <c>downloading</c> to <c>deploying</c>
+/// (or <c>failed</c>). The database is the queue: every step claims its job with a conditional update and a lease,
+/// so any number of replicas can run this and a crash loses nothing (the lease expires and someone else carries on).
 /// Steps: resolve a new deploy at CivitAI → link it to the one shared download of that file (or straight to
 /// the stored blob) → when that download is done, probe the blob and gate on the base model's family.
 /// </summary>
@@ -139,8 +139,8 @@ public sealed partial class ImportPipeline(
             {
                 await using var db = await contexts.CreateDbContextAsync(work.Token);
                 var now = Now;
-                var renewed = await OwnDeploy(db, deployId).Where(d => d.DownloadId == null)
-                    .ExecuteUpdateAsync(set => set.SetProperty(d => d.LeaseExpiresAt, now + Options.LeaseDuration), work.Token);
+                var renewed = await OwnJob(db, deployId).Where(j => j.DownloadId == null)
+                    .ExecuteUpdateAsync(set => set.SetProperty(j => j.LeaseExpiresAt, now + Options.LeaseDuration), work.Token);
                 if (renewed == 0)
                 {
                     await work.CancelAsync();
@@ -158,10 +158,10 @@ public sealed partial class ImportPipeline(
     }
 
     /// <summary>
-    /// Claims new (or abandoned) deploys for this replica. PostgreSQL claims a batch in one statement with
-    /// <c>FOR UPDATE SKIP LOCKED</c>, so replicas split the queue instead of racing for the same rows; SQLite has
-    /// one writer anyway and claims row by row with a conditional update. Either way a row is claimed once.
-    /// Batches are no larger than what is resolved at once, so no claimed row waits long enough for its lease to lapse.
+    /// Claims new (or abandoned) import jobs for this replica and returns their deploys. PostgreSQL claims a batch in
+    /// one statement with <c>FOR UPDATE SKIP LOCKED</c>, so replicas split the queue instead of racing for the same
+    /// rows; SQLite has one writer anyway and claims row by row with a conditional update. Either way a job is claimed
+    /// once. Batches are no larger than what is resolved at once, so no claimed job waits long enough for its lease to lapse.
     /// </summary>
     private async Task<List<string>> ClaimNewDeploysAsync(int free, CancellationToken ct)
     {
@@ -169,47 +169,56 @@ public sealed partial class ImportPipeline(
         var now = Now;
         var until = now + Options.LeaseDuration;
         var limit = Math.Min(Options.BatchSize, free);
+        List<string> claimed;
         if (db is PostgresLoraDeployContext)
         {
-            return await db.Database.SqlQuery<string>($"""
-                UPDATE deploys
-                SET "Status" = {DeployStatus.Downloading}, "LeaseOwner" = {_owner}, "LeaseExpiresAt" = {until},
+            claimed = await db.Database.SqlQuery<string>($"""
+                UPDATE import_jobs
+                SET "Status" = {ImportJobStatus.Importing}, "LeaseOwner" = {_owner}, "LeaseExpiresAt" = {until},
                     "Attempts" = "Attempts" + 1, "UpdatedAt" = {now}
                 WHERE "Id" IN (
-                    SELECT "Id" FROM deploys
-                    WHERE "Status" IN ({DeployStatus.Initializing}, {DeployStatus.Downloading})
-                      AND ("Status" = {DeployStatus.Initializing} OR ("DownloadId" IS NULL AND "LeaseExpiresAt" < {now}))
+                    SELECT "Id" FROM import_jobs
+                    WHERE "Status" IN ({ImportJobStatus.Queued}, {ImportJobStatus.Importing})
+                      AND ("Status" = {ImportJobStatus.Queued} OR ("DownloadId" IS NULL AND "LeaseExpiresAt" < {now}))
                     ORDER BY "CreatedAt"
                     LIMIT {limit}
                     FOR UPDATE SKIP LOCKED)
-                RETURNING "Id" AS "Value"
+                RETURNING "DeployId" AS "Value"
                 """).ToListAsync(ct);
         }
-
-        // Status IN (…) first: with only the OR, SQLite scans the whole table (a second per pass at 1M deploys).
-        var candidates = await db.Deploys
-            .Where(d => (d.Status == DeployStatus.Initializing || d.Status == DeployStatus.Downloading)
-                && (d.Status == DeployStatus.Initializing || (d.DownloadId == null && d.LeaseExpiresAt < now)))
-            .OrderBy(d => d.CreatedAt)
-            .Select(d => d.Id)
-            .Take(limit)
-            .ToListAsync(ct);
-        var claimed = new List<string>(candidates.Count);
-        foreach (var deployId in candidates)
+        else
         {
-            var won = await db.Deploys
-                .Where(d => d.Id == deployId && (d.Status == DeployStatus.Initializing
-                    || (d.Status == DeployStatus.Downloading && d.DownloadId == null && d.LeaseExpiresAt < now)))
-                .ExecuteUpdateAsync(set => set
-                    .SetProperty(d => d.Status, DeployStatus.Downloading)
-                    .SetProperty(d => d.LeaseOwner, _owner)
-                    .SetProperty(d => d.LeaseExpiresAt, until)
-                    .SetProperty(d => d.Attempts, d => d.Attempts + 1)
-                    .SetProperty(d => d.UpdatedAt, now), ct);
-            if (won == 1)
+            // Status IN (…) first: with only the OR, SQLite scans the whole table (a second per pass at 1M jobs).
+            var candidates = await db.ImportJobs
+                .Where(j => (j.Status == ImportJobStatus.Queued || j.Status == ImportJobStatus.Importing)
+                    && (j.Status == ImportJobStatus.Queued || (j.DownloadId == null && j.LeaseExpiresAt < now)))
+                .OrderBy(j => j.CreatedAt)
+                .Select(j => j.DeployId)
+                .Take(limit)
+                .ToListAsync(ct);
+            claimed = new List<string>(candidates.Count);
+            foreach (var deployId in candidates)
             {
-                claimed.Add(deployId);
+                var won = await db.ImportJobs
+                    .Where(j => j.DeployId == deployId && (j.Status == ImportJobStatus.Queued
+                        || (j.Status == ImportJobStatus.Importing && j.DownloadId == null && j.LeaseExpiresAt < now)))
+                    .ExecuteUpdateAsync(set => set
+                        .SetProperty(j => j.Status, ImportJobStatus.Importing)
+                        .SetProperty(j => j.LeaseOwner, _owner)
+                        .SetProperty(j => j.LeaseExpiresAt, until)
+                        .SetProperty(j => j.Attempts, j => j.Attempts + 1)
+                        .SetProperty(j => j.UpdatedAt, now), ct);
+                if (won == 1)
+                {
+                    claimed.Add(deployId);
+                }
             }
+        }
+        if (claimed.Count > 0)
+        {
+            // The deploy shows what its job does.
+            await db.Deploys.Where(d => claimed.Contains(d.Id) && d.Status == DeployStatus.Initializing)
+                .ExecuteUpdateAsync(set => set.SetProperty(d => d.Status, DeployStatus.Downloading).SetProperty(d => d.UpdatedAt, now), ct);
         }
         return claimed;
     }
@@ -219,7 +228,7 @@ public sealed partial class ImportPipeline(
         await using var scope = scopes.CreateAsyncScope();
         var civitai = scope.ServiceProvider.GetRequiredService<CivitaiClient>();
         await using var db = await contexts.CreateDbContextAsync(ct);
-        var lora = await db.Loras.AsTracking().FirstAsync(l => l.DeployId == deployId, ct);
+        var lora = await LoraOf(db, deployId).AsTracking().FirstAsync(ct);
         metrics.ImportStarted();
         LogResolving(deployId, lora.SourceUrl);
 
@@ -248,10 +257,10 @@ public sealed partial class ImportPipeline(
         lora.SizeBytes = file.ListedSizeBytes;
         lora.UpdatedAt = now;
         await db.SaveChangesAsync(ct);
+        await OwnJob(db, deployId).ExecuteUpdateAsync(set => set.SetProperty(j => j.LeaseExpiresAt, now + Options.LeaseDuration), ct);
         // version shows CivitAI's listed hash as soon as it is known; the bytes confirm it later.
-        await OwnDeploy(db, deployId).ExecuteUpdateAsync(set => set
+        await db.Deploys.Where(d => d.Id == deployId && d.Status == DeployStatus.Downloading).ExecuteUpdateAsync(set => set
             .SetProperty(d => d.Version, file.ListedSha256 ?? "")
-            .SetProperty(d => d.LeaseExpiresAt, now + Options.LeaseDuration)
             .SetProperty(d => d.UpdatedAt, now), ct);
 
         if (file.ListedSha256 is { } listed && await db.Blobs.AnyAsync(b => b.Sha256 == listed, ct) && blobs.Exists(listed))
@@ -263,10 +272,11 @@ public sealed partial class ImportPipeline(
         }
 
         var downloadId = await GetOrCreateDownloadAsync(db, file, ct);
-        await OwnDeploy(db, deployId).ExecuteUpdateAsync(set => set
-            .SetProperty(d => d.DownloadId, downloadId)
-            .SetProperty(d => d.LeaseOwner, (string?)null)
-            .SetProperty(d => d.LeaseExpiresAt, (DateTime?)null), ct);
+        await OwnJob(db, deployId).ExecuteUpdateAsync(set => set
+            .SetProperty(j => j.DownloadId, downloadId)
+            .SetProperty(j => j.LeaseOwner, (string?)null)
+            .SetProperty(j => j.LeaseExpiresAt, (DateTime?)null)
+            .SetProperty(j => j.UpdatedAt, Now), ct);
         signal.Wake();
     }
 
@@ -342,7 +352,7 @@ public sealed partial class ImportPipeline(
         throw new InvalidOperationException($"Could not create or join the download of CivitAI file {file.FileId}.");
     }
 
-    // ---- step 3: finish deploys whose download ended ----
+    // ---- step 3: finish jobs whose download ended ----
 
     private async Task<bool> FinishWaitingDeploysAsync(CancellationToken ct)
     {
@@ -350,12 +360,12 @@ public sealed partial class ImportPipeline(
         await using (var db = await contexts.CreateDbContextAsync(ct))
         {
             var now = Now;
-            candidates = (await db.Deploys
-                .Where(d => d.Status == DeployStatus.Downloading && d.DownloadId != null
-                    && (d.LeaseOwner == null || d.LeaseExpiresAt < now)
-                    && (d.Download!.Status == DownloadStatus.Done || d.Download.Status == DownloadStatus.Failed || d.Download.Status == DownloadStatus.Cancelled))
-                .OrderBy(d => d.CreatedAt)
-                .Select(d => new { d.Id, DownloadId = d.DownloadId!.Value })
+            candidates = (await db.ImportJobs
+                .Where(j => j.Status == ImportJobStatus.Importing && j.DownloadId != null
+                    && (j.LeaseOwner == null || j.LeaseExpiresAt < now)
+                    && (j.Download!.Status == DownloadStatus.Done || j.Download.Status == DownloadStatus.Failed || j.Download.Status == DownloadStatus.Cancelled))
+                .OrderBy(j => j.CreatedAt)
+                .Select(j => new { Id = j.DeployId, DownloadId = j.DownloadId!.Value })
                 .Take(Options.BatchSize)
                 .ToListAsync(ct))
                 .Select(d => (d.Id, d.DownloadId))
@@ -370,12 +380,12 @@ public sealed partial class ImportPipeline(
         {
             await using var db = await contexts.CreateDbContextAsync(token);
             var now = Now;
-            var won = await db.Deploys
-                .Where(d => d.Id == candidate.DeployId && d.Status == DeployStatus.Downloading && d.DownloadId == candidate.DownloadId
-                    && (d.LeaseOwner == null || d.LeaseExpiresAt < now))
+            var won = await db.ImportJobs
+                .Where(j => j.DeployId == candidate.DeployId && j.Status == ImportJobStatus.Importing && j.DownloadId == candidate.DownloadId
+                    && (j.LeaseOwner == null || j.LeaseExpiresAt < now))
                 .ExecuteUpdateAsync(set => set
-                    .SetProperty(d => d.LeaseOwner, _owner)
-                    .SetProperty(d => d.LeaseExpiresAt, now + Options.LeaseDuration), token);
+                    .SetProperty(j => j.LeaseOwner, _owner)
+                    .SetProperty(j => j.LeaseExpiresAt, now + Options.LeaseDuration), token);
             if (won != 1)
             {
                 return;
@@ -412,7 +422,7 @@ public sealed partial class ImportPipeline(
             await RequeueAsync(db, deployId, ct); // collected between the check and now: fetch it again
             return;
         }
-        var lora = await db.Loras.AsTracking().FirstAsync(l => l.DeployId == deployId, ct);
+        var lora = await LoraOf(db, deployId).AsTracking().FirstAsync(ct);
         if (lora.ExpectedSha256 is { } expected && !string.Equals(expected, sha256, StringComparison.Ordinal))
         {
             // The deploy's version is the listed hash: it may never go live with other bytes.
@@ -435,9 +445,9 @@ public sealed partial class ImportPipeline(
 
         var (failClass, failReason, warnings) = AdapterGate.Check(report, lora.BaseModel, lora.CivitaiBaseModel, baseModels);
         var now = Now;
-        lora.Sha256 = sha256;
+        await EnsureAdapterAsync(db, sha256, blob.Length, report, lora, ct);
+        lora.AdapterSha256 = sha256;
         lora.SizeBytes = blob.Length;
-        lora.ProbeJson = JsonSerializer.Serialize(report, ProbeJsonContext.Default.ProbeReport);
         lora.WarningsJson = JsonSerializer.Serialize(warnings, PipelineJsonContext.Default.ListString);
         lora.UpdatedAt = now;
         await db.SaveChangesAsync(ct);
@@ -448,28 +458,85 @@ public sealed partial class ImportPipeline(
             return;
         }
         var version = sha256; // equal to the listed hash when there is one (checked above)
-        var advanced = await OwnDeploy(db, deployId).ExecuteUpdateAsync(set => set
-            .SetProperty(d => d.Status, DeployStatus.Deploying)
-            .SetProperty(d => d.Version, version)
-            .SetProperty(d => d.LeaseOwner, (string?)null)
-            .SetProperty(d => d.LeaseExpiresAt, (DateTime?)null)
-            .SetProperty(d => d.UpdatedAt, now), ct);
+        await using var transaction = await db.Database.BeginTransactionAsync(ct);
+        var advanced = await OwnJob(db, deployId).ExecuteUpdateAsync(set => set
+            .SetProperty(j => j.Status, ImportJobStatus.Done)
+            .SetProperty(j => j.LeaseOwner, (string?)null)
+            .SetProperty(j => j.LeaseExpiresAt, (DateTime?)null)
+            .SetProperty(j => j.UpdatedAt, now), ct);
         if (advanced == 1)
         {
+            advanced = await db.Deploys.Where(d => d.Id == deployId && d.Status == DeployStatus.Downloading).ExecuteUpdateAsync(set => set
+                .SetProperty(d => d.Status, DeployStatus.Deploying)
+                .SetProperty(d => d.Version, version)
+                .SetProperty(d => d.UpdatedAt, now), ct);
+        }
+        await transaction.CommitAsync(ct);
+        if (advanced == 1)
+        {
+            signal.Wake();
             metrics.ImportSucceeded();
             LogDeploying(deployId, report.Architecture, report.Network);
         }
     }
 
-    private async Task RequeueAsync(LoraDeployDbContext db, string deployId, CancellationToken ct) =>
-        await OwnDeploy(db, deployId).ExecuteUpdateAsync(set => set
-            .SetProperty(d => d.Status, DeployStatus.Initializing)
-            .SetProperty(d => d.DownloadId, (long?)null)
-            .SetProperty(d => d.LeaseOwner, (string?)null)
-            .SetProperty(d => d.LeaseExpiresAt, (DateTime?)null), ct);
+    private async Task RequeueAsync(LoraDeployDbContext db, string deployId, CancellationToken ct)
+    {
+        var requeued = await OwnJob(db, deployId).ExecuteUpdateAsync(set => set
+            .SetProperty(j => j.Status, ImportJobStatus.Queued)
+            .SetProperty(j => j.DownloadId, (long?)null)
+            .SetProperty(j => j.LeaseOwner, (string?)null)
+            .SetProperty(j => j.LeaseExpiresAt, (DateTime?)null)
+            .SetProperty(j => j.UpdatedAt, Now), ct);
+        if (requeued == 1)
+        {
+            await db.Deploys.Where(d => d.Id == deployId && d.Status == DeployStatus.Downloading)
+                .ExecuteUpdateAsync(set => set.SetProperty(d => d.Status, DeployStatus.Initializing), ct);
+        }
+    }
 
-    private IQueryable<Deploy> OwnDeploy(LoraDeployDbContext db, string deployId) =>
-        db.Deploys.Where(d => d.Id == deployId && d.Status == DeployStatus.Downloading && d.LeaseOwner == _owner);
+    /// <summary>This replica's claim on a deploy's running import: every write of a step goes through it.</summary>
+    private IQueryable<ImportJob> OwnJob(LoraDeployDbContext db, string deployId) =>
+        db.ImportJobs.Where(j => j.DeployId == deployId && j.Status == ImportJobStatus.Importing && j.LeaseOwner == _owner);
+
+    private static IQueryable<Data.Lora> LoraOf(LoraDeployDbContext db, string deployId) =>
+        db.Deploys.Where(d => d.Id == deployId).Select(d => d.Lora!);
+
+    /// <summary>
+    /// Records what the prober learned about these bytes, once: the first import of a file creates the adapter, every
+    /// later one (any user, any LoRA) shares it. The probe is a pure function of the bytes, so a race loses nothing.
+    /// </summary>
+    private async Task EnsureAdapterAsync(LoraDeployDbContext db, string sha256, long size, ProbeReport report, Data.Lora lora, CancellationToken ct)
+    {
+        if (await db.Adapters.AnyAsync(a => a.Sha256 == sha256, ct))
+        {
+            return;
+        }
+        await using var insert = await contexts.CreateDbContextAsync(ct);
+        insert.Adapters.Add(new Adapter
+        {
+            Sha256 = sha256,
+            SizeBytes = size,
+            Format = report.Format,
+            Network = report.Network,
+            Architecture = report.Architecture,
+            RankMin = report.RankMin,
+            RankMax = report.RankMax,
+            Alpha = report.Alpha,
+            ProbeJson = JsonSerializer.Serialize(report, ProbeJsonContext.Default.ProbeReport),
+            SourceType = lora.SourceType,
+            SourceRef = lora.CivitaiFileId is { } fileId ? $"civitai:file:{fileId}" : lora.SourceUrl,
+            CreatedAt = Now,
+        });
+        try
+        {
+            await insert.SaveChangesAsync(ct);
+        }
+        catch (DbUpdateException e) when (insert.IsUniqueViolation(e))
+        {
+            // Another import of the same bytes recorded it first.
+        }
+    }
 
     private async Task FailAsync(string deployId, string reasonClass, string reason, CancellationToken ct)
     {
@@ -602,15 +669,23 @@ public sealed partial class ImportPipeline(
         await using var db = await contexts.CreateDbContextAsync(ct);
         var cutoff = Now - Options.BlobGracePeriod;
         var orphans = await db.Blobs
-            .Where(b => b.CreatedAt < cutoff && !db.Loras.Any(l => !l.Deleted && (l.Sha256 == b.Sha256 || l.ExpectedSha256 == b.Sha256)))
+            .Where(b => b.CreatedAt < cutoff && !db.Loras.Any(l => !l.Deleted && (l.AdapterSha256 == b.Sha256 || l.ExpectedSha256 == b.Sha256)))
             .Select(b => b.Sha256)
             .Take(100)
             .ToListAsync(ct);
         foreach (var sha in orphans)
         {
+            await using var transaction = await db.Database.BeginTransactionAsync(ct);
             var removed = await db.Blobs
-                .Where(b => b.Sha256 == sha && !db.Loras.Any(l => !l.Deleted && (l.Sha256 == b.Sha256 || l.ExpectedSha256 == b.Sha256)))
+                .Where(b => b.Sha256 == sha && !db.Loras.Any(l => !l.Deleted && (l.AdapterSha256 == b.Sha256 || l.ExpectedSha256 == b.Sha256)))
                 .ExecuteDeleteAsync(ct);
+            if (removed == 1)
+            {
+                // Deleted LoRAs that pointed at it keep their rows; their adapter link goes with the bytes.
+                await db.Loras.Where(l => l.AdapterSha256 == sha).ExecuteUpdateAsync(set => set.SetProperty(l => l.AdapterSha256, (string?)null), ct);
+                await db.Adapters.Where(a => a.Sha256 == sha).ExecuteDeleteAsync(ct);
+            }
+            await transaction.CommitAsync(ct);
             if (removed == 1)
             {
                 blobs.Delete(sha);

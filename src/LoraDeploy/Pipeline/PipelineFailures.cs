@@ -19,15 +19,32 @@ public static class PipelineReasonClass
 
 internal static class DeployFailure
 {
-    /// <summary>Fails a deploy that is still importing; a deploy the user deleted meanwhile stays deleted.</summary>
-    public static Task<int> FailAsync(LoraDeployDbContext db, string deployId, string reasonClass, string reason, DateTime now, CancellationToken ct) =>
-        db.Deploys
+    /// <summary>
+    /// Ends a deploy's import and fails the deploy if it is still importing; a deploy the user deleted meanwhile stays
+    /// deleted. Returns 1 when the deploy was failed.
+    /// </summary>
+    public static async Task<int> FailAsync(LoraDeployDbContext db, string deployId, string reasonClass, string reason, DateTime now, CancellationToken ct)
+    {
+        await using var transaction = await db.Database.BeginTransactionAsync(ct);
+        await EndImportAsync(db, deployId, now, ct);
+        var failed = await db.Deploys
             .Where(d => d.Id == deployId && (d.Status == DeployStatus.Initializing || d.Status == DeployStatus.Downloading))
             .ExecuteUpdateAsync(set => set
                 .SetProperty(d => d.Status, DeployStatus.Failed)
                 .SetProperty(d => d.FailReason, reason)
                 .SetProperty(d => d.FailClass, reasonClass)
-                .SetProperty(d => d.LeaseOwner, (string?)null)
-                .SetProperty(d => d.LeaseExpiresAt, (DateTime?)null)
                 .SetProperty(d => d.UpdatedAt, now), ct);
+        await transaction.CommitAsync(ct);
+        return failed;
+    }
+
+    /// <summary>Stops a deploy's import wherever it is (its lease holder notices and lets go).</summary>
+    public static Task<int> EndImportAsync(LoraDeployDbContext db, string deployId, DateTime now, CancellationToken ct) =>
+        db.ImportJobs
+            .Where(j => j.DeployId == deployId && (j.Status == ImportJobStatus.Queued || j.Status == ImportJobStatus.Importing))
+            .ExecuteUpdateAsync(set => set
+                .SetProperty(j => j.Status, ImportJobStatus.Ended)
+                .SetProperty(j => j.LeaseOwner, (string?)null)
+                .SetProperty(j => j.LeaseExpiresAt, (DateTime?)null)
+                .SetProperty(j => j.UpdatedAt, now), ct);
 }

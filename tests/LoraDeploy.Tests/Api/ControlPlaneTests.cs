@@ -351,11 +351,11 @@ public abstract partial class ControlPlaneTests(ServerFixture fixture)
         const string rows = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 8000) SELECT 900000 + i AS i FROM n";
         var owner = $"CASE WHEN i % 2 = 0 THEN {users[0]} ELSE {users[1]} END";
         var loras =
-            $"""INSERT INTO loras ("Id", "UserId", "Name", "BaseModel", "SourceType", "SourceUrl", "Private", "Description", "Deleted", "DeployId", "CreatedAt", "UpdatedAt", "ExpectedSha256", "Sha256", "SizeBytes") {(postgres ? "OVERRIDING SYSTEM VALUE" : "")} """ +
-            $"""SELECT i, {owner}, 'plan-' || i, '{Flux}', 'civitai', '{CivitUrl}', {(postgres ? "true" : "1")}, '', {(postgres ? "false" : "0")}, 'plan' || i, '2026-01-01 00:00:00', '2026-01-01 00:00:00', '', '', 1 FROM ({rows}) AS seed""";
+            $"""INSERT INTO loras ("Id", "UserId", "Name", "BaseModel", "SourceType", "SourceUrl", "Private", "Description", "Deleted", "CreatedAt", "UpdatedAt", "ExpectedSha256", "SizeBytes") {(postgres ? "OVERRIDING SYSTEM VALUE" : "")} """ +
+            $"""SELECT i, {owner}, 'plan-' || i, '{Flux}', 'civitai', '{CivitUrl}', {(postgres ? "true" : "1")}, '', {(postgres ? "false" : "0")}, '2026-01-01 00:00:00', '2026-01-01 00:00:00', '', 1 FROM ({rows}) AS seed""";
         var deploys =
-            """INSERT INTO deploys ("Id", "UserId", "LoraId", "ModelName", "Type", "Task", "Status", "FailReason", "FailClass", "Version", "MinInstances", "MaxInstances", "RunningInstances", "PendingInstances", "CreatedAt", "UpdatedAt", "Attempts") """ +
-            $"""SELECT 'plan' || (((i - 900000) * 7919) % 8000 + 10000), {owner}, i, 'plan/' || i, 'lora', 'text-to-image', 'deploying', '', '', '', 1, 1, 0, 0, '2026-01-01 00:00:00', '2026-01-01 00:00:00', 0 FROM ({rows}) AS seed""";
+            """INSERT INTO deploys ("Id", "UserId", "LoraId", "ModelName", "Type", "Task", "Status", "FailReason", "FailClass", "Version", "MinInstances", "MaxInstances", "RunningInstances", "PendingInstances", "CreatedAt", "UpdatedAt") """ +
+            $"""SELECT 'plan' || (((i - 900000) * 7919) % 8000 + 10000), {owner}, i, 'plan/' || i, 'lora', 'text-to-image', 'deploying', '', '', '', 1, 1, 0, 0, '2026-01-01 00:00:00', '2026-01-01 00:00:00' FROM ({rows}) AS seed""";
         await Server.QueryAsync(db => db.Database.ExecuteSqlRawAsync(loras));
         await Server.QueryAsync(db => db.Database.ExecuteSqlRawAsync(deploys));
         await Server.QueryAsync(db => db.Database.ExecuteSqlRawAsync("ANALYZE"));

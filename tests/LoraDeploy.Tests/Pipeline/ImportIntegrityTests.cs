@@ -32,7 +32,7 @@ public sealed class ImportIntegrityTests
         Assert.Equal(after.Length, lora.GetProperty("size_bytes").GetInt64());
         Assert.NotEqual(oldProbe, lora.GetProperty("probe").GetRawText());
         Assert.Equal(2, h.Simulator.DownloadsStarted(version.File.Id));
-        Assert.Equal(Sha(after), await h.Server.QueryAsync(db => db.Loras.Where(l => l.Name == "new-bytes").Select(l => l.Sha256).SingleAsync()));
+        Assert.Equal(Sha(after), await h.Server.QueryAsync(db => db.Loras.Where(l => l.Name == "new-bytes").Select(l => l.AdapterSha256).SingleAsync()));
     }
 
     [Fact]

@@ -22,6 +22,61 @@ namespace LoraDeploy.Data.Migrations.Postgres
 
             NpgsqlModelBuilderExtensions.UseIdentityByDefaultColumns(modelBuilder);
 
+            modelBuilder.Entity("LoraDeploy.Data.Adapter", b =>
+                {
+                    b.Property<string>("Sha256")
+                        .HasMaxLength(64)
+                        .HasColumnType("character varying(64)");
+
+                    b.Property<double?>("Alpha")
+                        .HasColumnType("double precision");
+
+                    b.Property<string>("Architecture")
+                        .IsRequired()
+                        .HasMaxLength(64)
+                        .HasColumnType("character varying(64)");
+
+                    b.Property<DateTime>("CreatedAt")
+                        .HasColumnType("timestamp with time zone");
+
+                    b.Property<string>("Format")
+                        .IsRequired()
+                        .HasMaxLength(32)
+                        .HasColumnType("character varying(32)");
+
+                    b.Property<string>("Network")
+                        .IsRequired()
+                        .HasMaxLength(32)
+                        .HasColumnType("character varying(32)");
+
+                    b.Property<string>("ProbeJson")
+                        .IsRequired()
+                        .HasColumnType("text");
+
+                    b.Property<int?>("RankMax")
+                        .HasColumnType("integer");
+
+                    b.Property<int?>("RankMin")
+                        .HasColumnType("integer");
+
+                    b.Property<long>("SizeBytes")
+                        .HasColumnType("bigint");
+
+                    b.Property<string>("SourceRef")
+                        .IsRequired()
+                        .HasMaxLength(2048)
+                        .HasColumnType("character varying(2048)");
+
+                    b.Property<string>("SourceType")
+                        .IsRequired()
+                        .HasMaxLength(32)
+                        .HasColumnType("character varying(32)");
+
+                    b.HasKey("Sha256");
+
+                    b.ToTable("adapters", (string)null);
+                });
+
             modelBuilder.Entity("LoraDeploy.Data.ApiToken", b =>
                 {
                     b.Property<string>("Id")
@@ -73,14 +128,8 @@ namespace LoraDeploy.Data.Migrations.Postgres
                         .HasMaxLength(32)
                         .HasColumnType("character varying(32)");
 
-                    b.Property<int>("Attempts")
-                        .HasColumnType("integer");
-
                     b.Property<DateTime>("CreatedAt")
                         .HasColumnType("timestamp with time zone");
-
-                    b.Property<long?>("DownloadId")
-                        .HasColumnType("bigint");
 
                     b.Property<string>("FailClass")
                         .IsRequired()
@@ -91,13 +140,6 @@ namespace LoraDeploy.Data.Migrations.Postgres
                         .IsRequired()
                         .HasMaxLength(2000)
                         .HasColumnType("character varying(2000)");
-
-                    b.Property<DateTime?>("LeaseExpiresAt")
-                        .HasColumnType("timestamp with time zone");
-
-                    b.Property<string>("LeaseOwner")
-                        .HasMaxLength(64)
-                        .HasColumnType("character varying(64)");
 
                     b.Property<long>("LoraId")
                         .HasColumnType("bigint");
@@ -148,15 +190,11 @@ namespace LoraDeploy.Data.Migrations.Postgres
                     b.HasKey("Id");
 
                     b.HasIndex("CreatedAt")
-                        .HasDatabaseName("IX_deploys_Importing_CreatedAt")
-                        .HasFilter("\"Status\" IN ('initializing', 'downloading')");
-
-                    b.HasIndex("DownloadId");
+                        .HasDatabaseName("IX_deploys_Serving_CreatedAt")
+                        .HasFilter("\"Status\" IN ('deploying', 'running')");
 
                     b.HasIndex("LoraId")
                         .IsUnique();
-
-                    b.HasIndex("Status", "LeaseExpiresAt");
 
                     b.HasIndex("UserId", "CreatedAt", "Id");
 
@@ -279,6 +317,106 @@ namespace LoraDeploy.Data.Migrations.Postgres
                     b.ToTable("idempotency_keys", (string)null);
                 });
 
+            modelBuilder.Entity("LoraDeploy.Data.ImportJob", b =>
+                {
+                    b.Property<long>("Id")
+                        .ValueGeneratedOnAdd()
+                        .HasColumnType("bigint");
+
+                    NpgsqlPropertyBuilderExtensions.UseIdentityByDefaultColumn(b.Property<long>("Id"));
+
+                    b.Property<int>("Attempts")
+                        .HasColumnType("integer");
+
+                    b.Property<DateTime>("CreatedAt")
+                        .HasColumnType("timestamp with time zone");
+
+                    b.Property<string>("DeployId")
+                        .IsRequired()
+                        .HasMaxLength(32)
+                        .HasColumnType("character varying(32)");
+
+                    b.Property<long?>("DownloadId")
+                        .HasColumnType("bigint");
+
+                    b.Property<DateTime?>("LeaseExpiresAt")
+                        .HasColumnType("timestamp with time zone");
+
+                    b.Property<string>("LeaseOwner")
+                        .HasMaxLength(64)
+                        .HasColumnType("character varying(64)");
+
+                    b.Property<string>("Status")
+                        .IsRequired()
+                        .HasMaxLength(16)
+                        .HasColumnType("character varying(16)");
+
+                    b.Property<DateTime>("UpdatedAt")
+                        .HasColumnType("timestamp with time zone");
+
+                    b.HasKey("Id");
+
+                    b.HasIndex("CreatedAt")
+                        .HasDatabaseName("IX_import_jobs_Active_CreatedAt")
+                        .HasFilter("\"Status\" IN ('queued', 'importing')");
+
+                    b.HasIndex("DeployId")
+                        .IsUnique();
+
+                    b.HasIndex("DownloadId");
+
+                    b.ToTable("import_jobs", (string)null);
+                });
+
+            modelBuilder.Entity("LoraDeploy.Data.Instance", b =>
+                {
+                    b.Property<long>("Id")
+                        .ValueGeneratedOnAdd()
+                        .HasColumnType("bigint");
+
+                    NpgsqlPropertyBuilderExtensions.UseIdentityByDefaultColumn(b.Property<long>("Id"));
+
+                    b.Property<string>("AdapterSha256")
+                        .IsRequired()
+                        .HasMaxLength(64)
+                        .HasColumnType("character varying(64)");
+
+                    b.Property<string>("DeployId")
+                        .IsRequired()
+                        .HasMaxLength(32)
+                        .HasColumnType("character varying(32)");
+
+                    b.Property<string>("FailReason")
+                        .IsRequired()
+                        .HasMaxLength(2000)
+                        .HasColumnType("character varying(2000)");
+
+                    b.Property<bool>("Pinned")
+                        .HasColumnType("boolean");
+
+                    b.Property<DateTime>("Since")
+                        .HasColumnType("timestamp with time zone");
+
+                    b.Property<string>("State")
+                        .IsRequired()
+                        .HasMaxLength(16)
+                        .HasColumnType("character varying(16)");
+
+                    b.Property<string>("WorkerId")
+                        .IsRequired()
+                        .HasMaxLength(64)
+                        .HasColumnType("character varying(64)");
+
+                    b.HasKey("Id");
+
+                    b.HasIndex("WorkerId");
+
+                    b.HasIndex("DeployId", "WorkerId")
+                        .IsUnique();
+
+                    b.ToTable("instances", (string)null);
+                });
+
             modelBuilder.Entity("LoraDeploy.Data.Lora", b =>
                 {
                     b.Property<long>("Id")
@@ -286,6 +424,10 @@ namespace LoraDeploy.Data.Migrations.Postgres
                         .HasColumnType("bigint");
 
                     NpgsqlPropertyBuilderExtensions.UseIdentityByDefaultColumn(b.Property<long>("Id"));
+
+                    b.Property<string>("AdapterSha256")
+                        .HasMaxLength(64)
+                        .HasColumnType("character varying(64)");
 
                     b.Property<string>("BaseModel")
                         .IsRequired()
@@ -310,11 +452,6 @@ namespace LoraDeploy.Data.Migrations.Postgres
                     b.Property<bool>("Deleted")
                         .HasColumnType("boolean");
 
-                    b.Property<string>("DeployId")
-                        .IsRequired()
-                        .HasMaxLength(32)
-                        .HasColumnType("character varying(32)");
-
                     b.Property<string>("Description")
                         .IsRequired()
                         .HasColumnType("text");
@@ -333,13 +470,6 @@ namespace LoraDeploy.Data.Migrations.Postgres
 
                     b.Property<bool>("Private")
                         .HasColumnType("boolean");
-
-                    b.Property<string>("ProbeJson")
-                        .HasColumnType("text");
-
-                    b.Property<string>("Sha256")
-                        .HasMaxLength(64)
-                        .HasColumnType("character varying(64)");
 
                     b.Property<long?>("SizeBytes")
                         .HasColumnType("bigint");
@@ -368,8 +498,7 @@ namespace LoraDeploy.Data.Migrations.Postgres
 
                     b.HasKey("Id");
 
-                    b.HasIndex("DeployId")
-                        .IsUnique();
+                    b.HasIndex("AdapterSha256");
 
                     b.HasIndex("BaseModel", "Private")
                         .HasFilter("\"Deleted\" = false");
@@ -408,6 +537,86 @@ namespace LoraDeploy.Data.Migrations.Postgres
                     b.ToTable("users", (string)null);
                 });
 
+            modelBuilder.Entity("LoraDeploy.Data.Worker", b =>
+                {
+                    b.Property<string>("Id")
+                        .HasMaxLength(64)
+                        .HasColumnType("character varying(64)");
+
+                    b.Property<int>("BusySlots")
+                        .HasColumnType("integer");
+
+                    b.Property<string>("Engine")
+                        .IsRequired()
+                        .HasMaxLength(16)
+                        .HasColumnType("character varying(16)");
+
+                    b.Property<DateTime>("LastHeartbeatAt")
+                        .HasColumnType("timestamp with time zone");
+
+                    b.Property<string>("Name")
+                        .IsRequired()
+                        .HasMaxLength(64)
+                        .HasColumnType("character varying(64)");
+
+                    b.Property<string>("PoolsJson")
+                        .IsRequired()
+                        .HasMaxLength(4000)
+                        .HasColumnType("character varying(4000)");
+
+                    b.Property<int>("QueueDepth")
+                        .HasColumnType("integer");
+
+                    b.Property<DateTime>("RegisteredAt")
+                        .HasColumnType("timestamp with time zone");
+
+                    b.Property<int>("Slots")
+                        .HasColumnType("integer");
+
+                    b.Property<string>("Url")
+                        .IsRequired()
+                        .HasMaxLength(2048)
+                        .HasColumnType("character varying(2048)");
+
+                    b.Property<string>("Version")
+                        .IsRequired()
+                        .HasMaxLength(64)
+                        .HasColumnType("character varying(64)");
+
+                    b.HasKey("Id");
+
+                    b.HasIndex("LastHeartbeatAt");
+
+                    b.ToTable("workers", (string)null);
+                });
+
+            modelBuilder.Entity("LoraDeploy.Data.WorkerToken", b =>
+                {
+                    b.Property<string>("Id")
+                        .HasMaxLength(32)
+                        .HasColumnType("character varying(32)");
+
+                    b.Property<DateTime>("CreatedAt")
+                        .HasColumnType("timestamp with time zone");
+
+                    b.Property<string>("Name")
+                        .IsRequired()
+                        .HasMaxLength(64)
+                        .HasColumnType("character varying(64)");
+
+                    b.Property<byte[]>("SecretHash")
+                        .IsRequired()
+                        .HasMaxLength(32)
+                        .HasColumnType("bytea");
+
+                    b.HasKey("Id");
+
+                    b.HasIndex("Name")
+                        .IsUnique();
+
+                    b.ToTable("worker_tokens", (string)null);
+                });
+
             modelBuilder.Entity("LoraDeploy.Data.ApiToken", b =>
                 {
                     b.HasOne("LoraDeploy.Data.User", "User")
@@ -421,28 +630,63 @@ namespace LoraDeploy.Data.Migrations.Postgres
 
             modelBuilder.Entity("LoraDeploy.Data.Deploy", b =>
                 {
-                    b.HasOne("LoraDeploy.Data.Download", "Download")
-                        .WithMany()
-                        .HasForeignKey("DownloadId");
-
                     b.HasOne("LoraDeploy.Data.Lora", "Lora")
                         .WithOne()
                         .HasForeignKey("LoraDeploy.Data.Deploy", "LoraId")
                         .OnDelete(DeleteBehavior.Cascade)
                         .IsRequired();
 
-                    b.Navigation("Download");
-
                     b.Navigation("Lora");
+                });
+
+            modelBuilder.Entity("LoraDeploy.Data.ImportJob", b =>
+                {
+                    b.HasOne("LoraDeploy.Data.Deploy", "Deploy")
+                        .WithOne()
+                        .HasForeignKey("LoraDeploy.Data.ImportJob", "DeployId")
+                        .OnDelete(DeleteBehavior.Cascade)
+                        .IsRequired();
+
+                    b.HasOne("LoraDeploy.Data.Download", "Download")
+                        .WithMany()
+                        .HasForeignKey("DownloadId");
+
+                    b.Navigation("Deploy");
+
+                    b.Navigation("Download");
+                });
+
+            modelBuilder.Entity("LoraDeploy.Data.Instance", b =>
+                {
+                    b.HasOne("LoraDeploy.Data.Deploy", null)
+                        .WithMany()
+                        .HasForeignKey("DeployId")
+                        .OnDelete(DeleteBehavior.Cascade)
+                        .IsRequired();
+
+                    b.HasOne("LoraDeploy.Data.Worker", "Worker")
+                        .WithMany()
+                        .HasForeignKey("WorkerId")
+                        .OnDelete(DeleteBehavior.Cascade)
+                        .IsRequired();
+
+                    b.Navigation("Worker");
                 });
 
             modelBuilder.Entity("LoraDeploy.Data.Lora", b =>
                 {
+                    b.HasOne("LoraDeploy.Data.Adapter", "Adapter")
+                        .WithMany()
+                        .HasForeignKey("AdapterSha256")
+                        .OnDelete(DeleteBehavior.SetNull);
+
                     b.HasOne("LoraDeploy.Data.User", "User")
                         .WithMany()
                         .HasForeignKey("UserId")
                         .OnDelete(DeleteBehavior.Cascade)
                         .IsRequired();
+
+                    b.Navigation("Adapter");
 
                     b.Navigation("User");
                 });

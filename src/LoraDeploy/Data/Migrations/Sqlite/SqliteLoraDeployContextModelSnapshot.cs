@@ -17,6 +17,61 @@ namespace LoraDeploy.Data.Migrations.Sqlite
 #pragma warning disable 612, 618
             modelBuilder.HasAnnotation("ProductVersion", "10.0.15");
 
+            modelBuilder.Entity("LoraDeploy.Data.Adapter", b =>
+                {
+                    b.Property<string>("Sha256")
+                        .HasMaxLength(64)
+                        .HasColumnType("TEXT");
+
+                    b.Property<double?>("Alpha")
+                        .HasColumnType("REAL");
+
+                    b.Property<string>("Architecture")
+                        .IsRequired()
+                        .HasMaxLength(64)
+                        .HasColumnType("TEXT");
+
+                    b.Property<DateTime>("CreatedAt")
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("Format")
+                        .IsRequired()
+                        .HasMaxLength(32)
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("Network")
+                        .IsRequired()
+                        .HasMaxLength(32)
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("ProbeJson")
+                        .IsRequired()
+                        .HasColumnType("TEXT");
+
+                    b.Property<int?>("RankMax")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<int?>("RankMin")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<long>("SizeBytes")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<string>("SourceRef")
+                        .IsRequired()
+                        .HasMaxLength(2048)
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("SourceType")
+                        .IsRequired()
+                        .HasMaxLength(32)
+                        .HasColumnType("TEXT");
+
+                    b.HasKey("Sha256");
+
+                    b.ToTable("adapters", (string)null);
+                });
+
             modelBuilder.Entity("LoraDeploy.Data.ApiToken", b =>
                 {
                     b.Property<string>("Id")
@@ -68,14 +123,8 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                         .HasMaxLength(32)
                         .HasColumnType("TEXT");
 
-                    b.Property<int>("Attempts")
-                        .HasColumnType("INTEGER");
-
                     b.Property<DateTime>("CreatedAt")
                         .HasColumnType("TEXT");
-
-                    b.Property<long?>("DownloadId")
-                        .HasColumnType("INTEGER");
 
                     b.Property<string>("FailClass")
                         .IsRequired()
@@ -85,13 +134,6 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                     b.Property<string>("FailReason")
                         .IsRequired()
                         .HasMaxLength(2000)
-                        .HasColumnType("TEXT");
-
-                    b.Property<DateTime?>("LeaseExpiresAt")
-                        .HasColumnType("TEXT");
-
-                    b.Property<string>("LeaseOwner")
-                        .HasMaxLength(64)
                         .HasColumnType("TEXT");
 
                     b.Property<long>("LoraId")
@@ -143,15 +185,11 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                     b.HasKey("Id");
 
                     b.HasIndex("CreatedAt")
-                        .HasDatabaseName("IX_deploys_Importing_CreatedAt")
-                        .HasFilter("\"Status\" IN ('initializing', 'downloading')");
-
-                    b.HasIndex("DownloadId");
+                        .HasDatabaseName("IX_deploys_Serving_CreatedAt")
+                        .HasFilter("\"Status\" IN ('deploying', 'running')");
 
                     b.HasIndex("LoraId")
                         .IsUnique();
-
-                    b.HasIndex("Status", "LeaseExpiresAt");
 
                     b.HasIndex("UserId", "CreatedAt", "Id");
 
@@ -272,11 +310,111 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                     b.ToTable("idempotency_keys", (string)null);
                 });
 
+            modelBuilder.Entity("LoraDeploy.Data.ImportJob", b =>
+                {
+                    b.Property<long>("Id")
+                        .ValueGeneratedOnAdd()
+                        .HasColumnType("INTEGER");
+
+                    b.Property<int>("Attempts")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<DateTime>("CreatedAt")
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("DeployId")
+                        .IsRequired()
+                        .HasMaxLength(32)
+                        .HasColumnType("TEXT");
+
+                    b.Property<long?>("DownloadId")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<DateTime?>("LeaseExpiresAt")
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("LeaseOwner")
+                        .HasMaxLength(64)
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("Status")
+                        .IsRequired()
+                        .HasMaxLength(16)
+                        .HasColumnType("TEXT");
+
+                    b.Property<DateTime>("UpdatedAt")
+                        .HasColumnType("TEXT");
+
+                    b.HasKey("Id");
+
+                    b.HasIndex("CreatedAt")
+                        .HasDatabaseName("IX_import_jobs_Active_CreatedAt")
+                        .HasFilter("\"Status\" IN ('queued', 'importing')");
+
+                    b.HasIndex("DeployId")
+                        .IsUnique();
+
+                    b.HasIndex("DownloadId");
+
+                    b.ToTable("import_jobs", (string)null);
+                });
+
+            modelBuilder.Entity("LoraDeploy.Data.Instance", b =>
+                {
+                    b.Property<long>("Id")
+                        .ValueGeneratedOnAdd()
+                        .HasColumnType("INTEGER");
+
+                    b.Property<string>("AdapterSha256")
+                        .IsRequired()
+                        .HasMaxLength(64)
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("DeployId")
+                        .IsRequired()
+                        .HasMaxLength(32)
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("FailReason")
+                        .IsRequired()
+                        .HasMaxLength(2000)
+                        .HasColumnType("TEXT");
+
+                    b.Property<bool>("Pinned")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<DateTime>("Since")
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("State")
+                        .IsRequired()
+                        .HasMaxLength(16)
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("WorkerId")
+                        .IsRequired()
+                        .HasMaxLength(64)
+                        .HasColumnType("TEXT");
+
+                    b.HasKey("Id");
+
+                    b.HasIndex("WorkerId");
+
+                    b.HasIndex("DeployId", "WorkerId")
+                        .IsUnique();
+
+                    b.ToTable("instances", (string)null);
+                });
+
             modelBuilder.Entity("LoraDeploy.Data.Lora", b =>
                 {
                     b.Property<long>("Id")
                         .ValueGeneratedOnAdd()
                         .HasColumnType("INTEGER");
+
+                    b.Property<string>("AdapterSha256")
+                        .HasMaxLength(64)
+                        .HasColumnType("TEXT");
 
                     b.Property<string>("BaseModel")
                         .IsRequired()
@@ -301,11 +439,6 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                     b.Property<bool>("Deleted")
                         .HasColumnType("INTEGER");
 
-                    b.Property<string>("DeployId")
-                        .IsRequired()
-                        .HasMaxLength(32)
-                        .HasColumnType("TEXT");
-
                     b.Property<string>("Description")
                         .IsRequired()
                         .HasColumnType("TEXT");
@@ -324,13 +457,6 @@ namespace LoraDeploy.Data.Migrations.Sqlite
 
                     b.Property<bool>("Private")
                         .HasColumnType("INTEGER");
-
-                    b.Property<string>("ProbeJson")
-                        .HasColumnType("TEXT");
-
-                    b.Property<string>("Sha256")
-                        .HasMaxLength(64)
-                        .HasColumnType("TEXT");
 
                     b.Property<long?>("SizeBytes")
                         .HasColumnType("INTEGER");
@@ -359,8 +485,7 @@ namespace LoraDeploy.Data.Migrations.Sqlite
 
                     b.HasKey("Id");
 
-                    b.HasIndex("DeployId")
-                        .IsUnique();
+                    b.HasIndex("AdapterSha256");
 
                     b.HasIndex("BaseModel", "Private")
                         .HasFilter("NOT \"Deleted\"");
@@ -397,6 +522,86 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                     b.ToTable("users", (string)null);
                 });
 
+            modelBuilder.Entity("LoraDeploy.Data.Worker", b =>
+                {
+                    b.Property<string>("Id")
+                        .HasMaxLength(64)
+                        .HasColumnType("TEXT");
+
+                    b.Property<int>("BusySlots")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<string>("Engine")
+                        .IsRequired()
+                        .HasMaxLength(16)
+                        .HasColumnType("TEXT");
+
+                    b.Property<DateTime>("LastHeartbeatAt")
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("Name")
+                        .IsRequired()
+                        .HasMaxLength(64)
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("PoolsJson")
+                        .IsRequired()
+                        .HasMaxLength(4000)
+                        .HasColumnType("TEXT");
+
+                    b.Property<int>("QueueDepth")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<DateTime>("RegisteredAt")
+                        .HasColumnType("TEXT");
+
+                    b.Property<int>("Slots")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<string>("Url")
+                        .IsRequired()
+                        .HasMaxLength(2048)
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("Version")
+                        .IsRequired()
+                        .HasMaxLength(64)
+                        .HasColumnType("TEXT");
+
+                    b.HasKey("Id");
+
+                    b.HasIndex("LastHeartbeatAt");
+
+                    b.ToTable("workers", (string)null);
+                });
+
+            modelBuilder.Entity("LoraDeploy.Data.WorkerToken", b =>
+                {
+                    b.Property<string>("Id")
+                        .HasMaxLength(32)
+                        .HasColumnType("TEXT");
+
+                    b.Property<DateTime>("CreatedAt")
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("Name")
+                        .IsRequired()
+                        .HasMaxLength(64)
+                        .HasColumnType("TEXT");
+
+                    b.Property<byte[]>("SecretHash")
+                        .IsRequired()
+                        .HasMaxLength(32)
+                        .HasColumnType("BLOB");
+
+                    b.HasKey("Id");
+
+                    b.HasIndex("Name")
+                        .IsUnique();
+
+                    b.ToTable("worker_tokens", (string)null);
+                });
+
             modelBuilder.Entity("LoraDeploy.Data.ApiToken", b =>
                 {
                     b.HasOne("LoraDeploy.Data.User", "User")
@@ -410,28 +615,63 @@ namespace LoraDeploy.Data.Migrations.Sqlite
 
             modelBuilder.Entity("LoraDeploy.Data.Deploy", b =>
                 {
-                    b.HasOne("LoraDeploy.Data.Download", "Download")
-                        .WithMany()
-                        .HasForeignKey("DownloadId");
-
                     b.HasOne("LoraDeploy.Data.Lora", "Lora")
                         .WithOne()
                         .HasForeignKey("LoraDeploy.Data.Deploy", "LoraId")
                         .OnDelete(DeleteBehavior.Cascade)
                         .IsRequired();
 
-                    b.Navigation("Download");
-
                     b.Navigation("Lora");
+                });
+
+            modelBuilder.Entity("LoraDeploy.Data.ImportJob", b =>
+                {
+                    b.HasOne("LoraDeploy.Data.Deploy", "Deploy")
+                        .WithOne()
+                        .HasForeignKey("LoraDeploy.Data.ImportJob", "DeployId")
+                        .OnDelete(DeleteBehavior.Cascade)
+                        .IsRequired();
+
+                    b.HasOne("LoraDeploy.Data.Download", "Download")
+                        .WithMany()
+                        .HasForeignKey("DownloadId");
+
+                    b.Navigation("Deploy");
+
+                    b.Navigation("Download");
+                });
+
+            modelBuilder.Entity("LoraDeploy.Data.Instance", b =>
+                {
+                    b.HasOne("LoraDeploy.Data.Deploy", null)
+                        .WithMany()
+                        .HasForeignKey("DeployId")
+                        .OnDelete(DeleteBehavior.Cascade)
+                        .IsRequired();
+
+                    b.HasOne("LoraDeploy.Data.Worker", "Worker")
+                        .WithMany()
+                        .HasForeignKey("WorkerId")
+                        .OnDelete(DeleteBehavior.Cascade)
+                        .IsRequired();
+
+                    b.Navigation("Worker");
                 });
 
             modelBuilder.Entity("LoraDeploy.Data.Lora", b =>
                 {
+                    b.HasOne("LoraDeploy.Data.Adapter", "Adapter")
+                        .WithMany()
+                        .HasForeignKey("AdapterSha256")
+                        .OnDelete(DeleteBehavior.SetNull);
+
                     b.HasOne("LoraDeploy.Data.User", "User")
                         .WithMany()
                         .HasForeignKey("UserId")
                         .OnDelete(DeleteBehavior.Cascade)
                         .IsRequired();
+
+                    b.Navigation("Adapter");
 
                     b.Navigation("User");
                 });

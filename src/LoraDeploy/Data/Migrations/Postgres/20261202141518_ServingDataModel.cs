@@ -1,0 +1,375 @@
+﻿using System;
+using Microsoft.EntityFrameworkCore.Migrations;
+using Npgsql.EntityFrameworkCore.PostgreSQL.Metadata;
+
+#nullable disable
+
+namespace LoraDeploy.Data.Migrations.Postgres
+{
+    /// <inheritdoc />
+    public partial class ServingDataModel : Migration
+    {
+        /// <inheritdoc />
+        protected override void Up(MigrationBuilder migrationBuilder)
+        {
+            migrationBuilder.CreateTable(
+                name: "adapters",
+                columns: table => new
+                {
+                    Sha256 = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
+                    SizeBytes = table.Column<long>(type: "bigint", nullable: false),
+                    Format = table.Column<string>(type: "character varying(32)", maxLength: 32, nullable: false),
+                    Network = table.Column<string>(type: "character varying(32)", maxLength: 32, nullable: false),
+                    Architecture = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
+                    RankMin = table.Column<int>(type: "integer", nullable: true),
+                    RankMax = table.Column<int>(type: "integer", nullable: true),
+                    Alpha = table.Column<double>(type: "double precision", nullable: true),
+                    ProbeJson = table.Column<string>(type: "text", nullable: false),
+                    SourceType = table.Column<string>(type: "character varying(32)", maxLength: 32, nullable: false),
+                    SourceRef = table.Column<string>(type: "character varying(2048)", maxLength: 2048, nullable: false),
+                    CreatedAt = table.Column<DateTime>(type: "timestamp with time zone", nullable: false)
+                },
+                constraints: table =>
+                {
+                    table.PrimaryKey("PK_adapters", x => x.Sha256);
+                });
+
+            migrationBuilder.CreateTable(
+                name: "import_jobs",
+                columns: table => new
+                {
+                    Id = table.Column<long>(type: "bigint", nullable: false)
+                        .Annotation("Npgsql:ValueGenerationStrategy", NpgsqlValueGenerationStrategy.IdentityByDefaultColumn),
+                    DeployId = table.Column<string>(type: "character varying(32)", maxLength: 32, nullable: false),
+                    Status = table.Column<string>(type: "character varying(16)", maxLength: 16, nullable: false),
+                    LeaseOwner = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: true),
+                    LeaseExpiresAt = table.Column<DateTime>(type: "timestamp with time zone", nullable: true),
+                    Attempts = table.Column<int>(type: "integer", nullable: false),
+                    DownloadId = table.Column<long>(type: "bigint", nullable: true),
+                    CreatedAt = table.Column<DateTime>(type: "timestamp with time zone", nullable: false),
+                    UpdatedAt = table.Column<DateTime>(type: "timestamp with time zone", nullable: false)
+                },
+                constraints: table =>
+                {
+                    table.PrimaryKey("PK_import_jobs", x => x.Id);
+                    table.ForeignKey(
+                        name: "FK_import_jobs_deploys_DeployId",
+                        column: x => x.DeployId,
+                        principalTable: "deploys",
+                        principalColumn: "Id",
+                        onDelete: ReferentialAction.Cascade);
+                    table.ForeignKey(
+                        name: "FK_import_jobs_downloads_DownloadId",
+                        column: x => x.DownloadId,
+                        principalTable: "downloads",
+                        principalColumn: "Id");
+                });
+
+            migrationBuilder.CreateTable(
+                name: "worker_tokens",
+                columns: table => new
+                {
+                    Id = table.Column<string>(type: "character varying(32)", maxLength: 32, nullable: false),
+                    Name = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
+                    SecretHash = table.Column<byte[]>(type: "bytea", maxLength: 32, nullable: false),
+                    CreatedAt = table.Column<DateTime>(type: "timestamp with time zone", nullable: false)
+                },
+                constraints: table =>
+                {
+                    table.PrimaryKey("PK_worker_tokens", x => x.Id);
+                });
+
+            migrationBuilder.CreateTable(
+                name: "workers",
+                columns: table => new
+                {
+                    Id = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
+                    Name = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
+                    Engine = table.Column<string>(type: "character varying(16)", maxLength: 16, nullable: false),
+                    PoolsJson = table.Column<string>(type: "character varying(4000)", maxLength: 4000, nullable: false),
+                    Slots = table.Column<int>(type: "integer", nullable: false),
+                    Url = table.Column<string>(type: "character varying(2048)", maxLength: 2048, nullable: false),
+                    Version = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
+                    QueueDepth = table.Column<int>(type: "integer", nullable: false),
+                    BusySlots = table.Column<int>(type: "integer", nullable: false),
+                    RegisteredAt = table.Column<DateTime>(type: "timestamp with time zone", nullable: false),
+                    LastHeartbeatAt = table.Column<DateTime>(type: "timestamp with time zone", nullable: false)
+                },
+                constraints: table =>
+                {
+                    table.PrimaryKey("PK_workers", x => x.Id);
+                });
+
+            migrationBuilder.CreateTable(
+                name: "instances",
+                columns: table => new
+                {
+                    Id = table.Column<long>(type: "bigint", nullable: false)
+                        .Annotation("Npgsql:ValueGenerationStrategy", NpgsqlValueGenerationStrategy.IdentityByDefaultColumn),
+                    DeployId = table.Column<string>(type: "character varying(32)", maxLength: 32, nullable: false),
+                    WorkerId = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
+                    AdapterSha256 = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
+                    State = table.Column<string>(type: "character varying(16)", maxLength: 16, nullable: false),
+                    Pinned = table.Column<bool>(type: "boolean", nullable: false),
+                    FailReason = table.Column<string>(type: "character varying(2000)", maxLength: 2000, nullable: false),
+                    Since = table.Column<DateTime>(type: "timestamp with time zone", nullable: false)
+                },
+                constraints: table =>
+                {
+                    table.PrimaryKey("PK_instances", x => x.Id);
+                    table.ForeignKey(
+                        name: "FK_instances_deploys_DeployId",
+                        column: x => x.DeployId,
+                        principalTable: "deploys",
+                        principalColumn: "Id",
+                        onDelete: ReferentialAction.Cascade);
+                    table.ForeignKey(
+                        name: "FK_instances_workers_WorkerId",
+                        column: x => x.WorkerId,
+                        principalTable: "workers",
+                        principalColumn: "Id",
+                        onDelete: ReferentialAction.Cascade);
+                });
+
+            migrationBuilder.CreateIndex(
+                name: "IX_deploys_Serving_CreatedAt",
+                table: "deploys",
+                column: "CreatedAt",
+                filter: "\"Status\" IN ('deploying', 'running')");
+
+            migrationBuilder.CreateIndex(
+                name: "IX_import_jobs_Active_CreatedAt",
+                table: "import_jobs",
+                column: "CreatedAt",
+                filter: "\"Status\" IN ('queued', 'importing')");
+
+            migrationBuilder.CreateIndex(
+                name: "IX_import_jobs_DeployId",
+                table: "import_jobs",
+                column: "DeployId",
+                unique: true);
+
+            migrationBuilder.CreateIndex(
+                name: "IX_import_jobs_DownloadId",
+                table: "import_jobs",
+                column: "DownloadId");
+
+            migrationBuilder.CreateIndex(
+                name: "IX_instances_DeployId_WorkerId",
+                table: "instances",
+                columns: new[] { "DeployId", "WorkerId" },
+                unique: true);
+
+            migrationBuilder.CreateIndex(
+                name: "IX_instances_WorkerId",
+                table: "instances",
+                column: "WorkerId");
+
+            migrationBuilder.CreateIndex(
+                name: "IX_worker_tokens_Name",
+                table: "worker_tokens",
+                column: "Name",
+                unique: true);
+
+            migrationBuilder.CreateIndex(
+                name: "IX_workers_LastHeartbeatAt",
+                table: "workers",
+                column: "LastHeartbeatAt");
+
+            // Existing rows move into the new tables before the old columns go: probed files become adapters,
+            // every deploy gets the import job its status implies (an import under way keeps its lease and download).
+            migrationBuilder.Sql("""
+INSERT INTO adapters ("Sha256", "SizeBytes", "Format", "Network", "Architecture", "RankMin", "RankMax", "Alpha", "ProbeJson", "SourceType", "SourceRef", "CreatedAt")
+SELECT l."Sha256", COALESCE(l."SizeBytes", 0), COALESCE(l."ProbeJson"::jsonb ->> 'format', 'unknown'), COALESCE(l."ProbeJson"::jsonb ->> 'network', 'unknown'),
+       COALESCE(l."ProbeJson"::jsonb ->> 'architecture', 'unknown'), (l."ProbeJson"::jsonb ->> 'rank_min')::integer, (l."ProbeJson"::jsonb ->> 'rank_max')::integer, (l."ProbeJson"::jsonb ->> 'alpha')::double precision,
+       l."ProbeJson", l."SourceType", CASE WHEN l."CivitaiFileId" IS NULL THEN l."SourceUrl" ELSE 'civitai:file:' || l."CivitaiFileId"::text END, l."UpdatedAt"
+FROM loras l
+WHERE l."Sha256" IS NOT NULL AND l."ProbeJson" IS NOT NULL
+  AND l."Id" = (SELECT MIN(o."Id") FROM loras o WHERE o."Sha256" = l."Sha256" AND o."ProbeJson" IS NOT NULL);
+""");
+
+            migrationBuilder.Sql("""
+INSERT INTO import_jobs ("DeployId", "Status", "LeaseOwner", "LeaseExpiresAt", "Attempts", "DownloadId", "CreatedAt", "UpdatedAt")
+SELECT "Id",
+       CASE "Status" WHEN 'initializing' THEN 'queued' WHEN 'downloading' THEN 'importing' WHEN 'failed' THEN 'ended' WHEN 'deleted' THEN 'ended' ELSE 'done' END,
+       CASE WHEN "Status" = 'downloading' THEN "LeaseOwner" END,
+       CASE WHEN "Status" = 'downloading' THEN "LeaseExpiresAt" END,
+       "Attempts",
+       CASE WHEN "Status" = 'downloading' THEN "DownloadId" END,
+       "CreatedAt", "UpdatedAt"
+FROM deploys;
+""");
+
+            migrationBuilder.Sql("""
+UPDATE loras SET "Sha256" = NULL WHERE "Sha256" IS NOT NULL AND "Sha256" NOT IN (SELECT "Sha256" FROM adapters);
+""");
+
+            migrationBuilder.DropForeignKey(
+                name: "FK_deploys_downloads_DownloadId",
+                table: "deploys");
+
+            migrationBuilder.DropIndex(
+                name: "IX_loras_DeployId",
+                table: "loras");
+
+            migrationBuilder.DropIndex(
+                name: "IX_deploys_DownloadId",
+                table: "deploys");
+
+            migrationBuilder.DropIndex(
+                name: "IX_deploys_Importing_CreatedAt",
+                table: "deploys");
+
+            migrationBuilder.DropIndex(
+                name: "IX_deploys_Status_LeaseExpiresAt",
+                table: "deploys");
+
+            migrationBuilder.DropColumn(
+                name: "DeployId",
+                table: "loras");
+
+            migrationBuilder.DropColumn(
+                name: "ProbeJson",
+                table: "loras");
+
+            migrationBuilder.DropColumn(
+                name: "Attempts",
+                table: "deploys");
+
+            migrationBuilder.DropColumn(
+                name: "DownloadId",
+                table: "deploys");
+
+            migrationBuilder.DropColumn(
+                name: "LeaseExpiresAt",
+                table: "deploys");
+
+            migrationBuilder.DropColumn(
+                name: "LeaseOwner",
+                table: "deploys");
+
+            migrationBuilder.RenameColumn(
+                name: "Sha256",
+                table: "loras",
+                newName: "AdapterSha256");
+
+            migrationBuilder.CreateIndex(
+                name: "IX_loras_AdapterSha256",
+                table: "loras",
+                column: "AdapterSha256");
+
+            migrationBuilder.AddForeignKey(
+                name: "FK_loras_adapters_AdapterSha256",
+                table: "loras",
+                column: "AdapterSha256",
+                principalTable: "adapters",
+                principalColumn: "Sha256",
+                onDelete: ReferentialAction.SetNull);
+        }
+
+        /// <inheritdoc />
+        protected override void Down(MigrationBuilder migrationBuilder)
+        {
+            migrationBuilder.DropForeignKey(
+                name: "FK_loras_adapters_AdapterSha256",
+                table: "loras");
+
+            migrationBuilder.DropTable(
+                name: "adapters");
+
+            migrationBuilder.DropTable(
+                name: "import_jobs");
+
+            migrationBuilder.DropTable(
+                name: "instances");
+
+            migrationBuilder.DropTable(
+                name: "worker_tokens");
+
+            migrationBuilder.DropTable(
+                name: "workers");
+
+            migrationBuilder.DropIndex(
+                name: "IX_loras_AdapterSha256",
+                table: "loras");
+
+            migrationBuilder.DropIndex(
+                name: "IX_deploys_Serving_CreatedAt",
+                table: "deploys");
+
+            migrationBuilder.RenameColumn(
+                name: "AdapterSha256",
+                table: "loras",
+                newName: "Sha256");
+
+            migrationBuilder.AddColumn<string>(
+                name: "DeployId",
+                table: "loras",
+                type: "character varying(32)",
+                maxLength: 32,
+                nullable: false,
+                defaultValue: "");
+
+            migrationBuilder.AddColumn<string>(
+                name: "ProbeJson",
+                table: "loras",
+                type: "text",
+                nullable: true);
+
+            migrationBuilder.AddColumn<int>(
+                name: "Attempts",
+                table: "deploys",
+                type: "integer",
+                nullable: false,
+                defaultValue: 0);
+
+            migrationBuilder.AddColumn<long>(
+                name: "DownloadId",
+                table: "deploys",
+                type: "bigint",
+                nullable: true);
+
+            migrationBuilder.AddColumn<DateTime>(
+                name: "LeaseExpiresAt",
+                table: "deploys",
+                type: "timestamp with time zone",
+                nullable: true);
+
+            migrationBuilder.AddColumn<string>(
+                name: "LeaseOwner",
+                table: "deploys",
+                type: "character varying(64)",
+                maxLength: 64,
+                nullable: true);
+
+            migrationBuilder.CreateIndex(
+                name: "IX_loras_DeployId",
+                table: "loras",
+                column: "DeployId",
+                unique: true);
+
+            migrationBuilder.CreateIndex(
+                name: "IX_deploys_DownloadId",
+                table: "deploys",
+                column: "DownloadId");
+
+            migrationBuilder.CreateIndex(
+                name: "IX_deploys_Importing_CreatedAt",
+                table: "deploys",
+                column: "CreatedAt",
+                filter: "\"Status\" IN ('initializing', 'downloading')");
+
+            migrationBuilder.CreateIndex(
+                name: "IX_deploys_Status_LeaseExpiresAt",
+                table: "deploys",
+                columns: new[] { "Status", "LeaseExpiresAt" });
+
+            migrationBuilder.AddForeignKey(
+                name: "FK_deploys_downloads_DownloadId",
+                table: "deploys",
+                column: "DownloadId",
+                principalTable: "downloads",
+                principalColumn: "Id");
+        }
+    }
+}
