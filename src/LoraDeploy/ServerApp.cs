@@ -9,6 +9,7 @@ using LoraDeploy.OpenApi;
 using LoraDeploy.Pipeline;
 using LoraDeploy.Sources;
 using LoraDeploy.Storage;
+using LoraDeploy.Workers;
 
 namespace LoraDeploy;
 
@@ -38,6 +39,7 @@ public static class ServerApp
         builder.Services.AddBlobStorage(builder.Configuration);
         builder.Services.AddSources(builder.Configuration);
         builder.Services.AddImportPipeline();
+        builder.Services.AddWorkerApi();
         builder.Services.AddApiDocumentation();
         builder.AddObservability();
 
@@ -55,6 +57,7 @@ public static class ServerApp
         app.MapBaseModels();
         app.MapLoras();
         app.MapDeploys();
+        app.MapWorkerApi();
         return app;
     }
 

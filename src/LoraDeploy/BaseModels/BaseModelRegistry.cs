@@ -116,9 +116,9 @@ public sealed class BaseModelRegistry
         }
         var engine = section["Engine"] is { Length: > 0 } e ? e.Trim().ToLowerInvariant() : null;
         var max = BaseModelEntry.DefaultMaxAdaptersPerWorker;
-        if (section["MaxAdaptersPerWorker"] is { } maxText && (!int.TryParse(maxText, out max) || max < 1 || max > 10_000))
+        if (section["MaxAdaptersPerWorker"] is { } maxText && (!int.TryParse(maxText, out max) || max < 1 || max > 400))
         {
-            errors.Add($"{key}:MaxAdaptersPerWorker '{maxText}' is not a whole number from 1 to 10000.");
+            errors.Add($"{key}:MaxAdaptersPerWorker '{maxText}' is not a whole number from 1 to 400.");
         }
         var comfy = section.GetSection("ComfyUi");
         var entry = new BaseModelEntry(section.Key, family.Trim())

@@ -166,8 +166,12 @@ public sealed class Worker
     /// <summary>Where the server sends inference requests.</summary>
     public required string Url { get; set; }
     public required string Version { get; set; }
+    /// <summary>The secret the server presents when it calls this worker, chosen by the worker at registration.</summary>
+    public required string CallKey { get; set; }
     public int QueueDepth { get; set; }
     public int BusySlots { get; set; }
+    /// <summary>Adapters ready on it (JSON list of <c>pool|sha256</c>), pinned or cached: what routing prefers.</summary>
+    public string ResidentJson { get; set; } = "[]";
     public DateTime RegisteredAt { get; set; }
     public DateTime LastHeartbeatAt { get; set; }
 }

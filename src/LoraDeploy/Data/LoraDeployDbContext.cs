@@ -113,6 +113,7 @@ public abstract class LoraDeployDbContext(DbContextOptions options) : DbContext(
             worker.Property(w => w.PoolsJson).HasMaxLength(4000);
             worker.Property(w => w.Url).HasMaxLength(2048);
             worker.Property(w => w.Version).HasMaxLength(64);
+            worker.Property(w => w.CallKey).HasMaxLength(256);
             worker.HasIndex(w => w.LastHeartbeatAt);
         });
 

@@ -41,7 +41,8 @@ public static class WorkerProtocol
 
     public const int MaxSlots = 256;
     public const int MaxPools = 64;
-    public const int MaxReportedAdapters = 10_000;
+    /// <summary>A heartbeat body stays under the server's 64 KiB request limit.</summary>
+    public const int MaxReportedAdapters = 400;
 }
 
 /// <summary>Values of <see cref="WorkerProtocol.OperationHeader"/>.</summary>

@@ -546,6 +546,11 @@ namespace LoraDeploy.Data.Migrations.Postgres
                     b.Property<int>("BusySlots")
                         .HasColumnType("integer");
 
+                    b.Property<string>("CallKey")
+                        .IsRequired()
+                        .HasMaxLength(256)
+                        .HasColumnType("character varying(256)");
+
                     b.Property<string>("Engine")
                         .IsRequired()
                         .HasMaxLength(16)
@@ -569,6 +574,10 @@ namespace LoraDeploy.Data.Migrations.Postgres
 
                     b.Property<DateTime>("RegisteredAt")
                         .HasColumnType("timestamp with time zone");
+
+                    b.Property<string>("ResidentJson")
+                        .IsRequired()
+                        .HasColumnType("text");
 
                     b.Property<int>("Slots")
                         .HasColumnType("integer");

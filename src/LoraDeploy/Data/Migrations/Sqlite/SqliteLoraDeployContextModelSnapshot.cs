@@ -531,6 +531,11 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                     b.Property<int>("BusySlots")
                         .HasColumnType("INTEGER");
 
+                    b.Property<string>("CallKey")
+                        .IsRequired()
+                        .HasMaxLength(256)
+                        .HasColumnType("TEXT");
+
                     b.Property<string>("Engine")
                         .IsRequired()
                         .HasMaxLength(16)
@@ -553,6 +558,10 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                         .HasColumnType("INTEGER");
 
                     b.Property<DateTime>("RegisteredAt")
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("ResidentJson")
+                        .IsRequired()
                         .HasColumnType("TEXT");
 
                     b.Property<int>("Slots")
