@@ -319,7 +319,7 @@ public static class PeftLoraConverter
         else
         {
             throw new PeftAdapterException(
-                $"tensor '{(embedding ? module + ".lora_embedding_A" : module + ".lora_A.weight")}' targets module '{module}', which has no counterpart in a {arch} base model (supported: {SupportedModules})");
+                $"tensor '{a.Name}' targets module '{module}', which has no counterpart in a {arch} base model (supported: {SupportedModules})");
         }
 
         if (embedding != (shortName == "embed_tokens"))
