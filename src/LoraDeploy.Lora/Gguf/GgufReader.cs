@@ -288,6 +288,10 @@ public static class GgufReader
             {
                 throw new GgufFormatException($"{what}'s size in bytes overflows");
             }
+            if (byteLength > _length)
+            {
+                throw new GgufFormatException($"{what} needs {byteLength} bytes of data but the whole file is {_length} bytes");
+            }
             var offset = U64(what + "'s offset");
             if (offset != (ulong)expectedOffset)
             {

@@ -62,6 +62,11 @@ public sealed record PeftAdapterConfig
         {
             throw new PeftAdapterException($"adapter_config.json is {json.Length} bytes; a PEFT config is a few KB (limit {MaxBytes})");
         }
+        // The JSON reader checks UTF-8 only when a string is read out, and then throws InvalidOperationException.
+        if (!System.Text.Unicode.Utf8.IsValid(json))
+        {
+            throw new PeftAdapterException("adapter_config.json is not valid UTF-8");
+        }
         JsonDocument document;
         try
         {

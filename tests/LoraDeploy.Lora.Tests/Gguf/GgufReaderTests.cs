@@ -181,6 +181,7 @@ public sealed class GgufReaderTests
         Assert.Contains("5 dimensions", Refused(OneTensor("t", [1, 1, 1, 1, 1])));
         Assert.Contains("negative", Refused(OneTensor("t", [unchecked((long)ulong.MaxValue)])));
         Assert.Contains("overflows", Refused(OneTensor("t", [1L << 40, 1L << 40])));
+        Assert.Contains("needs 4398046511104 bytes of data but the whole file is", Refused(OneTensor("t", [1L << 40])));
         Assert.Contains("ggml type 4", Refused(OneTensor("t", [4], type: 4)));
         Assert.Contains("ggml type 99", Refused(OneTensor("t", [4], type: 99)));
         Assert.Contains("block size 32", Refused(OneTensor("t", [16], type: 8))); // Q8_0
@@ -192,6 +193,38 @@ public sealed class GgufReaderTests
         Assert.Contains("listed twice", Refused(twice));
         var gap = new Raw().Header(tensors: 2).TensorInfo("a", [4], 0, 0).TensorInfo("b", [4], 0, 16).Pad(32).Zeros(64).Bytes();
         Assert.Contains("'b' has offset 16, expected 32", Refused(gap));
+    }
+
+    [Fact]
+    public void Random_byte_flips_give_a_file_or_a_format_error_never_another_exception()
+    {
+        var stream = new MemoryStream();
+        new GgufWriter()
+            .Add("general.architecture", "llama")
+            .Add("llama.block_count", 2u)
+            .Add("names", ["a", "b", "c"])
+            .Add("ids", new List<int> { 1, 2 })
+            .AddTensor("t0", [3], [1f, 2f, 3f])
+            .AddTensor("t1", GgmlType.F16, [4, 2], new byte[16])
+            .WriteTo(stream);
+        var original = stream.ToArray();
+        var headerEnd = original.Length - 64;
+        var random = new Random(3);
+        for (var round = 0; round < 3000; round++)
+        {
+            var bytes = (byte[])original.Clone();
+            for (var flips = random.Next(1, 4); flips > 0; flips--)
+            {
+                bytes[random.Next(headerEnd)] = (byte)random.Next(256);
+            }
+            try
+            {
+                GgufReader.Read(new MemoryStream(bytes));
+            }
+            catch (GgufFormatException)
+            {
+            }
+        }
     }
 
     [Fact]

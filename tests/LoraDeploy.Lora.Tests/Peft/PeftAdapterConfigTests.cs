@@ -83,10 +83,36 @@ public sealed class PeftAdapterConfigTests
     }
 
     [Fact]
+    public void Invalid_utf8_is_refused() =>
+        Assert.Contains("not valid UTF-8", Assert.Throws<PeftAdapterException>(() => PeftAdapterConfig.Parse([(byte)'{', (byte)'"', 0xFF, (byte)'"', (byte)':', (byte)'1', (byte)'}'])).Message);
+
+    [Fact]
     public void An_oversized_config_is_refused()
     {
         var json = "{\"peft_type\": \"LORA\", \"pad\": \"" + new string('x', PeftAdapterConfig.MaxBytes) + "\"}";
         Assert.Contains("limit", Assert.Throws<PeftAdapterException>(() => Parse(json)).Message);
+    }
+
+    [Fact]
+    public void Random_byte_changes_give_a_config_or_a_refusal_never_another_exception()
+    {
+        var original = Encoding.UTF8.GetBytes(new PeftAdapterFixture { RankPattern = new() { ["q_proj"] = 8 }, LayersToTransform = [1] }.ConfigJson());
+        var random = new Random(5);
+        for (var round = 0; round < 3000; round++)
+        {
+            var bytes = (byte[])original.Clone();
+            for (var changes = random.Next(1, 4); changes > 0; changes--)
+            {
+                bytes[random.Next(bytes.Length)] = (byte)"0123456789-.,:\"{}[]etrufalsn\\ \u00ff"[random.Next(31)];
+            }
+            try
+            {
+                PeftAdapterConfig.Parse(bytes);
+            }
+            catch (PeftAdapterException)
+            {
+            }
+        }
     }
 
     private static PeftAdapterConfig Parse(string json) => PeftAdapterConfig.Parse(Encoding.UTF8.GetBytes(json));

@@ -341,6 +341,31 @@ public sealed class PeftLoraConverterTests : IDisposable
         Assert.Contains("layer 0 q_proj: lora_A is I8; only F32, F16 and BF16 adapters can be converted", Refusal(Json(), int8));
     }
 
+    [Fact]
+    public void Random_header_changes_give_an_adapter_or_a_refusal_never_another_exception()
+    {
+        var fixture = new PeftAdapterFixture { Rank = 2, Targets = ["q_proj", "v_proj"] }.Generate(_model);
+        var config = Config(fixture.ConfigJson());
+        var original = fixture.Safetensors().ToBytes();
+        var headerEnd = 8 + (int)BinaryPrimitives.ReadUInt64LittleEndian(original);
+        var random = new Random(9);
+        for (var round = 0; round < 1500; round++)
+        {
+            var bytes = (byte[])original.Clone();
+            for (var changes = random.Next(1, 3); changes > 0; changes--)
+            {
+                bytes[random.Next(8, headerEnd)] = (byte)"0123456789,.:\"[]{}_ABFabq"[random.Next(25)];
+            }
+            try
+            {
+                PeftLoraConverter.Convert(config, new MemoryStream(bytes), _base, new MemoryStream());
+            }
+            catch (PeftAdapterException)
+            {
+            }
+        }
+    }
+
     // ---- helpers ---------------------------------------------------------------------------------------------------
 
     private static string Json(int r = 4, double alpha = 8, string? extra = null) =>
