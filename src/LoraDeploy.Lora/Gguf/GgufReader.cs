@@ -157,6 +157,7 @@ public static class GgufReader
     {
         private readonly long _length = stream.Length;
         private readonly byte[] _scratch = new byte[8];
+        private readonly byte[] _skip = new byte[4096];
         private long _position;
 
         public GgufFile Parse()
@@ -459,6 +460,13 @@ public static class GgufReader
             if (count > _length - _position)
             {
                 throw Truncated(what);
+            }
+            if (count <= _skip.Length)
+            {
+                // Small skips (a vocabulary is hundreds of thousands of short strings) read through the buffer
+                // instead of seeking for each one.
+                Fill(what, _skip.AsSpan(0, (int)count));
+                return;
             }
             _position += count;
             stream.Position = _position;
