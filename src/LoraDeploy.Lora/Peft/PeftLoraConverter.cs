@@ -152,12 +152,14 @@ public static class PeftLoraConverter
         {
             var (module, isA, embedding) = ParseTensorName(tensor.Name, arch);
             pairs.TryGetValue(module, out var pair);
-            if (pair.A is not null || pair.B is not null)
+            if ((pair.A is not null || pair.B is not null) && pair.Embedding != embedding)
             {
-                if (pair.Embedding != embedding)
-                {
-                    throw new PeftAdapterException($"module '{module}' has both lora_A/lora_B and lora_embedding_A/B tensors");
-                }
+                throw new PeftAdapterException($"module '{module}' has both lora_A/lora_B and lora_embedding_A/B tensors");
+            }
+            if ((isA ? pair.A : pair.B) is { } earlier)
+            {
+                // The same module with and without the base_model.model. prefix.
+                throw new PeftAdapterException($"tensors '{earlier.Name}' and '{tensor.Name}' are both {(isA ? "lora_A" : "lora_B")} of module '{module}'");
             }
             pairs[module] = isA ? pair with { A = tensor, Embedding = embedding } : pair with { B = tensor, Embedding = embedding };
         }

@@ -337,6 +337,17 @@ public sealed class PeftLoraConverterTests : IDisposable
         var half = new SafetensorsWriter().Tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "F32", [4, 64]);
         Assert.Contains("module 'model.layers.0.self_attn.q_proj' has lora_A but no lora_B", Refusal(Json(), half));
         Assert.Contains("holds no LoRA tensors", Refusal(Json(), new SafetensorsWriter()));
+        var twice = new SafetensorsWriter()
+            .Peft("base_model.model.model.layers.0.self_attn.q_proj", 4, 64, 64)
+            .Peft("model.layers.0.self_attn.q_proj", 4, 64, 64);
+        Assert.Contains("tensors 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' and 'model.layers.0.self_attn.q_proj.lora_A.weight' are both lora_A of module 'model.layers.0.self_attn.q_proj'",
+            Refusal(Json(), twice));
+        var mixed = new SafetensorsWriter()
+            .Tensor("base_model.model.model.embed_tokens.lora_A.weight", "F32", [4, 320])
+            .Tensor("base_model.model.model.embed_tokens.lora_embedding_B", "F32", [64, 4]);
+        Assert.Contains("has both lora_A/lora_B and lora_embedding_A/B tensors", Refusal(Json(), mixed));
+        var linearEmbedding = new SafetensorsWriter().Peft("base_model.model.model.embed_tokens", 4, 320, 64);
+        Assert.Contains("embed_tokens: an embedding layer's LoRA is saved as lora_embedding_A/B", Refusal(Json(), linearEmbedding));
         var int8 = new SafetensorsWriter().Peft("base_model.model.model.layers.0.self_attn.q_proj", 4, 64, 64, "I8");
         Assert.Contains("layer 0 q_proj: lora_A is I8; only F32, F16 and BF16 adapters can be converted", Refusal(Json(), int8));
     }
