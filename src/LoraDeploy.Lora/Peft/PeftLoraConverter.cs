@@ -18,7 +18,10 @@ namespace LoraDeploy.Lora.Peft;
 /// <para>Row permutation: only for base arch <c>llama</c> (which covers Llama 1–3 and Mistral/Mixtral-style models
 /// converted as <c>llama</c>) are <c>lora_b</c>'s rows of q_proj and k_proj permuted (q by n_head, k by n_head_kv),
 /// exactly as llama.cpp's converter permuted the base W_q/W_k for its pairwise RoPE. Every other arch (qwen2, qwen3,
-/// gemma*, phi3, …) keeps the Hugging Face row order, as llama.cpp's converter does for them.</para>
+/// gemma*, phi3, …) keeps the Hugging Face row order, as llama.cpp's converter does for them. Known gap: a few other
+/// archs are converted by llama.cpp through its <c>LlamaModel</c> class and so are permuted too (e.g. <c>granite</c>,
+/// whose converter inherits <c>undo_permute = True</c>); q/k adapters for those would need the permutation as well and
+/// are not yet handled.</para>
 /// <para>Names: the Llama-family Hugging Face modules <c>model.layers.N.self_attn.{q,k,v,o}_proj</c>,
 /// <c>model.layers.N.mlp.{gate,up,down}_proj</c>, <c>model.embed_tokens</c> and <c>lm_head</c>; a base model must
 /// have the mapped tensor. dtypes: F32 and F16 are written as given (lora_b scaled in float and rounded back), BF16
