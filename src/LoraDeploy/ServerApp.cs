@@ -3,6 +3,7 @@ using LoraDeploy.BaseModels;
 using LoraDeploy.Data;
 using LoraDeploy.Deploys;
 using LoraDeploy.Health;
+using LoraDeploy.Inference;
 using LoraDeploy.Loras;
 using LoraDeploy.Observability;
 using LoraDeploy.OpenApi;
@@ -40,6 +41,7 @@ public static class ServerApp
         builder.Services.AddSources(builder.Configuration);
         builder.Services.AddImportPipeline();
         builder.Services.AddWorkerApi();
+        builder.Services.AddInferenceGateway();
         builder.Services.AddApiDocumentation();
         builder.AddObservability();
 
@@ -58,6 +60,7 @@ public static class ServerApp
         app.MapLoras();
         app.MapDeploys();
         app.MapWorkerApi();
+        app.MapInference();
         return app;
     }
 

@@ -27,7 +27,7 @@ public static class ObservabilityExtensions
         builder.Services.AddHostedService(sp => sp.GetRequiredService<DeployStatusGauge>());
         builder.Services.AddOpenTelemetry().WithMetrics(metrics => metrics
             .AddAspNetCoreInstrumentation() // http.server.request.duration by route and status code
-            .AddMeter(PipelineMetrics.MeterName, DeployStatusGauge.MeterName)
+            .AddMeter(PipelineMetrics.MeterName, DeployStatusGauge.MeterName, Inference.InferenceMetrics.MeterName)
             .AddPrometheusExporter());
         return builder;
     }

@@ -1,0 +1,309 @@
+using System.Diagnostics;
+using System.Net.Http.Headers;
+using System.Text.Json;
+using LoraDeploy.Auth;
+using LoraDeploy.BaseModels;
+using LoraDeploy.Data;
+using LoraDeploy.Workers;
+using Microsoft.Extensions.Options;
+
+namespace LoraDeploy.Inference;
+
+/// <summary>
+/// The inference gateway: DeepInfra's native routes and OpenAI's, each resolved to a pool and adapters, routed to a
+/// worker (<see cref="InferenceRouter"/>) and answered with what the worker streams back, unbuffered (SSE included).
+/// OpenAI routes answer errors in OpenAI's shape (<c>{"error":{"message","type","param","code"}}</c>), native ones in
+/// DeepInfra's (<c>{"error": "…"}</c>).
+/// </summary>
+public static class InferenceEndpoints
+{
+    /// <summary>Named client for server → worker calls: no retries (inference is not idempotent), no overall timeout (streams).</summary>
+    public const string WorkerClientName = "LoraDeploy.Workers";
+
+    public static IServiceCollection AddInferenceGateway(this IServiceCollection services)
+    {
+        services.AddSingleton<InferenceMetrics>();
+        services.AddSingleton<InferenceRouter>();
+        services.AddHttpClient(WorkerClientName, client => client.Timeout = Timeout.InfiniteTimeSpan)
+            .ConfigurePrimaryHttpMessageHandler(() => new SocketsHttpHandler
+            {
+                AllowAutoRedirect = false,
+                UseCookies = false,
+                UseProxy = false,
+                ConnectTimeout = TimeSpan.FromSeconds(5),
+                // A dead worker's pooled connections must not outlive it by much.
+                PooledConnectionIdleTimeout = TimeSpan.FromSeconds(30),
+            });
+        return services;
+    }
+
+    public static IEndpointRouteBuilder MapInference(this IEndpointRouteBuilder app)
+    {
+        var native = app.MapGroup("/v1/inference").WithTags("Inference").RequireAuthorization();
+        native.MapPost("/deploy/{deploy_id}", (string deploy_id, HttpContext http) =>
+            HandleAsync(http, Operations.Native, openAi: false, "/v1/inference/deploy/{deploy_id}", deployId: deploy_id, model: null))
+            .WithSummary("Run a deployed LoRA by deploy id (DeepInfra's native body)");
+        native.MapPost("/{owner}/{lora_name}", (string owner, string lora_name, HttpContext http) =>
+            HandleAsync(http, Operations.Native, openAi: false, "/v1/inference/{owner}/{lora_name}", deployId: null, model: $"{owner}/{lora_name}"))
+            .WithSummary("Run a LoRA (or a base model) by name (DeepInfra's native body)");
+
+        foreach (var prefix in new[] { "/v1/openai", "/v1" })
+        {
+            var openAi = app.MapGroup(prefix).WithTags("OpenAI").RequireAuthorization();
+            openAi.MapPost("/chat/completions", (HttpContext http) => HandleAsync(http, Operations.ChatCompletions, openAi: true, prefix + "/chat/completions", null, null))
+                .WithSummary("OpenAI chat completions; model = owner/lora_name or a base model");
+            openAi.MapPost("/completions", (HttpContext http) => HandleAsync(http, Operations.Completions, openAi: true, prefix + "/completions", null, null))
+                .WithSummary("OpenAI completions (string or token-id prompt)");
+            openAi.MapPost("/images/generations", (HttpContext http) => HandleAsync(http, Operations.ImagesGenerations, openAi: true, prefix + "/images/generations", null, null))
+                .WithSummary("OpenAI image generation with a LoRA applied");
+        }
+        return app;
+    }
+
+    private static async Task HandleAsync(HttpContext http, string operation, bool openAi, string route, string? deployId, string? model)
+    {
+        var started = Stopwatch.GetTimestamp();
+        var services = http.RequestServices;
+        var metrics = services.GetRequiredService<InferenceMetrics>();
+        try
+        {
+            await RunAsync(http, services, operation, openAi, deployId, model);
+        }
+        finally
+        {
+            metrics.Finished(route, http.Response.StatusCode, Stopwatch.GetElapsedTime(started));
+        }
+    }
+
+    private static async Task RunAsync(HttpContext http, IServiceProvider services, string operation, bool openAi, string? deployId, string? model)
+    {
+        var options = services.GetRequiredService<IOptions<WorkersOptions>>().Value;
+        var registry = services.GetRequiredService<BaseModelRegistry>();
+        var ct = http.RequestAborted;
+        var caller = CurrentUser.From(http.User);
+
+        var body = await ReadBodyAsync(http, options.MaxRequestBytes, ct);
+        if (body is null)
+        {
+            await ErrorAsync(http, openAi, StatusCodes.Status413PayloadTooLarge, $"Request body is larger than {options.MaxRequestBytes} bytes.", null);
+            return;
+        }
+        JsonElement json;
+        try
+        {
+            using var document = JsonDocument.Parse(body, new JsonDocumentOptions { MaxDepth = 32 });
+            json = document.RootElement.Clone();
+        }
+        catch (JsonException)
+        {
+            await ErrorAsync(http, openAi, StatusCodes.Status422UnprocessableEntity, "The request body is not valid JSON.", "body");
+            return;
+        }
+        if (json.ValueKind != JsonValueKind.Object)
+        {
+            await ErrorAsync(http, openAi, StatusCodes.Status422UnprocessableEntity, "The request body must be a JSON object.", "body");
+            return;
+        }
+
+        if (model is null && deployId is null)
+        {
+            if (!json.TryGetProperty("model", out var m) || m.ValueKind != JsonValueKind.String || m.GetString()!.Length is 0 or > 300)
+            {
+                await ErrorAsync(http, openAi, StatusCodes.Status422UnprocessableEntity, "model is required: owner/lora_name, or a base model name.", "model");
+                return;
+            }
+            model = m.GetString()!;
+        }
+        var scale = 1f;
+        if (json.TryGetProperty("lora_scale", out var s) && s.ValueKind == JsonValueKind.Number && s.TryGetSingle(out var requested))
+        {
+            scale = requested;
+        }
+
+        var db = services.GetRequiredService<LoraDeployDbContext>();
+        var (target, problem) = deployId is not null
+            ? await InferenceTargets.ResolveDeployAsync(db, registry, caller.Id, deployId, scale, ct)
+            : await InferenceTargets.ResolveModelAsync(db, registry, caller.Id, model!, scale, ct);
+        if (problem is null && json.TryGetProperty("loras", out var loras) && loras.ValueKind != JsonValueKind.Null)
+        {
+            (target, problem) = await InferenceTargets.AddAdaptersAsync(db, registry, caller.Id, target!, loras, ct);
+        }
+        if (problem is not null)
+        {
+            await ErrorAsync(http, openAi, problem.Status, problem.Message, problem.Param);
+            return;
+        }
+        if (InferenceValidation.Check(operation, target!.Pool.Engine!, json) is { } invalid)
+        {
+            await ErrorAsync(http, openAi, StatusCodes.Status422UnprocessableEntity, invalid.Message, invalid.Param);
+            return;
+        }
+        if (operation == Operations.ImagesGenerations && target.Pool.Engine != Engines.ComfyUi
+            || operation is Operations.ChatCompletions or Operations.Completions && target.Pool.Engine != Engines.LlamaCpp)
+        {
+            await ErrorAsync(http, openAi, StatusCodes.Status422UnprocessableEntity,
+                $"{target.Pool.Name} is served by the {target.Pool.Engine} engine, which does not answer {operation} requests.", "model");
+            return;
+        }
+
+        var router = services.GetRequiredService<InferenceRouter>();
+        var (lease, refusal) = await router.AcquireAsync(target.Pool.Name, target.Adapters.Select(a => a.Sha256).ToList(), ct);
+        if (lease is null)
+        {
+            if (refusal == RouteRefusal.RateLimited)
+            {
+                http.Response.Headers.RetryAfter = options.RetryAfterSeconds.ToString(System.Globalization.CultureInfo.InvariantCulture);
+                await ErrorAsync(http, openAi, StatusCodes.Status429TooManyRequests, "Rate limited", null, rateLimited: true);
+            }
+            else
+            {
+                await ErrorAsync(http, openAi, StatusCodes.Status503ServiceUnavailable, $"No worker of {target.Pool.Name} is available right now; try again shortly.", null);
+            }
+            return;
+        }
+        using (lease)
+        {
+            await ProxyAsync(http, services, lease, target, operation, openAi, body, options);
+        }
+    }
+
+    /// <summary>
+    /// Sends the request to the worker and streams its answer back as it comes. A worker that cannot be reached or drops
+    /// the connection before answering → 503 at once; past <see cref="WorkersOptions.RequestTimeoutSeconds"/> → 504; a
+    /// client that goes away cancels the call, and with it the work on the worker.
+    /// </summary>
+    private static async Task ProxyAsync(HttpContext http, IServiceProvider services, WorkerLease lease, InferenceTarget target,
+        string operation, bool openAi, byte[] body, WorkersOptions options)
+    {
+        var client = services.GetRequiredService<IHttpClientFactory>().CreateClient(WorkerClientName);
+        var metrics = services.GetRequiredService<InferenceMetrics>();
+        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(options.RequestTimeoutSeconds));
+        using var linked = CancellationTokenSource.CreateLinkedTokenSource(http.RequestAborted, timeout.Token);
+        using var request = new HttpRequestMessage(HttpMethod.Post, lease.Worker.Url + WorkerProtocol.InferPath)
+        {
+            Content = new ByteArrayContent(body) { Headers = { ContentType = new MediaTypeHeaderValue("application/json") } },
+        };
+        request.Headers.Authorization = new AuthenticationHeaderValue("Bearer", lease.Worker.CallKey);
+        request.Headers.Add(WorkerProtocol.OperationHeader, operation);
+        request.Headers.Add(WorkerProtocol.PoolHeader, Uri.EscapeDataString(target.Pool.Name));
+        request.Headers.Add(WorkerProtocol.AdaptersHeader, target.AdaptersHeader);
+
+        HttpResponseMessage response;
+        try
+        {
+            response = await client.SendAsync(request, HttpCompletionOption.ResponseHeadersRead, linked.Token);
+        }
+        catch (OperationCanceledException) when (timeout.IsCancellationRequested && !http.RequestAborted.IsCancellationRequested)
+        {
+            await ErrorAsync(http, openAi, StatusCodes.Status504GatewayTimeout, $"The request took longer than {options.RequestTimeoutSeconds} s; it was cancelled.", null);
+            return;
+        }
+        catch (HttpRequestException)
+        {
+            await ErrorAsync(http, openAi, StatusCodes.Status503ServiceUnavailable, "The worker serving this request went away; try again.", null);
+            return;
+        }
+        catch (OperationCanceledException) when (http.RequestAborted.IsCancellationRequested)
+        {
+            return; // the client left; the cancelled call told the worker
+        }
+
+        using (response)
+        {
+            if (response.Headers.TryGetValues(WorkerProtocol.LoadedHeader, out var loaded))
+            {
+                var count = loaded.SelectMany(v => v.Split(',', StringSplitOptions.RemoveEmptyEntries)).Count();
+                if (count > 0)
+                {
+                    metrics.AdapterLoads(target.Pool.Name, count);
+                }
+            }
+            http.Response.StatusCode = (int)response.StatusCode;
+            if (response.Content.Headers.ContentType is { } contentType)
+            {
+                http.Response.ContentType = contentType.ToString();
+            }
+            if (response.Headers.CacheControl is { } cacheControl)
+            {
+                http.Response.Headers.CacheControl = cacheControl.ToString();
+            }
+            try
+            {
+                await using var stream = await response.Content.ReadAsStreamAsync(linked.Token);
+                var buffer = new byte[16 * 1024];
+                int read;
+                // Written as it arrives (Kestrel does not buffer response bodies), so SSE chunks reach the client at once.
+                while ((read = await stream.ReadAsync(buffer, linked.Token)) > 0)
+                {
+                    await http.Response.Body.WriteAsync(buffer.AsMemory(0, read), linked.Token);
+                    await http.Response.Body.FlushAsync(linked.Token);
+                }
+            }
+            catch (Exception e) when (e is IOException or HttpRequestException or OperationCanceledException)
+            {
+                // Headers are gone already: the only honest signal left is to cut the response short.
+                http.Abort();
+            }
+        }
+    }
+
+    private static async Task<byte[]?> ReadBodyAsync(HttpContext http, int limit, CancellationToken ct)
+    {
+        if (http.Request.ContentLength > limit)
+        {
+            return null;
+        }
+        if (http.Features.Get<Microsoft.AspNetCore.Http.Features.IHttpMaxRequestBodySizeFeature>() is { IsReadOnly: false } size)
+        {
+            size.MaxRequestBodySize = limit + 1L; // this route's own limit, not the server-wide one
+        }
+        using var memory = new MemoryStream();
+        var chunk = new byte[16 * 1024];
+        try
+        {
+            int read;
+            while ((read = await http.Request.Body.ReadAsync(chunk, ct)) > 0)
+            {
+                if (memory.Length + read > limit)
+                {
+                    return null;
+                }
+                memory.Write(chunk, 0, read);
+            }
+        }
+        catch (BadHttpRequestException e) when (e.StatusCode == StatusCodes.Status413PayloadTooLarge)
+        {
+            return null;
+        }
+        return memory.ToArray();
+    }
+
+    private static Task ErrorAsync(HttpContext http, bool openAi, int status, string message, string? param, bool rateLimited = false)
+    {
+        http.Response.StatusCode = status;
+        if (!openAi)
+        {
+            return http.Response.WriteAsJsonAsync(new DeepError(message), ApiJson.Context.DeepError);
+        }
+        var type = status switch
+        {
+            StatusCodes.Status404NotFound => "not_found_error",
+            StatusCodes.Status429TooManyRequests => "rate_limit_error",
+            StatusCodes.Status413PayloadTooLarge or StatusCodes.Status422UnprocessableEntity or StatusCodes.Status423Locked => "invalid_request_error",
+            _ => "server_error",
+        };
+        var code = rateLimited ? "rate_limit_exceeded" : status == StatusCodes.Status404NotFound ? "model_not_found" : null;
+        return http.Response.WriteAsJsonAsync(new OpenAiErrorBody(new OpenAiError(message, type, param, code)), InferenceJsonContext.Default.OpenAiErrorBody);
+    }
+}
+
+public sealed record OpenAiError(string Message, string Type, string? Param, string? Code);
+
+public sealed record OpenAiErrorBody(OpenAiError Error);
+
+[System.Text.Json.Serialization.JsonSourceGenerationOptions(
+    JsonSerializerDefaults.Web,
+    PropertyNamingPolicy = System.Text.Json.Serialization.JsonKnownNamingPolicy.SnakeCaseLower,
+    DefaultIgnoreCondition = System.Text.Json.Serialization.JsonIgnoreCondition.Never)]
+[System.Text.Json.Serialization.JsonSerializable(typeof(OpenAiErrorBody))]
+public sealed partial class InferenceJsonContext : System.Text.Json.Serialization.JsonSerializerContext;

@@ -1,0 +1,180 @@
+using System.Text.Json;
+using LoraDeploy.BaseModels;
+using LoraDeploy.Data;
+using Microsoft.EntityFrameworkCore;
+using Microsoft.Extensions.Options;
+
+namespace LoraDeploy.Workers;
+
+/// <summary>
+/// Keeps serving capacity matching what deploys ask for, from database state alone, so every replica can run it (each
+/// pass is a handful of conditional statements; two replicas racing at worst place a copy the next pass removes):
+/// <list type="bullet">
+/// <item>workers silent for <see cref="WorkersOptions.TimeoutSeconds"/> are forgotten, and their instances with them;</item>
+/// <item>every deploying/running deploy gets <c>max(1, min_instances)</c> pinned instances on live workers of its pool
+/// (least loaded first), and loses the extra ones when its settings shrink;</item>
+/// <item>stopped, failed and deleted deploys lose their instances (their workers are told to drop the adapters);</item>
+/// <item>an instance the engine refused fails its deploy with the engine's reason;</item>
+/// <item>the deploy's status and counts mirror the instances: <c>running</c> once enough are ready, back to
+/// <c>deploying</c> (with <c>pending</c>) when the pool loses them.</item>
+/// </list>
+/// </summary>
+public sealed partial class Placement(
+    IDbContextFactory<LoraDeployDbContext> contexts,
+    BaseModelRegistry registry,
+    IOptions<WorkersOptions> options,
+    TimeProvider time,
+    ILogger<Placement> logger) : BackgroundService
+{
+    /// <summary>How often a pass runs: well inside the heartbeat timeout, so a dead worker's deploys move within seconds.</summary>
+    public static readonly TimeSpan Interval = TimeSpan.FromMilliseconds(500);
+
+    protected override async Task ExecuteAsync(CancellationToken stoppingToken)
+    {
+        using var timer = new PeriodicTimer(Interval, time);
+        do
+        {
+            try
+            {
+                await RunOnceAsync(stoppingToken);
+            }
+            catch (OperationCanceledException) when (stoppingToken.IsCancellationRequested)
+            {
+                break;
+            }
+            catch (Exception e)
+            {
+                logger.LogError(e, "Placement pass failed; retrying");
+            }
+        }
+        while (await timer.WaitForNextTickAsync(stoppingToken));
+    }
+
+    public async Task RunOnceAsync(CancellationToken ct)
+    {
+        await using var db = await contexts.CreateDbContextAsync(ct);
+        var now = time.GetUtcNow().UtcDateTime;
+        var deadline = now - TimeSpan.FromSeconds(options.Value.TimeoutSeconds);
+
+        var forgotten = await db.Workers.Where(w => w.LastHeartbeatAt < deadline).Select(w => w.Id).ToListAsync(ct);
+        if (forgotten.Count > 0)
+        {
+            await db.Workers.Where(w => forgotten.Contains(w.Id) && w.LastHeartbeatAt < deadline).ExecuteDeleteAsync(ct);
+            LogForgotten(string.Join(", ", forgotten), options.Value.TimeoutSeconds);
+        }
+        await db.Instances
+            .Where(i => !db.Deploys.Any(d => d.Id == i.DeployId && (d.Status == DeployStatus.Deploying || d.Status == DeployStatus.Running)))
+            .ExecuteDeleteAsync(ct);
+
+        var deploys = await db.Deploys
+            .Where(d => (d.Status == DeployStatus.Deploying || d.Status == DeployStatus.Running) && d.Lora!.AdapterSha256 != null)
+            .Select(d => new { d.Id, d.Status, d.MinInstances, d.RunningInstances, d.PendingInstances, Pool = d.Lora!.BaseModel, Sha = d.Lora.AdapterSha256! })
+            .ToListAsync(ct);
+        if (deploys.Count == 0)
+        {
+            return;
+        }
+        var workers = (await db.Workers.Select(w => new { w.Id, w.PoolsJson }).ToListAsync(ct))
+            .Select(w => (w.Id, Pools: JsonSerializer.Deserialize(w.PoolsJson, ApiJson.Context.ListString) ?? []))
+            .ToList();
+        var instances = await db.Instances.Select(i => new { i.Id, i.DeployId, i.WorkerId, i.State, i.FailReason, i.Since }).ToListAsync(ct);
+        var perWorker = instances.GroupBy(i => i.WorkerId).ToDictionary(g => g.Key, g => g.Count());
+
+        foreach (var deploy in deploys)
+        {
+            var mine = instances.Where(i => i.DeployId == deploy.Id).ToList();
+            if (mine.FirstOrDefault(i => i.State == InstanceState.Failed) is { } refused)
+            {
+                var engine = registry.Find(deploy.Pool)?.Engine ?? "serving";
+                var reason = $"The {engine} engine refused this adapter: {refused.FailReason}";
+                if (await FailAsync(db, deploy.Id, reason, now, ct))
+                {
+                    LogRefused(deploy.Id, reason);
+                }
+                continue;
+            }
+
+            var wanted = Math.Max(1, deploy.MinInstances);
+            var have = mine.Count;
+            if (have < wanted)
+            {
+                var candidates = workers
+                    .Where(w => w.Pools.Contains(deploy.Pool) && mine.All(i => i.WorkerId != w.Id))
+                    .OrderBy(w => perWorker.GetValueOrDefault(w.Id))
+                    .ThenBy(w => w.Id, StringComparer.Ordinal)
+                    .Take(wanted - have);
+                foreach (var worker in candidates)
+                {
+                    db.Instances.Add(new Instance
+                    {
+                        DeployId = deploy.Id, WorkerId = worker.Id, AdapterSha256 = deploy.Sha, State = InstanceState.Loading,
+                        Pinned = true, Since = now,
+                    });
+                    perWorker[worker.Id] = perWorker.GetValueOrDefault(worker.Id) + 1;
+                    have++;
+                }
+                try
+                {
+                    await db.SaveChangesAsync(ct);
+                }
+                catch (DbUpdateException e) when (db.IsUniqueViolation(e))
+                {
+                    db.ChangeTracker.Clear(); // another replica placed it meanwhile; the next pass counts again
+                    continue;
+                }
+            }
+            else if (have > wanted)
+            {
+                // Scale down: loading copies go first, then the newest; the worker keeps the adapter in its LRU cache.
+                var extra = mine.OrderBy(i => i.State == InstanceState.Ready).ThenByDescending(i => i.Since).Take(have - wanted).Select(i => i.Id).ToList();
+                await db.Instances.Where(i => extra.Contains(i.Id)).ExecuteDeleteAsync(ct);
+                mine = mine.Where(i => !extra.Contains(i.Id)).ToList();
+                have = wanted;
+            }
+
+            var ready = mine.Count(i => i.State == InstanceState.Ready);
+            var pending = have - ready + (wanted - have);
+            var status = ready >= wanted ? DeployStatus.Running : DeployStatus.Deploying;
+            if (status != deploy.Status || ready != deploy.RunningInstances || pending != deploy.PendingInstances)
+            {
+                var changed = await db.Deploys
+                    .Where(d => d.Id == deploy.Id && (d.Status == DeployStatus.Deploying || d.Status == DeployStatus.Running))
+                    .ExecuteUpdateAsync(set => set
+                        .SetProperty(d => d.Status, status)
+                        .SetProperty(d => d.RunningInstances, ready)
+                        .SetProperty(d => d.PendingInstances, pending)
+                        .SetProperty(d => d.UpdatedAt, now), ct);
+                if (changed == 1 && status != deploy.Status)
+                {
+                    LogStatus(deploy.Id, deploy.Status, status, ready, pending);
+                }
+            }
+        }
+    }
+
+    private static async Task<bool> FailAsync(LoraDeployDbContext db, string deployId, string reason, DateTime now, CancellationToken ct)
+    {
+        await using var transaction = await db.Database.BeginTransactionAsync(ct);
+        var failed = await db.Deploys
+            .Where(d => d.Id == deployId && (d.Status == DeployStatus.Deploying || d.Status == DeployStatus.Running))
+            .ExecuteUpdateAsync(set => set
+                .SetProperty(d => d.Status, DeployStatus.Failed)
+                .SetProperty(d => d.FailReason, reason.Length <= 2000 ? reason : reason[..2000])
+                .SetProperty(d => d.FailClass, "engine_refused")
+                .SetProperty(d => d.RunningInstances, 0)
+                .SetProperty(d => d.PendingInstances, 0)
+                .SetProperty(d => d.UpdatedAt, now), ct);
+        await db.Instances.Where(i => i.DeployId == deployId).ExecuteDeleteAsync(ct);
+        await transaction.CommitAsync(ct);
+        return failed == 1;
+    }
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Workers {WorkerIds} sent no heartbeat for {Seconds} s: out of routing, their instances are placed elsewhere")]
+    private partial void LogForgotten(string workerIds, int seconds);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Deploy {DeployId} failed: {Reason}")]
+    private partial void LogRefused(string deployId, string reason);
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "Deploy {DeployId}: {From} → {To} ({Ready} ready, {Pending} pending)")]
+    private partial void LogStatus(string deployId, string from, string to, int ready, int pending);
+}
