@@ -15,5 +15,6 @@ internal static class ClientCommands
         DeployCommands.TransitionCommand("stop", "Stop a deploy (from deploying or running)."),
         DeployCommands.TransitionCommand("start", "Start a stopped deploy."),
         DeployCommands.ScaleCommand(),
+        WorkersCommand.Create(),
     ];
 }

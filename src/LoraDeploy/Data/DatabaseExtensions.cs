@@ -1,3 +1,4 @@
+using Microsoft.EntityFrameworkCore.Diagnostics;
 using Microsoft.Data.Sqlite;
 using Microsoft.EntityFrameworkCore;
 using Microsoft.EntityFrameworkCore.Design;
@@ -59,7 +60,11 @@ public static class DatabaseExtensions
 
     internal static void ConfigureSqlite(DbContextOptionsBuilder db, string connectionString) =>
         db.UseSqlite(connectionString, sqlite => sqlite.MigrationsAssembly(typeof(SqliteLoraDeployContext).Assembly.FullName))
-            .UseQueryTrackingBehavior(QueryTrackingBehavior.NoTracking);
+            .UseQueryTrackingBehavior(QueryTrackingBehavior.NoTracking)
+            // SQLite cannot add a foreign key in place: EF rebuilds such tables with PRAGMA foreign_keys off, which it
+            // warns cannot run in a transaction — on every first start of an empty database. The README's upgrade
+            // note says to copy the data folder before upgrading, which is the remedy the warning asks for.
+            .ConfigureWarnings(warnings => warnings.Ignore(RelationalEventId.NonTransactionalMigrationOperationWarning));
 
     internal static void ConfigurePostgres(DbContextOptionsBuilder db, string connectionString) =>
         db.UseNpgsql(connectionString)

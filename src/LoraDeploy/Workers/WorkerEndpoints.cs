@@ -75,6 +75,11 @@ public static partial class WorkerEndpoints
         workers.MapPost("/register", Register);
         workers.MapPost("/{id}/heartbeat", Heartbeat);
         workers.MapGet("/blobs/{sha256}", GetBlob);
+
+        app.MapGet("/v1/workers", ListWorkers)
+            .WithTags("Workers")
+            .WithSummary("Workers with their pools, slots, resident adapters and last heartbeat (admins)")
+            .RequireAuthorization(policy => policy.RequireRole("admin"));
         return app;
     }
 
@@ -267,6 +272,21 @@ public static partial class WorkerEndpoints
             .ToListAsync(ct);
         var drop = reported.Where(a => !wanted.Any(w => w.Sha == a.Sha256 && w.Pool == a.Pool)).Select(a => a.Sha256).Distinct().ToList();
         return TypedResults.Ok(new WorkerAssignments(hold, drop));
+    }
+
+    internal static async Task<JsonHttpResult<List<WorkerOut>>> ListWorkers(LoraDeployDbContext db, CancellationToken ct)
+    {
+        var rows = await db.Workers.OrderBy(w => w.Id)
+            .Select(w => new { Worker = w, Instances = db.Instances.Count(i => i.WorkerId == w.Id) })
+            .ToListAsync(ct);
+        return TypedResults.Json(rows.Select(r => new WorkerOut(
+            r.Worker.Id, r.Worker.Name, r.Worker.Engine,
+            JsonSerializer.Deserialize(r.Worker.PoolsJson, ApiJson.Context.ListString) ?? [],
+            r.Worker.Slots, r.Worker.BusySlots, r.Worker.QueueDepth,
+            JsonSerializer.Deserialize(r.Worker.ResidentJson, ApiJson.Context.ListString) ?? [],
+            r.Instances, r.Worker.Url, r.Worker.Version,
+            Timestamps.Format(r.Worker.LastHeartbeatAt), Timestamps.Format(r.Worker.RegisteredAt))).ToList(),
+            WorkerJsonContext.Default.ListWorkerOut);
     }
 
     /// <summary>An adapter's bytes for a worker (Range supported, so an interrupted fetch resumes).</summary>

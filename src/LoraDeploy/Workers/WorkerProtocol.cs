@@ -86,10 +86,15 @@ public sealed record WorkerAssignments(IReadOnlyList<AdapterAssignment> Hold, IR
 /// <param name="SizeBytes">The blob's size, so the worker can check its cache budget before fetching.</param>
 public sealed record AdapterAssignment(string Sha256, string Pool, long SizeBytes);
 
+/// <summary>A worker as <c>GET /v1/workers</c> (admins) and <c>loradeploy workers</c> show it.</summary>
+public sealed record WorkerOut(string Id, string Name, string Engine, IReadOnlyList<string> Pools, int Slots, int BusySlots, int QueueDepth,
+    IReadOnlyList<string> Resident, int Instances, string Url, string Version, string LastHeartbeatAt, string RegisteredAt);
+
 [JsonSourceGenerationOptions(JsonSerializerDefaults.Web, PropertyNamingPolicy = JsonKnownNamingPolicy.SnakeCaseLower)]
 [JsonSerializable(typeof(WorkerRegistration))]
 [JsonSerializable(typeof(WorkerRegistered))]
 [JsonSerializable(typeof(WorkerHeartbeat))]
 [JsonSerializable(typeof(WorkerAssignments))]
 [JsonSerializable(typeof(JsonElement))]
+[JsonSerializable(typeof(List<WorkerOut>))]
 public sealed partial class WorkerJsonContext : JsonSerializerContext;

@@ -100,7 +100,14 @@ internal static partial class DeployCommands
                 }
                 else
                 {
-                    PrintSummary(response.Json, output);
+                    var shown = response.Json;
+                    if (!isDeploy && shown.Str("deploy_id") is { Length: > 0 } deployId)
+                    {
+                        // A LoRA's own record has no instances; its deploy has.
+                        var deploy = await client.GetAsync($"deploy/{Uri.EscapeDataString(deployId)}", ct).ConfigureAwait(false);
+                        shown = Json.WithInstances(shown, deploy.Json);
+                    }
+                    PrintSummary(shown, output);
                 }
                 return ExitCodeFor(response.Json, output, printReason: ctx.Json, watched: false);
             }
@@ -305,10 +312,10 @@ internal static partial class DeployCommands
         return command;
     }
 
-    private delegate Task<int> ClientAction(ParseResult result, ClientContext context, ApiClient client, ClientOutput output, CancellationToken ct);
+    internal delegate Task<int> ClientAction(ParseResult result, ClientContext context, ApiClient client, ClientOutput output, CancellationToken ct);
 
     /// <summary>Wraps an action: resolves options, owns the HttpClient, turns failures into one stderr line and an exit code.</summary>
-    private static Func<ParseResult, CancellationToken, Task<int>> Run(CommonOptions common, ClientAction action) =>
+    internal static Func<ParseResult, CancellationToken, Task<int>> Run(CommonOptions common, ClientAction action) =>
         async (result, ct) =>
         {
             var output = ClientOutput.ForProcess();
@@ -478,6 +485,10 @@ internal static partial class DeployCommands
         foreach (var warning in item.Strings("warnings"))
         {
             Field("warning", warning);
+        }
+        if (item.Obj("instances") is { } instances)
+        {
+            Field("instances", $"{instances.Long("running") ?? 0} running, {instances.Long("pending") ?? 0} pending");
         }
         Field("updated", item.Str("updated_at"));
 

@@ -32,6 +32,18 @@ internal static class Json
             ? v.EnumerateArray().Select(static x => x.ToString())
             : [];
 
+    /// <summary><paramref name="item"/> with the <c>instances</c> of <paramref name="deploy"/> added (when it has them).</summary>
+    public static JsonElement WithInstances(JsonElement item, JsonElement deploy)
+    {
+        if (deploy.Obj("instances") is not { } instances || item.ValueKind != JsonValueKind.Object)
+        {
+            return item;
+        }
+        var node = System.Text.Json.Nodes.JsonNode.Parse(item.GetRawText())!.AsObject();
+        node["instances"] = System.Text.Json.Nodes.JsonNode.Parse(instances.GetRawText());
+        return JsonDocument.Parse(node.ToJsonString()).RootElement.Clone();
+    }
+
     /// <summary>The <c>lora_name</c> part of a <c>model_name</c> (<c>user/lora</c>).</summary>
     public static string LoraNameOf(string modelName)
     {
