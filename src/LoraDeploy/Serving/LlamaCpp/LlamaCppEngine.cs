@@ -749,11 +749,15 @@ public sealed class LlamaCppEngine : IAsyncDisposable
                 promptLogprobs[0] = Token(prompt[0], null, null);
             }
 
+            // The last prompt token is decoded on its own, as a cache hit decodes it: llama.cpp's CPU matmul sums in
+            // another order for a one-token batch than for a larger one, so otherwise a repeated request (served from
+            // the cache) could get logits a few 1e-7 away from its first run and greedy could break a near-tie
+            // differently.
             var batchSize = (int)engine._options.BatchSize;
-            for (var start = keep; start < prompt.Length; start += batchSize)
+            for (var start = keep; start < prompt.Length;)
             {
                 cancellationToken.ThrowIfCancellationRequested();
-                var end = Math.Min(start + batchSize, prompt.Length);
+                var end = start < prompt.Length - 1 ? Math.Min(start + batchSize, prompt.Length - 1) : prompt.Length;
                 _batch.Clear();
                 for (var i = start; i < end; i++)
                 {
@@ -769,6 +773,7 @@ public sealed class LlamaCppEngine : IAsyncDisposable
                         promptLogprobs[i + 1] = Scored(prompt[i + 1], _context.NativeHandle.GetLogitsIth(i - start), topK);
                     }
                 }
+                start = end;
             }
         }
 
