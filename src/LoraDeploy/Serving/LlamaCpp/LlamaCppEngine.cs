@@ -245,6 +245,10 @@ public sealed class LlamaCppEngine : IAsyncDisposable
 
     private void FreeAdapter(IntPtr handle)
     {
+        if (handle == IntPtr.Zero)
+        {
+            return;
+        }
         lock (_adapterNative)
         {
             LlamaNative.llama_adapter_lora_free(handle);
