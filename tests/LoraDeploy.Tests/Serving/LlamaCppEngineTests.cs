@@ -142,6 +142,8 @@ public sealed class LlamaCppEngineTests : IDisposable
         Assert.Equal(Texts(expected), Texts(chunks));
         Assert.True(await unload);
         Assert.Empty(engine.ResidentAdapters);
+        // Trap 2: no context may keep a pointer to the freed adapter.
+        Assert.DoesNotContain(engine.AppliedAdapterSets(), k => k.Contains("x#", StringComparison.Ordinal));
         Assert.False(await engine.UnloadAdapterAsync("x"));
     }
 
@@ -153,7 +155,9 @@ public sealed class LlamaCppEngineTests : IDisposable
         engine.LoadAdapter("x", path);
         var first = await _kit.Distributions(engine, [new("x", 1f)]);
 
+        Assert.Equal(["x#1=1"], engine.AppliedAdapterSets());
         Assert.True(await engine.UnloadAdapterAsync("x"));
+        Assert.Equal([""], engine.AppliedAdapterSets());
         var baseline = await _kit.Distributions(engine, []);
         Assert.NotEqual(first, baseline);
 
@@ -163,6 +167,25 @@ public sealed class LlamaCppEngineTests : IDisposable
         // Loading the same id from the same file again is a no-op; from another file it is refused.
         Assert.IsType<LoraLoadResult.Loaded>(engine.LoadAdapter("x", path));
         Assert.IsType<LoraLoadResult.Refused>(engine.LoadAdapter("x", _kit.Adapter("other", seed: 13)));
+    }
+
+    [Fact]
+    public async Task An_id_reloaded_from_another_file_serves_the_new_weights()
+    {
+        var other = _kit.Adapter("other", seed: 13);
+        List<float[]> expected;
+        await using (var cold = _kit.Engine(slots: 1))
+        {
+            cold.LoadAdapter("x", other);
+            expected = await _kit.Distributions(cold, [new("x", 1f)]);
+        }
+
+        await using var engine = _kit.Engine(slots: 1);
+        engine.LoadAdapter("x", _kit.Adapter("x", seed: 11));
+        await _kit.Distributions(engine, [new("x", 1f)]);
+        await engine.UnloadAdapterAsync("x");
+        engine.LoadAdapter("x", other);
+        Assert.Equal(expected, await _kit.Distributions(engine, [new("x", 1f)]));
     }
 
     [Fact]

@@ -150,7 +150,7 @@ public sealed class LlamaCppEngine : IAsyncDisposable
         {
             if (!_disposed && !_adapters.ContainsKey(adapterId))
             {
-                _adapters.Add(adapterId, new Adapter(adapterId, path, handle));
+                _adapters.Add(adapterId, new Adapter(adapterId, path, handle, ++_clock));
                 _logger.LogInformation("Loaded adapter {AdapterId} from {Path}", adapterId, path);
                 return new LoraLoadResult.Loaded(adapterId);
             }
@@ -542,6 +542,15 @@ public sealed class LlamaCppEngine : IAsyncDisposable
         slot.Set = set;
     }
 
+    /// <summary>For tests: the adapter set each context has applied (ids, load serials and scales; "" = none).</summary>
+    internal IReadOnlyList<string> AppliedAdapterSets()
+    {
+        lock (_gate)
+        {
+            return _slots.Where(s => s.Context is not null).Select(s => s.Set.Key).ToList();
+        }
+    }
+
     public async ValueTask DisposeAsync()
     {
         lock (_gate)
@@ -573,9 +582,11 @@ public sealed class LlamaCppEngine : IAsyncDisposable
 
     // ---- state ---------------------------------------------------------------------------------------------------
 
-    private sealed class Adapter(string id, string path, IntPtr handle)
+    private sealed class Adapter(string id, string path, IntPtr handle, long serial)
     {
         public string Id { get; } = id;
+        /// <summary>Tells apart two loads under one id, so a set never matches one applied before an unload.</summary>
+        public long Serial { get; } = serial;
         public string Path { get; } = path;
         public IntPtr Handle { get; } = handle;
         /// <summary>Requests admitted with this adapter and not yet finished (guarded by the engine's gate).</summary>
@@ -594,7 +605,7 @@ public sealed class LlamaCppEngine : IAsyncDisposable
             Pinned = entries.Select(e => e.Adapter).ToList();
             // Scale 0 contributes nothing (llama.cpp drops it too), so {X: 0} shares the base model's cache.
             Entries = entries.Where(e => e.Scale != 0).OrderBy(e => e.Adapter.Id, StringComparer.Ordinal).ToList();
-            Key = string.Join(",", Entries.Select(e => $"{e.Adapter.Id}={e.Scale.ToString("R", System.Globalization.CultureInfo.InvariantCulture)}"));
+            Key = string.Join(",", Entries.Select(e => $"{e.Adapter.Id}#{e.Adapter.Serial}={e.Scale.ToString("R", System.Globalization.CultureInfo.InvariantCulture)}"));
         }
 
         public IReadOnlyList<Adapter> Pinned { get; }
