@@ -99,6 +99,12 @@ public sealed class HuggingFaceClient(
             return HuggingFaceResolveResult.Fail(ReasonClass.Upstream, $"the Hugging Face Hub's answer about {what} names no commit; check HuggingFace:BaseUrl");
         }
         commit = commit.ToLowerInvariant();
+        // A renamed repo answers under its new name: use it, so the file links do not go through the rename redirect.
+        if (info.Id is { } id && !string.Equals(id, repo.RepoId, StringComparison.Ordinal)
+            && HuggingFaceRepoRef.TryParse(id, null, out var canonical, out _) && canonical.Revision is null)
+        {
+            repo = repo with { Owner = canonical.Owner, Name = canonical.Name };
+        }
         var siblings = (info.Siblings ?? []).Where(s => !string.IsNullOrEmpty(s.Rfilename)).GroupBy(s => s.Rfilename!, StringComparer.Ordinal)
             .ToDictionary(g => g.Key, g => g.First(), StringComparer.Ordinal);
         siblings.TryGetValue(ConfigFileName, out var config);

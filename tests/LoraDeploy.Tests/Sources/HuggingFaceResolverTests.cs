@@ -327,8 +327,13 @@ public class HuggingFaceResolverTests
         await using var h = new HuggingFaceHarness(sim);
 
         var a = await h.ResolveOkAsync("owner/old-name", sim.ValidToken);
+        var config = await h.Client.FetchConfigAsync(a, sim.ValidToken, Ct);
 
         Assert.Equal(repo.Head, a.Commit);
+        Assert.Equal("owner/new-name", a.RepoId);
+        Assert.Equal(new Uri($"{sim.HubBaseUrl}/owner/new-name/resolve/{repo.Head}/adapter_config.json"), a.Config.DownloadUrl);
+        Assert.True(config.Succeeded, config.FailReason);
+        Assert.Single(sim.Requests, r => r.Status == 307); // the config link already uses the new name
         Assert.Contains(sim.Requests, r => r.Status == 307 && r.HadAuthorization);
         Assert.Contains(sim.Requests, r => r.Status == 200 && r.PathAndQuery.StartsWith("/api/models/owner/new-name", StringComparison.Ordinal) && r.HadAuthorization);
     }
