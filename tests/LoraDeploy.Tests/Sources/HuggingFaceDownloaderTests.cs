@@ -30,6 +30,24 @@ public class HuggingFaceDownloaderTests
     }
 
     [Fact]
+    public async Task Weights_kept_in_git_come_from_the_hub_itself_and_their_size_is_checked()
+    {
+        await using var sim = await HuggingFaceSimulator.StartAsync(cancellationToken: Ct);
+        var weights = SimContent.Safetensors(50_000);
+        var repo = sim.AddRepo("owner/small");
+        repo.Commit(HuggingFaceSimulator.AdapterFiles(weights).Select(f => f.Lfs ? new HfSimFile(f.Path, f.Content, lfs: false) : f));
+        await using var h = new HuggingFaceHarness(sim);
+        var a = await h.ResolveOkAsync("owner/small");
+
+        var result = await h.DownloadAsync(a);
+
+        Assert.Null(a.Weights.Sha256);
+        Assert.Equal(weights.Length, a.Weights.SizeBytes);
+        Assert.Equal(Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(weights)), result.Sha256);
+        Assert.DoesNotContain(sim.Requests, r => r.Host == "storage");
+    }
+
+    [Fact]
     public async Task The_token_reaches_the_hub_but_never_the_storage_host_or_the_logs()
     {
         await using var sim = await HuggingFaceSimulator.StartAsync(cancellationToken: Ct);
@@ -54,6 +72,8 @@ public class HuggingFaceDownloaderTests
         Assert.True(sim.Requests.Count(r => r.Host == "hub") >= 4, "API, config, weights, refresh");
         Assert.NotEmpty(h.Logs.Lines);
         Assert.Contains(h.Logs.Lines, l => l.Contains("owner/secret", StringComparison.Ordinal));
+        // The HTTP client's own trace logging, which lists request headers, is among the captured lines.
+        Assert.Contains(h.Logs.Lines, l => l.Contains("System.Net.Http.HttpClient", StringComparison.Ordinal) && l.Contains("Authorization", StringComparison.Ordinal));
         Assert.DoesNotContain(h.Logs.Lines, l => l.Contains(sim.ValidToken, StringComparison.Ordinal));
     }
 
