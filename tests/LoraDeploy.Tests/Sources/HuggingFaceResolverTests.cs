@@ -416,6 +416,20 @@ public class HuggingFaceResolverTests
     }
 
     [Fact]
+    public async Task A_repo_listing_over_import_max_api_body_bytes_is_not_read_whole()
+    {
+        await using var sim = await HuggingFaceSimulator.StartAsync(cancellationToken: Ct);
+        var extra = Enumerable.Range(0, 50).Select(i => new HfSimFile($"samples/sample-{i:D3}.txt", [(byte)i], lfs: false));
+        sim.AddRepo("owner/adapter").Commit(HuggingFaceSimulator.AdapterFiles(SimContent.Safetensors()).Concat(extra));
+        await using var h = new HuggingFaceHarness(sim, new() { ["Import:MaxApiBodyBytes"] = "2048" });
+
+        var result = await h.ResolveAsync("owner/adapter");
+
+        Assert.Equal(ReasonClass.Upstream, result.ReasonClass);
+        Assert.StartsWith("the Hugging Face Hub's answer about owner/adapter was larger than Import:MaxApiBodyBytes (2048 bytes)", result.FailReason);
+    }
+
+    [Fact]
     public async Task A_hub_at_a_refused_address_names_the_setting()
     {
         await using var sim = await HuggingFaceSimulator.StartAsync(cancellationToken: Ct);
