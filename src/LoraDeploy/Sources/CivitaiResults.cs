@@ -19,6 +19,8 @@ public static class ReasonClass
     public const string Refused = "refused";
     public const string TooLarge = "too_large";
     public const string NotSafetensors = "not_safetensors";
+    /// <summary>The bytes that arrived are not the size or SHA-256 the source lists for the file.</summary>
+    public const string HashMismatch = "hash_mismatch";
 }
 
 /// <summary>The one file a CivitAI reference resolved to.</summary>

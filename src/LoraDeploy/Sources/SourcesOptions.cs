@@ -31,6 +31,29 @@ public sealed class CivitaiOptions : IValidatableObject
     }
 }
 
+/// <summary>Settings section <c>HuggingFace</c>. There is no token setting: each import brings its own hf_token and nothing keeps it.</summary>
+public sealed class HuggingFaceOptions : IValidatableObject
+{
+    public const string SectionName = "HuggingFace";
+
+    /// <summary>Where the Hub's API and files are fetched; links on huggingface.co or on this host are accepted.</summary>
+    public string BaseUrl { get; set; } = "https://huggingface.co";
+
+    public Uri GetBaseUri() => new(BaseUrl.TrimEnd('/') + "/");
+
+    public IEnumerable<ValidationResult> Validate(ValidationContext validationContext)
+    {
+        if (!Uri.TryCreate(BaseUrl, UriKind.Absolute, out var uri) || (uri.Scheme != Uri.UriSchemeHttps && uri.Scheme != Uri.UriSchemeHttp))
+        {
+            yield return new ValidationResult($"HuggingFace:BaseUrl must be an absolute http(s) URL; got '{BaseUrl}'", [nameof(BaseUrl)]);
+        }
+        else if (uri.Query.Length > 0 || uri.Fragment.Length > 0 || uri.UserInfo.Length > 0)
+        {
+            yield return new ValidationResult($"HuggingFace:BaseUrl must be a plain URL like https://huggingface.co, without user, query or fragment; got '{BaseUrl}'", [nameof(BaseUrl)]);
+        }
+    }
+}
+
 /// <summary>Settings section <c>Network</c>: what the outbound guard lets through.</summary>
 public sealed class NetworkOptions : IValidatableObject
 {

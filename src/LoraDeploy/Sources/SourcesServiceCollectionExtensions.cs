@@ -15,11 +15,12 @@ public static class SourcesServiceCollectionExtensions
     /// <summary>Non-browser product User-Agent: CivitAI answers browsers with HTML, and WAFs block bare library UAs.</summary>
     public static readonly ProductInfoHeaderValue UserAgent = new("LoraDeploy", "0.1");
 
-    /// <summary>Registers the Civitai/Network/Import options (validated at start) and the guarded HTTP clients.</summary>
+    /// <summary>Registers the Civitai/HuggingFace/Network/Import options (validated at start) and the guarded HTTP clients.</summary>
     public static IServiceCollection AddSources(this IServiceCollection services, IConfiguration configuration)
     {
         services.TryAddSingleton(TimeProvider.System);
         services.AddOptions<CivitaiOptions>().Bind(configuration.GetSection(CivitaiOptions.SectionName)).ValidateDataAnnotations().ValidateOnStart();
+        services.AddOptions<HuggingFaceOptions>().Bind(configuration.GetSection(HuggingFaceOptions.SectionName)).ValidateDataAnnotations().ValidateOnStart();
         services.AddOptions<NetworkOptions>().Bind(configuration.GetSection(NetworkOptions.SectionName)).ValidateDataAnnotations().ValidateOnStart();
         services.AddOptions<ImportOptions>().Bind(configuration.GetSection(ImportOptions.SectionName)).ValidateDataAnnotations().ValidateOnStart();
         services.TryAddSingleton<OutboundConnectGuard>();
@@ -28,6 +29,8 @@ public static class SourcesServiceCollectionExtensions
 
         services.AddHttpClient<CivitaiClient>().AddGuardedPipeline();
         services.AddHttpClient<CivitaiDownloader>().AddGuardedPipeline();
+        services.AddHttpClient<HuggingFaceClient>().AddGuardedPipeline();
+        services.AddHttpClient<HuggingFaceDownloader>().AddGuardedPipeline();
         services.AddHttpClient(OutboundClientName).AddGuardedPipeline();
         return services;
     }
