@@ -58,6 +58,7 @@ public static class ServerApp
         app.MapApiDocumentation();
         app.MapBaseModels();
         app.MapLoras();
+        app.MapLoraModels();
         app.MapDeploys();
         app.MapWorkerApi();
         app.MapInference();

@@ -89,6 +89,9 @@ public sealed class Adapter
     /// <summary>Where the bytes were first found (<c>civitai</c>, <c>huggingface</c>) and the reference there.</summary>
     public required string SourceType { get; set; }
     public required string SourceRef { get; set; }
+    /// <summary>For an adapter converted from another (a PEFT adapter → llama.cpp GGUF): what it was made from and how
+    /// (<c>peft-gguf:v{converter}:{weights sha}:{config sha}</c>), so the same conversion is never done twice.</summary>
+    public string? DerivedKey { get; set; }
     public DateTime CreatedAt { get; set; }
 }
 

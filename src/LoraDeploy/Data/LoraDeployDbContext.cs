@@ -75,6 +75,8 @@ public abstract class LoraDeployDbContext(DbContextOptions options) : DbContext(
             adapter.Property(a => a.Architecture).HasMaxLength(64);
             adapter.Property(a => a.SourceType).HasMaxLength(32);
             adapter.Property(a => a.SourceRef).HasMaxLength(2048);
+            adapter.Property(a => a.DerivedKey).HasMaxLength(256);
+            adapter.HasIndex(a => a.DerivedKey).IsUnique();
         });
 
         modelBuilder.Entity<ImportJob>(job =>

@@ -24,6 +24,7 @@ public static class InferenceEndpoints
     {
         services.AddSingleton<InferenceMetrics>();
         services.AddSingleton<InferenceRouter>();
+        services.AddHostedService<PoolGauge>();
         services.AddHttpClient(WorkerClientName, client => client.Timeout = Timeout.InfiniteTimeSpan)
             .ConfigurePrimaryHttpMessageHandler(() => new SocketsHttpHandler
             {

@@ -26,6 +26,7 @@ public sealed partial class ImportPipeline(
     BaseModelRegistry baseModels,
     PipelineSignal signal,
     PipelineMetrics metrics,
+    HuggingFaceTokens hfTokens,
     IOptions<PipelineOptions> options,
     TimeProvider time,
     ILogger<ImportPipeline> logger) : BackgroundService
@@ -33,11 +34,13 @@ public sealed partial class ImportPipeline(
     private readonly string _owner = $"{Environment.MachineName}:{Environment.ProcessId}:{Guid.NewGuid().ToString("N")[..6]}";
     private readonly ConcurrentDictionary<long, Task> _downloads = new();
     private readonly ConcurrentDictionary<string, Task> _resolutions = new();
+    private CancellationToken _stopping = CancellationToken.None;
     private PipelineOptions Options => options.Value;
     private DateTime Now => time.GetUtcNow().UtcDateTime;
 
     protected override async Task ExecuteAsync(CancellationToken stoppingToken)
     {
+        _stopping = stoppingToken;
         if (!Options.Enabled)
         {
             logger.LogInformation("Import pipeline disabled (Pipeline:Enabled=false)");
@@ -231,6 +234,11 @@ public sealed partial class ImportPipeline(
         var lora = await LoraOf(db, deployId).AsTracking().FirstAsync(ct);
         metrics.ImportStarted();
         LogResolving(deployId, lora.SourceUrl);
+        if (lora.SourceType == "huggingface")
+        {
+            await ImportHuggingFaceAsync(deployId, lora, db, scope.ServiceProvider, ct);
+            return;
+        }
 
         if (!CivitaiUrl.TryParse(lora.SourceUrl, out var reference, out var parseError))
         {
@@ -457,7 +465,15 @@ public sealed partial class ImportPipeline(
             await FailAsync(deployId, failClass!, failReason, ct);
             return;
         }
-        var version = sha256; // equal to the listed hash when there is one (checked above)
+        // version: equal to the listed hash when there is one (checked above)
+        await AdvanceToDeployingAsync(db, deployId, sha256, ct);
+        LogDeploying(deployId, report.Architecture, report.Network);
+    }
+
+    /// <summary>The import is done: the job ends, the deploy moves on to deploying (placement takes it from there).</summary>
+    private async Task AdvanceToDeployingAsync(LoraDeployDbContext db, string deployId, string version, CancellationToken ct)
+    {
+        var now = Now;
         await using var transaction = await db.Database.BeginTransactionAsync(ct);
         var advanced = await OwnJob(db, deployId).ExecuteUpdateAsync(set => set
             .SetProperty(j => j.Status, ImportJobStatus.Done)
@@ -476,7 +492,6 @@ public sealed partial class ImportPipeline(
         {
             signal.Wake();
             metrics.ImportSucceeded();
-            LogDeploying(deployId, report.Architecture, report.Network);
         }
     }
 

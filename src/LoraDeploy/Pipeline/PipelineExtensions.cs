@@ -7,7 +7,9 @@ public static class PipelineExtensions
         services.AddOptions<PipelineOptions>().BindConfiguration(PipelineOptions.Section).ValidateDataAnnotations().ValidateOnStart();
         services.AddSingleton<PipelineSignal>();
         services.AddSingleton<PipelineMetrics>();
-        services.AddHostedService<ImportPipeline>();
+        services.AddSingleton<HuggingFaceTokens>();
+        services.AddSingleton<ImportPipeline>();
+        services.AddHostedService(sp => sp.GetRequiredService<ImportPipeline>());
         return services;
     }
 }

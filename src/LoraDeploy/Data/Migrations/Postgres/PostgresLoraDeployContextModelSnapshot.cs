@@ -39,6 +39,10 @@ namespace LoraDeploy.Data.Migrations.Postgres
                     b.Property<DateTime>("CreatedAt")
                         .HasColumnType("timestamp with time zone");
 
+                    b.Property<string>("DerivedKey")
+                        .HasMaxLength(256)
+                        .HasColumnType("character varying(256)");
+
                     b.Property<string>("Format")
                         .IsRequired()
                         .HasMaxLength(32)
@@ -73,6 +77,9 @@ namespace LoraDeploy.Data.Migrations.Postgres
                         .HasColumnType("character varying(32)");
 
                     b.HasKey("Sha256");
+
+                    b.HasIndex("DerivedKey")
+                        .IsUnique();
 
                     b.ToTable("adapters", (string)null);
                 });

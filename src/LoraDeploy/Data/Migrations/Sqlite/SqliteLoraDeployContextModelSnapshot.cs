@@ -34,6 +34,10 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                     b.Property<DateTime>("CreatedAt")
                         .HasColumnType("TEXT");
 
+                    b.Property<string>("DerivedKey")
+                        .HasMaxLength(256)
+                        .HasColumnType("TEXT");
+
                     b.Property<string>("Format")
                         .IsRequired()
                         .HasMaxLength(32)
@@ -68,6 +72,9 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                         .HasColumnType("TEXT");
 
                     b.HasKey("Sha256");
+
+                    b.HasIndex("DerivedKey")
+                        .IsUnique();
 
                     b.ToTable("adapters", (string)null);
                 });

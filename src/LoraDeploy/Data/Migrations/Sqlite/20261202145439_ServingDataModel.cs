@@ -1,10 +1,9 @@
 ﻿using System;
 using Microsoft.EntityFrameworkCore.Migrations;
-using Npgsql.EntityFrameworkCore.PostgreSQL.Metadata;
 
 #nullable disable
 
-namespace LoraDeploy.Data.Migrations.Postgres
+namespace LoraDeploy.Data.Migrations.Sqlite
 {
     /// <inheritdoc />
     public partial class ServingDataModel : Migration
@@ -16,18 +15,19 @@ namespace LoraDeploy.Data.Migrations.Postgres
                 name: "adapters",
                 columns: table => new
                 {
-                    Sha256 = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
-                    SizeBytes = table.Column<long>(type: "bigint", nullable: false),
-                    Format = table.Column<string>(type: "character varying(32)", maxLength: 32, nullable: false),
-                    Network = table.Column<string>(type: "character varying(32)", maxLength: 32, nullable: false),
-                    Architecture = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
-                    RankMin = table.Column<int>(type: "integer", nullable: true),
-                    RankMax = table.Column<int>(type: "integer", nullable: true),
-                    Alpha = table.Column<double>(type: "double precision", nullable: true),
-                    ProbeJson = table.Column<string>(type: "text", nullable: false),
-                    SourceType = table.Column<string>(type: "character varying(32)", maxLength: 32, nullable: false),
-                    SourceRef = table.Column<string>(type: "character varying(2048)", maxLength: 2048, nullable: false),
-                    CreatedAt = table.Column<DateTime>(type: "timestamp with time zone", nullable: false)
+                    Sha256 = table.Column<string>(type: "TEXT", maxLength: 64, nullable: false),
+                    SizeBytes = table.Column<long>(type: "INTEGER", nullable: false),
+                    Format = table.Column<string>(type: "TEXT", maxLength: 32, nullable: false),
+                    Network = table.Column<string>(type: "TEXT", maxLength: 32, nullable: false),
+                    Architecture = table.Column<string>(type: "TEXT", maxLength: 64, nullable: false),
+                    RankMin = table.Column<int>(type: "INTEGER", nullable: true),
+                    RankMax = table.Column<int>(type: "INTEGER", nullable: true),
+                    Alpha = table.Column<double>(type: "REAL", nullable: true),
+                    ProbeJson = table.Column<string>(type: "TEXT", nullable: false),
+                    SourceType = table.Column<string>(type: "TEXT", maxLength: 32, nullable: false),
+                    SourceRef = table.Column<string>(type: "TEXT", maxLength: 2048, nullable: false),
+                    DerivedKey = table.Column<string>(type: "TEXT", maxLength: 256, nullable: true),
+                    CreatedAt = table.Column<DateTime>(type: "TEXT", nullable: false)
                 },
                 constraints: table =>
                 {
@@ -38,16 +38,16 @@ namespace LoraDeploy.Data.Migrations.Postgres
                 name: "import_jobs",
                 columns: table => new
                 {
-                    Id = table.Column<long>(type: "bigint", nullable: false)
-                        .Annotation("Npgsql:ValueGenerationStrategy", NpgsqlValueGenerationStrategy.IdentityByDefaultColumn),
-                    DeployId = table.Column<string>(type: "character varying(32)", maxLength: 32, nullable: false),
-                    Status = table.Column<string>(type: "character varying(16)", maxLength: 16, nullable: false),
-                    LeaseOwner = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: true),
-                    LeaseExpiresAt = table.Column<DateTime>(type: "timestamp with time zone", nullable: true),
-                    Attempts = table.Column<int>(type: "integer", nullable: false),
-                    DownloadId = table.Column<long>(type: "bigint", nullable: true),
-                    CreatedAt = table.Column<DateTime>(type: "timestamp with time zone", nullable: false),
-                    UpdatedAt = table.Column<DateTime>(type: "timestamp with time zone", nullable: false)
+                    Id = table.Column<long>(type: "INTEGER", nullable: false)
+                        .Annotation("Sqlite:Autoincrement", true),
+                    DeployId = table.Column<string>(type: "TEXT", maxLength: 32, nullable: false),
+                    Status = table.Column<string>(type: "TEXT", maxLength: 16, nullable: false),
+                    LeaseOwner = table.Column<string>(type: "TEXT", maxLength: 64, nullable: true),
+                    LeaseExpiresAt = table.Column<DateTime>(type: "TEXT", nullable: true),
+                    Attempts = table.Column<int>(type: "INTEGER", nullable: false),
+                    DownloadId = table.Column<long>(type: "INTEGER", nullable: true),
+                    CreatedAt = table.Column<DateTime>(type: "TEXT", nullable: false),
+                    UpdatedAt = table.Column<DateTime>(type: "TEXT", nullable: false)
                 },
                 constraints: table =>
                 {
@@ -69,10 +69,10 @@ namespace LoraDeploy.Data.Migrations.Postgres
                 name: "worker_tokens",
                 columns: table => new
                 {
-                    Id = table.Column<string>(type: "character varying(32)", maxLength: 32, nullable: false),
-                    Name = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
-                    SecretHash = table.Column<byte[]>(type: "bytea", maxLength: 32, nullable: false),
-                    CreatedAt = table.Column<DateTime>(type: "timestamp with time zone", nullable: false)
+                    Id = table.Column<string>(type: "TEXT", maxLength: 32, nullable: false),
+                    Name = table.Column<string>(type: "TEXT", maxLength: 64, nullable: false),
+                    SecretHash = table.Column<byte[]>(type: "BLOB", maxLength: 32, nullable: false),
+                    CreatedAt = table.Column<DateTime>(type: "TEXT", nullable: false)
                 },
                 constraints: table =>
                 {
@@ -83,19 +83,19 @@ namespace LoraDeploy.Data.Migrations.Postgres
                 name: "workers",
                 columns: table => new
                 {
-                    Id = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
-                    Name = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
-                    Engine = table.Column<string>(type: "character varying(16)", maxLength: 16, nullable: false),
-                    PoolsJson = table.Column<string>(type: "character varying(4000)", maxLength: 4000, nullable: false),
-                    Slots = table.Column<int>(type: "integer", nullable: false),
-                    Url = table.Column<string>(type: "character varying(2048)", maxLength: 2048, nullable: false),
-                    Version = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
-                    CallKey = table.Column<string>(type: "character varying(256)", maxLength: 256, nullable: false),
-                    QueueDepth = table.Column<int>(type: "integer", nullable: false),
-                    BusySlots = table.Column<int>(type: "integer", nullable: false),
-                    ResidentJson = table.Column<string>(type: "text", nullable: false),
-                    RegisteredAt = table.Column<DateTime>(type: "timestamp with time zone", nullable: false),
-                    LastHeartbeatAt = table.Column<DateTime>(type: "timestamp with time zone", nullable: false)
+                    Id = table.Column<string>(type: "TEXT", maxLength: 64, nullable: false),
+                    Name = table.Column<string>(type: "TEXT", maxLength: 64, nullable: false),
+                    Engine = table.Column<string>(type: "TEXT", maxLength: 16, nullable: false),
+                    PoolsJson = table.Column<string>(type: "TEXT", maxLength: 4000, nullable: false),
+                    Slots = table.Column<int>(type: "INTEGER", nullable: false),
+                    Url = table.Column<string>(type: "TEXT", maxLength: 2048, nullable: false),
+                    Version = table.Column<string>(type: "TEXT", maxLength: 64, nullable: false),
+                    CallKey = table.Column<string>(type: "TEXT", maxLength: 256, nullable: false),
+                    QueueDepth = table.Column<int>(type: "INTEGER", nullable: false),
+                    BusySlots = table.Column<int>(type: "INTEGER", nullable: false),
+                    ResidentJson = table.Column<string>(type: "TEXT", nullable: false),
+                    RegisteredAt = table.Column<DateTime>(type: "TEXT", nullable: false),
+                    LastHeartbeatAt = table.Column<DateTime>(type: "TEXT", nullable: false)
                 },
                 constraints: table =>
                 {
@@ -106,15 +106,15 @@ namespace LoraDeploy.Data.Migrations.Postgres
                 name: "instances",
                 columns: table => new
                 {
-                    Id = table.Column<long>(type: "bigint", nullable: false)
-                        .Annotation("Npgsql:ValueGenerationStrategy", NpgsqlValueGenerationStrategy.IdentityByDefaultColumn),
-                    DeployId = table.Column<string>(type: "character varying(32)", maxLength: 32, nullable: false),
-                    WorkerId = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
-                    AdapterSha256 = table.Column<string>(type: "character varying(64)", maxLength: 64, nullable: false),
-                    State = table.Column<string>(type: "character varying(16)", maxLength: 16, nullable: false),
-                    Pinned = table.Column<bool>(type: "boolean", nullable: false),
-                    FailReason = table.Column<string>(type: "character varying(2000)", maxLength: 2000, nullable: false),
-                    Since = table.Column<DateTime>(type: "timestamp with time zone", nullable: false)
+                    Id = table.Column<long>(type: "INTEGER", nullable: false)
+                        .Annotation("Sqlite:Autoincrement", true),
+                    DeployId = table.Column<string>(type: "TEXT", maxLength: 32, nullable: false),
+                    WorkerId = table.Column<string>(type: "TEXT", maxLength: 64, nullable: false),
+                    AdapterSha256 = table.Column<string>(type: "TEXT", maxLength: 64, nullable: false),
+                    State = table.Column<string>(type: "TEXT", maxLength: 16, nullable: false),
+                    Pinned = table.Column<bool>(type: "INTEGER", nullable: false),
+                    FailReason = table.Column<string>(type: "TEXT", maxLength: 2000, nullable: false),
+                    Since = table.Column<DateTime>(type: "TEXT", nullable: false)
                 },
                 constraints: table =>
                 {
@@ -138,6 +138,12 @@ namespace LoraDeploy.Data.Migrations.Postgres
                 table: "deploys",
                 column: "CreatedAt",
                 filter: "\"Status\" IN ('deploying', 'running')");
+
+            migrationBuilder.CreateIndex(
+                name: "IX_adapters_DerivedKey",
+                table: "adapters",
+                column: "DerivedKey",
+                unique: true);
 
             migrationBuilder.CreateIndex(
                 name: "IX_import_jobs_Active_CreatedAt",
@@ -182,9 +188,9 @@ namespace LoraDeploy.Data.Migrations.Postgres
             // every deploy gets the import job its status implies (an import under way keeps its lease and download).
             migrationBuilder.Sql("""
 INSERT INTO adapters ("Sha256", "SizeBytes", "Format", "Network", "Architecture", "RankMin", "RankMax", "Alpha", "ProbeJson", "SourceType", "SourceRef", "CreatedAt")
-SELECT l."Sha256", COALESCE(l."SizeBytes", 0), COALESCE(l."ProbeJson"::jsonb ->> 'format', 'unknown'), COALESCE(l."ProbeJson"::jsonb ->> 'network', 'unknown'),
-       COALESCE(l."ProbeJson"::jsonb ->> 'architecture', 'unknown'), (l."ProbeJson"::jsonb ->> 'rank_min')::integer, (l."ProbeJson"::jsonb ->> 'rank_max')::integer, (l."ProbeJson"::jsonb ->> 'alpha')::double precision,
-       l."ProbeJson", l."SourceType", CASE WHEN l."CivitaiFileId" IS NULL THEN l."SourceUrl" ELSE 'civitai:file:' || l."CivitaiFileId"::text END, l."UpdatedAt"
+SELECT l."Sha256", COALESCE(l."SizeBytes", 0), COALESCE(json_extract(l."ProbeJson", '$.format'), 'unknown'), COALESCE(json_extract(l."ProbeJson", '$.network'), 'unknown'),
+       COALESCE(json_extract(l."ProbeJson", '$.architecture'), 'unknown'), json_extract(l."ProbeJson", '$.rank_min'), json_extract(l."ProbeJson", '$.rank_max'), json_extract(l."ProbeJson", '$.alpha'),
+       l."ProbeJson", l."SourceType", CASE WHEN l."CivitaiFileId" IS NULL THEN l."SourceUrl" ELSE 'civitai:file:' || l."CivitaiFileId" END, l."UpdatedAt"
 FROM loras l
 WHERE l."Sha256" IS NOT NULL AND l."ProbeJson" IS NOT NULL
   AND l."Id" = (SELECT MIN(o."Id") FROM loras o WHERE o."Sha256" = l."Sha256" AND o."ProbeJson" IS NOT NULL);
@@ -307,7 +313,7 @@ UPDATE loras SET "Sha256" = NULL WHERE "Sha256" IS NOT NULL AND "Sha256" NOT IN 
             migrationBuilder.AddColumn<string>(
                 name: "DeployId",
                 table: "loras",
-                type: "character varying(32)",
+                type: "TEXT",
                 maxLength: 32,
                 nullable: false,
                 defaultValue: "");
@@ -315,32 +321,32 @@ UPDATE loras SET "Sha256" = NULL WHERE "Sha256" IS NOT NULL AND "Sha256" NOT IN 
             migrationBuilder.AddColumn<string>(
                 name: "ProbeJson",
                 table: "loras",
-                type: "text",
+                type: "TEXT",
                 nullable: true);
 
             migrationBuilder.AddColumn<int>(
                 name: "Attempts",
                 table: "deploys",
-                type: "integer",
+                type: "INTEGER",
                 nullable: false,
                 defaultValue: 0);
 
             migrationBuilder.AddColumn<long>(
                 name: "DownloadId",
                 table: "deploys",
-                type: "bigint",
+                type: "INTEGER",
                 nullable: true);
 
             migrationBuilder.AddColumn<DateTime>(
                 name: "LeaseExpiresAt",
                 table: "deploys",
-                type: "timestamp with time zone",
+                type: "TEXT",
                 nullable: true);
 
             migrationBuilder.AddColumn<string>(
                 name: "LeaseOwner",
                 table: "deploys",
-                type: "character varying(64)",
+                type: "TEXT",
                 maxLength: 64,
                 nullable: true);
 
