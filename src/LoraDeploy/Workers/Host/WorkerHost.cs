@@ -32,6 +32,8 @@ public static class WorkerHost
             console.TimestampFormat = "yyyy-MM-ddTHH:mm:ss.fffZ ";
             console.UseUtcTimestamp = true;
         });
+        // Four lines per heartbeat otherwise; failures are logged by the agent, once per outage.
+        builder.Logging.AddFilter("System.Net.Http.HttpClient", LogLevel.Warning);
         builder.Services.AddSingleton(TimeProvider.System);
         builder.Services.AddApiJson();
         builder.Services.AddBaseModels();
