@@ -37,6 +37,13 @@ public sealed class FakeWorkerServer : IAsyncDisposable
 
     public ConcurrentQueue<string?> Unauthorized { get; } = new();
 
+    /// <summary>While set, heartbeats are answered 503 (and counted in <see cref="RefusedHeartbeats"/>).</summary>
+    public bool Unavailable { get; set; }
+
+    public int RefusedHeartbeats => Volatile.Read(ref _refusedHeartbeats);
+
+    private int _refusedHeartbeats;
+
     /// <summary>What every heartbeat is answered with.</summary>
     public WorkerAssignments Assignments { get; set; } = new([], []);
 
@@ -66,6 +73,11 @@ public sealed class FakeWorkerServer : IAsyncDisposable
         app.MapPost("/internal/v1/workers/{id}/heartbeat", async (string id, HttpContext http) =>
         {
             var beat = await JsonSerializer.DeserializeAsync(http.Request.Body, WorkerJsonContext.Default.WorkerHeartbeat);
+            if (server.Unavailable)
+            {
+                Interlocked.Increment(ref server._refusedHeartbeats);
+                return Results.StatusCode(StatusCodes.Status503ServiceUnavailable);
+            }
             if (Interlocked.Exchange(ref server._forgetNextHeartbeat, 0) == 1)
             {
                 return Results.NotFound();

@@ -168,4 +168,29 @@ public sealed class WorkerAgentTests
         Assert.True(a.IsSuccessStatusCode && b.IsSuccessStatusCode);
         await Eventually.TrueAsync(() => worker.Server.LastHeartbeat is { BusySlots: 0, QueueDepth: 0 }, "idle again");
     }
+
+    [Fact]
+    public async Task While_the_server_is_unreachable_the_worker_keeps_serving_retries_and_logs_the_outage_once()
+    {
+        await using var worker = await WorkerHarness.StartAsync();
+        worker.Server.Unavailable = true;
+
+        // Several failed heartbeats (retries and backoff rounds) while requests are still served.
+        await Eventually.TrueAsync(() => worker.Server.RefusedHeartbeats >= 9, "the worker keeps retrying");
+        using var client = worker.CreateClient();
+        using (var response = await client.SendAsync(WorkerHarness.Infer()))
+        {
+            Assert.Equal(System.Net.HttpStatusCode.OK, response.StatusCode);
+        }
+        var outage = worker.Log.Entries.Where(e => e.Message.Contains("cannot be reached or refused", StringComparison.Ordinal)).ToList();
+        Assert.Single(outage);
+        Assert.Equal(LogLevel.Warning, outage[0].Level);
+        Assert.Contains("503", outage[0].Message);
+
+        worker.Server.Unavailable = false;
+        var beats = worker.Server.Heartbeats.Count;
+        await Eventually.TrueAsync(() => worker.Server.Heartbeats.Count > beats, "heartbeats succeed again");
+        Assert.Single(worker.Log.Entries, e => e.Message.Contains("answers again", StringComparison.Ordinal));
+        Assert.Single(worker.Log.Entries, e => e.Message.Contains("cannot be reached or refused", StringComparison.Ordinal));
+    }
 }

@@ -29,6 +29,9 @@ public sealed class WorkerHarness : IAsyncDisposable
 
     public string DataDir { get; }
 
+    /// <summary>What the worker logged.</summary>
+    public CapturedLog Log { get; private init; } = new();
+
     public WorkerRegistration Registration => Server.Registrations.First();
 
     public WorkerBlobCache Cache => App.Services.GetRequiredService<WorkerBlobCache>();
@@ -53,9 +56,14 @@ public sealed class WorkerHarness : IAsyncDisposable
         };
         args.AddRange((settings ?? new Dictionary<string, string>()).Select(s => $"--{s.Key}={s.Value}"));
         var engine = new TestEchoEngine();
-        var app = WorkerHost.Build([.. args], [engine], builder => builder.Logging.AddFilter("Microsoft", LogLevel.Warning));
+        var log = new CapturedLog();
+        var app = WorkerHost.Build([.. args], [engine], builder =>
+        {
+            builder.Logging.AddFilter("Microsoft", LogLevel.Warning);
+            builder.Logging.AddProvider(log);
+        });
         await app.StartAsync();
-        var harness = new WorkerHarness(server, app, engine, dataDir, ownsDataDir);
+        var harness = new WorkerHarness(server, app, engine, dataDir, ownsDataDir) { Log = log };
         await Eventually.TrueAsync(() => !server.Heartbeats.IsEmpty, "the worker registers and heartbeats");
         return harness;
     }
@@ -116,5 +124,29 @@ public static class Eventually
             }
             await Task.Delay(25);
         }
+    }
+}
+
+/// <summary>Keeps every log message (category, level, text) for assertions on what a person would read.</summary>
+public sealed class CapturedLog : ILoggerProvider
+{
+    private readonly System.Collections.Concurrent.ConcurrentQueue<(string Category, LogLevel Level, string Message)> _entries = new();
+
+    public IReadOnlyList<(string Category, LogLevel Level, string Message)> Entries => [.. _entries];
+
+    public ILogger CreateLogger(string categoryName) => new Logger(this, categoryName);
+
+    public void Dispose()
+    {
+    }
+
+    private sealed class Logger(CapturedLog log, string category) : ILogger
+    {
+        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+
+        public bool IsEnabled(LogLevel logLevel) => true;
+
+        public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
+            log._entries.Enqueue((category, logLevel, formatter(state, exception)));
     }
 }
