@@ -193,4 +193,30 @@ public sealed class WorkerAgentTests
         Assert.Single(worker.Log.Entries, e => e.Message.Contains("answers again", StringComparison.Ordinal));
         Assert.Single(worker.Log.Entries, e => e.Message.Contains("cannot be reached or refused", StringComparison.Ordinal));
     }
+
+    [Fact]
+    public async Task A_worker_with_two_engines_registers_each_with_its_own_pools_and_routes_requests_by_pool()
+    {
+        var comfy = new TestEchoEngine(LoraDeploy.BaseModels.Engines.ComfyUi);
+        await using var worker = await WorkerHarness.StartAsync(new Dictionary<string, string>
+        {
+            ["BaseModels:sdxl-pool:Family"] = "sdxl",
+            ["BaseModels:sdxl-pool:Engine"] = "comfyui",
+            ["BaseModels:sdxl-pool:ComfyUi:Url"] = "http://127.0.0.1:8188",
+            ["BaseModels:sdxl-pool:ComfyUi:Checkpoint"] = "sd_xl_base_1.0.safetensors",
+            ["Worker:Id"] = "box-1",
+        }, moreEngines: [comfy]);
+        await Eventually.TrueAsync(() => worker.Server.Registrations.Count == 2, "both engines register");
+
+        var registrations = worker.Server.Registrations.OrderBy(r => r.Engine).ToList();
+        Assert.Equal(("comfyui", "box-1-comfyui", "sdxl-pool"), (registrations[0].Engine, registrations[0].Id, registrations[0].Pools.Single()));
+        Assert.Equal(("llamacpp", "box-1-llamacpp", WorkerHarness.Pool), (registrations[1].Engine, registrations[1].Id, registrations[1].Pools.Single()));
+        Assert.Equal(registrations[0].CallKey, registrations[1].CallKey);
+
+        using var client = worker.CreateClient();
+        using var response = await client.SendAsync(WorkerHarness.Infer(pool: "sdxl-pool", operation: Operations.ImagesGenerations));
+        Assert.Equal(System.Net.HttpStatusCode.OK, response.StatusCode);
+        Assert.Equal(1, comfy.MaxRunning);
+        Assert.Equal(0, worker.Engine.MaxRunning);
+    }
 }

@@ -39,7 +39,10 @@ public sealed class WorkerHarness : IAsyncDisposable
     public WorkerUnit Unit => App.Services.GetRequiredService<WorkerRuntime>().Units.Single();
 
     /// <param name="settings">Extra settings (<c>Worker:Slots</c>, <c>BaseModels:tiny-llama:MaxAdaptersPerWorker</c>, …).</param>
-    public static async Task<WorkerHarness> StartAsync(IReadOnlyDictionary<string, string>? settings = null, string? dataDir = null)
+    /// <param name="engine">The engine (default: a llamacpp <see cref="TestEchoEngine"/>).</param>
+    /// <param name="moreEngines">Engines of other kinds beside it.</param>
+    public static async Task<WorkerHarness> StartAsync(IReadOnlyDictionary<string, string>? settings = null, string? dataDir = null,
+        TestEchoEngine? engine = null, IReadOnlyList<TestEchoEngine>? moreEngines = null)
     {
         var server = await FakeWorkerServer.StartAsync();
         var ownsDataDir = dataDir is null;
@@ -55,9 +58,9 @@ public sealed class WorkerHarness : IAsyncDisposable
             $"--BaseModels:{Pool}:Gguf=/models/tiny.gguf",
         };
         args.AddRange((settings ?? new Dictionary<string, string>()).Select(s => $"--{s.Key}={s.Value}"));
-        var engine = new TestEchoEngine();
+        engine ??= new TestEchoEngine();
         var log = new CapturedLog();
-        var app = WorkerHost.Build([.. args], [engine], builder =>
+        var app = WorkerHost.Build([.. args], [engine, .. moreEngines ?? []], builder =>
         {
             builder.Logging.AddFilter("Microsoft", LogLevel.Warning);
             builder.Logging.AddProvider(log);

@@ -26,6 +26,7 @@ public sealed partial class WorkerBlobCache
     private readonly string _root;
     private readonly string _partial;
     private readonly CancellationToken _stopping;
+    private readonly TimeProvider _time;
     private readonly Lock _lock = new();
     private readonly Dictionary<string, Entry> _entries = new(StringComparer.Ordinal);
     private readonly Dictionary<string, Task> _downloads = new(StringComparer.Ordinal);
@@ -33,9 +34,13 @@ public sealed partial class WorkerBlobCache
     private long _totalBytes;
     private long _clock;
 
+    /// <summary>A partial download nobody resumed for this long is deleted at start.</summary>
+    public static readonly TimeSpan PartialFileLifetime = TimeSpan.FromDays(1);
+
     public WorkerBlobCache(IHttpClientFactory http, IOptions<WorkerOptions> options, IConfiguration configuration,
-        IHostApplicationLifetime lifetime, ILogger<WorkerBlobCache> logger)
+        IHostApplicationLifetime lifetime, TimeProvider time, ILogger<WorkerBlobCache> logger)
     {
+        _time = time;
         _http = http;
         _options = options.Value;
         _logger = logger;
@@ -43,6 +48,10 @@ public sealed partial class WorkerBlobCache
         _root = Path.GetFullPath(_options.CachePath is { Length: > 0 } path ? path : Path.Combine(DataDirectory.Get(configuration), "worker-cache"));
         _partial = Path.Combine(_root, "partial");
         Directory.CreateDirectory(_partial);
+        foreach (var stale in new DirectoryInfo(_partial).EnumerateFiles("*.part").Where(f => f.LastWriteTimeUtc < time.GetUtcNow().UtcDateTime - PartialFileLifetime))
+        {
+            stale.Delete();
+        }
         // Files under their final name were verified before the rename: trust them, oldest first in the LRU.
         foreach (var file in new DirectoryInfo(_root).EnumerateFiles().Where(f => Sha256Hex().IsMatch(f.Name)).OrderBy(f => f.LastWriteTimeUtc))
         {
@@ -159,7 +168,7 @@ public sealed partial class WorkerBlobCache
                 // A dropped connection: the next attempt asks for the rest (Range) of what is already in the .part file.
                 _logger.LogWarning("Fetching blob {Sha256} stopped at {Bytes} bytes ({Reason}); resuming (attempt {Attempt} of {Attempts}).",
                     sha256, LengthOf(part), e.Message, attempt + 1, _options.FetchAttempts);
-                await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(5000, 200 * (1 << Math.Min(attempt, 5)))), ct);
+                await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(5000, 200 * (1 << Math.Min(attempt, 5)))), _time, ct);
             }
         }
 
