@@ -67,6 +67,11 @@ internal static class WorkerCommand
                 }
                 return 2;
             }
+            catch (WorkerStoppedException e)
+            {
+                await Console.Error.WriteLineAsync($"error: {e.Message}");
+                return 1;
+            }
             return 0;
         });
         return command;

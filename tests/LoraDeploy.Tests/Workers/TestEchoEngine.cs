@@ -39,8 +39,15 @@ public sealed class TestEchoEngine(string engine = Engines.LlamaCpp) : IServingE
 
     public void ReleaseRequests() => _release.TrySetResult();
 
+    /// <summary>Set: <see cref="StartAsync"/> fails with this message (a base model that cannot load).</summary>
+    public string? StartFailure { get; init; }
+
     public Task StartAsync(IReadOnlyList<BaseModelEntry> pools, CancellationToken ct)
     {
+        if (StartFailure is not null)
+        {
+            throw new InvalidOperationException(StartFailure);
+        }
         StartedPools = pools;
         return Task.CompletedTask;
     }

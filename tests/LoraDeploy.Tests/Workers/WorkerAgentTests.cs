@@ -219,4 +219,23 @@ public sealed class WorkerAgentTests
         Assert.Equal(1, comfy.MaxRunning);
         Assert.Equal(0, worker.Engine.MaxRunning);
     }
+
+    [Fact]
+    public async Task An_engine_that_cannot_start_stops_the_worker_with_its_reason_and_it_never_registers()
+    {
+        await using var server = await FakeWorkerServer.StartAsync();
+        var dataDir = Path.Combine(Path.GetTempPath(), "loradeploy-tests", Guid.NewGuid().ToString("N"));
+        var engine = new TestEchoEngine { StartFailure = "/models/tiny.gguf: no such file" };
+        await using var app = WorkerHost.Build(
+        [
+            "--urls", "http://127.0.0.1:0", $"--DataDir={dataDir}", $"--Worker:Server={server.Url}", $"--Worker:Token={FakeWorkerServer.Token}",
+            $"--BaseModels:{WorkerHarness.Pool}:Family=llama", $"--BaseModels:{WorkerHarness.Pool}:Engine=llamacpp", $"--BaseModels:{WorkerHarness.Pool}:Gguf=/models/tiny.gguf",
+        ], [engine], builder => builder.Logging.ClearProviders());
+
+        var stopped = await Assert.ThrowsAsync<WorkerStoppedException>(() => WorkerHost.RunAsync(app, TestContext.Current.CancellationToken));
+
+        Assert.Contains("/models/tiny.gguf: no such file", stopped.Message);
+        Assert.Empty(server.Registrations);
+        Directory.Delete(dataDir, recursive: true);
+    }
 }

@@ -63,12 +63,12 @@ public sealed class AdapterResidency(
             {
                 if (!pools.ContainsKey(held.Pool))
                 {
-                    _residents[(held.Pool, held.Sha256)] = new Resident
+                    _residents.TryAdd((held.Pool, held.Sha256), new Resident
                     {
                         State = AdapterStates.Failed,
                         Reason = $"this worker does not serve pool '{held.Pool}' (its {engine.Engine} pools: {string.Join(", ", pools.Keys)}).",
                         LastUse = ++_clock,
-                    };
+                    });
                 }
                 else if (!_residents.ContainsKey((held.Pool, held.Sha256)))
                 {

@@ -72,7 +72,10 @@ public static class WorkerHost
         return app;
     }
 
-    /// <summary>Starts the worker and runs it until stopped.</summary>
+    /// <summary>
+    /// Starts the worker and runs it until stopped. Throws <see cref="WorkerStoppedException"/> when it stopped because
+    /// an engine could not start (its message says why).
+    /// </summary>
     public static async Task RunAsync(WebApplication app, CancellationToken ct)
     {
         await app.StartAsync(ct);
@@ -81,6 +84,11 @@ public static class WorkerHost
             Console.Out.WriteLine($"LoraDeploy worker is listening on {address}");
         }
         await app.WaitForShutdownAsync(ct);
+        if (app.Services.GetRequiredService<WorkerAgent>().ExecuteTask is { IsFaulted: true } failed)
+        {
+            var cause = failed.Exception!.GetBaseException();
+            throw new WorkerStoppedException($"the worker stopped: {cause.Message}", cause);
+        }
     }
 
     private static WorkerRuntime CreateRuntime(IServiceProvider services, IReadOnlyList<IServingEngine> engines)
@@ -122,3 +130,6 @@ public static class WorkerHost
         }
     }
 }
+
+/// <summary>The worker stopped on its own (an engine failed to start).</summary>
+public sealed class WorkerStoppedException(string message, Exception inner) : Exception(message, inner);
