@@ -68,5 +68,22 @@ public sealed class WorkerBlobCacheTests
         Assert.Single(worker.Server.BlobRanges);
     }
 
+    [Fact]
+    public async Task A_cached_file_deleted_behind_the_caches_back_is_fetched_again()
+    {
+        await using var worker = await WorkerHarness.StartAsync();
+        var sha = Blob(worker);
+        using (await worker.Cache.AcquireAsync(sha, BlobBytes, CancellationToken.None))
+        {
+        }
+        File.Delete(Path.Combine(worker.Cache.Location, sha));
+
+        using var lease = await worker.Cache.AcquireAsync(sha, BlobBytes, CancellationToken.None);
+
+        Assert.Equal(BlobBytes, new FileInfo(lease.Path).Length);
+        Assert.Equal(2, worker.Server.BlobRanges.Count);
+        Assert.Equal(BlobBytes, worker.Cache.TotalBytes);
+    }
+
     private static string Blob(WorkerHarness worker) => worker.Server.AddBlob(RandomNumberGenerator.GetBytes(BlobBytes));
 }

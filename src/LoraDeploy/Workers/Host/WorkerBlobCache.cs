@@ -115,11 +115,18 @@ public sealed partial class WorkerBlobCache
             Task download;
             lock (_lock)
             {
+                var path = Path.Combine(_root, sha256);
                 if (_entries.TryGetValue(sha256, out var entry))
                 {
-                    entry.InUse++;
-                    entry.LastUse = ++_clock;
-                    return new BlobLease(this, sha256, Path.Combine(_root, sha256));
+                    if (File.Exists(path))
+                    {
+                        entry.InUse++;
+                        entry.LastUse = ++_clock;
+                        return new BlobLease(this, sha256, path);
+                    }
+                    // Deleted behind our back (someone cleaned the folder): forget it and fetch again.
+                    _entries.Remove(sha256);
+                    _totalBytes -= entry.Size;
                 }
                 if (!_downloads.TryGetValue(sha256, out download!))
                 {
@@ -145,7 +152,7 @@ public sealed partial class WorkerBlobCache
     {
         lock (_lock)
         {
-            if (_entries.TryGetValue(sha256, out var entry))
+            if (_entries.TryGetValue(sha256, out var entry) && entry.InUse > 0)
             {
                 entry.InUse--;
             }
@@ -215,7 +222,12 @@ public sealed partial class WorkerBlobCache
             throw new BlobRefusedException($"the server has no blob {sha256}.");
         }
         response.EnsureSuccessStatusCode();
-        var append = response.StatusCode == HttpStatusCode.PartialContent && response.Content.Headers.ContentRange?.From == have;
+        var append = response.StatusCode == HttpStatusCode.PartialContent;
+        if (append && response.Content.Headers.ContentRange?.From != have)
+        {
+            File.Delete(part);
+            throw new IOException($"the server resumed at byte {response.Content.Headers.ContentRange?.From}, not {have}; starting over");
+        }
         var limit = sizeBytes ?? _options.CacheBytes;
         await using var body = await response.Content.ReadAsStreamAsync(ct);
         await using var file = new FileStream(part, append ? FileMode.Append : FileMode.Create, FileAccess.Write, FileShare.None, 81920, useAsync: true);
