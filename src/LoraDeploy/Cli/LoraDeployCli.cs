@@ -9,6 +9,7 @@ internal static class LoraDeployCli
     {
         var root = new RootCommand("LoraDeploy: deploy CivitAI LoRA adapters behind DeepInfra's API.");
         root.Subcommands.Add(ServeCommand.Create());
+        root.Subcommands.Add(WorkerCommand.Create());
         root.Subcommands.Add(TokenCommand.Create());
         root.Subcommands.Add(InspectCommand.Create());
         foreach (var command in ClientCommands.Create())
