@@ -12,8 +12,16 @@ namespace LoraDeploy.Cli;
 /// </summary>
 internal static class WorkerCommand
 {
-    /// <summary>The engines a standalone worker has (created per run); the engine issues add theirs here.</summary>
-    internal static IReadOnlyList<IServingEngine> CreateEngines() => [];
+    /// <summary>The engines a worker process has (created per run): llama.cpp in-process; ComfyUI comes with its issue.</summary>
+    internal static IReadOnlyList<IServingEngine> CreateEngines() =>
+    [
+        new Serving.LlamaCppServingEngine(LoggerFactory.Create(logging => logging.AddSimpleConsole(console =>
+        {
+            console.SingleLine = true;
+            console.TimestampFormat = "yyyy-MM-ddTHH:mm:ss.fffZ ";
+            console.UseUtcTimestamp = true;
+        }))),
+    ];
 
     public static Command Create()
     {
