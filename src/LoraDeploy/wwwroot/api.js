@@ -36,6 +36,7 @@ export async function api(method, path, { body, auth = true } = {}) {
   } catch {
     throw new ApiError(0, "Cannot reach the server. Check your connection and try again.");
   }
+  noteServerClock(response);
   const text = await response.text();
   let json = null;
   try {
@@ -56,6 +57,20 @@ export async function api(method, path, { body, auth = true } = {}) {
 }
 
 export const enc = encodeURIComponent;
+
+// How far the server's clock is ahead of this browser's, from the Date header of its last answer (1 s resolution),
+// so ages such as "last heartbeat 3 s ago" are measured on the server's clock, not a skewed local one.
+let serverClockOffsetMs = 0;
+
+function noteServerClock(response) {
+  const date = Date.parse(response.headers.get("Date") ?? "");
+  if (!Number.isNaN(date)) serverClockOffsetMs = date - Date.now();
+}
+
+/** The server's current time (ms since the epoch), as well as this browser can tell. */
+export function serverNow() {
+  return Date.now() + serverClockOffsetMs;
+}
 
 /** A message as a person reads it: without the "Value error, " prefix the API keeps for pydantic-shaped 422s. */
 export function plain(text) {

@@ -1,9 +1,13 @@
 // LoraDeploy dashboard: hash-routed views over the HTTP API. No build step, no third-party code.
-import { api, ApiError, enc, getToken, plain, setToken } from "./api.js";
+import { api, ApiError, enc, getToken, plain, serverNow, setToken } from "./api.js";
 
 const main = document.getElementById("main");
 const POLL_MS = 1500;
+const WORKERS_POLL_MS = 3000;
 const SETTLED = new Set(["deploying", "running", "failed", "stopped", "deleted"]);
+// A deploy in one of these no longer changes by itself: its view stops polling. Deploying and running ones keep
+// polling, as their instances follow the workers.
+const FINAL = new Set(["failed", "stopped", "deleted"]);
 
 // ---------- tiny DOM helpers (text only, never innerHTML with data) ----------
 function h(tag, attrs = {}, ...children) {
@@ -56,6 +60,22 @@ function loraNameOf(modelName) {
   return i >= 0 ? modelName.slice(i + 1) : modelName;
 }
 
+/** "1 running · 2 pending" from a deploy's `instances`; null when the server sent none. */
+function instancesText(instances) {
+  if (!instances) return null;
+  const running = instances.running ?? 0;
+  const pending = instances.pending ?? 0;
+  return pending ? `${running} running · ${pending} pending` : `${running} running`;
+}
+
+function instancesCell(deploy) {
+  const instances = deploy?.instances;
+  if (!instances || FINAL.has(deploy.status)) return h("span", { class: "muted" }, "—");
+  return h("span", {
+    class: "instances", "data-running": instances.running ?? 0, "data-pending": instances.pending ?? 0,
+  }, instancesText(instances));
+}
+
 function statusBadge(status) {
   return h("span", { class: `badge status-${status}`, "data-status": status }, status);
 }
@@ -95,7 +115,7 @@ function confirmAction(title, message, confirmLabel) {
 
 // ---------- polling, tied to the current view ----------
 let viewToken = 0;
-function startPolling(fn) {
+function startPolling(fn, intervalMs = POLL_MS) {
   const mine = ++viewToken;
   let timer = 0;
   const tick = async () => {
@@ -106,7 +126,7 @@ function startPolling(fn) {
     } catch (err) {
       if (err instanceof ApiError && err.status === 401) return signedOut("Your token was not accepted. Sign in again.");
     }
-    if (again && mine === viewToken) timer = setTimeout(tick, POLL_MS);
+    if (again && mine === viewToken) timer = setTimeout(tick, intervalMs);
   };
   tick();
   return () => clearTimeout(timer);
@@ -121,6 +141,32 @@ document.getElementById("sign-out").addEventListener("click", () => {
 
 function refreshSession() {
   session.hidden = !getToken();
+  refreshWorkersLink();
+}
+
+// The Workers page is for admin tokens: its link appears once the server has answered /v1/workers for this token.
+const workersLink = document.getElementById("nav-workers");
+let adminCheck = { token: "", admin: false, pending: null };
+
+function showWorkersLink(token, admin) {
+  if (adminCheck.token === token) adminCheck.admin = admin;
+  workersLink.hidden = !(getToken() === token && admin);
+}
+
+function refreshWorkersLink() {
+  const token = getToken();
+  if (!token) {
+    adminCheck = { token: "", admin: false, pending: null };
+    workersLink.hidden = true;
+    return;
+  }
+  if (adminCheck.token === token) {
+    workersLink.hidden = !adminCheck.admin;
+    return;
+  }
+  adminCheck = { token, admin: false, pending: null };
+  workersLink.hidden = true;
+  adminCheck.pending = api("GET", "/v1/workers").then(() => showWorkersLink(token, true), () => showWorkersLink(token, false));
 }
 
 function signedOut(message) {
@@ -212,7 +258,7 @@ async function renderDeploys() {
   const table = h("table", { class: "deploys" },
     h("caption", { class: "visually-hidden" }, "Your deployments, newest first"),
     h("thead", {}, h("tr", {},
-      ["Name", "Status", "Progress", "Version", "Updated", "Actions"].map((c) => h("th", { scope: "col" }, c)))),
+      ["Name", "Status", "Progress", "Instances", "Version", "Updated", "Actions"].map((c) => h("th", { scope: "col" }, c)))),
     tbody);
   setMain("Deployments",
     h("div", { class: "page-head" },
@@ -242,7 +288,7 @@ async function renderDeploys() {
         row = { tr: h("tr", { "data-deploy-id": d.deploy_id }), key: "" };
         rows.set(d.deploy_id, row);
       }
-      const key = JSON.stringify([d.status, d.fail_reason, d.version, d.updated_at, lora?.downloaded_bytes, lora?.size_bytes]);
+      const key = JSON.stringify([d.status, d.fail_reason, d.version, d.updated_at, d.instances, lora?.downloaded_bytes, lora?.size_bytes]);
       if (key !== row.key) {
         const hadFocus = row.tr.contains(document.activeElement);
         row.key = key;
@@ -255,6 +301,7 @@ async function renderDeploys() {
             d.status === "downloading" ? downloadProgress(lora)
               : SETTLED.has(d.status) ? h("span", { class: "muted" }, d.status === "failed" ? "—" : "done")
               : h("span", { class: "muted" }, "queued")),
+          h("td", { "data-label": "Instances" }, instancesCell(d)),
           h("td", { "data-label": "Version" }, d.version ? h("code", { title: d.version }, d.version.slice(0, 12)) : h("span", { class: "muted" }, "—")),
           h("td", { "data-label": "Updated" }, h("time", { datetime: d.updated_at }, when(d.updated_at))),
           h("td", { "data-label": "Actions" }, actionButtons(d, onDone)));
@@ -454,8 +501,14 @@ async function renderLora(loraName) {
         h("p", {}, h("a", { href: "#/deploys" }, "Back to deployments")));
       return err.status !== 404;
     }
-    const key = JSON.stringify(lora);
-    if (key === lastKey) return !SETTLED.has(lora.status);
+    let deploy = null;
+    try {
+      deploy = await api("GET", `/deploy/${enc(lora.deploy_id)}`);
+    } catch (err) {
+      if (err.status === 401) throw err;
+    }
+    const key = JSON.stringify([lora, deploy]);
+    if (key === lastKey) return !FINAL.has(lora.status);
     lastKey = key;
     const hadFocus = body.contains(document.activeElement) ? document.activeElement.textContent : null;
     const civitaiUrl = safeUrl(lora.civitai?.url ?? "");
@@ -482,6 +535,7 @@ async function renderLora(loraName) {
           ["Created", when(lora.created_at)],
           ["Updated", when(lora.updated_at)],
         ])),
+      deploy ? servingSection(lora.status, deploy) : null,
       lora.civitai ? h("section", { "aria-labelledby": "civitai-title" },
         h("h2", { id: "civitai-title" }, "CivitAI"),
         dl([
@@ -493,8 +547,27 @@ async function renderLora(loraName) {
         ])) : null,
       probeSection(lora.probe));
     if (hadFocus) [...body.querySelectorAll("button, a")].find((el) => el.textContent === hadFocus)?.focus();
-    return !SETTLED.has(lora.status);
+    return !FINAL.has(lora.status);
   });
+}
+
+/** Where the deploy runs: instances (running / pending) and its scaling settings. */
+function servingSection(status, deploy) {
+  const running = deploy.instances?.running ?? 0;
+  const pending = deploy.instances?.pending ?? 0;
+  const settings = deploy.settings ?? {};
+  const explain =
+    status === "deploying" && pending > 0 && running === 0 ? "Waiting for a worker of this base model's pool to load the adapter."
+    : status === "running" && pending > 0 ? "More workers are loading the adapter."
+    : null;
+  return h("section", { "aria-labelledby": "serving-title" },
+    h("h2", { id: "serving-title" }, "Serving"),
+    dl([
+      ["Instances", h("span", { class: "instances", "data-running": running, "data-pending": pending },
+        `${running} running · ${pending} pending`)],
+      ["Scaling", settings.min_instances === undefined ? null : `min ${settings.min_instances}, max ${settings.max_instances} instances`],
+    ]),
+    explain ? h("p", { class: "muted small" }, explain) : null);
 }
 
 async function renderPublic() {
@@ -526,6 +599,114 @@ function priceText(pricing) {
   return cents ? (cents[1] === 0 ? "free" : `${cents[1]}¢ per image unit`) : "";
 }
 
+/** "4 s ago" for an ISO time, on the server's clock; null when the time cannot be read. */
+function ageOf(iso) {
+  const t = Date.parse(iso ?? "");
+  if (Number.isNaN(t)) return null;
+  return Math.max(0, Math.round((serverNow() - t) / 1000));
+}
+
+function ageText(seconds) {
+  if (seconds < 60) return `${seconds} s ago`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ago`;
+  return `${Math.floor(seconds / 3600)} h ago`;
+}
+
+// A worker heartbeats every couple of seconds; one silent this long has missed several and is about to be forgotten.
+const LATE_HEARTBEAT_SECONDS = 10;
+const MAX_RESIDENT_SHOWN = 16;
+
+/** `resident` items are "pool|sha256": the short hash, with pool and full hash on hover. */
+function residentList(worker) {
+  const items = Array.isArray(worker.resident) ? worker.resident : [];
+  if (!items.length) return h("span", { class: "muted" }, "none");
+  const multiPool = (worker.pools ?? []).length > 1;
+  const shown = items.slice(0, MAX_RESIDENT_SHOWN).map((item) => {
+    const bar = String(item).lastIndexOf("|");
+    const pool = bar >= 0 ? String(item).slice(0, bar) : "";
+    const sha = bar >= 0 ? String(item).slice(bar + 1) : String(item);
+    return h("li", {},
+      h("code", { title: pool ? `${sha} on ${pool}` : sha, "data-sha256": sha }, sha.slice(0, 12)),
+      multiPool && pool ? h("span", { class: "muted small" }, ` ${pool}`) : null);
+  });
+  const more = items.length - shown.length;
+  return h("ul", { class: "resident" }, shown, more > 0 ? h("li", { class: "muted small" }, `and ${more} more`) : null);
+}
+
+function workerRow(w) {
+  const seconds = ageOf(w.last_heartbeat_at);
+  const late = seconds !== null && seconds >= LATE_HEARTBEAT_SECONDS;
+  return h("tr", { "data-worker-id": w.id },
+    // One child per cell: on a phone a cell is a two-column grid (label, content).
+    h("td", { "data-label": "Worker" }, h("div", {},
+      h("div", {}, h("strong", { class: "wrap" }, w.name || w.id)),
+      h("div", { class: "muted small wrap" }, h("code", {}, w.id), ` · ${w.engine} · ${w.version}`),
+      w.url ? h("div", { class: "muted small wrap" }, w.url) : null)),
+    h("td", { "data-label": "Pools" }, h("ul", { class: "plain" }, (w.pools ?? []).map((p) => h("li", { class: "wrap" }, p)))),
+    h("td", { "data-label": "Slots", "data-busy": w.busy_slots, "data-slots": w.slots }, `${w.busy_slots}/${w.slots} busy`),
+    h("td", { "data-label": "Queue" }, String(w.queue_depth)),
+    h("td", { "data-label": "Resident adapters" }, residentList(w)),
+    h("td", { "data-label": "Instances" }, String(w.instances)),
+    h("td", { "data-label": "Last heartbeat" }, h("div", {},
+      h("time", { datetime: w.last_heartbeat_at, title: when(w.last_heartbeat_at), class: late ? "late" : null },
+        seconds === null ? w.last_heartbeat_at : ageText(seconds)),
+      late ? h("div", { class: "late small" }, "missing heartbeats") : null)));
+}
+
+async function renderWorkers() {
+  const flash = h("div");
+  const tbody = h("tbody");
+  const table = h("table", { class: "workers", hidden: true },
+    h("caption", { class: "visually-hidden" }, "Workers registered with this server"),
+    h("thead", {}, h("tr", {},
+      ["Worker", "Pools", "Slots", "Queue", "Resident adapters", "Instances", "Last heartbeat"].map((c) => h("th", { scope: "col" }, c)))),
+    tbody);
+  const empty = h("div", { hidden: true },
+    h("p", { class: "muted" }, "No workers are registered. ",
+      h("code", {}, "loradeploy serve"), " runs one in-process for the pools configured on its host (",
+      h("code", {}, "Workers:Embedded"), "); a remote one starts with ",
+      h("code", {}, "loradeploy worker --server URL --token TOKEN"), ", its token from ",
+      h("code", {}, "loradeploy token create --worker NAME"), "."));
+  const summary = h("p", { class: "muted small" }, "Loading…");
+  setMain("Workers",
+    h("div", { class: "page-head" }, h("h1", {}, "Workers")),
+    summary, flash,
+    h("div", { class: "table-wrap" }, table),
+    empty);
+
+  const token = getToken();
+  startPolling(async () => {
+    let workers;
+    try {
+      workers = await api("GET", "/v1/workers");
+    } catch (err) {
+      if (err.status === 401) throw err;
+      if (err.status === 403) {
+        showWorkersLink(token, false);
+        fill(summary);
+        fill(flash, notice("error", "Workers are shown to administrators only, and this token is not an admin token. "
+          + "Sign in with an admin token (the server prints one on its first start) to see them."));
+        table.hidden = true;
+        return false;
+      }
+      fill(flash, notice("error", err.message));
+      return true;
+    }
+    showWorkersLink(token, true);
+    fill(flash);
+    const list = Array.isArray(workers) ? workers : [];
+    const slots = list.reduce((n, w) => n + (w.slots ?? 0), 0);
+    const busy = list.reduce((n, w) => n + (w.busy_slots ?? 0), 0);
+    fill(summary, list.length
+      ? `${list.length} worker${list.length === 1 ? "" : "s"}, ${busy}/${slots} slots busy. Refreshes every ${WORKERS_POLL_MS / 1000} seconds.`
+      : "");
+    table.hidden = list.length === 0;
+    empty.hidden = list.length > 0;
+    fill(tbody, list.map(workerRow));
+    return true;
+  }, WORKERS_POLL_MS);
+}
+
 function renderNotFound() {
   viewToken++;
   setMain("Not found", h("h1", {}, "Page not found"),
@@ -543,10 +724,11 @@ function route() {
   viewToken++; // stops the previous view's polling
   refreshSession();
   if (page === "public") return renderPublic();
-  if (!["deploys", "new", "lora"].includes(page)) return renderNotFound();
+  if (!["deploys", "new", "lora", "workers"].includes(page)) return renderNotFound();
   if (!getToken()) return renderSignIn();
   if (page === "deploys") return renderDeploys();
   if (page === "new") return renderNew();
+  if (page === "workers") return renderWorkers();
   if (page === "lora" && rest.length) return renderLora(decodeURIComponent(rest.join("/")));
   return renderNotFound();
 }

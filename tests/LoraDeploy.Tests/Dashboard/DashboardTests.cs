@@ -246,7 +246,7 @@ public sealed class DashboardTests(E2eEnvironment env) : IClassFixture<E2eEnviro
             {
                 if (href.StartsWith('#'))
                 {
-                    Assert.Matches("^#(main|/deploys|/new|/public|/lora/[^/]+)$", href);
+                    Assert.Matches("^#(main|/deploys|/new|/public|/workers|/lora/[^/]+)$", href);
                 }
                 else if (href.StartsWith('/'))
                 {

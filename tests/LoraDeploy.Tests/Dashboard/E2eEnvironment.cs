@@ -14,6 +14,7 @@ public sealed class E2eEnvironment : IAsyncDisposable
     public const string Flux = "black-forest-labs/FLUX-1-dev";
 
     private readonly SemaphoreSlim _gate = new(1, 1);
+    private readonly Dictionary<string, string?> _settings = [];
     private CivitaiSimulator? _civitai;
     private LoraDeployServer? _server;
     private TestUser? _user;
@@ -40,6 +41,17 @@ public sealed class E2eEnvironment : IAsyncDisposable
     /// <summary>A version CivitAI does not have: the deploy fails with a reason.</summary>
     public string MissingUrl => $"https://civitai.com/models/{_lora!.Model.Id}?modelVersionId=987654";
 
+    /// <summary>An environment whose server also gets these settings (serving pools, say).</summary>
+    public static E2eEnvironment WithSettings(IReadOnlyDictionary<string, string?> settings)
+    {
+        var env = new E2eEnvironment();
+        foreach (var (key, value) in settings)
+        {
+            env._settings[key] = value;
+        }
+        return env;
+    }
+
     public async Task StartAsync()
     {
         await _gate.WaitAsync();
@@ -52,7 +64,12 @@ public sealed class E2eEnvironment : IAsyncDisposable
             _civitai ??= await CivitaiSimulator.StartAsync();
             _lora ??= _civitai.AddLora(AdapterFiles.Flux1(rank: 4), baseModel: "Flux.1 D",
                 fileName: "pixel-sprites.safetensors", trainedWords: ["pxlsprite"], modelName: "Pixel sprites");
-            _server ??= await LoraDeployServer.StartAsync(TestDatabase.Sqlite, _civitai.Configuration());
+            var settings = new Dictionary<string, string?>(_civitai.Configuration());
+            foreach (var (key, value) in _settings)
+            {
+                settings[key] = value;
+            }
+            _server ??= await LoraDeployServer.StartAsync(TestDatabase.Sqlite, settings);
             _user = await _server.CreateUserAsync("e2e");
         }
         finally
