@@ -186,7 +186,7 @@ public static class InferenceEndpoints
         };
         request.Headers.Authorization = new AuthenticationHeaderValue("Bearer", lease.Worker.CallKey);
         request.Headers.Add(WorkerProtocol.OperationHeader, operation);
-        request.Headers.Add(WorkerProtocol.PoolHeader, Uri.EscapeDataString(target.Pool.Name));
+        request.Headers.Add(WorkerProtocol.PoolHeader, target.Pool.Name);
         request.Headers.Add(WorkerProtocol.AdaptersHeader, target.AdaptersHeader);
 
         HttpResponseMessage response;

@@ -62,6 +62,8 @@ public static partial class WorkerEndpoints
             .AddAuthenticationSchemes(WorkerAuthenticationHandler.SchemeName)
             .RequireAuthenticatedUser()
             .RequireRole(WorkerAuthenticationHandler.Role));
+        services.AddSingleton<EmbeddedWorker>();
+        services.AddHostedService(sp => sp.GetRequiredService<EmbeddedWorker>());
         services.AddSingleton<Placement>();
         services.AddHostedService(sp => sp.GetRequiredService<Placement>());
         return services;
