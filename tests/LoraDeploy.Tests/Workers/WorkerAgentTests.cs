@@ -238,4 +238,28 @@ public sealed class WorkerAgentTests
         Assert.Empty(server.Registrations);
         Directory.Delete(dataDir, recursive: true);
     }
+
+    [Fact]
+    public async Task A_Drop_that_arrives_while_a_request_uses_the_adapter_unloads_it_when_the_request_ends()
+    {
+        await using var worker = await WorkerHarness.StartAsync();
+        var sha = worker.Server.AddBlob(RandomNumberGenerator.GetBytes(1000));
+        worker.Server.Assignments = new WorkerAssignments([new AdapterAssignment(sha, WorkerHarness.Pool, 1000)], []);
+        await Eventually.TrueAsync(() => worker.Reported(sha)?.State == AdapterStates.Ready, "the adapter is ready");
+        worker.Engine.HoldRequests = true;
+        using var client = worker.CreateClient();
+        var request = client.SendAsync(WorkerHarness.Infer(adapters: $"{sha}:1"));
+        await Eventually.TrueAsync(() => worker.Engine.Running == 1, "the request runs");
+
+        var beats = worker.Server.Heartbeats.Count;
+        worker.Server.Assignments = new WorkerAssignments([], [sha]);
+        await Eventually.TrueAsync(() => worker.Server.Heartbeats.Count >= beats + 2, "the drop reaches the worker");
+        Assert.Empty(worker.Engine.Unloads);
+        Assert.Null(worker.Reported(sha));
+
+        worker.Engine.ReleaseRequests();
+        using var response = await request;
+        Assert.True(response.IsSuccessStatusCode);
+        await Eventually.TrueAsync(() => worker.Engine.Unloads.Contains((WorkerHarness.Pool, sha)), "unloaded after the request");
+    }
 }
