@@ -262,4 +262,34 @@ public sealed class WorkerAgentTests
         Assert.True(response.IsSuccessStatusCode);
         await Eventually.TrueAsync(() => worker.Engine.Unloads.Contains((WorkerHarness.Pool, sha)), "unloaded after the request");
     }
+
+    [Fact]
+    public async Task Until_the_engine_has_loaded_its_base_models_the_worker_is_not_ready_and_does_not_register()
+    {
+        await using var server = await FakeWorkerServer.StartAsync();
+        var dataDir = Path.Combine(Path.GetTempPath(), "loradeploy-tests", Guid.NewGuid().ToString("N"));
+        var engine = new TestEchoEngine { StartGate = new(TaskCreationOptions.RunContinuationsAsynchronously) };
+        await using var app = WorkerHost.Build(
+        [
+            "--urls", "http://127.0.0.1:0", $"--DataDir={dataDir}", $"--Worker:Server={server.Url}", $"--Worker:Token={FakeWorkerServer.Token}",
+            $"--BaseModels:{WorkerHarness.Pool}:Family=llama", $"--BaseModels:{WorkerHarness.Pool}:Engine=llamacpp", $"--BaseModels:{WorkerHarness.Pool}:Gguf=/models/tiny.gguf",
+            "--Worker:AdvertiseUrl=http://worker-7.pool.svc:8090",
+        ], [engine], builder => builder.Logging.ClearProviders());
+        await app.StartAsync(TestContext.Current.CancellationToken);
+        using var client = new HttpClient { BaseAddress = new Uri(app.Urls.First()) };
+
+        using (var notReady = await client.GetAsync(WorkerProtocol.ReadyPath, TestContext.Current.CancellationToken))
+        {
+            Assert.Equal(System.Net.HttpStatusCode.ServiceUnavailable, notReady.StatusCode);
+        }
+        Assert.Empty(server.Registrations);
+
+        engine.StartGate.SetResult();
+        await Eventually.TrueAsync(() => !server.Registrations.IsEmpty, "the worker registers once its engine started");
+        Assert.Equal("ready", await client.GetStringAsync(WorkerProtocol.ReadyPath, TestContext.Current.CancellationToken));
+        // Behind NAT or in a container the configured address is what the server is told to call.
+        Assert.Equal("http://worker-7.pool.svc:8090", server.Registrations.Single().Url);
+        await app.StopAsync(TestContext.Current.CancellationToken);
+        Directory.Delete(dataDir, recursive: true);
+    }
 }
