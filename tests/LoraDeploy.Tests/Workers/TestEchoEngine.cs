@@ -42,14 +42,20 @@ public sealed class TestEchoEngine(string engine = Engines.LlamaCpp) : IServingE
     /// <summary>Set: <see cref="StartAsync"/> fails with this message (a base model that cannot load).</summary>
     public string? StartFailure { get; init; }
 
-    public Task StartAsync(IReadOnlyList<BaseModelEntry> pools, CancellationToken ct)
+    /// <summary>Set: <see cref="StartAsync"/> waits for it (a base model that takes long to load).</summary>
+    public TaskCompletionSource? StartGate { get; init; }
+
+    public async Task StartAsync(IReadOnlyList<BaseModelEntry> pools, CancellationToken ct)
     {
         if (StartFailure is not null)
         {
             throw new InvalidOperationException(StartFailure);
         }
+        if (StartGate is not null)
+        {
+            await StartGate.Task.WaitAsync(ct);
+        }
         StartedPools = pools;
-        return Task.CompletedTask;
     }
 
     public async Task<AdapterLoadResult> LoadAdapterAsync(string pool, string sha256, string path, CancellationToken ct)

@@ -238,4 +238,58 @@ public sealed class WorkerAgentTests
         Assert.Empty(server.Registrations);
         Directory.Delete(dataDir, recursive: true);
     }
+
+    [Fact]
+    public async Task A_Drop_that_arrives_while_a_request_uses_the_adapter_unloads_it_when_the_request_ends()
+    {
+        await using var worker = await WorkerHarness.StartAsync();
+        var sha = worker.Server.AddBlob(RandomNumberGenerator.GetBytes(1000));
+        worker.Server.Assignments = new WorkerAssignments([new AdapterAssignment(sha, WorkerHarness.Pool, 1000)], []);
+        await Eventually.TrueAsync(() => worker.Reported(sha)?.State == AdapterStates.Ready, "the adapter is ready");
+        worker.Engine.HoldRequests = true;
+        using var client = worker.CreateClient();
+        var request = client.SendAsync(WorkerHarness.Infer(adapters: $"{sha}:1"));
+        await Eventually.TrueAsync(() => worker.Engine.Running == 1, "the request runs");
+
+        var beats = worker.Server.Heartbeats.Count;
+        worker.Server.Assignments = new WorkerAssignments([], [sha]);
+        await Eventually.TrueAsync(() => worker.Server.Heartbeats.Count >= beats + 2, "the drop reaches the worker");
+        Assert.Empty(worker.Engine.Unloads);
+        Assert.Null(worker.Reported(sha));
+
+        worker.Engine.ReleaseRequests();
+        using var response = await request;
+        Assert.True(response.IsSuccessStatusCode);
+        await Eventually.TrueAsync(() => worker.Engine.Unloads.Contains((WorkerHarness.Pool, sha)), "unloaded after the request");
+    }
+
+    [Fact]
+    public async Task Until_the_engine_has_loaded_its_base_models_the_worker_is_not_ready_and_does_not_register()
+    {
+        await using var server = await FakeWorkerServer.StartAsync();
+        var dataDir = Path.Combine(Path.GetTempPath(), "loradeploy-tests", Guid.NewGuid().ToString("N"));
+        var engine = new TestEchoEngine { StartGate = new(TaskCreationOptions.RunContinuationsAsynchronously) };
+        await using var app = WorkerHost.Build(
+        [
+            "--urls", "http://127.0.0.1:0", $"--DataDir={dataDir}", $"--Worker:Server={server.Url}", $"--Worker:Token={FakeWorkerServer.Token}",
+            $"--BaseModels:{WorkerHarness.Pool}:Family=llama", $"--BaseModels:{WorkerHarness.Pool}:Engine=llamacpp", $"--BaseModels:{WorkerHarness.Pool}:Gguf=/models/tiny.gguf",
+            "--Worker:AdvertiseUrl=http://worker-7.pool.svc:8090",
+        ], [engine], builder => builder.Logging.ClearProviders());
+        await app.StartAsync(TestContext.Current.CancellationToken);
+        using var client = new HttpClient { BaseAddress = new Uri(app.Urls.First()) };
+
+        using (var notReady = await client.GetAsync(WorkerProtocol.ReadyPath, TestContext.Current.CancellationToken))
+        {
+            Assert.Equal(System.Net.HttpStatusCode.ServiceUnavailable, notReady.StatusCode);
+        }
+        Assert.Empty(server.Registrations);
+
+        engine.StartGate.SetResult();
+        await Eventually.TrueAsync(() => !server.Registrations.IsEmpty, "the worker registers once its engine started");
+        Assert.Equal("ready", await client.GetStringAsync(WorkerProtocol.ReadyPath, TestContext.Current.CancellationToken));
+        // Behind NAT or in a container the configured address is what the server is told to call.
+        Assert.Equal("http://worker-7.pool.svc:8090", server.Registrations.Single().Url);
+        await app.StopAsync(TestContext.Current.CancellationToken);
+        Directory.Delete(dataDir, recursive: true);
+    }
 }
