@@ -65,6 +65,10 @@ public sealed class EmbeddedWorker(
         {
             _worker = WorkerHost.Build([], [_engine], builder => builder.Configuration.AddInMemoryCollection(settings));
             await _worker.StartAsync(cancellationToken);
+            // The agent starts the engine once Kestrel listens: a base model that fails to load shows up here, not above.
+            _ = _worker.Services.GetRequiredService<WorkerAgent>().ExecuteTask?.ContinueWith(
+                failed => logger.LogError(failed.Exception?.GetBaseException(), "The in-process worker stopped; its pools are served only by remote workers now"),
+                CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
             logger.LogInformation("In-process worker {Name} serving {Pools} at {Url}", name,
                 string.Join(", ", registry.Pools.Where(p => p.Engine == Engines.LlamaCpp).Select(p => p.Name)), _worker.Urls.FirstOrDefault());
         }
