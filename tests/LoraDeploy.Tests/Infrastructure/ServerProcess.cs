@@ -51,7 +51,14 @@ public sealed class ServerProcess : IAsyncDisposable
     /// so the server picks its data folder by the default rule (./data of its working directory).
     /// </summary>
     public static async Task<ServerProcess> StartAsync(string dataDir, IReadOnlyDictionary<string, string?> settings, TimeSpan? readyTimeout = null,
-        bool dataDirArgument = true)
+        bool dataDirArgument = true) => await StartAsync(["serve"], dataDir, settings, readyTimeout, dataDirArgument);
+
+    /// <summary><c>loradeploy worker</c> against <paramref name="server"/>, ready once its engines have loaded their base models.</summary>
+    public static Task<ServerProcess> StartWorkerAsync(string dataDir, Uri server, string workerToken, IReadOnlyDictionary<string, string?> settings) =>
+        StartAsync(["worker", "--server", server.ToString().TrimEnd('/'), "--token", workerToken], dataDir, settings, null, dataDirArgument: true);
+
+    private static async Task<ServerProcess> StartAsync(string[] command, string dataDir, IReadOnlyDictionary<string, string?> settings, TimeSpan? readyTimeout,
+        bool dataDirArgument)
     {
         var port = FreePort();
         var start = new ProcessStartInfo("dotnet")
@@ -62,7 +69,7 @@ public sealed class ServerProcess : IAsyncDisposable
             WorkingDirectory = dataDir,
         };
         string[] dataDirArgs = dataDirArgument ? ["--data-dir", dataDir] : [];
-        string[] serveArgs = [ExecutablePath, "serve", "--urls", $"http://127.0.0.1:{port}", .. dataDirArgs];
+        string[] serveArgs = [ExecutablePath, .. command, "--urls", $"http://127.0.0.1:{port}", .. dataDirArgs];
         foreach (var arg in serveArgs)
         {
             start.ArgumentList.Add(arg);
