@@ -191,7 +191,7 @@ public sealed class LlamaCppGenerationTests : IDisposable
     {
         await using var engine = _kit.Engine(slots: 1);
         using var cancel = new CancellationTokenSource();
-        var running = engine.GenerateAsync(Greedy(200), cancel.Token).GetAsyncEnumerator(cancel.Token);
+        await using var running = engine.GenerateAsync(Greedy(200), cancel.Token).GetAsyncEnumerator(cancel.Token);
         Assert.True(await running.MoveNextAsync());
         Assert.True(await running.MoveNextAsync());
 
@@ -201,7 +201,6 @@ public sealed class LlamaCppGenerationTests : IDisposable
 
         await cancel.CancelAsync();
         await Assert.ThrowsAnyAsync<OperationCanceledException>(async () => await running.MoveNextAsync());
-        await running.DisposeAsync();
 
         Assert.Equal("length", Finish(await waiting).FinishReason);
         await using var already = engine.GenerateAsync(Greedy(3), cancel.Token).GetAsyncEnumerator();
