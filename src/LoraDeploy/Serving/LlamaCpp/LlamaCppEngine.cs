@@ -221,6 +221,12 @@ public sealed class LlamaCppEngine : IAsyncDisposable
         }
         foreach (var slot in slots)
         {
+            // No request uses the adapter any more, so a context without it can never gain it: skip it rather than
+            // wait for whatever unrelated request it is serving.
+            if (!slot.Set.Contains(adapter))
+            {
+                continue;
+            }
             await slot.Lock.WaitAsync().ConfigureAwait(false);
             try
             {
@@ -450,7 +456,6 @@ public sealed class LlamaCppEngine : IAsyncDisposable
     {
         await _capacity.WaitAsync(cancellationToken).ConfigureAwait(false);
         Slot slot;
-        bool create;
         lock (_gate)
         {
             if (_disposed)
@@ -459,10 +464,9 @@ public sealed class LlamaCppEngine : IAsyncDisposable
                 throw new ObjectDisposedException(nameof(LlamaCppEngine));
             }
             var idle = _slots.Where(s => !s.Busy).ToList();
-            var same = idle.FirstOrDefault(s => s.Set.Key == set.Key && s.Context is not null);
-            create = same is null && _slots.Count < _options.Slots;
-            slot = same ?? (create ? new Slot() : idle.MinBy(s => s.LastUsed)!);
-            if (create)
+            slot = idle.FirstOrDefault(s => s.Set.Key == set.Key && s.Context is not null)
+                ?? (_slots.Count < _options.Slots ? new Slot() : idle.MinBy(s => s.LastUsed)!);
+            if (!_slots.Contains(slot))
             {
                 _slots.Add(slot);
             }
@@ -477,7 +481,8 @@ public sealed class LlamaCppEngine : IAsyncDisposable
             Release(slot, locked: false);
             throw;
         }
-        if (create)
+        // Contexts are created on first use (each holds a KV cache of ContextSize tokens).
+        if (slot.Context is null)
         {
             try
             {
@@ -486,10 +491,6 @@ public sealed class LlamaCppEngine : IAsyncDisposable
             }
             catch (Exception e)
             {
-                lock (_gate)
-                {
-                    _slots.Remove(slot);
-                }
                 Release(slot);
                 throw new LlamaCppEngineException($"llama.cpp could not create a context of {_options.ContextSize} tokens: {e.Message}", e);
             }
@@ -577,7 +578,8 @@ public sealed class LlamaCppEngine : IAsyncDisposable
         }
         _adapters.Clear();
         _weights.Dispose();
-        _capacity.Dispose();
+        // Wake requests still waiting for a context: they see the engine disposed and give their turn back.
+        _capacity.Release(_options.Slots);
     }
 
     // ---- state ---------------------------------------------------------------------------------------------------
