@@ -255,6 +255,23 @@ public sealed class LlamaCppEngineTests : IDisposable
         Assert.Equal("length", chunks[^1].FinishReason);
     }
 
+    [Fact]
+    public async Task The_dll_resolver_serves_llama_and_leaves_other_libraries_to_default_probing()
+    {
+        await using var engine = _kit.Engine();
+        var assembly = typeof(LlamaCppEngine).Assembly;
+        Assert.NotEqual(IntPtr.Zero, LlamaLibraryResolver.Resolve("llama", assembly, null));
+        Assert.Equal(IntPtr.Zero, LlamaLibraryResolver.Resolve("libc", assembly, null));
+        LlamaLibraryResolver.EnsureRegistered();
+
+        // The blob store's libc imports (fsync of a directory) still bind with our resolver registered.
+        var store = new LoraDeploy.Storage.FileSystemBlobStore(Path.Combine(_kit.Dir, "blobs"));
+        var bytes = "blob"u8.ToArray();
+        var sha = Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(bytes));
+        await store.PutAsync(sha, new MemoryStream(bytes));
+        Assert.True(store.Exists(sha));
+    }
+
     private static List<string> Texts(IEnumerable<LlamaCppChunk> chunks) => chunks.Select(c => c.Text).ToList();
 }
 

@@ -42,17 +42,8 @@ public sealed class LlamaCppEngine : IAsyncDisposable
         _contextParams = contextParams;
         _vocabSize = weights.Vocab.Count;
         _capacity = new SemaphoreSlim(options.Slots, options.Slots);
-        string? template;
-        try
-        {
-            template = weights.NativeHandle.GetTemplate(strict: false);
-        }
-        catch (Exception e) when (e is LLama.Exceptions.RuntimeError or InvalidOperationException)
-        {
-            template = null;
-        }
-        Model = new LlamaCppModelInfo(
-            (int)options.ContextSize, _vocabSize, weights.NativeHandle.ContextSize, weights.Vocab.ShouldAddBOS, template);
+        Model = new LlamaCppModelInfo((int)options.ContextSize, _vocabSize, weights.NativeHandle.ContextSize,
+            weights.Vocab.ShouldAddBOS, weights.NativeHandle.GetTemplate(strict: false));
     }
 
     /// <summary>Loads the base model (once); contexts are created when requests need them.</summary>
@@ -641,14 +632,10 @@ public sealed class LlamaCppEngine : IAsyncDisposable
         public IEnumerable<LlamaCppChunk> Run(CancellationToken cancellationToken)
         {
             cancellationToken.ThrowIfCancellationRequested();
+            // Another set (or another load of an adapter id) on this context: switch and clear its KV cache.
             if (slot.Set.Key != set.Key)
             {
                 engine.ApplySet(slot, set);
-            }
-            else if (!ReferenceEquals(slot.Set, set))
-            {
-                // Same adapters and scales: keep the cache, but hold the request's own (pinned) entries.
-                slot.Set = set;
             }
 
             var wantLogprobs = request.Logprobs is not null;

@@ -46,8 +46,6 @@ internal static class LlamaNativeLog
 
         internal Scope(ILogger logger, Scope? outer) => (_logger, _outer) = (logger, outer);
 
-        public IReadOnlyList<(LLamaLogLevel Level, string Line)> Lines => _lines;
-
         /// <summary>The error lines, or warnings when there are none (llama.cpp logs some refusals as warnings).</summary>
         public IReadOnlyList<string> Problems()
         {
