@@ -53,6 +53,27 @@ public sealed class LlamaCppGenerationTests : IDisposable
     }
 
     [Fact]
+    public async Task Chat_messages_on_a_model_without_a_chat_template_are_refused()
+    {
+        // Same file with the template key renamed (same length, so the GGUF stays valid): no template any more.
+        var bytes = await File.ReadAllBytesAsync(_kit.ModelPath);
+        var key = System.Text.Encoding.UTF8.GetBytes("tokenizer.chat_template");
+        var at = bytes.AsSpan().IndexOf(key);
+        Assert.True(at > 0);
+        bytes[at + key.Length - 1] = (byte)'X';
+        var path = Path.Combine(_kit.Dir, "no-template.gguf");
+        await File.WriteAllBytesAsync(path, bytes);
+
+        await using var engine = LlamaCppEngine.Load(new LlamaCppEngineOptions { ModelPath = path, ContextSize = 64, Threads = 2 });
+        Assert.Null(engine.Model.ChatTemplate);
+        var e = await Assert.ThrowsAsync<LlamaCppRequestException>(() =>
+            _kit.Collect(engine, Greedy(2) with { Prompt = new LlamaCppPrompt.Chat([new("user", "hello")]) }));
+        Assert.Equal(LlamaCppErrorKind.NoChatTemplate, e.Kind);
+        Assert.Contains("no chat template", e.Message);
+        Assert.Equal("length", Finish(await _kit.Collect(engine, Greedy(2))).FinishReason);
+    }
+
+    [Fact]
     public async Task Stop_strings_spanning_tokens_end_generation_before_the_stop_text()
     {
         await using var engine = _kit.Engine();
