@@ -90,6 +90,13 @@ public sealed class LlamaCppGenerationTests : IDisposable
         Assert.Equal("stop", Finish(stopped).FinishReason);
         Assert.All(stopped, c => Assert.DoesNotContain(stop, c.Text));
         Assert.True(Finish(stopped).Usage!.CompletionTokens <= j + 2);
+
+        // Text held back because it might start a stop string comes out when generation ends otherwise (here the
+        // free run ends with an end-of-generation token).
+        var partial = await _kit.Collect(engine, Greedy(32) with { Stop = [full[^1..] + "\u2603"] });
+        Assert.Equal(full, Text(partial));
+        Assert.Equal(full[^1..], Finish(partial).Text);
+        Assert.Equal(Finish(free).FinishReason, Finish(partial).FinishReason);
     }
 
     [Fact]

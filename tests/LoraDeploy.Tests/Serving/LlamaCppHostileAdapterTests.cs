@@ -63,8 +63,14 @@ public sealed class LlamaCppHostileAdapterTests : IDisposable
         await using var second = _kit.Engine();
         var arch = Hostile("wrong-arch");
         var shape = Hostile("wrong-shape");
-        var results = await Task.WhenAll(Enumerable.Range(0, 16).Select(i => Task.Run(() =>
-            (i % 2 == 0 ? first : second).LoadAdapter($"a{i}", i % 2 == 0 ? arch : shape))));
+        var results = new LoraLoadResult[1000];
+        await Task.WhenAll(Enumerable.Range(0, 4).Select(worker => Task.Run(() =>
+        {
+            for (var i = worker; i < results.Length; i += 4)
+            {
+                results[i] = (i % 2 == 0 ? first : second).LoadAdapter($"a{i}", i % 2 == 0 ? arch : shape);
+            }
+        })));
         for (var i = 0; i < results.Length; i++)
         {
             var refused = Assert.IsType<LoraLoadResult.Refused>(results[i]);

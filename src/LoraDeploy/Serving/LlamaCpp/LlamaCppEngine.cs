@@ -711,7 +711,8 @@ public sealed class LlamaCppEngine : IAsyncDisposable
                     logitsIndex = 0;
                 }
             }
-            var rest = finish == "stop" ? "" : stops.Flush();
+            // After a stop string nothing is held; after an end-of-generation token a partial stop prefix is plain text.
+            var rest = stops.Flush();
             yield return new LlamaCppChunk
             {
                 Kind = LlamaCppChunkKind.Finish,

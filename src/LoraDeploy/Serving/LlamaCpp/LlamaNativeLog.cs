@@ -33,7 +33,17 @@ internal static class LlamaNativeLog
         return callback;
     }
 
-    private static void OnLog(LLamaLogLevel level, string message) => t_current?.Append(level, message);
+    private static void OnLog(LLamaLogLevel level, string message)
+    {
+        // An exception escaping into native code aborts the process (a throwing logger included): never let one out.
+        try
+        {
+            t_current?.Append(level, message);
+        }
+        catch (Exception)
+        {
+        }
+    }
 
     /// <summary>What llama.cpp logged on this thread; disposing logs it to the engine's logger and ends the scope.</summary>
     public sealed class Scope : IDisposable
