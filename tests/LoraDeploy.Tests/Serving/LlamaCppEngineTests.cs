@@ -256,6 +256,18 @@ public sealed class LlamaCppEngineTests : IDisposable
     }
 
     [Fact]
+    public async Task The_serving_defaults_f16_kv_cache_and_automatic_flash_attention_generate_with_adapters()
+    {
+        await using var engine = LlamaCppEngine.Load(new LlamaCppEngineOptions { ModelPath = _kit.ModelPath, ContextSize = 128, Threads = 2 });
+        engine.LoadAdapter("x", _kit.Adapter("x", seed: 11));
+        var baseline = await _kit.Distributions(engine, []);
+        var withX = await _kit.Distributions(engine, [new("x", 1f)]);
+        Assert.NotEqual(baseline[0], withX[0]);
+        Assert.All(withX[0], v => Assert.True(float.IsFinite(v)));
+        Assert.Equal(baseline, await _kit.Distributions(engine, [new("x", 0f)]));
+    }
+
+    [Fact]
     public async Task The_dll_resolver_serves_llama_and_leaves_other_libraries_to_default_probing()
     {
         await using var engine = _kit.Engine();
