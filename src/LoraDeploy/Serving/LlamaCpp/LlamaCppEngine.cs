@@ -204,6 +204,8 @@ public sealed class LlamaCppEngine : IAsyncDisposable
 
     private async Task<bool> UnloadCoreAsync(Adapter adapter)
     {
+        // Started under the gate: leave it before doing anything (native calls, waiting for contexts).
+        await Task.Yield();
         await adapter.Drained.Task.ConfigureAwait(false);
         List<Slot> slots;
         lock (_gate)
