@@ -197,6 +197,93 @@ public sealed class LlamaCppEngineTests : IDisposable
         Assert.Contains("'nope'", e.Message);
     }
 
+    [Fact]
+    public async Task A_request_goes_to_the_context_holding_its_set_else_the_least_recently_used_one()
+    {
+        await using var engine = _kit.Engine(slots: 2);
+        engine.LoadAdapter("x", _kit.Adapter("x", seed: 11));
+        engine.LoadAdapter("y", _kit.Adapter("y", seed: 12));
+        engine.LoadAdapter("z", _kit.Adapter("z", seed: 13));
+
+        await _kit.Collect(engine, _kit.Request([new("x", 1f)]));
+        await _kit.Collect(engine, _kit.Request([new("y", 1f)]));
+        await _kit.Collect(engine, _kit.Request([new("x", 1f)]));
+        await _kit.Collect(engine, _kit.Request([new("y", 1f)]));
+        Assert.Equal(["x#1=1", "y#2=1"], engine.AppliedAdapterSets());
+
+        // x was used longest ago: z takes its context.
+        await _kit.Collect(engine, _kit.Request([new("x", 1f)]));
+        await _kit.Collect(engine, _kit.Request([new("y", 1f)]));
+        await _kit.Collect(engine, _kit.Request([new("z", 0.5f)]));
+        Assert.Equal(["z#3=0.5", "y#2=1"], engine.AppliedAdapterSets());
+    }
+
+    [Fact]
+    public async Task A_base_model_llama_cpp_cannot_load_fails_with_its_reason()
+    {
+        var broken = Path.Combine(_kit.Dir, "broken.gguf");
+        var bytes = await File.ReadAllBytesAsync(_kit.ModelPath);
+        await File.WriteAllBytesAsync(broken, bytes[..(bytes.Length / 2)]);
+
+        var e = Assert.Throws<LlamaCppEngineException>(() => LlamaCppEngine.Load(new LlamaCppEngineOptions { ModelPath = broken }));
+        Assert.Contains("could not load the base model", e.Message);
+        Assert.DoesNotContain("no reason given", e.Message);
+
+        var slots = Assert.Throws<ArgumentException>(() => LlamaCppEngine.Load(new LlamaCppEngineOptions { ModelPath = _kit.ModelPath, Slots = 0 }));
+        Assert.StartsWith("Slots", slots.Message);
+        Assert.Throws<FileNotFoundException>(() => LlamaCppEngine.Load(new LlamaCppEngineOptions { ModelPath = broken + ".missing" }));
+    }
+
+    [Fact]
+    public async Task Dispose_waits_for_a_running_request()
+    {
+        var engine = _kit.Engine(slots: 1);
+        var chunks = new List<LlamaCppChunk>();
+        await using (var running = engine.GenerateAsync(_kit.Request([], maxTokens: 6)).GetAsyncEnumerator())
+        {
+            Assert.True(await running.MoveNextAsync());
+            var disposing = engine.DisposeAsync().AsTask();
+            Assert.False(disposing.IsCompleted);
+            await Assert.ThrowsAsync<ObjectDisposedException>(() => _kit.Collect(engine, _kit.Request([])));
+            while (await running.MoveNextAsync())
+            {
+                chunks.Add(running.Current);
+            }
+            await running.DisposeAsync();
+            await disposing;
+        }
+        Assert.Equal("length", chunks[^1].FinishReason);
+    }
+
+    [Fact]
+    public async Task The_serving_defaults_f16_kv_cache_and_automatic_flash_attention_generate_with_adapters()
+    {
+        await using var engine = LlamaCppEngine.Load(new LlamaCppEngineOptions { ModelPath = _kit.ModelPath, ContextSize = 128, Threads = 2 });
+        engine.LoadAdapter("x", _kit.Adapter("x", seed: 11));
+        var baseline = await _kit.Distributions(engine, []);
+        var withX = await _kit.Distributions(engine, [new("x", 1f)]);
+        Assert.NotEqual(baseline[0], withX[0]);
+        Assert.All(withX[0], v => Assert.True(float.IsFinite(v)));
+        Assert.Equal(baseline, await _kit.Distributions(engine, [new("x", 0f)]));
+    }
+
+    [Fact]
+    public async Task The_dll_resolver_serves_llama_and_leaves_other_libraries_to_default_probing()
+    {
+        await using var engine = _kit.Engine();
+        var assembly = typeof(LlamaCppEngine).Assembly;
+        Assert.NotEqual(IntPtr.Zero, LlamaLibraryResolver.Resolve("llama", assembly, null));
+        Assert.Equal(IntPtr.Zero, LlamaLibraryResolver.Resolve("libc", assembly, null));
+        LlamaLibraryResolver.EnsureRegistered();
+
+        // The blob store's libc imports (fsync of a directory) still bind with our resolver registered.
+        var store = new LoraDeploy.Storage.FileSystemBlobStore(Path.Combine(_kit.Dir, "blobs"));
+        var bytes = "blob"u8.ToArray();
+        var sha = Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(bytes));
+        await store.PutAsync(sha, new MemoryStream(bytes));
+        Assert.True(store.Exists(sha));
+    }
+
     private static List<string> Texts(IEnumerable<LlamaCppChunk> chunks) => chunks.Select(c => c.Text).ToList();
 }
 

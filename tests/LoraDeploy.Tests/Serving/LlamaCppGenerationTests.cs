@@ -53,6 +53,27 @@ public sealed class LlamaCppGenerationTests : IDisposable
     }
 
     [Fact]
+    public async Task Chat_messages_on_a_model_without_a_chat_template_are_refused()
+    {
+        // Same file with the template key renamed (same length, so the GGUF stays valid): no template any more.
+        var bytes = await File.ReadAllBytesAsync(_kit.ModelPath);
+        var key = System.Text.Encoding.UTF8.GetBytes("tokenizer.chat_template");
+        var at = bytes.AsSpan().IndexOf(key);
+        Assert.True(at > 0);
+        bytes[at + key.Length - 1] = (byte)'X';
+        var path = Path.Combine(_kit.Dir, "no-template.gguf");
+        await File.WriteAllBytesAsync(path, bytes);
+
+        await using var engine = LlamaCppEngine.Load(new LlamaCppEngineOptions { ModelPath = path, ContextSize = 64, Threads = 2 });
+        Assert.Null(engine.Model.ChatTemplate);
+        var e = await Assert.ThrowsAsync<LlamaCppRequestException>(() =>
+            _kit.Collect(engine, Greedy(2) with { Prompt = new LlamaCppPrompt.Chat([new("user", "hello")]) }));
+        Assert.Equal(LlamaCppErrorKind.NoChatTemplate, e.Kind);
+        Assert.Contains("no chat template", e.Message);
+        Assert.Equal("length", Finish(await _kit.Collect(engine, Greedy(2))).FinishReason);
+    }
+
+    [Fact]
     public async Task Stop_strings_spanning_tokens_end_generation_before_the_stop_text()
     {
         await using var engine = _kit.Engine();
@@ -69,6 +90,13 @@ public sealed class LlamaCppGenerationTests : IDisposable
         Assert.Equal("stop", Finish(stopped).FinishReason);
         Assert.All(stopped, c => Assert.DoesNotContain(stop, c.Text));
         Assert.True(Finish(stopped).Usage!.CompletionTokens <= j + 2);
+
+        // Text held back because it might start a stop string comes out when generation ends otherwise (here the
+        // free run ends with an end-of-generation token).
+        var partial = await _kit.Collect(engine, Greedy(32) with { Stop = [full[^1..] + "\u2603"] });
+        Assert.Equal(full, Text(partial));
+        Assert.Equal(full[^1..], Finish(partial).Text);
+        Assert.Equal(Finish(free).FinishReason, Finish(partial).FinishReason);
     }
 
     [Fact]
@@ -191,7 +219,7 @@ public sealed class LlamaCppGenerationTests : IDisposable
     {
         await using var engine = _kit.Engine(slots: 1);
         using var cancel = new CancellationTokenSource();
-        var running = engine.GenerateAsync(Greedy(200), cancel.Token).GetAsyncEnumerator(cancel.Token);
+        await using var running = engine.GenerateAsync(Greedy(200), cancel.Token).GetAsyncEnumerator(cancel.Token);
         Assert.True(await running.MoveNextAsync());
         Assert.True(await running.MoveNextAsync());
 
@@ -201,7 +229,6 @@ public sealed class LlamaCppGenerationTests : IDisposable
 
         await cancel.CancelAsync();
         await Assert.ThrowsAnyAsync<OperationCanceledException>(async () => await running.MoveNextAsync());
-        await running.DisposeAsync();
 
         Assert.Equal("length", Finish(await waiting).FinishReason);
         await using var already = engine.GenerateAsync(Greedy(3), cancel.Token).GetAsyncEnumerator();

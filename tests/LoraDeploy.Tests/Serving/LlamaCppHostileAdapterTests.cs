@@ -58,11 +58,19 @@ public sealed class LlamaCppHostileAdapterTests : IDisposable
     [Fact]
     public async Task The_refusal_reason_belongs_to_its_own_load_when_loads_run_on_several_threads()
     {
-        await using var engine = _kit.Engine();
+        // Two engines: each serializes its own adapter loads, so loads on the two interleave in llama.cpp's log.
+        await using var first = _kit.Engine();
+        await using var second = _kit.Engine();
         var arch = Hostile("wrong-arch");
         var shape = Hostile("wrong-shape");
-        var results = await Task.WhenAll(Enumerable.Range(0, 8).Select(i => Task.Run(() =>
-            engine.LoadAdapter($"a{i}", i % 2 == 0 ? arch : shape))));
+        var results = new LoraLoadResult[1000];
+        await Task.WhenAll(Enumerable.Range(0, 4).Select(worker => Task.Run(() =>
+        {
+            for (var i = worker; i < results.Length; i += 4)
+            {
+                results[i] = (i % 2 == 0 ? first : second).LoadAdapter($"a{i}", i % 2 == 0 ? arch : shape);
+            }
+        })));
         for (var i = 0; i < results.Length; i++)
         {
             var refused = Assert.IsType<LoraLoadResult.Refused>(results[i]);

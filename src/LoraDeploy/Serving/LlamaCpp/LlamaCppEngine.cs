@@ -42,17 +42,8 @@ public sealed class LlamaCppEngine : IAsyncDisposable
         _contextParams = contextParams;
         _vocabSize = weights.Vocab.Count;
         _capacity = new SemaphoreSlim(options.Slots, options.Slots);
-        string? template;
-        try
-        {
-            template = weights.NativeHandle.GetTemplate(strict: false);
-        }
-        catch (Exception e) when (e is LLama.Exceptions.RuntimeError or InvalidOperationException)
-        {
-            template = null;
-        }
-        Model = new LlamaCppModelInfo(
-            (int)options.ContextSize, _vocabSize, weights.NativeHandle.ContextSize, weights.Vocab.ShouldAddBOS, template);
+        Model = new LlamaCppModelInfo((int)options.ContextSize, _vocabSize, weights.NativeHandle.ContextSize,
+            weights.Vocab.ShouldAddBOS, weights.NativeHandle.GetTemplate(strict: false));
     }
 
     /// <summary>Loads the base model (once); contexts are created when requests need them.</summary>
@@ -213,6 +204,8 @@ public sealed class LlamaCppEngine : IAsyncDisposable
 
     private async Task<bool> UnloadCoreAsync(Adapter adapter)
     {
+        // Started under the gate: leave it before doing anything (native calls, waiting for contexts).
+        await Task.Yield();
         await adapter.Drained.Task.ConfigureAwait(false);
         List<Slot> slots;
         lock (_gate)
@@ -221,6 +214,12 @@ public sealed class LlamaCppEngine : IAsyncDisposable
         }
         foreach (var slot in slots)
         {
+            // No request uses the adapter any more, so a context without it can never gain it: skip it rather than
+            // wait for whatever unrelated request it is serving.
+            if (!slot.Set.Contains(adapter))
+            {
+                continue;
+            }
             await slot.Lock.WaitAsync().ConfigureAwait(false);
             try
             {
@@ -450,7 +449,6 @@ public sealed class LlamaCppEngine : IAsyncDisposable
     {
         await _capacity.WaitAsync(cancellationToken).ConfigureAwait(false);
         Slot slot;
-        bool create;
         lock (_gate)
         {
             if (_disposed)
@@ -459,10 +457,9 @@ public sealed class LlamaCppEngine : IAsyncDisposable
                 throw new ObjectDisposedException(nameof(LlamaCppEngine));
             }
             var idle = _slots.Where(s => !s.Busy).ToList();
-            var same = idle.FirstOrDefault(s => s.Set.Key == set.Key && s.Context is not null);
-            create = same is null && _slots.Count < _options.Slots;
-            slot = same ?? (create ? new Slot() : idle.MinBy(s => s.LastUsed)!);
-            if (create)
+            slot = idle.FirstOrDefault(s => s.Set.Key == set.Key && s.Context is not null)
+                ?? (_slots.Count < _options.Slots ? new Slot() : idle.MinBy(s => s.LastUsed)!);
+            if (!_slots.Contains(slot))
             {
                 _slots.Add(slot);
             }
@@ -477,7 +474,8 @@ public sealed class LlamaCppEngine : IAsyncDisposable
             Release(slot, locked: false);
             throw;
         }
-        if (create)
+        // Contexts are created on first use (each holds a KV cache of ContextSize tokens).
+        if (slot.Context is null)
         {
             try
             {
@@ -486,10 +484,6 @@ public sealed class LlamaCppEngine : IAsyncDisposable
             }
             catch (Exception e)
             {
-                lock (_gate)
-                {
-                    _slots.Remove(slot);
-                }
                 Release(slot);
                 throw new LlamaCppEngineException($"llama.cpp could not create a context of {_options.ContextSize} tokens: {e.Message}", e);
             }
@@ -577,7 +571,8 @@ public sealed class LlamaCppEngine : IAsyncDisposable
         }
         _adapters.Clear();
         _weights.Dispose();
-        _capacity.Dispose();
+        // Wake requests still waiting for a context: they see the engine disposed and give their turn back.
+        _capacity.Release(_options.Slots);
     }
 
     // ---- state ---------------------------------------------------------------------------------------------------
@@ -639,14 +634,10 @@ public sealed class LlamaCppEngine : IAsyncDisposable
         public IEnumerable<LlamaCppChunk> Run(CancellationToken cancellationToken)
         {
             cancellationToken.ThrowIfCancellationRequested();
+            // Another set (or another load of an adapter id) on this context: switch and clear its KV cache.
             if (slot.Set.Key != set.Key)
             {
                 engine.ApplySet(slot, set);
-            }
-            else if (!ReferenceEquals(slot.Set, set))
-            {
-                // Same adapters and scales: keep the cache, but hold the request's own (pinned) entries.
-                slot.Set = set;
             }
 
             var wantLogprobs = request.Logprobs is not null;
@@ -722,7 +713,8 @@ public sealed class LlamaCppEngine : IAsyncDisposable
                     logitsIndex = 0;
                 }
             }
-            var rest = finish == "stop" ? "" : stops.Flush();
+            // After a stop string nothing is held; after an end-of-generation token a partial stop prefix is plain text.
+            var rest = stops.Flush();
             yield return new LlamaCppChunk
             {
                 Kind = LlamaCppChunkKind.Finish,

@@ -58,7 +58,7 @@ internal static class LlamaLibraryResolver
         return true;
     }
 
-    private static IntPtr Resolve(string name, Assembly assembly, DllImportSearchPath? searchPath)
+    internal static IntPtr Resolve(string name, Assembly assembly, DllImportSearchPath? searchPath)
     {
         if (name != "llama")
         {

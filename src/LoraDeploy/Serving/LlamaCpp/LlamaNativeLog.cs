@@ -33,7 +33,17 @@ internal static class LlamaNativeLog
         return callback;
     }
 
-    private static void OnLog(LLamaLogLevel level, string message) => t_current?.Append(level, message);
+    private static void OnLog(LLamaLogLevel level, string message)
+    {
+        // An exception escaping into native code aborts the process (a throwing logger included): never let one out.
+        try
+        {
+            t_current?.Append(level, message);
+        }
+        catch (Exception)
+        {
+        }
+    }
 
     /// <summary>What llama.cpp logged on this thread; disposing logs it to the engine's logger and ends the scope.</summary>
     public sealed class Scope : IDisposable
@@ -45,8 +55,6 @@ internal static class LlamaNativeLog
         private readonly List<(LLamaLogLevel Level, string Line)> _lines = [];
 
         internal Scope(ILogger logger, Scope? outer) => (_logger, _outer) = (logger, outer);
-
-        public IReadOnlyList<(LLamaLogLevel Level, string Line)> Lines => _lines;
 
         /// <summary>The error lines, or warnings when there are none (llama.cpp logs some refusals as warnings).</summary>
         public IReadOnlyList<string> Problems()
