@@ -76,6 +76,10 @@ public sealed class InferenceRouter(
                 }
                 var keys = adapters.Select(sha => $"{pool}|{sha}").ToList();
                 bool Holds(RoutedWorker w) => keys.All(w.Resident.Contains);
+                if (options.Value.Routing == "random")
+                {
+                    workers = [workers[Random.Shared.Next(workers.Count)]];
+                }
                 bool Free(RoutedWorker w) => _inFlight.GetValueOrDefault(w.Id) < w.Slots;
 
                 var holders = workers.Where(Holds).ToList();

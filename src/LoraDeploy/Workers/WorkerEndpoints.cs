@@ -45,6 +45,13 @@ public sealed class WorkersOptions
     [Range(0, 60_000)]
     public int HolderWaitMilliseconds { get; set; } = 1000;
 
+    /// <summary>
+    /// <c>affinity</c> (default): prefer workers that hold the request's adapters. <c>random</c>: any live worker of the
+    /// pool — only for measuring what affinity saves (docs/benchmarks.md).
+    /// </summary>
+    [RegularExpression("^(affinity|random)$")]
+    public string Routing { get; set; } = "affinity";
+
     /// <summary>Largest inference request body (bytes); larger ones are answered 413.</summary>
     [Range(1024, 64 * 1024 * 1024)]
     public int MaxRequestBytes { get; set; } = 1024 * 1024;
