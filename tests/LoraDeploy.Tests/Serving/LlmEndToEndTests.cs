@@ -140,5 +140,109 @@ public sealed class LlmEndToEndTests : IAsyncLifetime
         Assert.NotEqual(alone.Item1, alone.Item2);
     }
 
+    [Fact]
+    public async Task Logprobs_echo_token_id_prompts_and_the_native_body_come_through_the_gateway()
+    {
+        await DeployAsync("probed", seed: 7);
+        var model = $"{_user.Name}/probed";
+
+        // A token-id prompt is used exactly: three tokens, no BOS added; echo returns them first, the very first without a logprob.
+        var completion = await (await _user.Client.PostJsonAsync("/v1/openai/completions",
+            new { model, prompt = new[] { 267, 290, 297 }, max_tokens = 2, temperature = 0, echo = true, logprobs = 2 })).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal(3, completion.GetProperty("usage").GetProperty("prompt_tokens").GetInt32());
+        var logprobs = completion.GetProperty("choices")[0].GetProperty("logprobs");
+        var generated = completion.GetProperty("usage").GetProperty("completion_tokens").GetInt32();
+        Assert.Equal(3 + generated, logprobs.GetProperty("tokens").GetArrayLength());
+        Assert.Equal(JsonValueKind.Null, logprobs.GetProperty("token_logprobs")[0].ValueKind);
+        Assert.All(logprobs.GetProperty("token_logprobs").EnumerateArray().Skip(1), lp => Assert.True(lp.GetDouble() <= 0));
+        Assert.All(logprobs.GetProperty("top_logprobs").EnumerateArray().Skip(1), top => Assert.InRange(top.EnumerateObject().Count(), 1, 2));
+
+        var chat = await (await _user.Client.PostJsonAsync("/v1/chat/completions", new
+        {
+            model, messages = new[] { new { role = "user", content = "hi" } }, max_tokens = 3, temperature = 0, logprobs = true, top_logprobs = 3,
+        })).ExpectAsync(HttpStatusCode.OK);
+        var content = chat.GetProperty("choices")[0].GetProperty("logprobs").GetProperty("content");
+        Assert.True(content.GetArrayLength() > 0);
+        Assert.All(content.EnumerateArray(), t => Assert.Equal(3, t.GetProperty("top_logprobs").GetArrayLength()));
+
+        var native = await (await _user.Client.PostJsonAsync($"/v1/inference/{model}", new { input = "hello", max_new_tokens = 3, temperature = 0 }))
+            .ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal(JsonValueKind.String, native.GetProperty("results")[0].GetProperty("generated_text").ValueKind);
+        Assert.True(native.GetProperty("num_input_tokens").GetInt32() > 0);
+        Assert.Equal("succeeded", native.GetProperty("inference_status").GetProperty("status").GetString());
+
+        // What the engine refuses comes back as a 4xx naming it, not a crash: a prompt longer than the context.
+        var tooLong = await _user.Client.PostJsonAsync("/v1/completions", new { model, prompt = Enumerable.Repeat(267, 400).ToArray(), max_tokens = 1 });
+        Assert.Equal(HttpStatusCode.UnprocessableEntity, tooLong.StatusCode);
+        Assert.Contains("context", (await tooLong.Content.ReadAsStringAsync()), StringComparison.OrdinalIgnoreCase);
+    }
+
     private static string TokensOf(JsonElement chat) => chat.GetProperty("choices")[0].GetProperty("message").GetProperty("content").GetString()!;
+}
+
+/// <summary>The CLI's side of serving: <c>create --hf</c>, <c>status</c> with instances, <c>workers</c>.</summary>
+public sealed class LlmCliTests : IAsyncLifetime
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("llm-cli-").FullName;
+    private HuggingFaceSimulator _hub = null!;
+    private LoraDeployServer _server = null!;
+    private TinyLlama _model = null!;
+
+    public async ValueTask InitializeAsync()
+    {
+        _hub = await HuggingFaceSimulator.StartAsync();
+        _model = new TinyLlama().Generate();
+        var settings = LoraModelImportTests.LlmPoolSettings(_hub, _model.WriteGguf(Path.Combine(_dir, "tiny.gguf")));
+        settings["Workers:Embedded"] = "true";
+        settings["Workers:HeartbeatSeconds"] = "1";
+        settings[$"BaseModels:{LoraModelImportTests.Pool}:Defaults:threads"] = "1";
+        settings[$"BaseModels:{LoraModelImportTests.Pool}:Defaults:context_size"] = "256";
+        _server = await LoraDeployServer.StartAsync(TestDatabase.Sqlite, settings);
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await _server.DisposeAsync();
+        await _hub.DisposeAsync();
+        Directory.Delete(_dir, recursive: true);
+    }
+
+    [Fact]
+    public async Task Create_hf_follows_the_import_status_shows_instances_and_workers_lists_the_worker()
+    {
+        var user = await _server.CreateUserAsync("cli");
+        var fixture = new PeftAdapterFixture();
+        _hub.AddAdapter("alice/cli-lora", fixture.Generate(_model).Safetensors().ToBytes(), config: fixture.ConfigJson());
+        var server = _server.BaseUrl.ToString();
+
+        var created = await LoraDeploy.Tests.Dashboard.LoraDeployExe.RunAsync(
+            ["create", "--hf", "alice/cli-lora", "--name", "cli-lora", "--server", server, "--token", user.Token, "--json"]);
+        Assert.True(created.ExitCode == 0, created.ToString());
+        var deploy = JsonDocument.Parse(created.StdOut).RootElement;
+        Assert.Equal("text-generation", deploy.GetProperty("task").GetString()); // base chosen: the only LLM pool
+
+        var deadline = DateTime.UtcNow.AddSeconds(60);
+        while ((await (await user.Client.GetAsync($"/deploy/{deploy.GetProperty("deploy_id").GetString()}")).ExpectAsync(HttpStatusCode.OK))
+               .GetProperty("status").GetString() != "running")
+        {
+            Assert.True(DateTime.UtcNow < deadline, "never running");
+            await Task.Delay(100);
+        }
+        var status = await LoraDeploy.Tests.Dashboard.LoraDeployExe.RunAsync(["status", "cli-lora", "--server", server, "--token", user.Token]);
+        Assert.True(status.ExitCode == 0, status.ToString());
+        Assert.Contains("1 running, 0 pending", status.StdOut);
+
+        var usage = await LoraDeploy.Tests.Dashboard.LoraDeployExe.RunAsync(
+            ["create", "--hf", "a/b", "--civitai", "https://civitai.com/models/1", "--name", "x", "--server", server, "--token", user.Token]);
+        Assert.Equal(2, usage.ExitCode);
+        Assert.Contains("exactly one of --civitai URL or --hf REPO", usage.StdErr);
+
+        var admin = await _server.QueryAsync(db => LoraDeploy.Auth.ApiTokens.CreateForUserAsync(db, "root", isAdmin: true, "test", DateTime.UtcNow, CancellationToken.None));
+        var workers = await LoraDeploy.Tests.Dashboard.LoraDeployExe.RunAsync(["workers", "--server", server, "--token", admin]);
+        Assert.True(workers.ExitCode == 0, workers.ToString());
+        Assert.Contains("llamacpp", workers.StdOut);
+        Assert.Contains(LoraModelImportTests.Pool, workers.StdOut);
+        var refused = await LoraDeploy.Tests.Dashboard.LoraDeployExe.RunAsync(["workers", "--server", server, "--token", user.Token]);
+        Assert.NotEqual(0, refused.ExitCode);
+    }
 }

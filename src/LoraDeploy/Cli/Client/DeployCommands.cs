@@ -13,15 +13,17 @@ internal static partial class DeployCommands
     {
         var common = new CommonOptions();
         var civitai = new Option<string?>("--civitai") { Description = "CivitAI model or version URL (or AIR).", HelpName = "URL" };
-        var baseModel = new Option<string?>("--base") { Description = "Base model, e.g. black-forest-labs/FLUX-1-dev.", HelpName = "MODEL" };
+        var hf = new Option<string?>("--hf") { Description = "Hugging Face repo of a PEFT LoRA adapter (owner/repo[@revision] or URL), for an LLM base model.", HelpName = "REPO" };
+        var hfToken = new Option<string?>("--hf-token") { Description = "Hugging Face token for a private or gated repo (default: $HF_TOKEN); used for this import only.", HelpName = "TOKEN" };
+        var baseModel = new Option<string?>("--base") { Description = "Base model, e.g. black-forest-labs/FLUX-1-dev (optional with --hf when the server has one LLM pool).", HelpName = "MODEL" };
         var name = new Option<string?>("--name") { Description = "LoRA name: 1-64 of [A-Za-z0-9._-], starting alphanumeric.", HelpName = "NAME" };
         var isPublic = new Option<bool>("--public") { Description = "List the LoRA publicly (private by default)." };
         var description = new Option<string?>("--description") { Description = "Free text shown with the LoRA.", HelpName = "TEXT" };
         var noWait = new Option<bool>("--no-wait") { Description = "Return once the deploy is accepted instead of following it." };
         var timeout = TimeoutOption();
 
-        var command = new Command("create", "Deploy a LoRA from CivitAI and follow it until it deploys or fails.");
-        foreach (var o in new Option[] { civitai, baseModel, name, isPublic, description, noWait, timeout })
+        var command = new Command("create", "Deploy a LoRA from CivitAI (or a PEFT adapter from Hugging Face with --hf) and follow it until it deploys or fails.");
+        foreach (var o in new Option[] { civitai, hf, hfToken, baseModel, name, isPublic, description, noWait, timeout })
         {
             command.Options.Add(o);
         }
@@ -29,19 +31,40 @@ internal static partial class DeployCommands
 
         command.SetAction(Run(common, async (r, ctx, client, output, ct) =>
         {
-            var url = Required(r.GetValue(civitai), "--civitai URL");
-            var model = Required(r.GetValue(baseModel), "--base MODEL");
+            var repo = r.GetValue(hf);
+            if ((repo is null) == (r.GetValue(civitai) is null))
+            {
+                throw new ClientException("give exactly one of --civitai URL or --hf REPO", ExitCodes.Usage);
+            }
             var lora = Required(r.GetValue(name), "--name NAME");
             var limit = r.GetValue(timeout) is { } timeoutText ? Durations.Parse(timeoutText, "--timeout") : (TimeSpan?)null;
-            var body = new JsonObject
+            ApiResponse created;
+            if (repo is not null)
             {
-                ["lora_name"] = lora,
-                ["base_model"] = model,
-                ["source"] = new JsonObject { ["type"] = "civitai", ["civit_url"] = url },
-                ["private"] = !r.GetValue(isPublic),
-                ["description"] = r.GetValue(description) ?? "",
-            };
-            var created = await client.PostAsync("v1/lora/create", body, ct).ConfigureAwait(false);
+                if (r.GetValue(isPublic))
+                {
+                    throw new ClientException("--public is for CivitAI LoRAs; LLM adapters from Hugging Face are private", ExitCodes.Usage);
+                }
+                var token = r.GetValue(hfToken) ?? Environment.GetEnvironmentVariable("HF_TOKEN");
+                created = await client.PostAsync("lora-model", new JsonObject
+                {
+                    ["hf_model_name"] = repo.Trim(),
+                    ["lora_model_name"] = lora,
+                    ["base_model_name"] = r.GetValue(baseModel)?.Trim(),
+                    ["hf_token"] = string.IsNullOrWhiteSpace(token) ? null : token.Trim(),
+                }, ct).ConfigureAwait(false);
+            }
+            else
+            {
+                created = await client.PostAsync("v1/lora/create", new JsonObject
+                {
+                    ["lora_name"] = lora,
+                    ["base_model"] = Required(r.GetValue(baseModel), "--base MODEL"),
+                    ["source"] = new JsonObject { ["type"] = "civitai", ["civit_url"] = Required(r.GetValue(civitai), "--civitai URL") },
+                    ["private"] = !r.GetValue(isPublic),
+                    ["description"] = r.GetValue(description) ?? "",
+                }, ct).ConfigureAwait(false);
+            }
             var deployId = created.Json.Str("deploy_id");
             var modelName = created.Json.Str("model_name");
 
