@@ -16,7 +16,8 @@ public sealed class InferenceMetrics
         var meter = meters.Create(MeterName);
         _routed = meter.CreateCounter<long>("loradeploy.inference.routed", description: "Requests routed, by pool and whether the worker already held the adapters (hit)");
         _adapterLoads = meter.CreateCounter<long>("loradeploy.inference.adapter_loads", description: "Adapters a worker had to load to answer a request, by pool");
-        _duration = meter.CreateHistogram<double>("loradeploy.inference.duration", unit: "s", description: "Inference latency through the gateway, by route and status");
+        _duration = meter.CreateHistogram<double>("loradeploy.inference.duration", unit: "s", description: "Inference latency through the gateway, by route and status",
+            tags: null, advice: new InstrumentAdvice<double> { HistogramBucketBoundaries = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300] });
     }
 
     public void Routed(string pool, bool hit) => _routed.Add(1,

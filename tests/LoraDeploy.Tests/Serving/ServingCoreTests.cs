@@ -437,6 +437,33 @@ public sealed class ServingCoreTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task Metrics_show_workers_by_pool_routing_hits_adapter_loads_queue_depth_and_latency()
+    {
+        var (id, _) = await DeployAsync("metered", seed: 15);
+        await WorkerAsync("w1");
+        await WaitForAsync(id, Running(1), "ran");
+        await InferAsync($"{_h.User.Name}/metered");
+        await InferAsync($"{_h.User.Name}/metered");
+        using var anonymous = _h.Server.CreateClient();
+        var text = "";
+        var deadline = DateTime.UtcNow.AddSeconds(10);
+        do
+        {
+            await Task.Delay(200);
+            text = await (await anonymous.GetAsync("/metrics")).Content.ReadAsStringAsync();
+        }
+        while (!text.Contains("loradeploy_workers{", StringComparison.Ordinal) && DateTime.UtcNow < deadline);
+        // Lines look like name{otel_scope_name="…",label="…",…} value.
+        bool Has(string name, string labels, string value) => text.Split('\n').Any(line =>
+            line.StartsWith(name + "{", StringComparison.Ordinal) && labels.Split(',').All(l => line.Contains(l, StringComparison.Ordinal))
+            && line.EndsWith("} " + value, StringComparison.Ordinal));
+        Assert.True(Has("loradeploy_workers", $"pool=\"{Pool}\",state=\"live\"", "1"), text);
+        Assert.True(Has("loradeploy_pool_queue_depth", $"pool=\"{Pool}\"", "0"), text);
+        Assert.True(Has("loradeploy_inference_routed_total", $"hit=\"true\",pool=\"{Pool}\"", "2"), text);
+        Assert.True(Has("loradeploy_inference_duration_seconds_bucket", "route=\"/v1/inference/{owner}/{lora_name}\",status=\"200\",le=\"0.5\"", "2"), text);
+    }
+
+    [Fact]
     public async Task Unknown_models_are_404()
     {
         await WorkerAsync("w1");
