@@ -177,36 +177,7 @@ public sealed class LlmEndToEndTests : IAsyncLifetime
         Assert.Contains("context", (await tooLong.Content.ReadAsStringAsync()), StringComparison.OrdinalIgnoreCase);
     }
 
-    private static string TokensOf(JsonElement chat) => chat.GetProperty("choices")[0].GetProperty("message").GetProperty("content").GetString()!;
-}
-
-/// <summary>The CLI's side of serving: <c>create --hf</c>, <c>status</c> with instances, <c>workers</c>.</summary>
-public sealed class LlmCliTests : IAsyncLifetime
-{
-    private readonly string _dir = Directory.CreateTempSubdirectory("llm-cli-").FullName;
-    private HuggingFaceSimulator _hub = null!;
-    private LoraDeployServer _server = null!;
-    private TinyLlama _model = null!;
-
-    public async ValueTask InitializeAsync()
-    {
-        _hub = await HuggingFaceSimulator.StartAsync();
-        _model = new TinyLlama().Generate();
-        var settings = LoraModelImportTests.LlmPoolSettings(_hub, _model.WriteGguf(Path.Combine(_dir, "tiny.gguf")));
-        settings["Workers:Embedded"] = "true";
-        settings["Workers:HeartbeatSeconds"] = "1";
-        settings[$"BaseModels:{LoraModelImportTests.Pool}:Defaults:threads"] = "1";
-        settings[$"BaseModels:{LoraModelImportTests.Pool}:Defaults:context_size"] = "256";
-        _server = await LoraDeployServer.StartAsync(TestDatabase.Sqlite, settings);
-    }
-
-    public async ValueTask DisposeAsync()
-    {
-        await _server.DisposeAsync();
-        await _hub.DisposeAsync();
-        Directory.Delete(_dir, recursive: true);
-    }
-
+    /// <summary>The CLI's side of serving: <c>create --hf</c>, <c>status</c> with instances, <c>workers</c>.</summary>
     [Fact]
     public async Task Create_hf_follows_the_import_status_shows_instances_and_workers_lists_the_worker()
     {
@@ -245,4 +216,6 @@ public sealed class LlmCliTests : IAsyncLifetime
         var refused = await LoraDeploy.Tests.Dashboard.LoraDeployExe.RunAsync(["workers", "--server", server, "--token", user.Token]);
         Assert.NotEqual(0, refused.ExitCode);
     }
+
+    private static string TokensOf(JsonElement chat) => chat.GetProperty("choices")[0].GetProperty("message").GetProperty("content").GetString()!;
 }
