@@ -189,7 +189,7 @@ public static partial class WorkerEndpoints
     }
 
     internal static async Task<Results<Ok<WorkerAssignments>, NotFound<DeepError>, JsonHttpResult<HTTPValidationError>, JsonHttpResult<DeepError>>> Heartbeat(
-        string id, HttpContext http, LoraDeployDbContext db, IOptions<WorkersOptions> options, TimeProvider time, CancellationToken ct)
+        string id, HttpContext http, LoraDeployDbContext db, Inference.InferenceMetrics metrics, TimeProvider time, CancellationToken ct)
     {
         var (heartbeat, invalid, tooLarge) = await ReadAsync(http, WorkerJsonContext.Default.WorkerHeartbeat, ct);
         if (heartbeat is null)
@@ -234,6 +234,12 @@ public static partial class WorkerEndpoints
         var name = http.User.FindFirstValue(ClaimTypes.Name)!;
         var now = time.GetUtcNow().UtcDateTime;
         var ready = reported.Where(a => a.State == InstanceState.Ready).Select(a => $"{a.Pool}|{a.Sha256}").Distinct().ToList();
+        // Adapters ready at the last heartbeat and gone now were unloaded (the worker's LRU, or a drop): counted per pool.
+        var before = await db.Workers.Where(w => w.Id == id && w.Name == name).Select(w => w.ResidentJson).FirstOrDefaultAsync(ct);
+        foreach (var gone in (before is null ? [] : JsonSerializer.Deserialize(before, ApiJson.Context.ListString) ?? []).Except(ready))
+        {
+            metrics.AdapterUnloaded(gone[..Math.Max(0, gone.LastIndexOf('|'))]);
+        }
         var updated = await db.Workers.Where(w => w.Id == id && w.Name == name)
             .ExecuteUpdateAsync(set => set
                 .SetProperty(w => w.LastHeartbeatAt, now)

@@ -177,6 +177,17 @@ public sealed class ServingCoreTests : IAsyncLifetime
             await Task.Delay(50);
         }
         Assert.Contains(sha, worker.Drops);
+        using (var anonymous = _h.Server.CreateClient())
+        {
+            var unloaded = false;
+            for (var i = 0; i < 50 && !unloaded; i++)
+            {
+                await Task.Delay(100); // the next heartbeat reports the adapter gone
+                unloaded = (await anonymous.GetStringAsync("/metrics")).Split('\n')
+                    .Any(l => l.StartsWith("loradeploy_worker_adapter_unloads_total{", StringComparison.Ordinal) && l.Contains($"pool=\"{Pool}\"", StringComparison.Ordinal));
+            }
+            Assert.True(unloaded, "the unload is counted");
+        }
         var locked = await InferAsync($"{_h.User.Name}/pausable");
         Assert.Equal(HttpStatusCode.Locked, locked.StatusCode);
         Assert.Contains("stopped", (await locked.ExpectAsync(HttpStatusCode.Locked)).GetProperty("error").GetString());
