@@ -139,6 +139,16 @@ public sealed class HuggingFaceDeployTests(HuggingFaceDashboardEnvironment fixtu
         ].join("\n")
         """);
 
+    /// <summary>Waits for the deploy view to settle and expects <c>deploying</c>; a failed import says why.</summary>
+    private static async Task ExpectDeployingAsync(IPage page)
+    {
+        var status = page.Locator("main .page-head [data-status]");
+        await Assertions.Expect(status).ToHaveAttributeAsync("data-status", new Regex("^(deploying|running|failed)$"),
+            new() { Timeout = (float)DeployTimeout.TotalMilliseconds });
+        var reason = await page.Locator("main .notice.error").AllTextContentsAsync();
+        Assert.True(await status.GetAttributeAsync("data-status") == "deploying", $"the import did not reach deploying: {string.Join(" ", reason)}");
+    }
+
     [Fact]
     public async Task A_hugging_face_adapter_deploys_from_the_form_and_its_view_reaches_deploying()
     {
@@ -171,8 +181,7 @@ public sealed class HuggingFaceDeployTests(HuggingFaceDashboardEnvironment fixtu
 
         await Assertions.Expect(page).ToHaveURLAsync(new Regex("#/lora/dash-llm$"), new() { Timeout = 30_000 });
         await page.GetByRole(AriaRole.Heading, new() { Name = $"{Env.User}/dash-llm" }).WaitForAsync();
-        await page.Locator("main .page-head [data-status='deploying']")
-            .WaitForAsync(new() { Timeout = (float)DeployTimeout.TotalMilliseconds });
+        await ExpectDeployingAsync(page);
         await Assertions.Expect(page.GetByRole(AriaRole.Link, new() { Name = "alice/dash-adapter" }))
             .ToHaveAttributeAsync("href", "https://huggingface.co/alice/dash-adapter");
         var report = page.Locator("section", new() { Has = page.GetByRole(AriaRole.Heading, new() { Name = "Adapter report" }) });
@@ -244,8 +253,7 @@ public sealed class HuggingFaceDeployTests(HuggingFaceDashboardEnvironment fixtu
         await FillAsync(page, "alice/dash-private", "dash-private", secret);
         await page.GetByRole(AriaRole.Button, new() { Name = "Deploy" }).ClickAsync();
         await Assertions.Expect(page).ToHaveURLAsync(new Regex("#/lora/dash-private$"), new() { Timeout = 30_000 });
-        await page.Locator("main .page-head [data-status='deploying']")
-            .WaitForAsync(new() { Timeout = (float)DeployTimeout.TotalMilliseconds });
+        await ExpectDeployingAsync(page);
         Assert.DoesNotContain(secret, await EverythingKeptAsync(page));
 
         // Nor does a new form: the field starts empty, not refilled from anywhere.
