@@ -16,9 +16,8 @@ public static class BaseModelEndpoints
 
     internal static Ok<List<BaseModelOut>> ListBaseModels(BaseModelRegistry registry) =>
         TypedResults.Ok(registry.Names
-            .Select(name => registry.TryGetFamily(name, out var family)
-                ? new BaseModelOut(name, family, ArchitectureFamilies.Display(family))
-                : null)
-            .OfType<BaseModelOut>()
+            .Select(registry.Find)
+            .OfType<BaseModelEntry>()
+            .Select(entry => new BaseModelOut(entry.Name, entry.Family, ArchitectureFamilies.Display(entry.Family), entry.Engine))
             .ToList());
 }

@@ -107,7 +107,8 @@ public sealed record ModelOut(
     ModelPricingImageUnits Pricing,
     int Private = 0);
 
-public sealed record BaseModelOut(string Name, string Family, string Display);
+/// <summary>One accepted base model; <c>engine</c> is its serving pool's engine (<c>llamacpp</c> for LLMs, <c>comfyui</c>), null when it is not a pool.</summary>
+public sealed record BaseModelOut(string Name, string Family, string Display, string? Engine);
 
 public sealed record HealthOut(string Status);
 

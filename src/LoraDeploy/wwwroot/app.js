@@ -328,69 +328,170 @@ async function renderDeploys() {
   });
 }
 
+// Which form field a 422 `detail[].loc` item belongs to, per source: the two APIs name their fields differently.
 const FIELD_FOR_LOC = {
-  lora_name: "lora_name",
-  base_model: "base_model",
-  source: "civit_url",
-  civit_url: "civit_url",
-  type: "civit_url",
-  private: "private",
-  description: "description",
+  civitai: {
+    lora_name: "lora_name",
+    base_model: "base_model",
+    source: "civit_url",
+    civit_url: "civit_url",
+    type: "civit_url",
+    private: "private",
+    description: "description",
+  },
+  huggingface: {
+    hf_model_name: "hf_model_name",
+    lora_model_name: "lora_model_name",
+    base_model_name: "base_model_name",
+    hf_token: "hf_token",
+  },
 };
 
-function fieldForLoc(loc) {
+function fieldForLoc(source, loc) {
   if (!Array.isArray(loc)) return null;
   for (let i = loc.length - 1; i >= 0; i--) {
-    const f = FIELD_FOR_LOC[loc[i]];
+    const f = FIELD_FOR_LOC[source][loc[i]];
     if (f) return f;
   }
   return null;
 }
 
-async function renderNew() {
-  const field = (id, label, control, hint) => {
-    const error = h("p", { id: `${id}-error`, class: "field-error" });
-    const hintEl = hint ? h("p", { id: `${id}-hint`, class: "hint" }, hint) : null;
-    control.id = id;
-    control.name = id;
-    control.setAttribute("aria-describedby", [hint ? `${id}-hint` : "", `${id}-error`].filter(Boolean).join(" "));
-    return h("div", { class: "field", "data-field": id }, h("label", { for: id }, label), control, hintEl, error);
-  };
+/** A labelled control with its hint and the element its 422 message goes in. */
+function formField(id, label, control, hint) {
+  const error = h("p", { id: `${id}-error`, class: "field-error" });
+  const hintEl = hint ? h("p", { id: `${id}-hint`, class: "hint" }, hint) : null;
+  control.id = id;
+  control.name = id;
+  control.setAttribute("aria-describedby", [hint ? `${id}-hint` : "", `${id}-error`].filter(Boolean).join(" "));
+  return h("div", { class: "field", "data-field": id }, h("label", { for: id }, label), control, hintEl, error);
+}
+
+const isLlmPool = (model) => model?.engine === "llamacpp";
+
+/** The CivitAI part of the new-deployment form: image base models only. */
+function civitaiSource() {
   const name = h("input", { type: "text", required: true, maxlength: 64, autocomplete: "off", spellcheck: "false" });
   const base = h("select", { required: true }, h("option", { value: "" }, "Loading…"));
   const url = h("input", { type: "url", required: true, placeholder: "https://civitai.com/models/123?modelVersionId=456", spellcheck: "false" });
   const priv = h("input", { type: "checkbox", checked: true });
   const desc = h("textarea", { rows: 3, maxlength: 2000 });
-  const formError = h("div", { "aria-live": "assertive" });
-  const submit = h("button", { type: "submit" }, "Deploy");
-
   const privateField = h("div", { class: "field checkbox", "data-field": "private" },
     h("label", { for: "private" }, priv, " Private (only you can see and use it)"),
     h("p", { id: "private-error", class: "field-error" }));
   priv.id = "private";
   priv.name = "private";
   priv.setAttribute("aria-describedby", "private-error");
+  return {
+    key: "civitai",
+    nameField: "lora_name",
+    nodes: [
+      formField("lora_name", "Name", name, "1–64 letters, digits, dots, dashes or underscores; starts with a letter or digit."),
+      formField("base_model", "Base model", base),
+      formField("civit_url", "CivitAI URL", url, "A model page or a specific version (…?modelVersionId=…)."),
+      privateField,
+      formField("description", "Description (optional)", desc),
+    ],
+    first: name,
+    ready: true,
+    setModels(models, error) {
+      if (error) return fill(base, h("option", { value: "" }, "Could not load base models"));
+      fill(base, h("option", { value: "" }, "Choose a base model…"),
+        ...models.filter((m) => !isLlmPool(m))
+          .map((m) => h("option", { value: m.name }, m.display ? `${m.display} — ${m.name}` : m.name)));
+    },
+    request() {
+      return ["/v1/lora/create", {
+        lora_name: name.value.trim(),
+        base_model: base.value,
+        source: { type: "civitai", civit_url: url.value.trim() },
+        private: priv.checked,
+        description: desc.value,
+      }];
+    },
+  };
+}
+
+/**
+ * The Hugging Face part: a PEFT adapter repo onto an LLM pool (engine llamacpp). The token is read once at submit,
+ * cleared from its field at once and sent with that one request: never stored, never put back in the page.
+ */
+function huggingFaceSource() {
+  const repo = h("input", { type: "text", required: true, placeholder: "owner/repo", autocomplete: "off", spellcheck: "false" });
+  const name = h("input", { type: "text", required: true, maxlength: 64, autocomplete: "off", spellcheck: "false" });
+  const base = h("select", { required: true }, h("option", { value: "" }, "Loading…"));
+  const token = h("input", { type: "password", autocomplete: "off", spellcheck: "false" });
+  const fields = [
+    formField("hf_model_name", "Hugging Face repo", repo,
+      "owner/repo, owner/repo@revision (a branch, tag or commit) or a huggingface.co link. The repo holds a PEFT LoRA: adapter_config.json and adapter_model.safetensors."),
+    formField("lora_model_name", "Name", name, "1–64 letters, digits, dots, dashes or underscores; starts with a letter or digit."),
+    formField("base_model_name", "Base model", base, "An LLM served by llama.cpp on this server; the adapter must have been trained on it."),
+    formField("hf_token", "Hugging Face token (optional)", token,
+      "Only for a gated or private repo. Used for this import only: not stored, and cleared from this field when you deploy."),
+  ];
+  const noPools = h("div", { class: "notice info setup", role: "status", "data-no-llm-pool": true },
+    h("p", {}, "This server has no LLM base model, so a Hugging Face adapter has nothing to run on. An administrator adds one in the server's settings, for example:"),
+    h("pre", {}, h("code", {}, "BaseModels:{name}:Family=llama\nBaseModels:{name}:Engine=llamacpp\nBaseModels:{name}:Gguf=/models/base.gguf")),
+    h("p", {}, h("code", {}, "{name}"), " is the base model's name (e.g. ", h("code", {}, "meta-llama/Llama-3.2-1B-Instruct"),
+      ") and ", h("code", {}, "Gguf"), " the path of its GGUF file on the server. After a restart it is listed here."));
+  const source = {
+    key: "huggingface",
+    nameField: "lora_model_name",
+    nodes: fields,
+    first: repo,
+    ready: false,
+    setModels(models, error) {
+      if (error) {
+        fill(base, h("option", { value: "" }, "Could not load base models"));
+        source.nodes = fields;
+        source.ready = true;
+        return;
+      }
+      const pools = models.filter(isLlmPool);
+      source.ready = pools.length > 0;
+      source.nodes = pools.length ? fields : [noPools];
+      source.first = pools.length ? repo : null;
+      fill(base,
+        pools.length === 1 ? null : h("option", { value: "" }, "Choose a base model…"),
+        ...pools.map((m) => h("option", { value: m.name }, m.display ? `${m.display} — ${m.name}` : m.name)));
+    },
+    request() {
+      const secret = token.value.trim();
+      token.value = "";
+      return ["/lora-model", {
+        hf_model_name: repo.value.trim(),
+        lora_model_name: name.value.trim(),
+        base_model_name: base.value || null,
+        hf_token: secret || null,
+      }];
+    },
+  };
+  return source;
+}
+
+async function renderNew() {
+  const sources = { civitai: civitaiSource(), huggingface: huggingFaceSource() };
+  let current = sources.civitai;
+  const radio = (value, label, hint) => {
+    const input = h("input", { type: "radio", name: "source", id: `source-${value}`, value, checked: value === current.key,
+      "aria-describedby": `source-${value}-hint` });
+    input.addEventListener("change", () => input.checked && choose(value));
+    return h("div", { class: "choice" },
+      h("label", { for: `source-${value}` }, input, ` ${label}`),
+      h("p", { id: `source-${value}-hint`, class: "hint" }, hint));
+  };
+  const fields = h("div", { "data-source-fields": true });
+  const formError = h("div", { "aria-live": "assertive" });
+  const submit = h("button", { type: "submit" }, "Deploy");
 
   const form = h("form", { class: "card", novalidate: true, "aria-labelledby": "new-title" },
     h("h1", { id: "new-title" }, "New LoRA deployment"),
+    h("fieldset", { class: "choices" },
+      h("legend", {}, "Source"),
+      radio("civitai", "CivitAI LoRA (image)", "An image LoRA from a CivitAI model page."),
+      radio("huggingface", "Hugging Face PEFT adapter (LLM)", "A PEFT LoRA for a language model, from a Hugging Face repo.")),
     formError,
-    field("lora_name", "Name", name, "1–64 letters, digits, dots, dashes or underscores; starts with a letter or digit."),
-    field("base_model", "Base model", base),
-    field("civit_url", "CivitAI URL", url, "A model page or a specific version (…?modelVersionId=…)."),
-    privateField,
-    field("description", "Description (optional)", desc),
+    fields,
     h("div", { class: "actions" }, submit, h("a", { href: "#/deploys", class: "button secondary" }, "Cancel")));
-  setMain("New deployment", form);
-
-  try {
-    const models = await api("GET", "/v1/base-models", { auth: false });
-    fill(base, h("option", { value: "" }, "Choose a base model…"),
-      ...(models ?? []).map((m) => h("option", { value: m.name }, m.display ? `${m.display} — ${m.name}` : m.name)));
-  } catch (err) {
-    fill(base, h("option", { value: "" }, "Could not load base models"));
-    fill(formError, notice("error", err.message));
-  }
-  name.focus();
 
   const clearErrors = () => {
     fill(formError);
@@ -400,41 +501,57 @@ async function renderNew() {
   const showFieldError = (fieldId, message) => {
     const err = form.querySelector(`#${fieldId}-error`);
     const control = form.querySelector(`#${fieldId}`);
+    if (!err) return null;
     err.textContent = err.textContent ? `${err.textContent} ${message}` : message;
     control?.setAttribute("aria-invalid", "true");
     return control;
   };
+  function choose(key) {
+    current = sources[key];
+    clearErrors();
+    fill(fields, current.nodes);
+    submit.hidden = !current.ready;
+  }
+
+  choose(current.key);
+  setMain("New deployment", form);
+
+  let models = [];
+  let loadError = null;
+  try {
+    models = (await api("GET", "/v1/base-models", { auth: false })) ?? [];
+  } catch (err) {
+    loadError = err;
+  }
+  for (const s of Object.values(sources)) s.setModels(models, loadError);
+  choose(current.key);
+  if (loadError) fill(formError, notice("error", loadError.message));
+  if (!form.contains(document.activeElement)) current.first?.focus();
 
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
+    if (!current.ready) return;
+    const source = current;
     clearErrors();
     submit.disabled = true;
-    const body = {
-      lora_name: name.value.trim(),
-      base_model: base.value,
-      source: { type: "civitai", civit_url: url.value.trim() },
-      private: priv.checked,
-      description: desc.value,
-    };
+    const [path, body] = source.request();
     try {
-      const created = await api("POST", "/v1/lora/create", { body });
-      location.hash = `#/lora/${enc(loraNameOf(created.model_name ?? body.lora_name))}`;
+      const created = await api("POST", path, { body });
+      location.hash = `#/lora/${enc(loraNameOf(created.model_name ?? body.lora_name ?? body.lora_model_name))}`;
     } catch (err) {
       if (err.status === 401) return signedOut("Your token was not accepted. Sign in again.");
       let first = null;
       if (err.status === 422 && err.detail.length) {
         const unplaced = [];
         for (const d of err.detail) {
-          const f = fieldForLoc(d.loc);
-          if (f) {
-            const control = showFieldError(f, d.msg);
-            first ??= control;
-          }
+          const f = fieldForLoc(source.key, d.loc);
+          const control = f ? showFieldError(f, d.msg) : null;
+          if (control) first ??= control;
           else unplaced.push(`${(d.loc ?? []).join(".")}: ${d.msg}`);
         }
         if (unplaced.length) fill(formError, notice("error", unplaced.join(" ")));
       } else if (err.status === 409) {
-        first = showFieldError("lora_name", err.message);
+        first = showFieldError(source.nameField, err.message);
       } else {
         fill(formError, notice("error", err.message));
       }
@@ -451,10 +568,13 @@ function dl(pairs) {
       .map(([k, v]) => [h("dt", {}, k), h("dd", {}, v instanceof Node ? v : Array.isArray(v) ? v.join(", ") : String(v))]));
 }
 
-function probeSection(probe) {
+function probeSection(probe, fromHub) {
   if (!probe) return h("section", { "aria-labelledby": "probe-title" },
     h("h2", { id: "probe-title" }, "Adapter report"),
-    h("p", { class: "muted" }, "Not probed yet: the report appears once the file is downloaded and verified."));
+    h("p", { class: "muted" }, fromHub
+      ? "Not converted yet: the report appears once the adapter is downloaded, checked against the base model and converted."
+      : "Not probed yet: the report appears once the file is downloaded and verified."));
+  if (probe.converter_version !== undefined) return peftReportSection(probe);
   const rank = probe.rank_min === undefined || probe.rank_min === null ? null
     : probe.rank_min === probe.rank_max ? String(probe.rank_min) : `${probe.rank_min}–${probe.rank_max}`;
   const tags = Array.isArray(probe.top_tags)
@@ -480,6 +600,33 @@ function probeSection(probe) {
     Array.isArray(probe.warnings) && probe.warnings.length
       ? h("ul", { class: "warnings" }, probe.warnings.map((w) => h("li", {}, typeof w === "string" ? w : JSON.stringify(w))))
       : null);
+}
+
+/** A PEFT adapter's conversion report (what the import found in adapter_config.json and the weights). */
+function peftReportSection(report) {
+  const list = (v) => Array.isArray(v) ? v : [];
+  const layers = list(report.layers);
+  const contiguous = layers.length > 2 && layers.every((l, i) => i === 0 || l === layers[i - 1] + 1);
+  return h("section", { "aria-labelledby": "probe-title" },
+    h("h2", { id: "probe-title" }, "Adapter report"),
+    dl([
+      ["Architecture", report.architecture],
+      ["Trained on", report.base_model_name_or_path],
+      ["Rank", list(report.ranks).join(", ")],
+      ["rsLoRA", typeof report.use_rslora === "boolean" ? (report.use_rslora ? "yes" : "no") : null],
+      ["Target modules", list(report.target_modules)],
+      ["Layers", contiguous ? `${layers[0]}–${layers[layers.length - 1]}` : layers],
+      ["Tensors", report.tensor_count],
+      ["Parameters", typeof report.parameter_count === "number" ? report.parameter_count.toLocaleString() : null],
+    ]));
+}
+
+/** The Hub page of "owner/repo" or "owner/repo@revision"; null when the text is not that. */
+function huggingFaceUrl(ref) {
+  const m = /^([A-Za-z0-9_.-]+)\/([A-Za-z0-9_.-]+)(?:@(.+))?$/.exec(String(ref ?? ""));
+  if (!m) return null;
+  const repo = `https://huggingface.co/${enc(m[1])}/${enc(m[2])}`;
+  return m[3] ? `${repo}/tree/${enc(m[3])}` : repo;
 }
 
 async function renderLora(loraName) {
@@ -512,7 +659,8 @@ async function renderLora(loraName) {
     lastKey = key;
     const hadFocus = body.contains(document.activeElement) ? document.activeElement.textContent : null;
     const civitaiUrl = safeUrl(lora.civitai?.url ?? "");
-    const sourceUrl = safeUrl(lora.source?.civit_url ?? "");
+    const fromHub = lora.source?.type === "huggingface";
+    const sourceUrl = fromHub ? huggingFaceUrl(lora.source.civit_url) : safeUrl(lora.source?.civit_url ?? "");
     fill(body,
       h("div", { class: "page-head" },
         h("h1", {}, lora.model_name),
@@ -531,7 +679,8 @@ async function renderLora(loraName) {
           ["Description", lora.description],
           ["Version (SHA-256)", lora.version ? h("code", { class: "hash" }, lora.version) : null],
           ["Size", lora.size_bytes ? bytes(lora.size_bytes) : null],
-          ["Source", sourceUrl ? h("a", { href: sourceUrl, rel: "noopener noreferrer", target: "_blank" }, lora.source.civit_url) : lora.source?.civit_url],
+          [fromHub ? "Hugging Face repo" : "Source",
+            sourceUrl ? h("a", { href: sourceUrl, rel: "noopener noreferrer", target: "_blank" }, lora.source.civit_url) : lora.source?.civit_url],
           ["Created", when(lora.created_at)],
           ["Updated", when(lora.updated_at)],
         ])),
@@ -545,7 +694,7 @@ async function renderLora(loraName) {
           ["Trained words", lora.civitai.trained_words],
           ["Model / version / file id", [lora.civitai.model_id, lora.civitai.version_id, lora.civitai.file_id].filter((x) => x != null).join(" / ")],
         ])) : null,
-      probeSection(lora.probe));
+      probeSection(lora.probe, fromHub));
     if (hadFocus) [...body.querySelectorAll("button, a")].find((el) => el.textContent === hadFocus)?.focus();
     return !FINAL.has(lora.status);
   });
