@@ -45,7 +45,9 @@ public class ClientCommandTests
     }
 
     [Theory]
-    [InlineData("missing --civitai URL", "create", "--name", "x", "--base", "b")]
+    [InlineData("give exactly one of --civitai URL or --hf REPO", "create", "--name", "x", "--base", "b")]
+    [InlineData("give exactly one of --civitai URL or --hf REPO", "create", "--name", "x", "--hf", "a/b", "--civitai", "https://civitai.com/models/1")]
+    [InlineData("--public is for CivitAI LoRAs", "create", "--name", "x", "--hf", "a/b", "--public")]
     [InlineData("missing --base MODEL", "create", "--name", "x", "--civitai", "https://civitai.com/models/1")]
     [InlineData("missing --name NAME", "create", "--base", "b", "--civitai", "https://civitai.com/models/1")]
     [InlineData("give both --min N and --max N", "scale", "abc123def456", "--min", "1")]
