@@ -24,7 +24,7 @@ switch (command)
         await PlacementBench.RunAsync(runs: Arg("runs", 20), heartbeatSeconds: Arg("heartbeat", 2));
         break;
     case "llamacpp":
-        await LlamaCppBench.RunAsync(rounds: Arg("rounds", 5), tokens: Arg("tokens", 64), bigAdapterMiB: Arg("adapter-mib", 200));
+        await LlamaCppBench.RunAsync(rounds: Arg("rounds", 5), tokens: Arg("tokens", 64), bigAdapterMiB: Arg("adapter-mib", 200), threads: Arg("threads", 1));
         break;
     default:
         Console.Error.WriteLine("usage: LoraDeploy.ServingBench <gateway|affinity|placement|llamacpp> [--rounds N] [--seconds S] ...");
