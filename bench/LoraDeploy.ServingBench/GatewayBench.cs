@@ -12,7 +12,7 @@ namespace LoraDeploy.ServingBench;
 /// </summary>
 public static class GatewayBench
 {
-    public static async Task RunAsync(int rounds, TimeSpan duration, int connections)
+    public static async Task RunAsync(int rounds, TimeSpan duration, int connections, int workerSlots)
     {
         var model = new TinyLlama().Generate();
         Directory.CreateDirectory(BenchPaths.Scratch);
@@ -24,7 +24,7 @@ public static class GatewayBench
                 // 64 connections must not be refused by the per-pool limit.
                 ["Workers:MaxOutstandingPerPool"] = "1000",
             }, withHub: false);
-            var worker = await h.StartWorkerAsync("bench-worker", slots: 4);
+            var worker = await h.StartWorkerAsync("bench-worker", slots: workerSlots);
             var (_, user) = await h.CreateUserAsync("bench", connections);
             using var direct = new HttpClient(Harness.LoadHandler(connections)) { BaseAddress = new Uri(worker.Url), Timeout = TimeSpan.FromSeconds(120) };
             direct.DefaultRequestHeaders.Authorization = new AuthenticationHeaderValue("Bearer", worker.CallKey);
@@ -39,6 +39,9 @@ public static class GatewayBench
                 return direct.SendAsync(request);
             }
             Task<HttpResponseMessage> Gateway(int _) => user.PostAsync("/v1/completions", Json(body));
+            // What the gateway spends before routing: authentication, body, model lookup (an unknown model: 404).
+            var unknown = Encoding.UTF8.GetBytes("""{"model":"nobody/nothing","prompt":"hello world","max_tokens":1,"temperature":0}""");
+            Task<HttpResponseMessage> Lookup(int _) => user.PostAsync("/v1/completions", Json(unknown));
 
             // Both answer the same thing (checked once), then warm up: connections, JIT tiers, the token cache.
             using (var a = await Direct(0))
@@ -56,6 +59,7 @@ public static class GatewayBench
             await Load.ClosedLoopAsync("warm-gateway", connections, TimeSpan.FromSeconds(5), Gateway);
 
             var results = new List<(RunResult Direct, RunResult Gateway)>();
+            var lookups = new List<(int Answers, RunResult Run)>();
             for (var round = 1; round <= rounds; round++)
             {
                 RunResult d, g;
@@ -71,11 +75,14 @@ public static class GatewayBench
                     d = await Load.ClosedLoopAsync("direct", connections, duration, Direct);
                 }
                 results.Add((d, g));
+                // Counted as errors by the loop (404 is the point): its rate is answers ÷ time.
+                var l = await Load.ClosedLoopAsync("lookup-404", connections, duration, Lookup);
+                lookups.Add((l.Errors, l));
                 Console.WriteLine($"round {round}: direct {Stats.F(d.Throughput, 0)} req/s p50 {Stats.F(d.P50)} p99 {Stats.F(d.P99)} ms ({d.Errors} errors) | " +
                     $"gateway {Stats.F(g.Throughput, 0)} req/s p50 {Stats.F(g.P50)} p99 {Stats.F(g.P99)} ms ({g.Errors} errors){FirstError(d, g)}");
             }
 
-            Stats.Table($"Gateway overhead, {connections} connections, {rounds} rounds of {duration.TotalSeconds:F0} s each",
+            Stats.Table($"Gateway overhead, {connections} connections, Worker:Slots={workerSlots}, {rounds} rounds of {duration.TotalSeconds:F0} s each",
                 ["round", "direct req/s", "direct p50 / p99 ms", "gateway req/s", "gateway p50 / p99 ms", "gateway adds at p50 (ms)", "throughput × direct"],
                 results.Select((r, i) => (IReadOnlyList<string>)
                 [
@@ -88,6 +95,8 @@ public static class GatewayBench
             var ratio = results.Select(r => r.Gateway.Throughput / r.Direct.Throughput).ToList();
             Stats.Note($"gateway adds at p50: median {Stats.Spread(added)} ms (target ≤ 1 ms: {(Stats.Median(added) <= 1 ? "met" : "NOT met")})");
             Stats.Note($"gateway throughput ÷ direct: median {Stats.Spread(ratio)} (target ≥ 0.8: {(Stats.Median(ratio) >= 0.8 ? "met" : "NOT met")})");
+            Stats.Note($"unknown model → 404 through the gateway (auth, body, model lookup; no routing, no worker): " +
+                $"{Stats.Spread(lookups.Select(l => l.Answers / (duration.TotalSeconds)).ToList(), 0)} answers/s per round");
             Stats.Note($"errors: direct {results.Sum(r => r.Direct.Errors)}, gateway {results.Sum(r => r.Gateway.Errors)}");
         }
         finally

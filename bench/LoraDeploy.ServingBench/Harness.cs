@@ -123,7 +123,7 @@ public sealed class Harness : IAsyncDisposable
     /// Starts a worker app (the same <see cref="WorkerHost.Build"/> <c>loradeploy worker</c> and the embedded worker
     /// use) registered with this server, and waits until the server sees it.
     /// </summary>
-    public async Task<WorkerHandle> StartWorkerAsync(string id, int slots = 4, Action<IDictionary<string, string?>>? adjust = null)
+    public async Task<WorkerHandle> StartWorkerAsync(string id, int slots = 4, bool retryWhileUnloading = false)
     {
         var token = await QueryAsync(db => WorkerTokens.CreateAsync(db, id, DateTime.UtcNow, CancellationToken.None));
         var settings = new Dictionary<string, string?>(_poolSettings, StringComparer.OrdinalIgnoreCase)
@@ -138,9 +138,8 @@ public sealed class Harness : IAsyncDisposable
             // Pinned adapters beyond MaxAdaptersPerWorker are the affinity run's point, not news.
             ["Logging:LogLevel:LoraDeploy.Workers.Host.AdapterResidency"] = Verbose ? "Information" : "Error",
         };
-        adjust?.Invoke(settings);
         var engine = new LlamaCppServingEngine();
-        var counting = new CountingEngine(engine);
+        var counting = new CountingEngine(engine, retryWhileUnloading);
         var app = WorkerHost.Build([], [counting], builder => builder.Configuration.AddInMemoryCollection(settings));
         await app.StartAsync();
         _workers.Add((app, engine));
@@ -218,22 +217,37 @@ public sealed class Harness : IAsyncDisposable
 public sealed record WorkerHandle(string Id, string Url, string CallKey, CountingEngine Engine);
 
 /// <summary>The worker's engine with a count of the adapter loads and unloads it was asked for (the worker-side truth).</summary>
-public sealed class CountingEngine(IServingEngine inner) : IServingEngine
+/// <param name="retryWhileUnloading">
+/// Works around what the affinity run found (see docs/benchmarks.md): a load of an adapter whose eviction is still
+/// unloading it is refused by the engine ("is being unloaded") and the worker then marks the adapter failed for good.
+/// With this on, such a load waits for the unload and tries again, as a fix in the worker would.
+/// </param>
+public sealed class CountingEngine(IServingEngine inner, bool retryWhileUnloading = false) : IServingEngine
 {
     private int _loads;
     private int _unloads;
+    private int _retried;
 
     public int Loads => Volatile.Read(ref _loads);
     public int Unloads => Volatile.Read(ref _unloads);
+    /// <summary>Loads refused as "being unloaded" and retried (only with retryWhileUnloading).</summary>
+    public int Retried => Volatile.Read(ref _retried);
 
     public string Engine => inner.Engine;
 
     public Task StartAsync(IReadOnlyList<BaseModelEntry> pools, CancellationToken ct) => inner.StartAsync(pools, ct);
 
-    public Task<AdapterLoadResult> LoadAdapterAsync(string pool, string sha256, string path, CancellationToken ct)
+    public async Task<AdapterLoadResult> LoadAdapterAsync(string pool, string sha256, string path, CancellationToken ct)
     {
         Interlocked.Increment(ref _loads);
-        return inner.LoadAdapterAsync(pool, sha256, path, ct);
+        var result = await inner.LoadAdapterAsync(pool, sha256, path, ct);
+        for (var attempt = 0; retryWhileUnloading && attempt < 200 && result.Reason?.Contains("is being unloaded", StringComparison.Ordinal) == true; attempt++)
+        {
+            Interlocked.Increment(ref _retried);
+            await Task.Delay(5, ct);
+            result = await inner.LoadAdapterAsync(pool, sha256, path, ct);
+        }
+        return result;
     }
 
     public Task UnloadAdapterAsync(string pool, string sha256)

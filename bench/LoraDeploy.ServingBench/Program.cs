@@ -14,11 +14,11 @@ Console.WriteLine($"# {DateTime.UtcNow:yyyy-MM-dd HH:mm:ss} UTC, {Environment.Pr
 switch (command)
 {
     case "gateway":
-        await GatewayBench.RunAsync(rounds: Arg("rounds", 5), duration: TimeSpan.FromSeconds(Arg("seconds", 8)), connections: Arg("connections", 64));
+        await GatewayBench.RunAsync(rounds: Arg("rounds", 5), duration: TimeSpan.FromSeconds(Arg("seconds", 6)), connections: Arg("connections", 64), workerSlots: Arg("slots", 4));
         break;
     case "affinity":
         await AffinityBench.RunAsync(rounds: Arg("rounds", 3), requests: Arg("requests", 600), concurrency: Arg("concurrency", 8),
-            adapters: Arg("adapters", 20), maxAdaptersPerWorker: Arg("max-adapters", 6));
+            adapters: Arg("adapters", 20), maxAdaptersPerWorker: Arg("max-adapters", 6), retryWhileUnloading: Arg("retry-unloading", 0) == 1);
         break;
     case "placement":
         await PlacementBench.RunAsync(runs: Arg("runs", 20), heartbeatSeconds: Arg("heartbeat", 2));

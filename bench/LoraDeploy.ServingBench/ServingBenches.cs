@@ -14,7 +14,7 @@ namespace LoraDeploy.ServingBench;
 /// </summary>
 public static class AffinityBench
 {
-    public static async Task RunAsync(int rounds, int requests, int concurrency, int adapters, int maxAdaptersPerWorker)
+    public static async Task RunAsync(int rounds, int requests, int concurrency, int adapters, int maxAdaptersPerWorker, bool retryWhileUnloading)
     {
         var model = new TinyLlama().Generate();
         Directory.CreateDirectory(BenchPaths.Scratch);
@@ -26,7 +26,7 @@ public static class AffinityBench
                 ["Workers:HeartbeatSeconds"] = "1",
                 ["Pipeline:PollInterval"] = "00:00:00.200",
             }, withHub: true);
-            var workers = new[] { await h.StartWorkerAsync("worker-a"), await h.StartWorkerAsync("worker-b") };
+            var workers = new[] { await h.StartWorkerAsync("worker-a", retryWhileUnloading: retryWhileUnloading), await h.StartWorkerAsync("worker-b", retryWhileUnloading: retryWhileUnloading) };
             var (owner, user) = await h.CreateUserAsync("bench", concurrency);
 
             var clock = Stopwatch.StartNew();
@@ -89,7 +89,8 @@ public static class AffinityBench
             }
             options.Routing = "affinity";
 
-            Stats.Table($"Affinity vs random routing: 2 workers, {adapters} adapters (MaxAdaptersPerWorker {maxAdaptersPerWorker}), Zipf s=1.1, {requests} requests per run, {concurrency} in flight",
+            Stats.Table($"Affinity vs random routing: 2 workers, {adapters} adapters (MaxAdaptersPerWorker {maxAdaptersPerWorker}), Zipf s=1.1, {requests} requests per run, {concurrency} in flight" +
+                (retryWhileUnloading ? $", loads refused while unloading retried by the bench ({workers.Sum(w => w.Engine.Retried)} retries)" : ""),
                 ["round", "routing", "adapter loads", "loads per 100 requests", "p50 ms", "p99 ms", "req/s", "errors"],
                 results.Select(r => (IReadOnlyList<string>)
                 [
