@@ -93,7 +93,7 @@ public static class GatewayBench
                 ]));
             var added = results.Select(r => r.Gateway.P50 - r.Direct.P50).ToList();
             var ratio = results.Select(r => r.Gateway.Throughput / r.Direct.Throughput).ToList();
-            Stats.Note($"gateway adds at p50: median {Stats.Spread(added)} ms (target ≤ 1 ms: {(Stats.Median(added) <= 1 ? "met" : "NOT met")})");
+            Stats.Note($"gateway adds at p50: median {Stats.Spread(added)} ms (target ≤ 1 ms: {Verdict(Stats.Median(added))})");
             Stats.Note($"gateway throughput ÷ direct: median {Stats.Spread(ratio)} (target ≥ 0.8: {(Stats.Median(ratio) >= 0.8 ? "met" : "NOT met")})");
             Stats.Note($"unknown model → 404 through the gateway (auth, body, model lookup; no routing, no worker): " +
                 $"{Stats.Spread(lookups.Select(l => l.Answers / (duration.TotalSeconds)).ToList(), 0)} answers/s per round");
@@ -104,6 +104,12 @@ public static class GatewayBench
             File.Delete(gguf);
         }
     }
+
+    /// <summary>
+    /// A gateway p50 below the direct one is not a fast gateway: the router holds requests beyond the worker's slots
+    /// back (Workers:HolderWaitMilliseconds), so the ones it lets through meet a short queue and the rest wait (see p99).
+    /// </summary>
+    private static string Verdict(double addedMs) => addedMs < 0 ? "not comparable: the gateway queues in front of the worker, see p99" : addedMs <= 1 ? "met" : "NOT met";
 
     private static string FirstError(RunResult d, RunResult g) => (g.FirstError ?? d.FirstError) is { } e ? " first error: " + e : "";
 
