@@ -1,0 +1,142 @@
+using System.Diagnostics;
+using System.Globalization;
+
+namespace LoraDeploy.ServingBench;
+
+/// <summary>One measured run: every request's latency, the errors, and how long the run took.</summary>
+public sealed class RunResult(string name, List<double> latenciesMs, int errors, TimeSpan elapsed, string? firstError)
+{
+    public string Name => name;
+    public int Count => latenciesMs.Count;
+    public int Errors => errors;
+    public string? FirstError => firstError;
+    public double Throughput => latenciesMs.Count / elapsed.TotalSeconds;
+    public double P50 => Stats.Percentile(latenciesMs, 0.50);
+    public double P90 => Stats.Percentile(latenciesMs, 0.90);
+    public double P99 => Stats.Percentile(latenciesMs, 0.99);
+    public double Max => latenciesMs.Count == 0 ? double.NaN : latenciesMs.Max();
+}
+
+public static class Load
+{
+    /// <summary>
+    /// <paramref name="connections"/> loops, each sending one request after another until <paramref name="duration"/>
+    /// is up (a plain closed-loop load, like wrk's). Non-2xx answers and exceptions count as errors, not latencies.
+    /// </summary>
+    public static async Task<RunResult> ClosedLoopAsync(string name, int connections, TimeSpan duration, Func<int, Task<HttpResponseMessage>> send)
+    {
+        var latencies = new List<double>[connections];
+        var errors = 0;
+        string? firstError = null;
+        var started = Stopwatch.GetTimestamp();
+        var stopAt = started + (long)(duration.TotalSeconds * Stopwatch.Frequency);
+        var loops = Enumerable.Range(0, connections).Select(async c =>
+        {
+            var mine = latencies[c] = new List<double>(4096);
+            while (Stopwatch.GetTimestamp() < stopAt)
+            {
+                var begin = Stopwatch.GetTimestamp();
+                try
+                {
+                    using var response = await send(c);
+                    var body = await response.Content.ReadAsByteArrayAsync();
+                    if (!response.IsSuccessStatusCode)
+                    {
+                        Interlocked.Increment(ref errors);
+                        Interlocked.CompareExchange(ref firstError, $"{(int)response.StatusCode} {System.Text.Encoding.UTF8.GetString(body)}", null);
+                        continue;
+                    }
+                }
+                catch (Exception e) when (e is HttpRequestException or TaskCanceledException)
+                {
+                    Interlocked.Increment(ref errors);
+                    Interlocked.CompareExchange(ref firstError, e.Message, null);
+                    continue;
+                }
+                mine.Add(Stopwatch.GetElapsedTime(begin).TotalMilliseconds);
+            }
+        }).ToList();
+        await Task.WhenAll(loops);
+        var elapsed = Stopwatch.GetElapsedTime(started);
+        return new RunResult(name, latencies.SelectMany(l => l).ToList(), errors, elapsed, firstError);
+    }
+
+    /// <summary>Sends the given sequence of requests with <paramref name="connections"/> in flight at a time.</summary>
+    public static async Task<RunResult> SequenceAsync<T>(string name, int connections, IReadOnlyList<T> items, Func<T, Task<HttpResponseMessage>> send)
+    {
+        var latencies = new List<double>[connections];
+        var errors = 0;
+        string? firstError = null;
+        var next = -1;
+        var started = Stopwatch.GetTimestamp();
+        var loops = Enumerable.Range(0, connections).Select(async c =>
+        {
+            var mine = latencies[c] = [];
+            int i;
+            while ((i = Interlocked.Increment(ref next)) < items.Count)
+            {
+                var begin = Stopwatch.GetTimestamp();
+                try
+                {
+                    using var response = await send(items[i]);
+                    var body = await response.Content.ReadAsByteArrayAsync();
+                    if (!response.IsSuccessStatusCode)
+                    {
+                        Interlocked.Increment(ref errors);
+                        Interlocked.CompareExchange(ref firstError, $"{(int)response.StatusCode} {System.Text.Encoding.UTF8.GetString(body)}", null);
+                        continue;
+                    }
+                }
+                catch (Exception e) when (e is HttpRequestException or TaskCanceledException)
+                {
+                    Interlocked.Increment(ref errors);
+                    Interlocked.CompareExchange(ref firstError, e.Message, null);
+                    continue;
+                }
+                mine.Add(Stopwatch.GetElapsedTime(begin).TotalMilliseconds);
+            }
+        }).ToList();
+        await Task.WhenAll(loops);
+        return new RunResult(name, latencies.SelectMany(l => l).ToList(), errors, Stopwatch.GetElapsedTime(started), firstError);
+    }
+}
+
+public static class Stats
+{
+    /// <summary>Nearest-rank percentile.</summary>
+    public static double Percentile(IReadOnlyCollection<double> values, double p)
+    {
+        if (values.Count == 0)
+        {
+            return double.NaN;
+        }
+        var sorted = values.Order().ToArray();
+        var rank = (int)Math.Ceiling(p * sorted.Length) - 1;
+        return sorted[Math.Clamp(rank, 0, sorted.Length - 1)];
+    }
+
+    public static double Median(IEnumerable<double> values) => Percentile(values.ToList(), 0.5);
+
+    public static string F(double value, int decimals = 2) => value.ToString("F" + decimals, CultureInfo.InvariantCulture);
+
+    /// <summary>"median (min–max)".</summary>
+    public static string Spread(IReadOnlyCollection<double> values, int decimals = 2) =>
+        $"{F(Median(values), decimals)} ({F(values.Min(), decimals)}–{F(values.Max(), decimals)})";
+
+    /// <summary>Prints a Markdown table (so it can go into docs/benchmarks.md as it is).</summary>
+    public static void Table(string title, IReadOnlyList<string> header, IEnumerable<IReadOnlyList<string>> rows)
+    {
+        Console.WriteLine();
+        Console.WriteLine($"### {title}");
+        Console.WriteLine();
+        Console.WriteLine("| " + string.Join(" | ", header) + " |");
+        Console.WriteLine("|" + string.Join("|", header.Select((_, i) => i == 0 ? "---" : "---:")) + "|");
+        foreach (var row in rows)
+        {
+            Console.WriteLine("| " + string.Join(" | ", row) + " |");
+        }
+        Console.WriteLine();
+    }
+
+    public static void Note(string text) => Console.WriteLine($"# {text}");
+}
