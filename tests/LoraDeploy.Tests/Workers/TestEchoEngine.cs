@@ -58,20 +58,35 @@ public sealed class TestEchoEngine(string engine = Engines.LlamaCpp) : IServingE
         StartedPools = pools;
     }
 
+    /// <summary>When set, unloads wait for it (to widen the window between deciding an unload and finishing it).</summary>
+    public TaskCompletionSource? UnloadGate { get; set; }
+
+    private readonly ConcurrentDictionary<string, byte> _unloading = new();
+
     public async Task<AdapterLoadResult> LoadAdapterAsync(string pool, string sha256, string path, CancellationToken ct)
     {
         if (Refuse.TryGetValue(sha256, out var reason))
         {
             return AdapterLoadResult.Refused(reason);
         }
+        if (_unloading.ContainsKey(sha256))
+        {
+            // What llama.cpp's engine answers too: a load of an adapter whose unload has not finished is refused.
+            return AdapterLoadResult.Refused($"adapter '{sha256}' is being unloaded; load it again once the unload has finished");
+        }
         Loads.Enqueue((pool, sha256, await File.ReadAllBytesAsync(path, ct)));
         return AdapterLoadResult.Loaded;
     }
 
-    public Task UnloadAdapterAsync(string pool, string sha256)
+    public async Task UnloadAdapterAsync(string pool, string sha256)
     {
+        _unloading[sha256] = 0;
+        if (UnloadGate is { } gate)
+        {
+            await gate.Task;
+        }
         Unloads.Enqueue((pool, sha256));
-        return Task.CompletedTask;
+        _unloading.TryRemove(sha256, out _);
     }
 
     public async Task HandleAsync(InferenceCall call, HttpContext http, CancellationToken ct)

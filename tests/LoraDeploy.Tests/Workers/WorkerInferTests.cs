@@ -131,6 +131,24 @@ public sealed class WorkerInferTests
     }
 
     [Fact]
+    public async Task A_request_for_an_adapter_being_evicted_waits_for_the_unload_and_loads_it_again()
+    {
+        await using var worker = await WorkerHarness.StartAsync(new Dictionary<string, string> { [$"BaseModels:{WorkerHarness.Pool}:MaxAdaptersPerWorker"] = "1" });
+        var (a, b) = (Blob(worker), Blob(worker));
+        using var client = worker.CreateClient();
+        await InferAsync(client, a);
+
+        worker.Engine.UnloadGate = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var evicting = InferAsync(client, b); // loads b, evicts a: the unload of a hangs on the gate
+        await Eventually.TrueAsync(() => worker.Engine.Loads.Count(l => l.Sha256 == b) == 1, "b loaded");
+        var again = InferAsync(client, a); // a is gone from the residents but not yet from the engine
+        await Task.Delay(200);
+        worker.Engine.UnloadGate.SetResult();
+        await Task.WhenAll(evicting, again); // both 200: a was loaded again after its unload, not refused meanwhile
+        Assert.Equal(2, worker.Engine.Loads.Count(l => l.Sha256 == a));
+    }
+
+    [Fact]
     public async Task With_every_slot_busy_requests_queue_and_run_when_a_slot_frees()
     {
         await using var worker = await WorkerHarness.StartAsync(new Dictionary<string, string> { ["Worker:Slots"] = "2" });

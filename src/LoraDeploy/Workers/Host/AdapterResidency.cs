@@ -33,6 +33,11 @@ public sealed class AdapterResidency(
 
     private readonly Lock _lock = new();
     private readonly Dictionary<(string Pool, string Sha256), Resident> _residents = [];
+    /// <summary>
+    /// Unloads decided (under the lock) but not yet done. A new load of the same key waits for them: otherwise the engine
+    /// refuses it ("being unloaded") or answers "already loaded" just before the unload removes it.
+    /// </summary>
+    private readonly Dictionary<(string Pool, string Sha256), Task> _unloads = [];
     private HashSet<(string Pool, string Sha256)> _hold = [];
     private long _clock;
 
@@ -146,15 +151,18 @@ public sealed class AdapterResidency(
     /// <summary>Ends a request's use of an adapter; one dropped meanwhile is unloaded when its last use ends.</summary>
     private void Release((string Pool, string Sha256) key, Resident resident)
     {
-        bool unload;
+        TaskCompletionSource? unload = null;
         lock (_lock)
         {
             resident.InUse--;
-            unload = resident.Detached && resident.InUse == 0;
+            if (resident.Detached && resident.InUse == 0)
+            {
+                unload = PendingUnload(key);
+            }
         }
-        if (unload)
+        if (unload is not null)
         {
-            _ = UnloadAsync(key.Pool, key.Sha256, "dropped by the server");
+            _ = UnloadAsync(key.Pool, key.Sha256, "dropped by the server", unload);
         }
     }
 
@@ -178,6 +186,15 @@ public sealed class AdapterResidency(
         try
         {
             using var blob = await cache.AcquireAsync(key.Sha256, sizeBytes, stopping);
+            Task? unloading;
+            lock (_lock)
+            {
+                unloading = _unloads.GetValueOrDefault(key);
+            }
+            if (unloading is not null)
+            {
+                await unloading.WaitAsync(stopping);
+            }
             result = await engine.LoadAdapterAsync(key.Pool, key.Sha256, blob.Path, stopping);
         }
         catch (BlobRefusedException e)
@@ -197,11 +214,16 @@ public sealed class AdapterResidency(
             return $"adapter {key.Sha256} could not be fetched from the server: {e.Message}";
         }
 
-        var evicted = new List<(string Pool, string Sha256)>();
+        var evicted = new List<((string Pool, string Sha256) Key, TaskCompletionSource Done)>();
         var dropped = false;
+        TaskCompletionSource? unloadDropped = null;
         lock (_lock)
         {
             dropped = !(_residents.TryGetValue(key, out var current) && current == resident);
+            if (dropped && result.IsLoaded)
+            {
+                unloadDropped = PendingUnload(key);
+            }
             if (!result.IsLoaded)
             {
                 resident.State = AdapterStates.Failed;
@@ -217,26 +239,26 @@ public sealed class AdapterResidency(
         if (result.IsLoaded)
         {
             logger.LogInformation("Loaded adapter {Sha256} on {Pool}.", key.Sha256, key.Pool);
-            if (dropped)
+            if (unloadDropped is not null)
             {
-                await UnloadAsync(key.Pool, key.Sha256, "dropped by the server while loading");
+                await UnloadAsync(key.Pool, key.Sha256, "dropped by the server while loading", unloadDropped);
             }
         }
         else
         {
             logger.LogWarning("Adapter {Sha256} refused on {Pool}: {Reason}", key.Sha256, key.Pool, result.Reason);
         }
-        foreach (var victim in evicted)
+        foreach (var (victim, done) in evicted)
         {
-            await UnloadAsync(victim.Pool, victim.Sha256, "least recently used beyond MaxAdaptersPerWorker");
+            await UnloadAsync(victim.Pool, victim.Sha256, "least recently used beyond MaxAdaptersPerWorker", done);
         }
         return null;
     }
 
     /// <summary>Under the lock: removes (and returns, to unload) the least recently used unpinned idle adapters beyond the pool's cap.</summary>
-    private List<(string Pool, string Sha256)> EvictOverCap(string pool, (string Pool, string Sha256) except)
+    private List<((string Pool, string Sha256) Key, TaskCompletionSource Done)> EvictOverCap(string pool, (string Pool, string Sha256) except)
     {
-        var evicted = new List<(string, string)>();
+        var evicted = new List<((string Pool, string Sha256), TaskCompletionSource)>();
         var cap = pools[pool].MaxAdaptersPerWorker;
         var held = _residents.Where(r => r.Key.Pool == pool && r.Value.State != AdapterStates.Failed).ToList();
         var excess = held.Count - cap;
@@ -246,7 +268,7 @@ public sealed class AdapterResidency(
                      .Take(Math.Max(0, excess)))
         {
             _residents.Remove(victim.Key);
-            evicted.Add(victim.Key);
+            evicted.Add((victim.Key, PendingUnload(victim.Key)));
         }
         if (held.Count - evicted.Count > cap)
         {
@@ -268,7 +290,7 @@ public sealed class AdapterResidency(
     /// <summary>Unloads <paramref name="sha256"/> from every pool at once (after the requests using it end).</summary>
     public void Drop(string sha256)
     {
-        var unload = new List<(string Pool, string Sha256)>();
+        var unload = new List<((string Pool, string Sha256) Key, TaskCompletionSource Done)>();
         lock (_lock)
         {
             foreach (var (key, resident) in _residents.Where(r => r.Key.Sha256 == sha256).ToList())
@@ -284,17 +306,25 @@ public sealed class AdapterResidency(
                 }
                 else
                 {
-                    unload.Add(key);
+                    unload.Add((key, PendingUnload(key)));
                 }
             }
         }
-        foreach (var key in unload)
+        foreach (var (key, done) in unload)
         {
-            _ = UnloadAsync(key.Pool, key.Sha256, "dropped by the server");
+            _ = UnloadAsync(key.Pool, key.Sha256, "dropped by the server", done);
         }
     }
 
-    private async Task UnloadAsync(string pool, string sha256, string why)
+    /// <summary>Under the lock: records that <paramref name="key"/> is about to be unloaded; complete the result when it is.</summary>
+    private TaskCompletionSource PendingUnload((string Pool, string Sha256) key)
+    {
+        var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        _unloads[key] = _unloads.TryGetValue(key, out var earlier) ? Task.WhenAll(earlier, done.Task) : done.Task;
+        return done;
+    }
+
+    private async Task UnloadAsync(string pool, string sha256, string why, TaskCompletionSource done)
     {
         try
         {
@@ -304,6 +334,17 @@ public sealed class AdapterResidency(
         catch (Exception e)
         {
             logger.LogError(e, "Unloading adapter {Sha256} from {Pool} failed.", sha256, pool);
+        }
+        finally
+        {
+            done.TrySetResult();
+            lock (_lock)
+            {
+                if (_unloads.TryGetValue((pool, sha256), out var pending) && pending.IsCompleted)
+                {
+                    _unloads.Remove((pool, sha256));
+                }
+            }
         }
     }
 
