@@ -44,11 +44,20 @@ public static class DeployEndpoints
         deploy.MapPut("/{deploy_id}", UpdateDeploy)
             .WithRequestBody<DeployLLMUpdateIn>()
             .Produces<HTTPValidationError>(StatusCodes.Status422UnprocessableEntity)
-            .WithSummary("Change scale settings");
-        deploy.MapDelete("/{deploy_id}", DeleteDeploy).WithSummary("Delete a deployment (idempotent)");
-        deploy.MapPost("/{deploy_id}/stop", StopDeploy).WithSummary("Stop a deploying or running deployment");
-        deploy.MapPost("/{deploy_id}/start", StartDeploy).WithSummary("Start a stopped deployment");
+            .WithSummary("Change scale settings")
+            .AddEndpointFilter(WakePlacement);
+        deploy.MapDelete("/{deploy_id}", DeleteDeploy).WithSummary("Delete a deployment (idempotent)").AddEndpointFilter(WakePlacement);
+        deploy.MapPost("/{deploy_id}/stop", StopDeploy).WithSummary("Stop a deploying or running deployment").AddEndpointFilter(WakePlacement);
+        deploy.MapPost("/{deploy_id}/start", StartDeploy).WithSummary("Start a stopped deployment").AddEndpointFilter(WakePlacement);
         return app;
+    }
+
+    /// <summary>After a change of what a deploy wants (scale, stop, start, delete), placement acts on it now, not at its next pass.</summary>
+    private static async ValueTask<object?> WakePlacement(EndpointFilterInvocationContext context, EndpointFilterDelegate next)
+    {
+        var result = await next(context);
+        context.HttpContext.RequestServices.GetRequiredService<Workers.Placement>().Wake();
+        return result;
     }
 
     internal static async Task<Results<DeployListJson, Ok<List<DeploymentOut>>, JsonHttpResult<HTTPValidationError>>> ListDeploys(

@@ -84,7 +84,8 @@ public sealed class InferenceRouter(
 
                 var holders = workers.Where(Holds).ToList();
                 var choice = holders.Where(Free).OrderBy(Load).FirstOrDefault();
-                if (choice is null && holders.Count > 0 && time.GetUtcNow() < waitUntil)
+                // Waiting is for a worker that holds the adapters; without adapters every worker is as good as another.
+                if (choice is null && adapters.Count > 0 && holders.Count > 0 && time.GetUtcNow() < waitUntil)
                 {
                     await Task.Delay(HolderPoll, time, ct); // a holder is busy: its slot usually frees sooner than a load
                     continue;

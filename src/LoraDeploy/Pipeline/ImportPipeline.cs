@@ -27,6 +27,7 @@ public sealed partial class ImportPipeline(
     PipelineSignal signal,
     PipelineMetrics metrics,
     HuggingFaceTokens hfTokens,
+    Workers.Placement placement,
     IOptions<PipelineOptions> options,
     TimeProvider time,
     ILogger<ImportPipeline> logger) : BackgroundService
@@ -491,6 +492,7 @@ public sealed partial class ImportPipeline(
         if (advanced == 1)
         {
             signal.Wake();
+            placement.Wake();
             metrics.ImportSucceeded();
         }
     }

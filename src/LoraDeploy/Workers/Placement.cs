@@ -29,10 +29,18 @@ public sealed partial class Placement(
     /// <summary>How often a pass runs: well inside the heartbeat timeout, so a dead worker's deploys move within seconds.</summary>
     public static readonly TimeSpan Interval = TimeSpan.FromMilliseconds(500);
 
+    // The same wake-up channel the pipeline uses: a pass right away when this process saw something change.
+    private readonly Pipeline.PipelineSignal _wake = new();
+
+    /// <summary>
+    /// Runs a pass now rather than at the next interval: an import finished, a worker registered or reported an instance
+    /// ready (or refused), a deploy was stopped, started or rescaled. Other replicas see the change at their next pass.
+    /// </summary>
+    public void Wake() => _wake.Wake();
+
     protected override async Task ExecuteAsync(CancellationToken stoppingToken)
     {
-        using var timer = new PeriodicTimer(Interval, time);
-        do
+        while (!stoppingToken.IsCancellationRequested)
         {
             try
             {
@@ -46,8 +54,15 @@ public sealed partial class Placement(
             {
                 logger.LogError(e, "Placement pass failed; retrying");
             }
+            try
+            {
+                await _wake.WaitAsync(Interval, time, stoppingToken);
+            }
+            catch (OperationCanceledException)
+            {
+                break;
+            }
         }
-        while (await timer.WaitForNextTickAsync(stoppingToken));
     }
 
     public async Task RunOnceAsync(CancellationToken ct)

@@ -23,7 +23,7 @@ public sealed class WorkersOptions
 
     /// <summary>How often workers heartbeat.</summary>
     [Range(1, 60)]
-    public int HeartbeatSeconds { get; set; } = 2;
+    public int HeartbeatSeconds { get; set; } = 1;
 
     /// <summary>A worker silent this long is out of routing and its instances are placed elsewhere.</summary>
     [Range(2, 600)]
@@ -99,7 +99,7 @@ public static partial class WorkerEndpoints
     internal static partial Regex Sha256Hex();
 
     internal static async Task<Results<Ok<WorkerRegistered>, JsonHttpResult<HTTPValidationError>, JsonHttpResult<DeepError>>> Register(
-        HttpContext http, LoraDeployDbContext db, BaseModelRegistry registry, IOptions<WorkersOptions> options, TimeProvider time, CancellationToken ct)
+        HttpContext http, LoraDeployDbContext db, BaseModelRegistry registry, IOptions<WorkersOptions> options, Placement placement, TimeProvider time, CancellationToken ct)
     {
         var (registration, invalid, tooLarge) = await ReadAsync(http, WorkerJsonContext.Default.WorkerRegistration, ct);
         if (registration is null)
@@ -185,11 +185,12 @@ public static partial class WorkerEndpoints
         existing.ResidentJson = "[]";
         existing.LastHeartbeatAt = now;
         await db.SaveChangesAsync(ct);
+        placement.Wake(); // deploys waiting for a worker of these pools can be placed now
         return TypedResults.Ok(new WorkerRegistered(existing.Id, options.Value.HeartbeatSeconds));
     }
 
     internal static async Task<Results<Ok<WorkerAssignments>, NotFound<DeepError>, JsonHttpResult<HTTPValidationError>, JsonHttpResult<DeepError>>> Heartbeat(
-        string id, HttpContext http, LoraDeployDbContext db, Inference.InferenceMetrics metrics, TimeProvider time, CancellationToken ct)
+        string id, HttpContext http, LoraDeployDbContext db, Inference.InferenceMetrics metrics, Placement placement, TimeProvider time, CancellationToken ct)
     {
         var (heartbeat, invalid, tooLarge) = await ReadAsync(http, WorkerJsonContext.Default.WorkerHeartbeat, ct);
         if (heartbeat is null)
@@ -256,6 +257,7 @@ public static partial class WorkerEndpoints
         // only a cache entry (useful for routing, counted nowhere); an instance it no longer reports is loading again.
         var byAdapter = reported.GroupBy(a => a.Sha256).ToDictionary(g => g.Key, g => g.First());
         var instances = await db.Instances.AsTracking().Where(i => i.WorkerId == id).ToListAsync(ct);
+        var changed = false;
         foreach (var instance in instances)
         {
             var (state, reason) = byAdapter.TryGetValue(instance.AdapterSha256, out var seen)
@@ -266,9 +268,14 @@ public static partial class WorkerEndpoints
                 instance.State = state;
                 instance.FailReason = reason;
                 instance.Since = now;
+                changed = true;
             }
         }
         await db.SaveChangesAsync(ct);
+        if (changed)
+        {
+            placement.Wake(); // a deploy may be running (or failed) now, not at the next pass
+        }
 
         var hold = await (
             from instance in db.Instances
