@@ -60,6 +60,7 @@ public static class GatewayBench
 
             var results = new List<(RunResult Direct, RunResult Gateway)>();
             var lookups = new List<(int Answers, RunResult Run)>();
+            var single = new List<(RunResult Direct, RunResult Gateway)>();
             for (var round = 1; round <= rounds; round++)
             {
                 RunResult d, g;
@@ -78,6 +79,10 @@ public static class GatewayBench
                 // Counted as errors by the loop (404 is the point): its rate is answers ÷ time.
                 var l = await Load.ClosedLoopAsync("lookup-404", connections, duration, Lookup);
                 lookups.Add((l.Errors, l));
+                // One connection: no queue anywhere, so the difference of latencies is what the gateway adds per request.
+                var d1 = await Load.ClosedLoopAsync("direct-1", 1, duration / 2, Direct);
+                var g1 = await Load.ClosedLoopAsync("gateway-1", 1, duration / 2, Gateway);
+                single.Add((d1, g1));
                 Console.WriteLine($"round {round}: direct {Stats.F(d.Throughput, 0)} req/s p50 {Stats.F(d.P50)} p99 {Stats.F(d.P99)} ms ({d.Errors} errors) | " +
                     $"gateway {Stats.F(g.Throughput, 0)} req/s p50 {Stats.F(g.P50)} p99 {Stats.F(g.P99)} ms ({g.Errors} errors){FirstError(d, g)}");
             }
@@ -95,6 +100,17 @@ public static class GatewayBench
             var ratio = results.Select(r => r.Gateway.Throughput / r.Direct.Throughput).ToList();
             Stats.Note($"gateway adds at p50: median {Stats.Spread(added)} ms (target ≤ 1 ms: {Verdict(Stats.Median(added))})");
             Stats.Note($"gateway throughput ÷ direct: median {Stats.Spread(ratio)} (target ≥ 0.8: {(Stats.Median(ratio) >= 0.8 ? "met" : "NOT met")})");
+            Stats.Table($"One connection, {rounds} rounds of {duration.TotalSeconds / 2:F0} s each (what the gateway adds to one request)",
+                ["round", "direct req/s", "direct p50 / p99 ms", "gateway req/s", "gateway p50 / p99 ms", "gateway adds at p50 (ms)"],
+                single.Select((r, i) => (IReadOnlyList<string>)
+                [
+                    (i + 1).ToString(System.Globalization.CultureInfo.InvariantCulture),
+                    Stats.F(r.Direct.Throughput, 0), $"{Stats.F(r.Direct.P50, 3)} / {Stats.F(r.Direct.P99, 3)}",
+                    Stats.F(r.Gateway.Throughput, 0), $"{Stats.F(r.Gateway.P50, 3)} / {Stats.F(r.Gateway.P99, 3)}",
+                    Stats.F(r.Gateway.P50 - r.Direct.P50, 3),
+                ]));
+            var addedSingle = single.Select(r => r.Gateway.P50 - r.Direct.P50).ToList();
+            Stats.Note($"one connection: gateway adds at p50 median {Stats.Spread(addedSingle, 3)} ms (target ≤ 1 ms: {Verdict(Stats.Median(addedSingle))})");
             Stats.Note($"unknown model → 404 through the gateway (auth, body, model lookup; no routing, no worker): " +
                 $"{Stats.Spread(lookups.Select(l => l.Answers / (duration.TotalSeconds)).ToList(), 0)} answers/s per round");
             Stats.Note($"errors: direct {results.Sum(r => r.Direct.Errors)}, gateway {results.Sum(r => r.Gateway.Errors)}");
