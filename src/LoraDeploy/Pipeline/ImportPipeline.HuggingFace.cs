@@ -41,9 +41,9 @@ public sealed partial class ImportPipeline
     /// </summary>
     public void Adopt(string deployId)
     {
-        if (_resolutions.ContainsKey(deployId))
+        if (!Options.Enabled || _resolutions.ContainsKey(deployId))
         {
-            return;
+            return; // a replica without a pipeline leaves the job to the others once its lease lapses
         }
         _resolutions[deployId] = Task.Run(() => RunResolutionAsync(deployId, _stopping), CancellationToken.None);
     }
