@@ -141,35 +141,64 @@ public sealed partial class ImportPipeline
         }
     }
 
-    /// <summary>Downloads the weights into a staging file and stores them as a blob; null (deploy failed) when that fails.</summary>
+    /// <summary>What fetching one adapter's weights came to: the stored blob, or why there is none.</summary>
+    private sealed record WeightsFetch(string? Sha256, string FailClass, string FailReason);
+
+    /// <summary>Fetches of weights in flight in this process, by LFS SHA-256 (or file at commit): one download however many deploys ask.</summary>
+    private readonly ConcurrentDictionary<string, Lazy<Task<WeightsFetch>>> _weightFetches = new(StringComparer.Ordinal);
+
+    /// <summary>
+    /// The weights as a stored blob, fetched once per file however many imports of it run here at the same moment (the
+    /// first one's token fetches them); null, with this deploy failed, when that fails. The fetch runs on the pipeline's
+    /// own lifetime, so one deploy being deleted does not cancel it for the others.
+    /// </summary>
     private async Task<string?> FetchWeightsAsync(string deployId, ResolvedHuggingFaceAdapter adapter, string? token, IServiceProvider services, CancellationToken ct)
     {
+        var key = adapter.Weights.Sha256 ?? $"{adapter.RepoId}@{adapter.Commit}/{adapter.Weights.Path}";
         var downloader = services.GetRequiredService<HuggingFaceDownloader>();
-        var staging = $"hf-{deployId}.part";
+        var fetch = _weightFetches.GetOrAdd(key, k => new Lazy<Task<WeightsFetch>>(() => Task.Run(async () =>
+        {
+            try
+            {
+                return await DownloadWeightsAsync(downloader, adapter, token, k);
+            }
+            finally
+            {
+                _weightFetches.TryRemove(k, out _);
+            }
+        })));
+        var result = await fetch.Value.WaitAsync(ct);
+        if (result.Sha256 is null)
+        {
+            await FailAsync(deployId, result.FailClass, result.FailReason, ct);
+        }
+        return result.Sha256;
+    }
+
+    private async Task<WeightsFetch> DownloadWeightsAsync(HuggingFaceDownloader downloader, ResolvedHuggingFaceAdapter adapter, string? token, string key)
+    {
+        var staging = $"hf-{Convert.ToHexStringLower(SHA256.HashData(System.Text.Encoding.UTF8.GetBytes(key)))[..32]}.part";
         DownloadResult result;
         try
         {
-            result = await downloader.DownloadAsync(adapter.Weights, token, blobs, staging, new Progress<long>(metrics.BytesDownloaded), ct);
+            result = await downloader.DownloadAsync(adapter.Weights, token, blobs, staging, new Progress<long>(metrics.BytesDownloaded), _stopping);
         }
         catch (DownloadFailedException e)
         {
-            await FailAsync(deployId, e.ReasonClass, e.FailReason, ct);
-            return null;
+            return new WeightsFetch(null, e.ReasonClass, e.FailReason);
         }
         if (adapter.Weights.Sha256 is { } expected && expected != result.Sha256)
         {
             blobs.DeleteStaging(staging);
-            await FailAsync(deployId, PipelineReasonClass.HashMismatch,
-                $"{adapter.RepoId}'s adapter_model.safetensors has SHA-256 {result.Sha256}, but the Hub lists {expected}; nothing was stored.", ct);
-            return null;
+            return new WeightsFetch(null, PipelineReasonClass.HashMismatch,
+                $"{adapter.RepoId}'s adapter_model.safetensors has SHA-256 {result.Sha256}, but the Hub lists {expected}; nothing was stored.");
         }
-        if (await blobs.CommitStagingAsync(staging, result.Sha256, ct) == BlobPutResult.HashMismatch)
+        if (await blobs.CommitStagingAsync(staging, result.Sha256, _stopping) == BlobPutResult.HashMismatch)
         {
-            await FailAsync(deployId, PipelineReasonClass.HashMismatch, "The downloaded weights changed on disk before they were stored; create the deploy again.", ct);
-            return null;
+            return new WeightsFetch(null, PipelineReasonClass.HashMismatch, "The downloaded weights changed on disk before they were stored; create the deploy again.");
         }
-        await RecordBlobAsync(result.Sha256, result.Bytes, ct);
-        return result.Sha256;
+        await RecordBlobAsync(result.Sha256, result.Bytes, _stopping);
+        return new WeightsFetch(result.Sha256, "", "");
     }
 
     /// <summary>Checks the PEFT adapter against the pool's base GGUF and writes the llama.cpp LoRA GGUF as a blob.</summary>

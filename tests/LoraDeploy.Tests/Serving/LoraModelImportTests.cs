@@ -119,6 +119,25 @@ public sealed class LoraModelImportTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task Concurrent_imports_of_one_repo_download_its_weights_once()
+    {
+        var fixture = new PeftAdapterFixture { Seed = 9 };
+        var files = HuggingFaceSimulator.AdapterFiles(Weights(fixture), fixture.ConfigJson());
+        // The Hub answers the first weights request 429 (Retry-After 1 s): every create lands while that one fetch waits.
+        var weights = files.Single(f => f.Path == "adapter_model.safetensors");
+        weights.Faults.Resolve429Times = 1;
+        weights.Faults.RetryAfterSeconds = 1;
+        _hub.AddRepo("alice/popular").Commit(files);
+        var ids = await Task.WhenAll(Enumerable.Range(0, 4).Select(async i => (await CreateAsync("alice/popular", $"popular-{i}")).GetProperty("deploy_id").GetString()!));
+        foreach (var id in ids)
+        {
+            (await SettledAsync(id)).AssertDeploying();
+        }
+        Assert.Equal(1, _hub.Requests.Count(r => r.PathAndQuery.Contains("adapter_model.safetensors", StringComparison.Ordinal) && r.Status == 200));
+        Assert.Equal(1, await _server.QueryAsync(db => db.Adapters.CountAsync(a => a.DerivedKey != null)));
+    }
+
+    [Fact]
     public async Task A_private_repo_uses_the_token_for_that_import_only_and_never_stores_it()
     {
         var fixture = new PeftAdapterFixture();
