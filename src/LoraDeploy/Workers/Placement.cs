@@ -94,6 +94,12 @@ public sealed partial class Placement(
             .ToList();
         var instances = await db.Instances.Select(i => new { i.Id, i.DeployId, i.WorkerId, i.State, i.FailReason, i.Since }).ToListAsync(ct);
         var perWorker = instances.GroupBy(i => i.WorkerId).ToDictionary(g => g.Key, g => g.Count());
+        // Pinned copies per (worker, pool): never more than the pool's MaxAdaptersPerWorker, which the worker's LRU could
+        // not honour (it never evicts a pinned adapter, so everything else loaded there would be evicted at once).
+        var poolOf = deploys.ToDictionary(d => d.Id, d => d.Pool);
+        var pinned = instances.Where(i => poolOf.ContainsKey(i.DeployId))
+            .GroupBy(i => (i.WorkerId, Pool: poolOf[i.DeployId]))
+            .ToDictionary(g => g.Key, g => g.Count());
 
         foreach (var deploy in deploys)
         {
@@ -113,8 +119,9 @@ public sealed partial class Placement(
             var have = mine.Count;
             if (have < wanted)
             {
+                var cap = registry.Find(deploy.Pool)?.MaxAdaptersPerWorker ?? BaseModelEntry.DefaultMaxAdaptersPerWorker;
                 var candidates = workers
-                    .Where(w => w.Pools.Contains(deploy.Pool) && mine.All(i => i.WorkerId != w.Id))
+                    .Where(w => w.Pools.Contains(deploy.Pool) && mine.All(i => i.WorkerId != w.Id) && pinned.GetValueOrDefault((w.Id, deploy.Pool)) < cap)
                     .OrderBy(w => perWorker.GetValueOrDefault(w.Id))
                     .ThenBy(w => w.Id, StringComparer.Ordinal)
                     .Take(wanted - have);
@@ -126,6 +133,7 @@ public sealed partial class Placement(
                         Pinned = true, Since = now,
                     });
                     perWorker[worker.Id] = perWorker.GetValueOrDefault(worker.Id) + 1;
+                    pinned[(worker.Id, deploy.Pool)] = pinned.GetValueOrDefault((worker.Id, deploy.Pool)) + 1;
                     have++;
                 }
                 try

@@ -475,6 +475,43 @@ public sealed class ServingCoreTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_worker_is_never_given_more_pinned_adapters_of_a_pool_than_MaxAdaptersPerWorker()
+    {
+        var settings = PoolSettings();
+        settings[$"BaseModels:{Pool}:MaxAdaptersPerWorker"] = "1";
+        await using var h = await PipelineHarness.StartAsync(settings: settings);
+        var token = await h.Server.QueryAsync(db => WorkerTokens.CreateAsync(db, "capped", DateTime.UtcNow, CancellationToken.None));
+        await using var first = await FakeWorker.StartAsync(h.Server.BaseUrl, token, "first", Pool);
+        var ids = new List<string>();
+        foreach (var (name, seed) in new[] { ("cap-a", 31), ("cap-b", 32) })
+        {
+            var version = h.Simulator.AddLora(AdapterFiles.Flux1(seed: seed), baseModel: "Flux.1 D");
+            ids.Add((await h.CreateAsync(name, PipelineHarness.ModelUrl(version))).GetProperty("deploy_id").GetString()!);
+        }
+        async Task<JsonElement> Deploy(string id) => await (await h.User.Client.GetAsync($"/deploy/{id}")).ExpectAsync(HttpStatusCode.OK);
+        var deadline = DateTime.UtcNow.AddSeconds(20);
+        while (!(await Task.WhenAll(ids.Select(Deploy))).Any(d => d.GetProperty("status").GetString() == "running"))
+        {
+            Assert.True(DateTime.UtcNow < deadline, "neither ran");
+            await Task.Delay(50);
+        }
+        await Task.Delay(1000); // several placement passes: the other one must still wait
+        var states = await Task.WhenAll(ids.Select(Deploy));
+        var waiting = Assert.Single(states, d => d.GetProperty("status").GetString() == "deploying");
+        Assert.Equal(1, waiting.GetProperty("instances").GetProperty("pending").GetInt32());
+        Assert.Single(first.Resident);
+
+        await using var second = await FakeWorker.StartAsync(h.Server.BaseUrl, token, "second", Pool);
+        deadline = DateTime.UtcNow.AddSeconds(20);
+        while ((await Task.WhenAll(ids.Select(Deploy))).Any(d => d.GetProperty("status").GetString() != "running"))
+        {
+            Assert.True(DateTime.UtcNow < deadline, "the second worker never took the waiting deploy");
+            await Task.Delay(50);
+        }
+        Assert.Single(second.Resident);
+    }
+
+    [Fact]
     public async Task Unknown_models_are_404()
     {
         await WorkerAsync("w1");
