@@ -18,7 +18,7 @@ switch (command)
         break;
     case "affinity":
         await AffinityBench.RunAsync(rounds: Arg("rounds", 3), requests: Arg("requests", 600), concurrency: Arg("concurrency", 8),
-            adapters: Arg("adapters", 20), maxAdaptersPerWorker: Arg("max-adapters", 6), retryWhileUnloading: Arg("retry-unloading", 0) == 1);
+            adapters: Arg("adapters", 20), maxAdaptersPerWorker: Arg("max-adapters", 12), retryWhileUnloading: Arg("retry-unloading", 0) == 1);
         break;
     case "placement":
         await PlacementBench.RunAsync(runs: Arg("runs", 20), heartbeatSeconds: Arg("heartbeat", 2));
