@@ -83,6 +83,7 @@ public static partial class WorkerEndpoints
             .ExcludeFromDescription();
         workers.MapPost("/register", Register);
         workers.MapPost("/{id}/heartbeat", Heartbeat);
+        workers.MapPost("/{id}/leave", Leave);
         workers.MapGet("/blobs/{sha256}", GetBlob);
 
         app.MapGet("/v1/workers", ListWorkers)
@@ -255,12 +256,17 @@ public static partial class WorkerEndpoints
 
         // What the worker reports becomes the instances' observed state. An adapter it reports without an instance is
         // only a cache entry (useful for routing, counted nowhere); an instance it no longer reports is loading again.
-        var byAdapter = reported.GroupBy(a => a.Sha256).ToDictionary(g => g.Key, g => g.First());
+        // An adapter counts for an instance only on the instance's own pool (the deploy's base model).
+        var byAdapter = reported.GroupBy(a => (a.Pool, a.Sha256)).ToDictionary(g => g.Key, g => g.First());
         var instances = await db.Instances.AsTracking().Where(i => i.WorkerId == id).ToListAsync(ct);
+        var instanceDeploys = instances.Select(i => i.DeployId).ToList();
+        var poolOf = await db.Deploys.Where(d => instanceDeploys.Contains(d.Id))
+            .Select(d => new { d.Id, Pool = d.Lora!.BaseModel })
+            .ToDictionaryAsync(d => d.Id, d => d.Pool, ct);
         var changed = false;
         foreach (var instance in instances)
         {
-            var (state, reason) = byAdapter.TryGetValue(instance.AdapterSha256, out var seen)
+            var (state, reason) = byAdapter.TryGetValue((poolOf.GetValueOrDefault(instance.DeployId) ?? "", instance.AdapterSha256), out var seen)
                 ? (seen.State, seen.State == InstanceState.Failed ? Truncate(seen.Reason ?? "the engine refused it without a reason", 2000) : "")
                 : (InstanceState.Loading, "");
             if (instance.State != state || instance.FailReason != reason)
@@ -282,11 +288,13 @@ public static partial class WorkerEndpoints
             where instance.WorkerId == id && instance.State != InstanceState.Failed
             join blob in db.Blobs on instance.AdapterSha256 equals blob.Sha256
             join deploy in db.Deploys on instance.DeployId equals deploy.Id
+            // A stopped or deleted deploy's instance is gone at the next placement pass; never hold and drop at once.
+            where deploy.Status == DeployStatus.Deploying || deploy.Status == DeployStatus.Running
             select new AdapterAssignment(instance.AdapterSha256, deploy.Lora!.BaseModel, blob.SizeBytes))
             .Distinct()
             .ToListAsync(ct);
         // Whatever the worker holds that no live deploy of that pool uses any more goes now (stop, delete).
-        var reportedShas = byAdapter.Keys.ToList();
+        var reportedShas = byAdapter.Keys.Select(k => k.Sha256).Distinct().ToList();
         var wanted = await db.Deploys
             .Where(d => (d.Status == DeployStatus.Deploying || d.Status == DeployStatus.Running)
                 && d.Lora!.AdapterSha256 != null && reportedShas.Contains(d.Lora.AdapterSha256))
@@ -294,6 +302,19 @@ public static partial class WorkerEndpoints
             .ToListAsync(ct);
         var drop = reported.Where(a => !wanted.Any(w => w.Sha == a.Sha256 && w.Pool == a.Pool)).Select(a => a.Sha256).Distinct().ToList();
         return TypedResults.Ok(new WorkerAssignments(hold, drop));
+    }
+
+    /// <summary>A worker stopping on purpose: forgotten now (its instances with it), so placement moves its deploys at once.</summary>
+    internal static async Task<Results<NoContent, NotFound<DeepError>>> Leave(string id, HttpContext http, LoraDeployDbContext db, Placement placement, CancellationToken ct)
+    {
+        var name = http.User.FindFirstValue(ClaimTypes.Name)!;
+        var removed = await db.Workers.Where(w => w.Id == id && w.Name == name).ExecuteDeleteAsync(ct);
+        if (removed == 0)
+        {
+            return TypedResults.NotFound(new DeepError($"Worker '{id}' is not registered."));
+        }
+        placement.Wake();
+        return TypedResults.NoContent();
     }
 
     internal static async Task<JsonHttpResult<List<WorkerOut>>> ListWorkers(LoraDeployDbContext db, CancellationToken ct)

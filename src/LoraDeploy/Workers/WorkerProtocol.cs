@@ -16,6 +16,8 @@ namespace LoraDeploy.Workers;
 /// keep them pinned) and the ones it must drop now. 404 = the server forgot this worker (it missed heartbeats): register again.</item>
 /// <item>Worker → <c>GET {server}/internal/v1/workers/blobs/{sha256}</c> (Range supported): an adapter's bytes, to be
 /// verified against the SHA-256 before use.</item>
+/// <item>Worker → <c>POST {server}/internal/v1/workers/{id}/leave</c> when it stops on purpose: the server forgets it
+/// and places its instances elsewhere now (204; 404 if it was not registered).</item>
 /// <item>Server → <c>POST {worker url}/internal/v1/infer</c>: one inference request; headers
 /// <see cref="OperationHeader"/>, <see cref="AdaptersHeader"/>, <see cref="PoolHeader"/>; the body is the client's
 /// (validated) JSON; the worker's answer (status, JSON or SSE) goes back to the client as it is streamed.</item>
@@ -27,6 +29,8 @@ public static class WorkerProtocol
     public const string RegisterPath = "/internal/v1/workers/register";
     public const string HeartbeatPathFormat = "/internal/v1/workers/{0}/heartbeat";
     public const string BlobPathFormat = "/internal/v1/workers/blobs/{0}";
+    /// <summary>A worker that stops on purpose says so: it leaves routing at once instead of after missed heartbeats.</summary>
+    public const string LeavePathFormat = "/internal/v1/workers/{0}/leave";
     public const string InferPath = "/internal/v1/infer";
     public const string ReadyPath = "/ready";
 

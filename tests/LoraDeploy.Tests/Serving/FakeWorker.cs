@@ -1,4 +1,5 @@
 using System.Collections.Concurrent;
+using System.Net;
 using System.Net.Http.Headers;
 using System.Net.Http.Json;
 using System.Security.Cryptography;
@@ -61,6 +62,14 @@ public sealed class FakeWorker : IAsyncDisposable
         registered.EnsureSuccessStatusCode();
         worker._agent = worker.HeartbeatLoopAsync();
         return worker;
+    }
+
+    /// <summary>A graceful stop: the worker says it leaves, then stops.</summary>
+    public async Task<HttpStatusCode> LeaveAsync()
+    {
+        var response = await _server.PostAsync(string.Format(WorkerProtocol.LeavePathFormat, Id), null);
+        await KillAsync();
+        return response.StatusCode;
     }
 
     /// <summary>What SIGKILL does to a worker: no more heartbeats, and open connections reset.</summary>

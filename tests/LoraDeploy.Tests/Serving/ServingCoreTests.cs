@@ -163,6 +163,24 @@ public sealed class ServingCoreTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_worker_that_leaves_is_out_of_routing_at_once_and_its_deploy_moves()
+    {
+        var (id, _) = await DeployAsync("leaver", seed: 16);
+        var leaving = await WorkerAsync("leaving");
+        await WaitForAsync(id, Running(1), "ran");
+        var other = await WorkerAsync("staying");
+        // TimeoutSeconds is 2 here: well under it, the deploy is already on the other worker.
+        Assert.Equal(HttpStatusCode.NoContent, await leaving.LeaveAsync());
+        var started = DateTime.UtcNow;
+        await WaitForAsync(id, d => Running(1)(d)
+            && _h.Server.QueryAsync(db => db.Instances.AnyAsync(i => i.DeployId == id && i.WorkerId == "staying" && i.State == InstanceState.Ready)).Result, "moved");
+        Assert.True(DateTime.UtcNow - started < TimeSpan.FromSeconds(1.5), "moved before the heartbeat timeout");
+        Assert.Equal("staying", (await (await InferAsync($"{_h.User.Name}/leaver")).ExpectAsync(HttpStatusCode.OK)).GetProperty("worker").GetString());
+        using var client = _h.Server.CreateClient(_workerToken);
+        Assert.Equal(HttpStatusCode.NotFound, (await client.PostAsync(string.Format(WorkerProtocol.LeavePathFormat, "leaving"), null)).StatusCode);
+    }
+
+    [Fact]
     public async Task Stop_unloads_everywhere_and_answers_423_start_runs_it_again()
     {
         var (id, sha) = await DeployAsync("pausable", seed: 4);
@@ -180,7 +198,7 @@ public sealed class ServingCoreTests : IAsyncLifetime
         using (var anonymous = _h.Server.CreateClient())
         {
             var unloaded = false;
-            for (var i = 0; i < 50 && !unloaded; i++)
+            for (var i = 0; i < 150 && !unloaded; i++)
             {
                 await Task.Delay(100); // the next heartbeat reports the adapter gone
                 unloaded = (await anonymous.GetStringAsync("/metrics")).Split('\n')

@@ -32,6 +32,9 @@ public sealed class FakeWorkerServer : IAsyncDisposable
 
     public ConcurrentQueue<(string Id, WorkerHeartbeat Beat)> Heartbeats { get; } = new();
 
+    /// <summary>Workers that said they stop (<see cref="WorkerProtocol.LeavePathFormat"/>).</summary>
+    public ConcurrentQueue<string> Left { get; } = new();
+
     /// <summary>The Range header (or null) of every blob request, in order.</summary>
     public ConcurrentQueue<string?> BlobRanges { get; } = new();
 
@@ -86,6 +89,11 @@ public sealed class FakeWorkerServer : IAsyncDisposable
             return Results.Json(server.Assignments, WorkerJsonContext.Default.WorkerAssignments);
         });
         app.MapGet("/internal/v1/workers/blobs/{sha}", (Func<string, HttpContext, Task>)server.ServeBlobAsync);
+        app.MapPost("/internal/v1/workers/{id}/leave", (string id) =>
+        {
+            server.Left.Enqueue(id);
+            return Results.NoContent();
+        });
         await app.StartAsync();
         return server;
     }

@@ -8,6 +8,17 @@ namespace LoraDeploy.Tests.Workers;
 public sealed class WorkerAgentTests
 {
     [Fact]
+    public async Task A_worker_that_stops_on_purpose_tells_the_server_it_leaves()
+    {
+        var worker = await WorkerHarness.StartAsync();
+        var server = worker.Server;
+        var id = worker.Registration.Id;
+        await worker.App.StopAsync();
+        Assert.Equal([id], server.Left);
+        await worker.DisposeAsync();
+    }
+
+    [Fact]
     public async Task Registers_its_engine_pools_slots_url_version_and_a_fresh_call_key_and_keeps_its_id()
     {
         var dataDir = Path.Combine(Path.GetTempPath(), "loradeploy-tests", Guid.NewGuid().ToString("N"));

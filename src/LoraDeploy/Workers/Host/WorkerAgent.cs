@@ -57,43 +57,69 @@ public sealed class WorkerAgent(
         string? registeredId = null;
         var period = TimeSpan.FromSeconds(2);
         var failures = 0;
-        while (!ct.IsCancellationRequested)
+        try
         {
-            try
+            while (!ct.IsCancellationRequested)
             {
-                if (registeredId is null)
+                try
                 {
-                    var registered = await RegisterAsync(unit, id, ct);
-                    registeredId = registered.Id;
-                    period = TimeSpan.FromSeconds(Math.Clamp(registered.HeartbeatSeconds, 1, 300));
-                    logger.LogInformation("Registered as worker {Id} ({Engine}: {Pools}) at {Url}; heartbeat every {Seconds} s.",
-                        registeredId, unit.Engine.Engine, string.Join(", ", unit.Pools.Keys), AdvertisedUrl, period.TotalSeconds);
+                    if (registeredId is null)
+                    {
+                        var registered = await RegisterAsync(unit, id, ct);
+                        registeredId = registered.Id;
+                        period = TimeSpan.FromSeconds(Math.Clamp(registered.HeartbeatSeconds, 1, 300));
+                        logger.LogInformation("Registered as worker {Id} ({Engine}: {Pools}) at {Url}; heartbeat every {Seconds} s.",
+                            registeredId, unit.Engine.Engine, string.Join(", ", unit.Pools.Keys), AdvertisedUrl, period.TotalSeconds);
+                    }
+                    var assignments = await HeartbeatAsync(unit, registeredId, ct);
+                    if (failures > 0)
+                    {
+                        logger.LogInformation("The server at {Server} answers again.", options.Value.Server);
+                        failures = 0;
+                    }
+                    if (assignments is null)
+                    {
+                        logger.LogWarning("The server no longer knows worker {Id} (missed heartbeats?): registering again.", registeredId);
+                        registeredId = null;
+                        continue;
+                    }
+                    unit.Residency.Apply(assignments, unit.Wake);
+                    await unit.WaitForNextBeatAsync(period, time, ct);
                 }
-                var assignments = await HeartbeatAsync(unit, registeredId, ct);
-                if (failures > 0)
+                catch (Exception e) when (!ct.IsCancellationRequested)
                 {
-                    logger.LogInformation("The server at {Server} answers again.", options.Value.Server);
-                    failures = 0;
+                    if (failures++ == 0)
+                    {
+                        logger.LogWarning("The server at {Server} cannot be reached or refused this worker ({Reason}); still serving, retrying with backoff.",
+                            options.Value.Server, e.Message);
+                    }
+                    var backoff = TimeSpan.FromSeconds(Math.Min(MaxBackoff.TotalSeconds, Math.Pow(2, Math.Min(failures, 5)) / 2));
+                    await Task.Delay(backoff, time, ct);
                 }
-                if (assignments is null)
-                {
-                    logger.LogWarning("The server no longer knows worker {Id} (missed heartbeats?): registering again.", registeredId);
-                    registeredId = null;
-                    continue;
-                }
-                unit.Residency.Apply(assignments, unit.Wake);
-                await unit.WaitForNextBeatAsync(period, time, ct);
             }
-            catch (Exception e) when (!ct.IsCancellationRequested)
+        }
+        finally
+        {
+            // Cancelled means this worker is stopping (the only way the loop ends): say so while the server still listens.
+            if (registeredId is not null && ct.IsCancellationRequested)
             {
-                if (failures++ == 0)
-                {
-                    logger.LogWarning("The server at {Server} cannot be reached or refused this worker ({Reason}); still serving, retrying with backoff.",
-                        options.Value.Server, e.Message);
-                }
-                var backoff = TimeSpan.FromSeconds(Math.Min(MaxBackoff.TotalSeconds, Math.Pow(2, Math.Min(failures, 5)) / 2));
-                await Task.Delay(backoff, time, ct);
+                await LeaveAsync(registeredId);
             }
+        }
+    }
+
+    /// <summary>Stopping on purpose: tell the server, so requests stop coming now rather than after missed heartbeats.</summary>
+    private async Task LeaveAsync(string id)
+    {
+        try
+        {
+            using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(2));
+            using var response = await http.CreateClient(WorkerBlobCache.HttpClientName).PostAsync(string.Format(WorkerProtocol.LeavePathFormat, id), null, timeout.Token);
+            logger.LogInformation("Left the server as worker {Id} ({Status}).", id, (int)response.StatusCode);
+        }
+        catch (Exception e) when (e is HttpRequestException or OperationCanceledException)
+        {
+            logger.LogInformation("Could not tell the server that worker {Id} stops ({Reason}); it forgets it after missed heartbeats.", id, e.Message);
         }
     }
 
