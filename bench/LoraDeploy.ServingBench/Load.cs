@@ -25,79 +25,72 @@ public static class Load
     /// </summary>
     public static async Task<RunResult> ClosedLoopAsync(string name, int connections, TimeSpan duration, Func<int, Task<HttpResponseMessage>> send)
     {
-        var latencies = new List<double>[connections];
-        var errors = 0;
-        string? firstError = null;
+        var recorder = new Recorder(connections);
         var started = Stopwatch.GetTimestamp();
         var stopAt = started + (long)(duration.TotalSeconds * Stopwatch.Frequency);
-        var loops = Enumerable.Range(0, connections).Select(async c =>
+        await Task.WhenAll(Enumerable.Range(0, connections).Select(async c =>
         {
-            var mine = latencies[c] = new List<double>(4096);
             while (Stopwatch.GetTimestamp() < stopAt)
             {
-                var begin = Stopwatch.GetTimestamp();
-                try
-                {
-                    using var response = await send(c);
-                    var body = await response.Content.ReadAsByteArrayAsync();
-                    if (!response.IsSuccessStatusCode)
-                    {
-                        Interlocked.Increment(ref errors);
-                        Interlocked.CompareExchange(ref firstError, $"{(int)response.StatusCode} {System.Text.Encoding.UTF8.GetString(body)}", null);
-                        continue;
-                    }
-                }
-                catch (Exception e) when (e is HttpRequestException or TaskCanceledException)
-                {
-                    Interlocked.Increment(ref errors);
-                    Interlocked.CompareExchange(ref firstError, e.Message, null);
-                    continue;
-                }
-                mine.Add(Stopwatch.GetElapsedTime(begin).TotalMilliseconds);
+                await recorder.TimeAsync(c, () => send(c));
             }
-        }).ToList();
-        await Task.WhenAll(loops);
-        var elapsed = Stopwatch.GetElapsedTime(started);
-        return new RunResult(name, latencies.SelectMany(l => l).ToList(), errors, elapsed, firstError);
+        }));
+        return recorder.Result(name, Stopwatch.GetElapsedTime(started));
     }
 
     /// <summary>Sends the given sequence of requests with <paramref name="connections"/> in flight at a time.</summary>
     public static async Task<RunResult> SequenceAsync<T>(string name, int connections, IReadOnlyList<T> items, Func<T, Task<HttpResponseMessage>> send)
     {
-        var latencies = new List<double>[connections];
-        var errors = 0;
-        string? firstError = null;
+        var recorder = new Recorder(connections);
         var next = -1;
         var started = Stopwatch.GetTimestamp();
-        var loops = Enumerable.Range(0, connections).Select(async c =>
+        await Task.WhenAll(Enumerable.Range(0, connections).Select(async c =>
         {
-            var mine = latencies[c] = [];
             int i;
             while ((i = Interlocked.Increment(ref next)) < items.Count)
             {
-                var begin = Stopwatch.GetTimestamp();
-                try
-                {
-                    using var response = await send(items[i]);
-                    var body = await response.Content.ReadAsByteArrayAsync();
-                    if (!response.IsSuccessStatusCode)
-                    {
-                        Interlocked.Increment(ref errors);
-                        Interlocked.CompareExchange(ref firstError, $"{(int)response.StatusCode} {System.Text.Encoding.UTF8.GetString(body)}", null);
-                        continue;
-                    }
-                }
-                catch (Exception e) when (e is HttpRequestException or TaskCanceledException)
-                {
-                    Interlocked.Increment(ref errors);
-                    Interlocked.CompareExchange(ref firstError, e.Message, null);
-                    continue;
-                }
-                mine.Add(Stopwatch.GetElapsedTime(begin).TotalMilliseconds);
+                var item = items[i];
+                await recorder.TimeAsync(c, () => send(item));
             }
-        }).ToList();
-        await Task.WhenAll(loops);
-        return new RunResult(name, latencies.SelectMany(l => l).ToList(), errors, Stopwatch.GetElapsedTime(started), firstError);
+        }));
+        return recorder.Result(name, Stopwatch.GetElapsedTime(started));
+    }
+
+    /// <summary>Latencies per connection (no locking: one list each), errors and the first error's text.</summary>
+    private sealed class Recorder(int connections)
+    {
+        private readonly List<double>[] _latencies = Enumerable.Range(0, connections).Select(_ => new List<double>(4096)).ToArray();
+        private int _errors;
+        private string? _firstError;
+
+        public async Task TimeAsync(int connection, Func<Task<HttpResponseMessage>> send)
+        {
+            var begin = Stopwatch.GetTimestamp();
+            try
+            {
+                using var response = await send();
+                var body = await response.Content.ReadAsByteArrayAsync();
+                if (!response.IsSuccessStatusCode)
+                {
+                    Failed($"{(int)response.StatusCode} {System.Text.Encoding.UTF8.GetString(body)}");
+                    return;
+                }
+            }
+            catch (Exception e) when (e is HttpRequestException or TaskCanceledException)
+            {
+                Failed(e.Message);
+                return;
+            }
+            _latencies[connection].Add(Stopwatch.GetElapsedTime(begin).TotalMilliseconds);
+        }
+
+        public RunResult Result(string name, TimeSpan elapsed) => new(name, _latencies.SelectMany(l => l).ToList(), _errors, elapsed, _firstError);
+
+        private void Failed(string what)
+        {
+            Interlocked.Increment(ref _errors);
+            Interlocked.CompareExchange(ref _firstError, what, null);
+        }
     }
 }
 
