@@ -73,17 +73,22 @@ public sealed class TokenAuthenticationHandler(
         ],
         SchemeName));
 
-    protected override async Task HandleChallengeAsync(AuthenticationProperties properties)
+    protected override Task HandleChallengeAsync(AuthenticationProperties properties) => ChallengeAsync(Response, "Not authenticated");
+
+    protected override Task HandleForbiddenAsync(AuthenticationProperties properties) => ForbiddenAsync(Response);
+
+    /// <summary>401 in DeepInfra's shape with <c>WWW-Authenticate: Bearer</c>; every token scheme answers alike.</summary>
+    internal static async Task ChallengeAsync(HttpResponse response, string message)
     {
-        Response.StatusCode = StatusCodes.Status401Unauthorized;
-        Response.Headers.WWWAuthenticate = "Bearer";
-        await Response.WriteAsJsonAsync(new DeepError("Not authenticated"), ApiJson.Context.DeepError);
+        response.StatusCode = StatusCodes.Status401Unauthorized;
+        response.Headers.WWWAuthenticate = "Bearer";
+        await response.WriteAsJsonAsync(new DeepError(message), ApiJson.Context.DeepError);
     }
 
-    protected override async Task HandleForbiddenAsync(AuthenticationProperties properties)
+    internal static async Task ForbiddenAsync(HttpResponse response)
     {
-        Response.StatusCode = StatusCodes.Status403Forbidden;
-        await Response.WriteAsJsonAsync(new DeepError("Forbidden"), ApiJson.Context.DeepError);
+        response.StatusCode = StatusCodes.Status403Forbidden;
+        await response.WriteAsJsonAsync(new DeepError("Forbidden"), ApiJson.Context.DeepError);
     }
 
     internal static string? ReadToken(IHeaderDictionary headers)

@@ -47,16 +47,8 @@ public sealed class WorkerAuthenticationHandler(
         return AuthenticateResult.Success(new AuthenticationTicket(principal, SchemeName));
     }
 
-    protected override async Task HandleChallengeAsync(AuthenticationProperties properties)
-    {
-        Response.StatusCode = StatusCodes.Status401Unauthorized;
-        Response.Headers.WWWAuthenticate = "Bearer";
-        await Response.WriteAsJsonAsync(new DeepError("Not authenticated as a worker"), ApiJson.Context.DeepError);
-    }
+    protected override Task HandleChallengeAsync(AuthenticationProperties properties) =>
+        TokenAuthenticationHandler.ChallengeAsync(Response, "Not authenticated as a worker");
 
-    protected override async Task HandleForbiddenAsync(AuthenticationProperties properties)
-    {
-        Response.StatusCode = StatusCodes.Status403Forbidden;
-        await Response.WriteAsJsonAsync(new DeepError("Forbidden"), ApiJson.Context.DeepError);
-    }
+    protected override Task HandleForbiddenAsync(AuthenticationProperties properties) => TokenAuthenticationHandler.ForbiddenAsync(Response);
 }
