@@ -57,9 +57,8 @@ public sealed class FakeWorker : IAsyncDisposable
         app.MapPost(WorkerProtocol.InferPath, worker.InferAsync);
         await app.StartAsync();
         worker.Url = app.Urls.First();
-        var registered = await client.PostAsJsonAsync(WorkerProtocol.RegisterPath,
-            new WorkerRegistration(id, engine, [pool], slots, worker.Url, "test", worker._callKey), WorkerJsonContext.Default.WorkerRegistration);
-        registered.EnsureSuccessStatusCode();
+        worker._registration = new WorkerRegistration(id, engine, [pool], slots, worker.Url, "test", worker._callKey);
+        await worker.RegisterAsync();
         worker._agent = worker.HeartbeatLoopAsync();
         return worker;
     }
@@ -90,6 +89,11 @@ public sealed class FakeWorker : IAsyncDisposable
         _server.Dispose();
     }
 
+    private WorkerRegistration _registration = null!;
+
+    private async Task RegisterAsync() =>
+        (await _server.PostAsJsonAsync(WorkerProtocol.RegisterPath, _registration, WorkerJsonContext.Default.WorkerRegistration)).EnsureSuccessStatusCode();
+
     private async Task HeartbeatLoopAsync()
     {
         while (!_stop.IsCancellationRequested)
@@ -99,7 +103,13 @@ public sealed class FakeWorker : IAsyncDisposable
                 var report = Resident.Select(r => new ResidentAdapter(r.Key, r.Value.Pool, r.Value.State, r.Value.Reason)).ToList();
                 var response = await _server.PostAsJsonAsync(string.Format(WorkerProtocol.HeartbeatPathFormat, Id),
                     new WorkerHeartbeat(0, 0, report), WorkerJsonContext.Default.WorkerHeartbeat, _stop.Token);
-                if (response.IsSuccessStatusCode)
+                if (response.StatusCode == HttpStatusCode.NotFound)
+                {
+                    // Forgotten (a heartbeat came later than Workers:TimeoutSeconds on a busy machine): register
+                    // again, as the real worker does.
+                    await RegisterAsync();
+                }
+                else if (response.IsSuccessStatusCode)
                 {
                     var assignments = (await response.Content.ReadFromJsonAsync(WorkerJsonContext.Default.WorkerAssignments, _stop.Token))!;
                     foreach (var sha in assignments.Drop)

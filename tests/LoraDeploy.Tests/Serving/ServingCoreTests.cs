@@ -195,17 +195,6 @@ public sealed class ServingCoreTests : IAsyncLifetime
             await Task.Delay(50);
         }
         Assert.Contains(sha, worker.Drops);
-        using (var anonymous = _h.Server.CreateClient())
-        {
-            var unloaded = false;
-            for (var i = 0; i < 150 && !unloaded; i++)
-            {
-                await Task.Delay(100); // the next heartbeat reports the adapter gone
-                unloaded = (await anonymous.GetStringAsync("/metrics")).Split('\n')
-                    .Any(l => l.StartsWith("loradeploy_worker_adapter_unloads_total{", StringComparison.Ordinal) && l.Contains($"pool=\"{Pool}\"", StringComparison.Ordinal));
-            }
-            Assert.True(unloaded, "the unload is counted");
-        }
         var locked = await InferAsync($"{_h.User.Name}/pausable");
         Assert.Equal(HttpStatusCode.Locked, locked.StatusCode);
         Assert.Contains("stopped", (await locked.ExpectAsync(HttpStatusCode.Locked)).GetProperty("error").GetString());
@@ -401,6 +390,24 @@ public sealed class ServingCoreTests : IAsyncLifetime
         Assert.Equal("body.queue_depth", await Field(new { queue_depth = -1, busy_slots = 0, adapters = Array.Empty<object>() }, heartbeat));
         Assert.Equal(HttpStatusCode.NotFound, (await client.PostAsJsonAsync(string.Format(WorkerProtocol.HeartbeatPathFormat, "ghost"),
             new { queue_depth = 0, busy_slots = 0, adapters = Array.Empty<object>() })).StatusCode);
+    }
+
+    [Fact]
+    public async Task Adapters_a_worker_stops_reporting_are_counted_as_unloaded_per_pool()
+    {
+        using var client = _h.Server.CreateClient(_workerToken);
+        (await client.PostAsJsonAsync(WorkerProtocol.RegisterPath, new WorkerRegistration("counted", "comfyui", [Pool], 1, "http://127.0.0.1:9", "1", new string('k', 40)),
+            WorkerJsonContext.Default.WorkerRegistration)).EnsureSuccessStatusCode();
+        var path = string.Format(WorkerProtocol.HeartbeatPathFormat, "counted");
+        (await client.PostAsJsonAsync(path, new WorkerHeartbeat(0, 0, [new ResidentAdapter(new string('c', 64), Pool, "ready")]), WorkerJsonContext.Default.WorkerHeartbeat))
+            .EnsureSuccessStatusCode();
+        (await client.PostAsJsonAsync(path, new WorkerHeartbeat(0, 0, []), WorkerJsonContext.Default.WorkerHeartbeat)).EnsureSuccessStatusCode();
+
+        using var anonymous = _h.Server.CreateClient();
+        var line = (await anonymous.GetStringAsync("/metrics")).Split('\n')
+            .SingleOrDefault(l => l.StartsWith("loradeploy_worker_adapter_unloads_total{", StringComparison.Ordinal) && l.Contains($"pool=\"{Pool}\"", StringComparison.Ordinal));
+        Assert.NotNull(line);
+        Assert.EndsWith(" 1", line);
     }
 
     [Fact]
