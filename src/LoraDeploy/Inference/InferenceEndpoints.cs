@@ -188,6 +188,7 @@ public static class InferenceEndpoints
         request.Headers.Add(WorkerProtocol.OperationHeader, operation);
         request.Headers.Add(WorkerProtocol.PoolHeader, target.Pool.Name);
         request.Headers.Add(WorkerProtocol.AdaptersHeader, target.AdaptersHeader);
+        request.Headers.Add(WorkerProtocol.RequestIdHeader, NewRequestId());
 
         HttpResponseMessage response;
         try
@@ -247,6 +248,9 @@ public static class InferenceEndpoints
             }
         }
     }
+
+    /// <summary>A fresh id for one inference call (<see cref="WorkerProtocol.RequestIdHeader"/>, answered as <c>request_id</c>).</summary>
+    public static string NewRequestId() => Auth.ApiTokens.RandomId(24);
 
     private static async Task<byte[]?> ReadBodyAsync(HttpContext http, int limit, CancellationToken ct)
     {

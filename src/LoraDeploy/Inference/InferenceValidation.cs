@@ -106,7 +106,7 @@ public static class InferenceValidation
         }
         return Side(body, "width") ?? Side(body, "height") ?? Int(body, "num_inference_steps", 1, MaxSteps)
             ?? Number(body, "guidance_scale", 0, 30) ?? Int(body, "num_images", 1, MaxImages) ?? Int(body, "n", 1, MaxImages)
-            ?? Int(body, "seed", long.MinValue, long.MaxValue);
+            ?? Int(body, "seed", long.MinValue, long.MaxValue) ?? Bool(body, "stream");
     }
 
     /// <summary>Our extensions, valid on every route.</summary>

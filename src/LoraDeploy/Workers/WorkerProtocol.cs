@@ -19,8 +19,10 @@ namespace LoraDeploy.Workers;
 /// <item>Worker → <c>POST {server}/internal/v1/workers/{id}/leave</c> when it stops on purpose: the server forgets it
 /// and places its instances elsewhere now (204; 404 if it was not registered).</item>
 /// <item>Server → <c>POST {worker url}/internal/v1/infer</c>: one inference request; headers
-/// <see cref="OperationHeader"/>, <see cref="AdaptersHeader"/>, <see cref="PoolHeader"/>; the body is the client's
-/// (validated) JSON; the worker's answer (status, JSON or SSE) goes back to the client as it is streamed.</item>
+/// <see cref="OperationHeader"/>, <see cref="AdaptersHeader"/>, <see cref="PoolHeader"/>, <see cref="RequestIdHeader"/>; the
+/// body is the client's (validated) JSON; the worker's answer (status, JSON or SSE) goes back to the client as it is
+/// streamed. A native text-to-image body with <c>"stream": true</c> is answered in the
+/// <see cref="Inference.ImageProgressStream"/> format.</item>
 /// <item>Server → <c>GET {worker url}/ready</c>: 200 once the engine has loaded its base models.</item>
 /// </list>
 /// </summary>
@@ -40,6 +42,8 @@ public static class WorkerProtocol
     public const string AdaptersHeader = "X-LoraDeploy-Adapters";
     /// <summary>The pool (base model name) the request is for.</summary>
     public const string PoolHeader = "X-LoraDeploy-Pool";
+    /// <summary>A fresh id per inference call, chosen by the gateway; engines answer it as <c>request_id</c>.</summary>
+    public const string RequestIdHeader = "X-LoraDeploy-Request-Id";
     /// <summary>Set by the worker on its answer: the adapters it had to load for this request (cache misses), comma-separated.</summary>
     public const string LoadedHeader = "X-LoraDeploy-Loaded";
 
