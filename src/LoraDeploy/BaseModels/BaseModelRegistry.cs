@@ -20,8 +20,14 @@ public static class Engines
     public const string ComfyUi = "comfyui";
 }
 
-/// <summary>ComfyUI settings of an image pool (<c>BaseModels:{name}:ComfyUi:*</c>).</summary>
-public sealed record ComfyUiSettings(string? Url, string? LoraFolder, string? Checkpoint, string? Unet, string? Clip1, string? Clip2, string? Vae);
+/// <summary>
+/// ComfyUI settings of an image pool (<c>BaseModels:{name}:ComfyUi:*</c>): <c>Url</c> = the ComfyUI server(s) the worker
+/// drives (several separated by commas); <c>LoraFolder</c> = where the worker places adapters for ComfyUI (a <c>loras</c>
+/// path in its <c>extra_model_paths.yaml</c>); the model file names as ComfyUI lists them; <c>StallSeconds</c> = how long
+/// a job may go without news from ComfyUI before a running one is given up (503) and the worker leaves routing.
+/// </summary>
+public sealed record ComfyUiSettings(string? Url, string? LoraFolder, string? Checkpoint, string? Unet, string? Clip1, string? Clip2, string? Vae,
+    int? StallSeconds = null);
 
 /// <summary>
 /// One accepted base model. With an <see cref="Engine"/> it is also a serving pool: workers of that engine load the
@@ -126,7 +132,8 @@ public sealed class BaseModelRegistry
             Engine = engine,
             Gguf = section["Gguf"],
             ComfyUi = comfy.Exists()
-                ? new ComfyUiSettings(comfy["Url"], comfy["LoraFolder"], comfy["Checkpoint"], comfy["Unet"], comfy["Clip1"], comfy["Clip2"], comfy["Vae"])
+                ? new ComfyUiSettings(comfy["Url"], comfy["LoraFolder"], comfy["Checkpoint"], comfy["Unet"], comfy["Clip1"], comfy["Clip2"], comfy["Vae"],
+                    int.TryParse(comfy["StallSeconds"], out var stall) ? stall : null)
                 : null,
             MaxAdaptersPerWorker = max,
             Defaults = section.GetSection("Defaults").GetChildren()
@@ -144,9 +151,14 @@ public sealed class BaseModelRegistry
                 }
                 break;
             case Engines.ComfyUi:
-                if (!Uri.TryCreate(entry.ComfyUi?.Url, UriKind.Absolute, out var url) || url.Scheme is not ("http" or "https"))
+                var urls = (entry.ComfyUi?.Url ?? "").Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+                if (urls.Length == 0 || urls.Any(u => !Uri.TryCreate(u, UriKind.Absolute, out var url) || url.Scheme is not ("http" or "https")))
                 {
-                    errors.Add($"{key}:ComfyUi:Url is missing or not an http(s) URL: a comfyui pool needs its ComfyUI server's address.");
+                    errors.Add($"{key}:ComfyUi:Url is missing or not an http(s) URL (several are separated by commas): a comfyui pool needs its ComfyUI server's address.");
+                }
+                if (comfy["StallSeconds"] is { } stallText && (!int.TryParse(stallText, out var stallSeconds) || stallSeconds is < 5 or > 3600))
+                {
+                    errors.Add($"{key}:ComfyUi:StallSeconds '{stallText}' is not a whole number of seconds from 5 to 3600.");
                 }
                 var needs = entry.Family == "flux1" ? new[] { "Unet", "Clip1", "Clip2", "Vae" } : ["Checkpoint"];
                 foreach (var missing in needs.Where(n => string.IsNullOrWhiteSpace(comfy[n])))

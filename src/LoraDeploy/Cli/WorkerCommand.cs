@@ -12,16 +12,14 @@ namespace LoraDeploy.Cli;
 /// </summary>
 internal static class WorkerCommand
 {
-    /// <summary>The engines a worker process has (created per run): llama.cpp in-process; ComfyUI comes with its issue.</summary>
+    /// <summary>The engines a worker process has (created per run): llama.cpp in-process and ComfyUI over HTTP.</summary>
     internal static IReadOnlyList<IServingEngine> CreateEngines() =>
-    [
-        new Serving.LlamaCppServingEngine(LoggerFactory.Create(logging => logging.AddSimpleConsole(console =>
+        WorkerHost.CreateEngines([BaseModels.Engines.LlamaCpp, BaseModels.Engines.ComfyUi], LoggerFactory.Create(logging => logging.AddSimpleConsole(console =>
         {
             console.SingleLine = true;
             console.TimestampFormat = "yyyy-MM-ddTHH:mm:ss.fffZ ";
             console.UseUtcTimestamp = true;
-        }))),
-    ];
+        })));
 
     public static Command Create()
     {

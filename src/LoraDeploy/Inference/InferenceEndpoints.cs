@@ -283,23 +283,8 @@ public static class InferenceEndpoints
         return memory.ToArray();
     }
 
-    private static Task ErrorAsync(HttpContext http, bool openAi, int status, string message, string? param, bool rateLimited = false)
-    {
-        http.Response.StatusCode = status;
-        if (!openAi)
-        {
-            return http.Response.WriteAsJsonAsync(new DeepError(message), ApiJson.Context.DeepError);
-        }
-        var type = status switch
-        {
-            StatusCodes.Status404NotFound => "not_found_error",
-            StatusCodes.Status429TooManyRequests => "rate_limit_error",
-            StatusCodes.Status413PayloadTooLarge or StatusCodes.Status422UnprocessableEntity or StatusCodes.Status423Locked => "invalid_request_error",
-            _ => "server_error",
-        };
-        var code = rateLimited ? "rate_limit_exceeded" : status == StatusCodes.Status404NotFound ? "model_not_found" : null;
-        return http.Response.WriteAsJsonAsync(new OpenAiErrorBody(new OpenAiError(message, type, param, code)), InferenceJsonContext.Default.OpenAiErrorBody);
-    }
+    private static Task ErrorAsync(HttpContext http, bool openAi, int status, string message, string? param, bool rateLimited = false) =>
+        InferenceErrors.WriteAsync(http.Response, openAi, status, message, param, rateLimited);
 }
 
 public sealed record OpenAiError(string Message, string Type, string? Param, string? Code);

@@ -388,14 +388,8 @@ public static class LlamaCppHttp
         json.WriteEndArray();
     }
 
-    private static Task ErrorAsync(HttpContext http, string operation, int status, string message)
-    {
-        http.Response.StatusCode = status;
-        return operation == Operations.Native
-            ? http.Response.WriteAsJsonAsync(new DeepError(message), ApiJson.Context.DeepError)
-            : http.Response.WriteAsJsonAsync(new Inference.OpenAiErrorBody(new Inference.OpenAiError(message, "invalid_request_error", null, null)),
-                Inference.InferenceJsonContext.Default.OpenAiErrorBody);
-    }
+    private static Task ErrorAsync(HttpContext http, string operation, int status, string message) =>
+        Inference.InferenceErrors.WriteAsync(http.Response, operation != Operations.Native, status, message, null);
 
     private static int? Int(JsonElement body, string name) =>
         body.TryGetProperty(name, out var v) && v.ValueKind == JsonValueKind.Number ? v.GetInt32() : null;

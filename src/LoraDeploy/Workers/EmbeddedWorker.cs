@@ -26,14 +26,14 @@ public sealed class EmbeddedWorker(
     ILogger<EmbeddedWorker> logger) : IHostedLifecycleService, IAsyncDisposable
 {
     private WebApplication? _worker;
-    private Serving.LlamaCppServingEngine? _engine;
+    private List<IServingEngine> _engines = [];
 
     /// <summary>The in-process worker's app, once started (tests read its address).</summary>
     public WebApplication? App => _worker;
 
     public async Task StartedAsync(CancellationToken cancellationToken)
     {
-        if (!options.Value.Embedded || !registry.Pools.Any(p => p.Engine == Engines.LlamaCpp))
+        if (!options.Value.Embedded || !registry.Pools.Any())
         {
             return;
         }
@@ -60,17 +60,17 @@ public sealed class EmbeddedWorker(
         settings[$"{WorkerOptions.Section}:Token"] = token;
         settings.TryAdd($"{WorkerOptions.Section}:Id", name);
         settings["urls"] = "http://127.0.0.1:0";
-        _engine = new Serving.LlamaCppServingEngine(loggers);
+        _engines = WorkerHost.CreateEngines(registry.Pools.Select(p => p.Engine!), loggers);
         try
         {
-            _worker = WorkerHost.Build([], [_engine], builder => builder.Configuration.AddInMemoryCollection(settings));
+            _worker = WorkerHost.Build([], _engines, builder => builder.Configuration.AddInMemoryCollection(settings));
             await _worker.StartAsync(cancellationToken);
             // The agent starts the engine once Kestrel listens: a base model that fails to load shows up here, not above.
             _ = _worker.Services.GetRequiredService<WorkerAgent>().ExecuteTask?.ContinueWith(
                 failed => logger.LogError(failed.Exception?.GetBaseException(), "The in-process worker stopped; its pools are served only by remote workers now"),
                 CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
             logger.LogInformation("In-process worker {Name} serving {Pools} at {Url}", name,
-                string.Join(", ", registry.Pools.Where(p => p.Engine == Engines.LlamaCpp).Select(p => p.Name)), _worker.Urls.FirstOrDefault());
+                string.Join(", ", registry.Pools.Select(p => p.Name)), _worker.Urls.FirstOrDefault());
         }
         catch (Exception e) when (e is not OperationCanceledException)
         {
@@ -94,11 +94,11 @@ public sealed class EmbeddedWorker(
             await _worker.DisposeAsync();
             _worker = null;
         }
-        if (_engine is not null)
+        foreach (var engine in _engines)
         {
-            await _engine.DisposeAsync();
-            _engine = null;
+            await WorkerHost.DisposeEngineAsync(engine);
         }
+        _engines = [];
     }
 
     /// <summary>A listen address the worker can call: wildcard hosts become loopback.</summary>

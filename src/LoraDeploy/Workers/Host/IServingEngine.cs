@@ -31,6 +31,15 @@ public interface IServingEngine
     /// <paramref name="http"/>'s response; <paramref name="ct"/> is cancelled when the client goes away.
     /// </summary>
     Task HandleAsync(InferenceCall call, HttpContext http, CancellationToken ct);
+
+    /// <summary>
+    /// Null while the engine can serve; otherwise why not (an external server it drives stopped answering). The worker
+    /// then leaves routing and asks <see cref="CheckHealthAsync"/> every heartbeat period until it returns null.
+    /// </summary>
+    string? Problem => null;
+
+    /// <summary>Checks again whether the engine can serve; returns the remaining problem or null.</summary>
+    Task<string?> CheckHealthAsync(CancellationToken ct) => Task.FromResult(Problem);
 }
 
 /// <summary>What <see cref="IServingEngine.LoadAdapterAsync"/> decided.</summary>

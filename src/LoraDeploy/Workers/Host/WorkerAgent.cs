@@ -63,6 +63,22 @@ public sealed class WorkerAgent(
             {
                 try
                 {
+                    if (unit.Engine.Problem is { } problem)
+                    {
+                        // The engine cannot serve (its ComfyUI stopped, say): out of routing now, back once it recovers.
+                        if (registeredId is not null)
+                        {
+                            logger.LogWarning("The {Engine} engine cannot serve ({Problem}): leaving routing until it recovers.", unit.Engine.Engine, problem);
+                            await LeaveAsync(registeredId);
+                            registeredId = null;
+                        }
+                        if (await unit.Engine.CheckHealthAsync(ct) is not null)
+                        {
+                            await unit.WaitForNextBeatAsync(period, time, ct);
+                            continue;
+                        }
+                        logger.LogInformation("The {Engine} engine can serve again: registering.", unit.Engine.Engine);
+                    }
                     if (registeredId is null)
                     {
                         var registered = await RegisterAsync(unit, id, ct);

@@ -91,6 +91,35 @@ public static class WorkerHost
         }
     }
 
+    /// <summary>One engine per kind in <paramref name="kinds"/> that this build has (llama.cpp in-process, ComfyUI over HTTP).</summary>
+    public static List<IServingEngine> CreateEngines(IEnumerable<string> kinds, ILoggerFactory loggers)
+    {
+        var wanted = kinds.ToHashSet(StringComparer.Ordinal);
+        var engines = new List<IServingEngine>();
+        if (wanted.Contains(Engines.LlamaCpp))
+        {
+            engines.Add(new Serving.LlamaCppServingEngine(loggers));
+        }
+        if (wanted.Contains(Engines.ComfyUi))
+        {
+            engines.Add(new Serving.ComfyUi.ComfyUiServingEngine(loggers));
+        }
+        return engines;
+    }
+
+    public static async ValueTask DisposeEngineAsync(IServingEngine engine)
+    {
+        switch (engine)
+        {
+            case IAsyncDisposable asyncDisposable:
+                await asyncDisposable.DisposeAsync();
+                break;
+            case IDisposable disposable:
+                disposable.Dispose();
+                break;
+        }
+    }
+
     private static WorkerRuntime CreateRuntime(IServiceProvider services, IReadOnlyList<IServingEngine> engines)
     {
         var registry = services.GetRequiredService<BaseModelRegistry>();

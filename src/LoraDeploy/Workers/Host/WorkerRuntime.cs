@@ -24,8 +24,8 @@ public sealed class WorkerRuntime
 
     public string CallKey { get; }
 
-    /// <summary>Every engine has loaded its base models.</summary>
-    public bool Ready => Units.All(u => u.Started);
+    /// <summary>Every engine has loaded its base models and can serve.</summary>
+    public bool Ready => Units.All(u => u.Started && u.Engine.Problem is null);
 
     public WorkerUnit? FindUnit(string? pool) => pool is null ? null : Units.FirstOrDefault(u => u.Pools.ContainsKey(pool));
 
