@@ -128,6 +128,19 @@ public static class Eventually
             await Task.Delay(25);
         }
     }
+
+    public static async Task TrueAsync(Func<Task<bool>> condition, string what)
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(30);
+        while (!await condition())
+        {
+            if (DateTime.UtcNow > deadline)
+            {
+                Assert.Fail($"Gave up waiting: {what}.");
+            }
+            await Task.Delay(25);
+        }
+    }
 }
 
 /// <summary>Keeps every log message (category, level, text) for assertions on what a person would read.</summary>

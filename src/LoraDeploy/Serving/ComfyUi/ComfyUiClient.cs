@@ -43,9 +43,10 @@ public sealed record ComfyImageRef(string Filename, string Subfolder, string Typ
 /// <c>prompt_id</c> and <c>client_id</c>, progress and completion from <c>/ws</c>, images from <c>/history</c> and
 /// <c>/view</c>, <c>/interrupt</c> and queue delete on cancellation. No retries: a queued prompt is not idempotent.
 /// Each job opens its own socket (a fresh client id) before posting, so no message of the job can be missed and
-/// nothing has to demultiplex between jobs.
+/// nothing has to demultiplex between jobs. One HTTP call (or the socket's handshake) longer than the request timeout
+/// counts as ComfyUI not answering.
 /// </summary>
-public sealed class ComfyUiClient(Uri baseUrl, HttpMessageInvoker invoker, TimeProvider time)
+public sealed class ComfyUiClient(Uri baseUrl, HttpMessageInvoker invoker, TimeProvider time, TimeSpan requestTimeout)
 {
     private static readonly TimeSpan CleanupTimeout = TimeSpan.FromSeconds(5);
 
@@ -100,9 +101,11 @@ public sealed class ComfyUiClient(Uri baseUrl, HttpMessageInvoker invoker, TimeP
         try
         {
             var ws = new UriBuilder(BaseUrl) { Scheme = BaseUrl.Scheme == "https" ? "wss" : "ws", Path = BaseUrl.AbsolutePath.TrimEnd('/') + "/ws", Query = $"clientId={clientId}" };
-            await socket.ConnectAsync(ws.Uri, invoker, ct);
+            using var handshake = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            handshake.CancelAfter(requestTimeout);
+            await socket.ConnectAsync(ws.Uri, invoker, handshake.Token);
         }
-        catch (Exception e) when (e is WebSocketException or HttpRequestException && !ct.IsCancellationRequested)
+        catch (Exception e) when (e is WebSocketException or HttpRequestException or OperationCanceledException && !ct.IsCancellationRequested)
         {
             throw new ComfyUiUnavailableException($"ComfyUI at {BaseUrl} cannot be reached ({e.Message}).", e);
         }
@@ -160,7 +163,7 @@ public sealed class ComfyUiClient(Uri baseUrl, HttpMessageInvoker invoker, TimeP
         {
             using var _ = await SendAsync(HttpMethod.Post, "history", new JsonObject { ["delete"] = new JsonArray(promptId.ToString("D")) }, timeout.Token);
         }
-        catch (Exception e) when (e is HttpRequestException or OperationCanceledException)
+        catch (Exception e) when (e is HttpRequestException or ComfyUiUnavailableException or OperationCanceledException)
         {
             // History is bounded by ComfyUI itself; this is housekeeping.
         }
@@ -182,15 +185,7 @@ public sealed class ComfyUiClient(Uri baseUrl, HttpMessageInvoker invoker, TimeP
     private async Task QueueAsync(JsonObject graph, string promptId, string clientId, CancellationToken ct)
     {
         var body = new JsonObject { ["prompt"] = graph, ["client_id"] = clientId, ["prompt_id"] = promptId };
-        HttpResponseMessage response;
-        try
-        {
-            response = await SendAsync(HttpMethod.Post, "prompt", body, ct);
-        }
-        catch (HttpRequestException e)
-        {
-            throw new ComfyUiUnavailableException($"ComfyUI at {BaseUrl} cannot be reached ({e.Message}).", e);
-        }
+        var response = await SendAsync(HttpMethod.Post, "prompt", body, ct);
         using (response)
         {
             if (response.IsSuccessStatusCode)
@@ -308,7 +303,7 @@ public sealed class ComfyUiClient(Uri baseUrl, HttpMessageInvoker invoker, TimeP
             timeout.CancelAfter(CleanupTimeout);
             state = await QueueStateAsync(promptId, timeout.Token);
         }
-        catch (Exception e) when (e is HttpRequestException or OperationCanceledException && !ct.IsCancellationRequested)
+        catch (Exception e) when (e is HttpRequestException or ComfyUiUnavailableException or OperationCanceledException && !ct.IsCancellationRequested)
         {
             throw new ComfyUiUnavailableException($"ComfyUI at {BaseUrl} stopped answering (nothing for {stall.TotalSeconds:0} s, and GET /queue failed).", e);
         }
@@ -350,12 +345,13 @@ public sealed class ComfyUiClient(Uri baseUrl, HttpMessageInvoker invoker, TimeP
             using var interrupt = await SendAsync(HttpMethod.Post, "interrupt", new JsonObject { ["prompt_id"] = promptId }, timeout.Token);
             using var delete = await SendAsync(HttpMethod.Post, "queue", new JsonObject { ["delete"] = new JsonArray(promptId) }, timeout.Token);
         }
-        catch (Exception e) when (e is HttpRequestException or OperationCanceledException)
+        catch (Exception e) when (e is HttpRequestException or ComfyUiUnavailableException or OperationCanceledException)
         {
             // ComfyUI is gone or slow; nothing else to do.
         }
     }
 
+    /// <summary>One call; a ComfyUI that does not answer within the request timeout is <see cref="ComfyUiUnavailableException"/>.</summary>
     private async Task<HttpResponseMessage> SendAsync(HttpMethod method, string path, JsonNode? body, CancellationToken ct)
     {
         using var request = new HttpRequestMessage(method, new Uri(BaseUrl, path));
@@ -363,7 +359,23 @@ public sealed class ComfyUiClient(Uri baseUrl, HttpMessageInvoker invoker, TimeP
         {
             request.Content = new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json");
         }
-        return await invoker.SendAsync(request, ct);
+        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        timeout.CancelAfter(requestTimeout);
+        try
+        {
+            var response = await invoker.SendAsync(request, timeout.Token);
+            // The body is read by the caller: give it the same bound, the timeout's token ends with this method.
+            await response.Content.LoadIntoBufferAsync(timeout.Token);
+            return response;
+        }
+        catch (OperationCanceledException e) when (!ct.IsCancellationRequested)
+        {
+            throw new ComfyUiUnavailableException($"ComfyUI at {BaseUrl} did not answer {method} /{path.Split('?')[0]} within {requestTimeout.TotalSeconds:0} s.", e);
+        }
+        catch (HttpRequestException e)
+        {
+            throw new ComfyUiUnavailableException($"ComfyUI at {BaseUrl} cannot be reached ({e.Message}).", e);
+        }
     }
 
     private static string Shorten(string text) => text.Length > 300 ? text[..300] + "…" : text;

@@ -66,7 +66,7 @@ public sealed class ComfyUiServingEngine(ILoggerFactory? loggers = null, TimePro
             var servers = new List<ComfyServer>();
             foreach (var url in Urls(settings))
             {
-                var client = new ComfyUiClient(url, _http, _time);
+                var client = new ComfyUiClient(url, _http, _time, ComfyPool.StallOf(settings));
                 await WaitReachableAsync(client, ct);
                 var (missing, loraPrefix) = await CheckAsync(entry, settings, client, folder, ct);
                 problems.AddRange(missing.Select(m => $"{key} ({url}): {m}"));
@@ -213,7 +213,7 @@ public sealed class ComfyUiServingEngine(ILoggerFactory? loggers = null, TimePro
                 server.Down = null;
                 _logger.LogInformation("ComfyUI at {Url} answers again.", server.Client.BaseUrl);
             }
-            catch (Exception e) when (e is HttpRequestException or OperationCanceledException && !ct.IsCancellationRequested)
+            catch (Exception e) when (e is HttpRequestException or ComfyUiUnavailableException or OperationCanceledException && !ct.IsCancellationRequested)
             {
                 // Still down.
             }
@@ -355,7 +355,7 @@ public sealed class ComfyUiServingEngine(ILoggerFactory? loggers = null, TimePro
                 await client.QueueStateAsync(null, timeout.Token);
                 return;
             }
-            catch (Exception e) when (e is HttpRequestException or OperationCanceledException && !ct.IsCancellationRequested)
+            catch (Exception e) when (e is HttpRequestException or ComfyUiUnavailableException or OperationCanceledException && !ct.IsCancellationRequested)
             {
                 var waited = _time.GetElapsedTime(since);
                 if (waited >= told)
@@ -487,7 +487,9 @@ public sealed class ComfyUiServingEngine(ILoggerFactory? loggers = null, TimePro
         public LoraFolder Folder => folder;
         public IReadOnlyList<ComfyServer> Servers => servers;
         public ImageDefaults Defaults => defaults;
-        public TimeSpan Stall { get; } = TimeSpan.FromSeconds(settings.StallSeconds ?? 60);
+        public TimeSpan Stall { get; } = StallOf(settings);
+
+        public static TimeSpan StallOf(ComfyUiSettings settings) => TimeSpan.FromSeconds(settings.StallSeconds ?? 60);
 
         /// <summary>An up server with the fewest jobs; among equals the one that last ran these adapters (its patched model is warm).</summary>
         public ComfyServer Choose(IReadOnlyList<AdapterScale> adapters)

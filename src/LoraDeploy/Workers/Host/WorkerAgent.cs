@@ -133,7 +133,7 @@ public sealed class WorkerAgent(
             using var response = await http.CreateClient(WorkerBlobCache.HttpClientName).PostAsync(string.Format(WorkerProtocol.LeavePathFormat, id), null, timeout.Token);
             logger.LogInformation("Left the server as worker {Id} ({Status}).", id, (int)response.StatusCode);
         }
-        catch (Exception e) when (e is HttpRequestException or OperationCanceledException)
+        catch (Exception e) when (e is HttpRequestException or OperationCanceledException or ObjectDisposedException)
         {
             logger.LogInformation("Could not tell the server that worker {Id} stops ({Reason}); it forgets it after missed heartbeats.", id, e.Message);
         }
