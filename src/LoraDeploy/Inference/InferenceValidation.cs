@@ -24,9 +24,9 @@ public static class InferenceValidation
         {
             Operations.ChatCompletions => Chat(body) ?? Sampling(body) ?? Extras(body),
             Operations.Completions => Completion(body) ?? Sampling(body) ?? Extras(body),
-            Operations.ImagesGenerations => Image(body, promptRequired: true) ?? Extras(body),
+            Operations.ImagesGenerations => Image(body, openAi: true) ?? Extras(body),
             _ => engine == BaseModels.Engines.ComfyUi
-                ? Image(body, promptRequired: true) ?? Extras(body)
+                ? Image(body, openAi: false) ?? Extras(body)
                 : NativeText(body) ?? Sampling(body) ?? Extras(body),
         };
     }
@@ -90,24 +90,45 @@ public static class InferenceValidation
         ?? Int(body, "n", 1, 1, "only n = 1 is served") ?? Int(body, "seed", long.MinValue, long.MaxValue) ?? Bool(body, "stream")
         ?? Number(body, "repetition_penalty", 0.01, 10) ?? Stop(body);
 
-    private static InvalidParameter? Image(JsonElement body, bool promptRequired)
+    /// <summary>DeepInfra's text-to-image <c>width</c>/<c>height</c> values.</summary>
+    public static readonly IReadOnlyList<int> DeepInfraSides = [128, 256, 384, 448, 512, 576, 640, 704, 768, 832, 896, 960, 1024];
+
+    private static InvalidParameter? Image(JsonElement body, bool openAi)
     {
-        if (body.TryGetProperty("prompt", out var prompt) ? prompt.ValueKind != JsonValueKind.String || prompt.GetString()!.Length > 10_000 : promptRequired)
+        if (!body.TryGetProperty("prompt", out var prompt) || prompt.ValueKind != JsonValueKind.String || prompt.GetString()!.Length is 0 or > 10_000)
         {
-            return new("prompt", "prompt is required: a string of at most 10000 characters.");
+            return new("prompt", "prompt is required: a non-empty string of at most 10000 characters.");
         }
         if (body.TryGetProperty("negative_prompt", out var negative) && negative.ValueKind is not (JsonValueKind.String or JsonValueKind.Null))
         {
             return new("negative_prompt", "negative_prompt must be a string.");
         }
-        if (body.TryGetProperty("size", out var size) && (size.ValueKind != JsonValueKind.String || !TryParseSize(size.GetString()!, out _, out _)))
+        if (body.TryGetProperty("image", out var image) && image.ValueKind != JsonValueKind.Null)
         {
-            return new("size", $"size must be WIDTHxHEIGHT, each a multiple of 8 from 64 to {MaxImageSide} (e.g. 1024x1024).");
+            return new("image", "image-to-image is not served: only text-to-image (leave image and strength out).");
         }
-        return Side(body, "width") ?? Side(body, "height") ?? Int(body, "num_inference_steps", 1, MaxSteps)
-            ?? Number(body, "guidance_scale", 0, 30) ?? Int(body, "num_images", 1, MaxImages) ?? Int(body, "n", 1, MaxImages)
-            ?? Int(body, "seed", long.MinValue, long.MaxValue) ?? Bool(body, "stream");
+        if (openAi)
+        {
+            if (body.TryGetProperty("size", out var size) && size.ValueKind != JsonValueKind.Null
+                && (size.ValueKind != JsonValueKind.String || !TryParseSize(size.GetString()!, out _, out _)))
+            {
+                return new("size", $"size must be WIDTHxHEIGHT, each a multiple of 8 from 64 to {MaxImageSide} (e.g. 1024x1024).");
+            }
+            if (body.TryGetProperty("response_format", out var format) && format.ValueKind != JsonValueKind.Null && format.GetString() != "b64_json")
+            {
+                return new("response_format", "response_format must be b64_json: images are returned inline, never as URLs.");
+            }
+            return Int(body, "n", 1, MaxImages) ?? Int(body, "seed", 0, long.MaxValue);
+        }
+        return DeepInfraSide(body, "width") ?? DeepInfraSide(body, "height") ?? Int(body, "num_inference_steps", 1, MaxSteps)
+            ?? Number(body, "guidance_scale", 0, 30) ?? Int(body, "num_images", 1, MaxImages)
+            ?? Int(body, "seed", 0, long.MaxValue) ?? Bool(body, "stream");
     }
+
+    private static InvalidParameter? DeepInfraSide(JsonElement body, string name) =>
+        body.TryGetProperty(name, out var v) && v.ValueKind != JsonValueKind.Null && !(v.TryGetInt32(out var side) && DeepInfraSides.Contains(side))
+            ? new(name, $"{name} must be one of {string.Join(", ", DeepInfraSides)}.")
+            : null;
 
     /// <summary>Our extensions, valid on every route.</summary>
     private static InvalidParameter? Extras(JsonElement body)
@@ -128,11 +149,6 @@ public static class InferenceValidation
     }
 
     private static bool ValidSide(long side) => side is >= 64 and <= MaxImageSide && side % 8 == 0;
-
-    private static InvalidParameter? Side(JsonElement body, string name) =>
-        body.TryGetProperty(name, out var v) && v.ValueKind != JsonValueKind.Null && !(v.TryGetInt64(out var side) && ValidSide(side))
-            ? new(name, $"{name} must be a multiple of 8 from 64 to {MaxImageSide}.")
-            : null;
 
     private static InvalidParameter? Stop(JsonElement body)
     {

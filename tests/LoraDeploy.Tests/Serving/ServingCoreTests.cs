@@ -454,6 +454,10 @@ public sealed class ServingCoreTests : IAsyncLifetime
         foreach (var (body, param) in new (object, string)[]
         {
             (new { prompt = "x", width = 100_000 }, "width"),
+            (new { prompt = "x", height = 1000 }, "height"), // DeepInfra's list of sizes: 128, 256, 384, 448, … 1024
+            (new { prompt = "x", seed = -1 }, "seed"),
+            (new { prompt = "" }, "prompt"),
+            (new { prompt = "x", image = "data:image/png;base64,AAAA" }, "image"),
             (new { prompt = "x", num_inference_steps = 10_000 }, "num_inference_steps"),
             (new { prompt = "x", num_images = 50 }, "num_images"),
             (new { prompt = "x", lora_scale = 1e9 }, "lora_scale"),
@@ -468,6 +472,8 @@ public sealed class ServingCoreTests : IAsyncLifetime
         var e = (await openAi.ExpectAsync(HttpStatusCode.UnprocessableEntity)).GetProperty("error");
         Assert.Equal("size", e.GetProperty("param").GetString());
         Assert.Equal("invalid_request_error", e.GetProperty("type").GetString());
+        var asUrl = await _h.User.Client.PostJsonAsync("/v1/openai/images/generations", new { model, prompt = "x", response_format = "url" });
+        Assert.Equal("response_format", (await asUrl.ExpectAsync(HttpStatusCode.UnprocessableEntity)).GetProperty("error").GetProperty("param").GetString());
         var notJson = await _h.User.Client.PostAsync($"/v1/inference/{model}", new StringContent("{nope", Encoding.UTF8, "application/json"));
         Assert.Equal(HttpStatusCode.UnprocessableEntity, notJson.StatusCode);
     }
