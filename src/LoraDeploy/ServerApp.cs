@@ -42,6 +42,7 @@ public static class ServerApp
         builder.Services.AddImportPipeline();
         builder.Services.AddWorkerApi();
         builder.Services.AddInferenceGateway();
+        builder.Services.AddInferenceWebhooks(builder.Configuration);
         builder.Services.AddApiDocumentation();
         builder.AddObservability();
 

@@ -5,12 +5,13 @@ namespace LoraDeploy.Auth;
 /// <summary>
 /// Headers on the dashboard and every static file: its scripts, styles and images come from this server only (no
 /// inline script, so an injected string cannot run), it cannot be framed (clickjacking the delete buttons), and
-/// browsers take each file as the type it is sent as.
+/// browsers take each file as the type it is sent as. Images may also be <c>data:</c> URLs: the "Try it" panel shows
+/// the generated PNG the API answers as one (an image cannot run script).
 /// </summary>
 public static class DashboardHeaders
 {
     public const string ContentSecurityPolicy =
-        "default-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+        "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
     public static StaticFileOptions StaticFiles() => new() { OnPrepareResponse = context => Apply(context.Context.Response) };
 

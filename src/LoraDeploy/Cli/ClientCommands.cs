@@ -16,5 +16,6 @@ internal static class ClientCommands
         DeployCommands.TransitionCommand("start", "Start a stopped deploy."),
         DeployCommands.ScaleCommand(),
         WorkersCommand.Create(),
+        GenerateCommand.Create(),
     ];
 }

@@ -147,6 +147,18 @@ public static class InferenceEndpoints
             return;
         }
 
+        Uri? webhook = null;
+        if (operation == Operations.Native)
+        {
+            var allowed = services.GetRequiredService<IOptionsMonitor<Sources.NetworkOptions>>().CurrentValue.ParsedRanges();
+            (webhook, var badHook) = InferenceWebhooks.Parse(json, allowed);
+            if (badHook is not null)
+            {
+                await ErrorAsync(http, openAi, StatusCodes.Status422UnprocessableEntity, badHook.Message, badHook.Param);
+                return;
+            }
+        }
+
         var router = services.GetRequiredService<InferenceRouter>();
         var (lease, refusal) = await router.AcquireAsync(target.Pool.Name, target.Adapters.Select(a => a.Sha256).ToList(), ct);
         if (lease is null)
@@ -162,24 +174,30 @@ public static class InferenceEndpoints
             }
             return;
         }
+        var requestId = NewRequestId();
+        var client = services.GetRequiredService<IHttpClientFactory>().CreateClient(WorkerClientName);
+        var metrics = services.GetRequiredService<InferenceMetrics>();
+        if (webhook is not null)
+        {
+            // The lease moves to the background call, which releases it when the worker is done.
+            services.GetRequiredService<InferenceWebhooks>().Start(requestId, webhook, TimeSpan.FromSeconds(options.RequestTimeoutSeconds), lease,
+                callCt => CallWorkerAsync(client, metrics, lease, target, operation, body, requestId, callCt));
+            await http.Response.WriteAsJsonAsync(new QueuedAnswer(requestId, new InferenceStatus("queued", 0)), InferenceJsonContext.Default.QueuedAnswer);
+            return;
+        }
         using (lease)
         {
-            await ProxyAsync(http, services, lease, target, operation, openAi, body, options);
+            await ProxyAsync(http, client, metrics, lease, target, operation, openAi, body, requestId, options);
         }
     }
 
     /// <summary>
-    /// Sends the request to the worker and streams its answer back as it comes. A worker that cannot be reached or drops
-    /// the connection before answering → 503 at once; past <see cref="WorkersOptions.RequestTimeoutSeconds"/> → 504; a
-    /// client that goes away cancels the call, and with it the work on the worker.
+    /// The one call to a worker, shared by the proxied and the webhook paths: the answer comes back once its headers
+    /// have (the body is still to be read). Throws what <see cref="HttpClient.SendAsync(HttpRequestMessage, HttpCompletionOption, CancellationToken)"/> throws.
     /// </summary>
-    private static async Task ProxyAsync(HttpContext http, IServiceProvider services, WorkerLease lease, InferenceTarget target,
-        string operation, bool openAi, byte[] body, WorkersOptions options)
+    private static async Task<HttpResponseMessage> CallWorkerAsync(HttpClient client, InferenceMetrics metrics, WorkerLease lease,
+        InferenceTarget target, string operation, byte[] body, string requestId, CancellationToken ct)
     {
-        var client = services.GetRequiredService<IHttpClientFactory>().CreateClient(WorkerClientName);
-        var metrics = services.GetRequiredService<InferenceMetrics>();
-        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(options.RequestTimeoutSeconds));
-        using var linked = CancellationTokenSource.CreateLinkedTokenSource(http.RequestAborted, timeout.Token);
         using var request = new HttpRequestMessage(HttpMethod.Post, lease.Worker.Url + WorkerProtocol.InferPath)
         {
             Content = new ByteArrayContent(body) { Headers = { ContentType = new MediaTypeHeaderValue("application/json") } },
@@ -188,12 +206,34 @@ public static class InferenceEndpoints
         request.Headers.Add(WorkerProtocol.OperationHeader, operation);
         request.Headers.Add(WorkerProtocol.PoolHeader, target.Pool.Name);
         request.Headers.Add(WorkerProtocol.AdaptersHeader, target.AdaptersHeader);
-        request.Headers.Add(WorkerProtocol.RequestIdHeader, NewRequestId());
+        request.Headers.Add(WorkerProtocol.RequestIdHeader, requestId);
+        var response = await client.SendAsync(request, HttpCompletionOption.ResponseHeadersRead, ct);
+        if (response.Headers.TryGetValues(WorkerProtocol.LoadedHeader, out var loaded))
+        {
+            var count = loaded.SelectMany(v => v.Split(',', StringSplitOptions.RemoveEmptyEntries)).Count();
+            if (count > 0)
+            {
+                metrics.AdapterLoads(target.Pool.Name, count);
+            }
+        }
+        return response;
+    }
+
+    /// <summary>
+    /// Sends the request to the worker and streams its answer back as it comes. A worker that cannot be reached or drops
+    /// the connection before answering → 503 at once; past <see cref="WorkersOptions.RequestTimeoutSeconds"/> → 504; a
+    /// client that goes away cancels the call, and with it the work on the worker.
+    /// </summary>
+    private static async Task ProxyAsync(HttpContext http, HttpClient client, InferenceMetrics metrics, WorkerLease lease, InferenceTarget target,
+        string operation, bool openAi, byte[] body, string requestId, WorkersOptions options)
+    {
+        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(options.RequestTimeoutSeconds));
+        using var linked = CancellationTokenSource.CreateLinkedTokenSource(http.RequestAborted, timeout.Token);
 
         HttpResponseMessage response;
         try
         {
-            response = await client.SendAsync(request, HttpCompletionOption.ResponseHeadersRead, linked.Token);
+            response = await CallWorkerAsync(client, metrics, lease, target, operation, body, requestId, linked.Token);
         }
         catch (OperationCanceledException) when (timeout.IsCancellationRequested && !http.RequestAborted.IsCancellationRequested)
         {
@@ -212,14 +252,6 @@ public static class InferenceEndpoints
 
         using (response)
         {
-            if (response.Headers.TryGetValues(WorkerProtocol.LoadedHeader, out var loaded))
-            {
-                var count = loaded.SelectMany(v => v.Split(',', StringSplitOptions.RemoveEmptyEntries)).Count();
-                if (count > 0)
-                {
-                    metrics.AdapterLoads(target.Pool.Name, count);
-                }
-            }
             http.Response.StatusCode = (int)response.StatusCode;
             if (response.Content.Headers.ContentType is { } contentType)
             {
@@ -291,9 +323,16 @@ public sealed record OpenAiError(string Message, string Type, string? Param, str
 
 public sealed record OpenAiErrorBody(OpenAiError Error);
 
+/// <summary>DeepInfra's <c>inference_status</c> (the fields we fill).</summary>
+public sealed record InferenceStatus(string Status, long RuntimeMs);
+
+/// <summary>The immediate answer to a native request with a <c>webhook</c>.</summary>
+public sealed record QueuedAnswer(string RequestId, InferenceStatus InferenceStatus);
+
 [System.Text.Json.Serialization.JsonSourceGenerationOptions(
     JsonSerializerDefaults.Web,
     PropertyNamingPolicy = System.Text.Json.Serialization.JsonKnownNamingPolicy.SnakeCaseLower,
     DefaultIgnoreCondition = System.Text.Json.Serialization.JsonIgnoreCondition.Never)]
 [System.Text.Json.Serialization.JsonSerializable(typeof(OpenAiErrorBody))]
+[System.Text.Json.Serialization.JsonSerializable(typeof(QueuedAnswer))]
 public sealed partial class InferenceJsonContext : System.Text.Json.Serialization.JsonSerializerContext;

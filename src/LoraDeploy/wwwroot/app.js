@@ -1,5 +1,5 @@
 // LoraDeploy dashboard: hash-routed views over the HTTP API. No build step, no third-party code.
-import { api, ApiError, enc, getToken, plain, serverNow, setToken } from "./api.js";
+import { api, ApiError, apiStream, enc, getToken, plain, serverNow, setToken, sseEvents } from "./api.js";
 
 const main = document.getElementById("main");
 const POLL_MS = 1500;
@@ -634,6 +634,7 @@ async function renderLora(loraName) {
   const flash = h("div");
   setMain(loraName, h("p", {}, h("a", { href: "#/deploys" }, "← All deployments")), flash, body);
   let lastKey = "";
+  let tryIt = null; // kept across re-renders: a prompt being typed or an image being made survives a poll
   const onDone = (error) => {
     if (error) fill(flash, notice("error", error));
     else location.hash = "#/deploys";
@@ -657,7 +658,9 @@ async function renderLora(loraName) {
     const key = JSON.stringify([lora, deploy]);
     if (key === lastKey) return !FINAL.has(lora.status);
     lastKey = key;
-    const hadFocus = body.contains(document.activeElement) ? document.activeElement.textContent : null;
+    const focusedInTry = tryIt?.contains(document.activeElement) ? document.activeElement : null;
+    const hadFocus = !focusedInTry && body.contains(document.activeElement) ? document.activeElement.textContent : null;
+    if (deploy?.task === "text-to-image" && lora.status === "running") tryIt ??= tryItPanel(lora.model_name);
     const civitaiUrl = safeUrl(lora.civitai?.url ?? "");
     const fromHub = lora.source?.type === "huggingface";
     const sourceUrl = fromHub ? huggingFaceUrl(lora.source.civit_url) : safeUrl(lora.source?.civit_url ?? "");
@@ -685,6 +688,7 @@ async function renderLora(loraName) {
           ["Updated", when(lora.updated_at)],
         ])),
       deploy ? servingSection(lora.status, deploy) : null,
+      tryIt && lora.status === "running" ? tryIt : null,
       lora.civitai ? h("section", { "aria-labelledby": "civitai-title" },
         h("h2", { id: "civitai-title" }, "CivitAI"),
         dl([
@@ -696,8 +700,99 @@ async function renderLora(loraName) {
         ])) : null,
       probeSection(lora.probe, fromHub));
     if (hadFocus) [...body.querySelectorAll("button, a")].find((el) => el.textContent === hadFocus)?.focus();
+    if (focusedInTry && body.contains(focusedInTry)) focusedInTry.focus();
     return !FINAL.has(lora.status);
   });
+}
+
+/**
+ * "Try it" on a running image deploy: prompt, scale and seed go to the native route with `"stream": true`; the
+ * progress events fill a bar, the result's image is shown with the seed used, and errors are shown as the server
+ * words them.
+ */
+function tryItPanel(modelName) {
+  const slash = modelName.indexOf("/");
+  const path = `/v1/inference/${enc(modelName.slice(0, slash))}/${enc(modelName.slice(slash + 1))}`;
+  const prompt = h("textarea", { rows: 3, maxlength: 10000, required: true });
+  const scale = h("input", { type: "number", step: "0.05", min: "-8", max: "8", value: "1", inputmode: "decimal" });
+  const seed = h("input", { type: "number", step: "1", placeholder: "random", inputmode: "numeric" });
+  const submit = h("button", { type: "submit" }, "Generate");
+  const status = h("div", { class: "try-status", "aria-live": "polite" });
+  const result = h("div", { class: "try-result" });
+  const form = h("form", { class: "try-form", novalidate: true },
+    formField("try-prompt", "Prompt", prompt),
+    h("div", { class: "try-row" },
+      formField("try-scale", "LoRA scale", scale, "How strongly the LoRA applies (1 = as trained)."),
+      formField("try-seed", "Seed", seed, "Leave empty for a random one; the same seed gives the same image.")),
+    h("div", { class: "actions" }, submit));
+
+  const fieldError = (id, message) => {
+    form.querySelector(`#${id}-error`).textContent = message;
+    form.querySelector(`#${id}`).setAttribute("aria-invalid", "true");
+    form.querySelector(`#${id}`).focus();
+  };
+  const FIELD_IDS = { prompt: "try-prompt", lora_scale: "try-scale", seed: "try-seed" };
+
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    for (const el of form.querySelectorAll(".field-error")) el.textContent = "";
+    for (const el of form.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+    if (!prompt.value.trim()) return fieldError("try-prompt", "Write a prompt.");
+    const body = { prompt: prompt.value, stream: true };
+    if (scale.value !== "") {
+      const n = Number(scale.value);
+      if (!Number.isFinite(n) || scale.validity.badInput) return fieldError("try-scale", "The scale must be a number.");
+      body.lora_scale = n;
+    } else if (scale.validity.badInput) return fieldError("try-scale", "The scale must be a number.");
+    if (seed.value !== "" || seed.validity.badInput) {
+      const n = Number(seed.value);
+      if (!Number.isSafeInteger(n)) return fieldError("try-seed", "The seed must be a whole number.");
+      body.seed = n;
+    }
+
+    submit.disabled = true;
+    const bar = h("progress", { max: 1, "aria-label": "Sampling progress" });
+    const label = h("span", { class: "muted small" }, "Waiting for a worker…");
+    fill(status, h("div", { class: "download" }, bar, label));
+    fill(result);
+    try {
+      const response = await apiStream(path, body);
+      let answer = null;
+      if ((response.headers.get("Content-Type") ?? "").startsWith("text/event-stream")) {
+        for await (const ev of sseEvents(response)) {
+          const data = JSON.parse(ev.data);
+          if (ev.event === "progress") {
+            bar.max = data.steps;
+            bar.value = data.step;
+            label.textContent = `Step ${data.step} of ${data.steps}`;
+          } else if (ev.event === "result") {
+            answer = data;
+            break;
+          } else if (ev.event === "error") {
+            throw new ApiError(data.status ?? 502, plain(data.error));
+          }
+        }
+        if (!answer) throw new ApiError(502, "The server ended the stream before the image was ready.");
+      } else {
+        answer = await response.json();
+      }
+      const image = Array.isArray(answer?.images) ? answer.images[0] : null;
+      if (typeof image !== "string" || !image.startsWith("data:image/")) throw new ApiError(502, "The answer has no image.");
+      fill(status);
+      fill(result,
+        h("img", { src: image, alt: `Generated image: ${prompt.value}`, class: "try-image" }),
+        h("p", { class: "muted small" }, "Seed ", h("code", { class: "try-seed-used" }, String(answer.seed ?? "not reported"))));
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401) return signedOut("Your token was not accepted. Sign in again.");
+      const message = err instanceof ApiError ? err.message : "The answer could not be read.";
+      const field = err instanceof ApiError && err.status === 422 ? Object.keys(FIELD_IDS).find((f) => message.startsWith(f)) : null;
+      fill(status, field ? null : notice("error", message));
+      if (field) fieldError(FIELD_IDS[field], message);
+    } finally {
+      submit.disabled = false;
+    }
+  });
+  return h("section", { class: "try-it", "aria-labelledby": "try-title" }, h("h2", { id: "try-title" }, "Try it"), form, status, result);
 }
 
 /** Where the deploy runs: instances (running / pending) and its scaling settings. */

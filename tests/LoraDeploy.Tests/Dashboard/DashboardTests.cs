@@ -331,7 +331,7 @@ public sealed class DashboardTests(E2eEnvironment env) : IClassFixture<E2eEnviro
         {
             using var response = await http.GetAsync(path);
             Assert.Equal(System.Net.HttpStatusCode.OK, response.StatusCode);
-            Assert.Equal("default-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+            Assert.Equal("default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
                 string.Join(",", response.Headers.GetValues("Content-Security-Policy")));
             Assert.Equal("DENY", string.Join(",", response.Headers.GetValues("X-Frame-Options")));
             Assert.Equal("nosniff", string.Join(",", response.Headers.GetValues("X-Content-Type-Options")));

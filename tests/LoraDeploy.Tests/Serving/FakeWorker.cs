@@ -30,6 +30,8 @@ public sealed class FakeWorker : IAsyncDisposable
     /// <summary>Adapters the engine "refuses", with the reason it gives.</summary>
     public ConcurrentDictionary<string, string> Refuse { get; } = new();
     public ConcurrentQueue<string> Drops { get; } = new();
+    /// <summary>When set, answers inference requests instead of the echo (after auth and adapter loading).</summary>
+    public Func<HttpContext, Task>? Answer { get; set; }
     public int Requests => _requests;
     public int Cancelled => _cancelled;
     public string Id { get; }
@@ -164,6 +166,11 @@ public sealed class FakeWorker : IAsyncDisposable
             }
         }
         http.Response.Headers[WorkerProtocol.LoadedHeader] = string.Join(',', loaded);
+        if (Answer is { } answer)
+        {
+            await answer(http);
+            return;
+        }
         using var body = await JsonDocument.ParseAsync(http.Request.Body);
         var sleep = body.RootElement.TryGetProperty("sleep_ms", out var ms) ? ms.GetInt32() : 0;
         try

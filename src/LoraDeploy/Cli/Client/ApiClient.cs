@@ -19,13 +19,13 @@ internal sealed class ApiClient : IDisposable
 
     /// <summary>A client for <paramref name="server"/>; <paramref name="tokenSource"/> names where the token came from
     /// (<c>--token</c> or <c>LORADEPLOY_TOKEN</c>), for a 401's message.</summary>
-    public ApiClient(Uri server, string? token, string? tokenSource = null, HttpMessageHandler? handler = null)
+    public ApiClient(Uri server, string? token, string? tokenSource = null, HttpMessageHandler? handler = null, TimeSpan? timeout = null)
     {
         Server = server;
         _tokenSource = string.IsNullOrWhiteSpace(token) ? null : tokenSource ?? "the token given";
         _http = handler is null ? new HttpClient() : new HttpClient(handler);
         _http.BaseAddress = server;
-        _http.Timeout = TimeSpan.FromSeconds(30);
+        _http.Timeout = timeout ?? TimeSpan.FromSeconds(30);
         _http.DefaultRequestHeaders.UserAgent.Add(new ProductInfoHeaderValue("loradeploy-cli", "1.0"));
         if (!string.IsNullOrWhiteSpace(token))
         {
@@ -92,6 +92,41 @@ internal sealed class ApiClient : IDisposable
             }
             return new ApiResponse(json, text);
         }
+    }
+
+    /// <summary>
+    /// Posts and hands back the answer once its headers are in, its body still to be read (a stream of events); a
+    /// non-2xx answer becomes a <see cref="ClientException"/> as in <see cref="SendAsync"/>.
+    /// </summary>
+    public async Task<HttpResponseMessage> PostStreamingAsync(string path, JsonNode body, CancellationToken ct)
+    {
+        using var request = new HttpRequestMessage(HttpMethod.Post, path.TrimStart('/'))
+        {
+            Content = new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"),
+        };
+        HttpResponseMessage response;
+        try
+        {
+            response = await _http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead, ct).ConfigureAwait(false);
+        }
+        catch (HttpRequestException ex)
+        {
+            throw new ClientException($"cannot reach server at {Server}: {Describe(ex)}");
+        }
+        catch (TaskCanceledException) when (!ct.IsCancellationRequested)
+        {
+            throw new ClientException($"cannot reach server at {Server}: no answer within {_http.Timeout.TotalSeconds:0} s");
+        }
+        if (!response.IsSuccessStatusCode)
+        {
+            using (response)
+            {
+                var text = await response.Content.ReadAsStringAsync(ct).ConfigureAwait(false);
+                throw new ClientException(ErrorFormatter.Format(response.StatusCode, text, _tokenSource), ExitCodes.ServerError,
+                    (int)response.StatusCode);
+            }
+        }
+        return response;
     }
 
     private static string Describe(HttpRequestException ex)

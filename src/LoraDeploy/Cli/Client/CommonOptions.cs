@@ -54,5 +54,5 @@ internal sealed class CommonOptions
 /// <summary>What a client command resolved from its options; <paramref name="TokenSource"/> names where the token came from.</summary>
 internal sealed record ClientContext(Uri Server, string? Token, string? TokenSource, bool Json)
 {
-    public ApiClient CreateClient() => new(Server, Token, TokenSource);
+    public ApiClient CreateClient(TimeSpan? timeout = null) => new(Server, Token, TokenSource, timeout: timeout);
 }
