@@ -220,6 +220,39 @@ public sealed class ImageEndToEndTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_webhook_gets_the_images_comfyui_made_under_the_request_id_answered_at_once()
+    {
+        await DeployAsync("hooked", seed: 16);
+        await using var receiver = await WebhookReceiver.StartAsync();
+        var queued = await (await NativeAsync($"{_h.User.Name}/hooked",
+            new { prompt = "a kite", width = 256, height = 256, seed = 3, webhook = receiver.Url })).ExpectAsync(HttpStatusCode.OK);
+        Assert.Equal("queued", queued.GetProperty("inference_status").GetProperty("status").GetString());
+
+        var delivered = await receiver.NextAsync();
+        Assert.Equal(queued.GetProperty("request_id").GetString(), delivered.GetProperty("request_id").GetString());
+        Assert.Equal("succeeded", delivered.GetProperty("inference_status").GetProperty("status").GetString());
+        Assert.Equal((256, 256), Png(DataUrl(delivered.GetProperty("images")[0])));
+        Assert.Equal(3, delivered.GetProperty("seed").GetInt64());
+        // ComfyUI saved the image under the same id.
+        Assert.Contains($"loradeploy/{delivered.GetProperty("request_id").GetString()}", UserPrompts().Single().Graph.ToJsonString());
+    }
+
+    [Fact]
+    public async Task Loradeploy_generate_shows_comfyuis_steps_and_writes_the_png()
+    {
+        await DeployAsync("cli", seed: 17);
+        var output = Path.Combine(_dir, "cli.png");
+        var result = await Dashboard.LoraDeployExe.RunAsync(["generate", $"{_h.User.Name}/cli", "a red fox", "-o", output, "--seed", "9", "--steps", "3",
+            "--scale", "0.6", "--width", "256", "--height", "256", "--server", _h.Server.BaseUrl.ToString(), "--token", _h.User.Token]);
+
+        Assert.True(result.ExitCode == 0, result.ToString());
+        Assert.Equal((256, 256), Png(await File.ReadAllBytesAsync(output)));
+        Assert.Contains("step 3/3", result.StdOut);
+        Assert.EndsWith("seed 9", result.StdOut.Trim());
+        Assert.Equal(0.6, Nodes(UserPrompts().Single().Graph, "LoraLoaderModelOnly").Single()["inputs"]!["strength_model"]!.GetValue<double>());
+    }
+
+    [Fact]
     public async Task Stopping_a_deploy_removes_its_file_from_the_lora_folder_and_inference_answers_423()
     {
         var (id, sha) = await DeployAsync("evict", seed: 7);
