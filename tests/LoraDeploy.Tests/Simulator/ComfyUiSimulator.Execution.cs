@@ -29,6 +29,7 @@ public sealed partial class ComfyUiSimulator
     private readonly List<string> _historyOrder = [];
     private Dictionary<string, CacheEntry> _cache = new(StringComparer.Ordinal);
     private Job? _running;
+    private string? _lastNode;
     private long _number, _sequence;
     private volatile bool _interrupt, _freeMemory;
 
@@ -84,6 +85,14 @@ public sealed partial class ComfyUiSimulator
         }
     }
 
+    private string? CurrentNodeFor(string sid)
+    {
+        lock (_queueGate)
+        {
+            return _running?.ClientId == sid ? _lastNode : null;
+        }
+    }
+
     private void QueueUpdated() => Send("status", new JsonObject { ["status"] = QueueInfo() }, null);
 
     private JsonObject QueueJson()
@@ -130,7 +139,9 @@ public sealed partial class ComfyUiSimulator
                 job = Ordered().FirstOrDefault();
                 if (job is null)
                 {
-                    continue; // deleted from the queue before it ran
+                    // Woken by /free, or the job was deleted from the queue before it ran.
+                    ApplyFlags();
+                    continue;
                 }
                 _pending.Remove(job);
                 _running = job;
@@ -140,6 +151,7 @@ public sealed partial class ComfyUiSimulator
             lock (_queueGate)
             {
                 _running = null;
+                _lastNode = null;
                 if (_history.Count > 10_000)
                 {
                     _history.Remove(_historyOrder[0]);
@@ -166,11 +178,17 @@ public sealed partial class ComfyUiSimulator
             {
                 Send("executing", new JsonObject { ["node"] = null, ["prompt_id"] = job.PromptId }, job.ClientId);
             }
-            if (_freeMemory)
-            {
-                _freeMemory = false;
-                _cache = new(StringComparer.Ordinal);
-            }
+            ApplyFlags();
+        }
+    }
+
+    /// <summary>What <c>/free</c> asked for, done between prompts: free_memory also resets the node cache.</summary>
+    private void ApplyFlags()
+    {
+        if (_freeMemory)
+        {
+            _freeMemory = false;
+            _cache = new(StringComparer.Ordinal);
         }
     }
 
@@ -233,6 +251,10 @@ public sealed partial class ComfyUiSimulator
             }
             if (clientId is not null)
             {
+                lock (_queueGate)
+                {
+                    _lastNode = id;
+                }
                 Send("executing", new JsonObject { ["node"] = id, ["display_node"] = id, ["prompt_id"] = promptId }, clientId);
             }
             try

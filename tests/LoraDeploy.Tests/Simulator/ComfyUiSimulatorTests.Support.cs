@@ -168,7 +168,8 @@ internal sealed class ComfyTestClient : IAsyncDisposable
     {
         using var response = await Http.PostAsync(path, new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"), TestContext.Current.CancellationToken);
         var text = await response.Content.ReadAsStringAsync(TestContext.Current.CancellationToken);
-        return ((int)response.StatusCode, text.Length == 0 ? [] : JsonNode.Parse(text)!.AsObject());
+        var json = response.Content.Headers.ContentType?.MediaType == "application/json";
+        return ((int)response.StatusCode, json ? JsonNode.Parse(text)!.AsObject() : new JsonObject { ["text"] = text });
     }
 
     public async Task<JsonNode> GetJsonAsync(string path)

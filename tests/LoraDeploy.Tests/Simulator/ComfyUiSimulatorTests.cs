@@ -652,6 +652,63 @@ public class ComfyUiSimulatorTests
     }
 
     [Fact]
+    public async Task A_client_reconnecting_mid_job_gets_the_current_node_and_the_rest_of_its_messages()
+    {
+        await using var sim = await StartAsync();
+        sim.Faults.Stall = ComfySimStall.Jobs;
+        await using var first = await ConnectAsync(sim, "worker-1", Ct);
+        var id = Guid.NewGuid().ToString();
+        await first.PostPromptAsync(ComfyGraphs.Sdxl(), id);
+        await first.ReadUntilAsync(m => Type(m) == "executing" && m["data"]!["node"]?.ToString() == "6");
+
+        await using var second = await ConnectAsync(sim, "worker-1", Ct);
+        var hello = await second.ReadUntilAsync(m => Type(m) == "executing");
+        sim.Faults.Stall = ComfySimStall.None;
+        var rest = await second.ReadJobAsync(id);
+
+        Assert.Equal("worker-1", hello[0]["data"]!["sid"]!.ToString());
+        Assert.Equal("6", hello[^1]["data"]!["node"]!.ToString());
+        Assert.Contains(rest, m => Type(m) == "execution_success");
+    }
+
+    [Fact]
+    public async Task Free_with_free_memory_drops_the_node_cache_and_system_stats_answers()
+    {
+        await using var sim = await StartAsync();
+        await using var client = await ConnectAsync(sim, cancellationToken: Ct);
+        await RunAsync(client, ComfyGraphs.Sdxl());
+
+        var (emptyStatus, _) = await client.PostAsync("free", JsonValue.Create(""));
+        Assert.Equal(200, (await client.PostAsync("free", new JsonObject { ["unload_models"] = true })).Status);
+        Assert.Equal(200, (await client.PostAsync("api/free", new JsonObject { ["free_memory"] = true })).Status);
+        var id = Guid.NewGuid().ToString();
+        await client.PostPromptAsync(ComfyGraphs.Sdxl(), id);
+        var messages = await client.ReadJobAsync(id);
+        var stats = await client.GetJsonAsync("system_stats");
+
+        Assert.Equal(500, emptyStatus); // json_data.get on a str raises
+        Assert.Empty(messages.Single(m => Type(m) == "execution_cached")["data"]!["nodes"]!.AsArray());
+        Assert.Equal("cuda", stats["devices"]![0]!["type"]!.ToString());
+        Assert.Equal(3, sim.PostCount("/free"));
+        Assert.Equal(2, sim.PostCount("/prompt"));
+    }
+
+    [Fact]
+    public async Task A_body_that_is_not_json_gets_aiohttps_500()
+    {
+        await using var sim = await StartAsync();
+        using var http = new HttpClient { BaseAddress = new Uri(sim.BaseUrl) };
+
+        using var prompt = await http.PostAsync("/prompt", new StringContent("{not json", System.Text.Encoding.UTF8, "application/json"), Ct);
+        using var free = await http.PostAsync("/free", new StringContent("", System.Text.Encoding.UTF8, "application/json"), Ct);
+        using var unknown = await http.GetAsync("/nothing/here", Ct);
+
+        Assert.Equal(HttpStatusCode.InternalServerError, prompt.StatusCode);
+        Assert.Equal(HttpStatusCode.InternalServerError, free.StatusCode);
+        Assert.Equal(HttpStatusCode.NotFound, unknown.StatusCode);
+    }
+
+    [Fact]
     public async Task Kill_closes_every_socket_and_disposal_deletes_the_temp_root()
     {
         var sim = await StartAsync();
