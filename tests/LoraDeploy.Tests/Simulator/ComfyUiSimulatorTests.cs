@@ -72,6 +72,10 @@ public class ComfyUiSimulatorTests
         var success = messages.FindIndex(m => Type(m) == "execution_success");
         Assert.Contains(messages[success..^1], m => Type(m) == "status" && (int)m["data"]!["status"]!["exec_info"]!["queue_remaining"]! == 0);
         Assert.All(messages.Where(m => Type(m) == "progress"), m => Assert.Equal(id, m["data"]!["prompt_id"]!.ToString()));
+        var states = messages.Last(m => Type(m) == "progress_state")["data"]!["nodes"]!.AsObject();
+        Assert.Equal(["1", "2", "3", "4", "5", "6", "7", "8"], states.Select(n => n.Key).Order());
+        Assert.All(states, n => Assert.Equal("finished", n.Value!["state"]!.ToString()));
+        Assert.Equal(5.0, (double)states["6"]!["value"]!);
 
         var history = await HistoryAsync(client, id);
         Assert.Equal("success", history["status"]!["status_str"]!.ToString());
