@@ -593,6 +593,8 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
                 await SendToAsync(client, Message("executing", new JsonObject { ["node"] = node }));
             }
             var buffer = new byte[4096];
+            using var text = new MemoryStream();
+            var first = true;
             while (socket.State == WebSocketState.Open)
             {
                 var received = await socket.ReceiveAsync(buffer, _life.Token);
@@ -601,6 +603,18 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
                     await socket.CloseOutputAsync(WebSocketCloseStatus.NormalClosure, null, CancellationToken.None);
                     break;
                 }
+                text.Write(buffer, 0, received.Count);
+                if (!received.EndOfMessage)
+                {
+                    continue;
+                }
+                // Only a first message {"type": "feature_flags"} is answered (with the server's flags); anything else is ignored.
+                if (first && received.MessageType == WebSocketMessageType.Text && IsFeatureFlags(text.ToArray()))
+                {
+                    await SendToAsync(client, Message("feature_flags", new JsonObject { ["supports_preview_metadata"] = true, ["max_upload_size"] = 104857600 }));
+                }
+                first = false;
+                text.SetLength(0);
             }
         }
         catch (Exception ex) when (ex is WebSocketException or OperationCanceledException or IOException)
@@ -610,6 +624,18 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
         finally
         {
             _sockets.TryRemove(new KeyValuePair<string, Client>(sid, client));
+        }
+    }
+
+    private static bool IsFeatureFlags(byte[] message)
+    {
+        try
+        {
+            return JsonNode.Parse(message) is JsonObject o && o["type"]?.ToString() == "feature_flags";
+        }
+        catch (System.Text.Json.JsonException)
+        {
+            return false;
         }
     }
 

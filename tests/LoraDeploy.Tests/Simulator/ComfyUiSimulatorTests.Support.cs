@@ -154,6 +154,9 @@ internal sealed class ComfyTestClient : IAsyncDisposable
 
     public static string Type(JsonObject m) => m["type"]!.ToString();
 
+    public Task SendTextAsync(string text) =>
+        _socket.SendAsync(Encoding.UTF8.GetBytes(text), WebSocketMessageType.Text, endOfMessage: true, TestContext.Current.CancellationToken);
+
     public async Task<(int Status, JsonObject Body)> PostPromptAsync(JsonObject graph, string? promptId = null, bool withClientId = true, string path = "prompt")
     {
         var body = new JsonObject { ["prompt"] = graph.DeepClone(), ["prompt_id"] = promptId ?? Guid.NewGuid().ToString() };

@@ -671,6 +671,8 @@ public class ComfyUiSimulatorTests
         var rest = await second.ReadJobAsync(id);
 
         Assert.Equal("worker-1", hello[0]["data"]!["sid"]!.ToString());
+        await second.SendTextAsync("""{"type":"feature_flags","data":{"supports_preview_metadata":false}}""");
+        Assert.Equal("feature_flags", Type((await second.ReadUntilAsync(m => Type(m) == "feature_flags"))[^1]));
         Assert.Equal("6", hello[^1]["data"]!["node"]!.ToString());
         Assert.Contains(rest, m => Type(m) == "execution_success");
     }
