@@ -22,6 +22,33 @@ public sealed partial class ComfyUiSimulator
 
     private sealed class InterruptedException() : Exception("Processing interrupted");
 
+    /// <summary>comfy_execution.progress: every node's state this prompt; each change broadcasts <c>progress_state</c> with the non-pending ones.</summary>
+    private sealed class ProgressRegistry(ComfyUiSimulator sim, string promptId)
+    {
+        private readonly Dictionary<string, (double Value, double Max, string State)> _nodes = new(StringComparer.Ordinal);
+
+        public void Start(string id) => Set(id, 0, 1, "running");
+
+        public void Update(string id, double value, double max) => Set(id, value, max, "running");
+
+        public void Finish(string id) => Set(id, _nodes.TryGetValue(id, out var n) ? n.Max : 1, _nodes.TryGetValue(id, out var m) ? m.Max : 1, "finished");
+
+        private void Set(string id, double value, double max, string state)
+        {
+            _nodes[id] = (value, max, state);
+            var nodes = new JsonObject();
+            foreach (var (node, s) in _nodes)
+            {
+                nodes[node] = new JsonObject
+                {
+                    ["value"] = s.Value, ["max"] = s.Max, ["state"] = s.State, ["node_id"] = node, ["prompt_id"] = promptId,
+                    ["display_node_id"] = node, ["parent_node_id"] = null, ["real_node_id"] = node,
+                };
+            }
+            sim.Send("progress_state", new JsonObject { ["prompt_id"] = promptId, ["nodes"] = nodes }, null);
+        }
+    }
+
     private readonly Lock _queueGate = new();
     private readonly List<Job> _pending = [];
     private readonly SemaphoreSlim _queueSignal = new(0);
@@ -29,6 +56,7 @@ public sealed partial class ComfyUiSimulator
     private readonly List<string> _historyOrder = [];
     private Dictionary<string, CacheEntry> _cache = new(StringComparer.Ordinal);
     private Job? _running;
+    private string? _lastNode;
     private long _number, _sequence;
     private volatile bool _interrupt, _freeMemory;
 
@@ -84,6 +112,14 @@ public sealed partial class ComfyUiSimulator
         }
     }
 
+    private string? CurrentNodeFor(string sid)
+    {
+        lock (_queueGate)
+        {
+            return _running?.ClientId == sid ? _lastNode : null;
+        }
+    }
+
     private void QueueUpdated() => Send("status", new JsonObject { ["status"] = QueueInfo() }, null);
 
     private JsonObject QueueJson()
@@ -130,7 +166,9 @@ public sealed partial class ComfyUiSimulator
                 job = Ordered().FirstOrDefault();
                 if (job is null)
                 {
-                    continue; // deleted from the queue before it ran
+                    // Woken by /free, or the job was deleted from the queue before it ran.
+                    ApplyFlags();
+                    continue;
                 }
                 _pending.Remove(job);
                 _running = job;
@@ -140,6 +178,7 @@ public sealed partial class ComfyUiSimulator
             lock (_queueGate)
             {
                 _running = null;
+                _lastNode = null;
                 if (_history.Count > 10_000)
                 {
                     _history.Remove(_historyOrder[0]);
@@ -166,11 +205,17 @@ public sealed partial class ComfyUiSimulator
             {
                 Send("executing", new JsonObject { ["node"] = null, ["prompt_id"] = job.PromptId }, job.ClientId);
             }
-            if (_freeMemory)
-            {
-                _freeMemory = false;
-                _cache = new(StringComparer.Ordinal);
-            }
+            ApplyFlags();
+        }
+    }
+
+    /// <summary>What <c>/free</c> asked for, done between prompts: free_memory also resets the node cache.</summary>
+    private void ApplyFlags()
+    {
+        if (_freeMemory)
+        {
+            _freeMemory = false;
+            _cache = new(StringComparer.Ordinal);
         }
     }
 
@@ -209,6 +254,7 @@ public sealed partial class ComfyUiSimulator
         var cached = prompt.Select(p => p.Key).Where(id => cache.ContainsKey(signatures[id])).ToList();
         AddMessage("execution_cached", new JsonObject { ["nodes"] = new JsonArray([.. cached.Select(c => (JsonNode)c)]), ["prompt_id"] = promptId }, broadcast: false);
 
+        var progress = new ProgressRegistry(this, promptId);
         var outputs = new JsonObject();
         var meta = new JsonObject();
         var executed = new List<string>();
@@ -220,6 +266,7 @@ public sealed partial class ComfyUiSimulator
             JsonObject NodeMeta() => new() { ["node_id"] = id, ["display_node"] = id, ["parent_node"] = null, ["real_node_id"] = id };
             if (cache.TryGetValue(signatures[id], out var hit))
             {
+                progress.Finish(id);
                 if (hit.Ui is not null)
                 {
                     outputs[id] = hit.Ui.DeepClone();
@@ -231,8 +278,13 @@ public sealed partial class ComfyUiSimulator
                 }
                 continue;
             }
+            progress.Start(id);
             if (clientId is not null)
             {
+                lock (_queueGate)
+                {
+                    _lastNode = id;
+                }
                 Send("executing", new JsonObject { ["node"] = id, ["display_node"] = id, ["prompt_id"] = promptId }, clientId);
             }
             try
@@ -241,7 +293,7 @@ public sealed partial class ComfyUiSimulator
                 {
                     throw new InterruptedException();
                 }
-                var ui = await RunNodeAsync(job, id, classType, cancellationToken);
+                var ui = await RunNodeAsync(job, id, classType, progress, cancellationToken);
                 cache[signatures[id]] = new CacheEntry(ui);
                 if (ui is not null)
                 {
@@ -252,6 +304,7 @@ public sealed partial class ComfyUiSimulator
                         Send("executed", new JsonObject { ["node"] = id, ["display_node"] = id, ["output"] = ui.DeepClone(), ["prompt_id"] = promptId }, clientId);
                     }
                 }
+                progress.Finish(id);
                 executed.Add(id);
             }
             catch (InterruptedException)
@@ -363,7 +416,7 @@ public sealed partial class ComfyUiSimulator
 
     // ---- what each node does -------------------------------------------------------------------
 
-    private async Task<JsonObject?> RunNodeAsync(Job job, string id, string classType, CancellationToken cancellationToken)
+    private async Task<JsonObject?> RunNodeAsync(Job job, string id, string classType, ProgressRegistry progress, CancellationToken cancellationToken)
     {
         var inputs = (JsonObject)((JsonObject)job.Prompt[id]!)["inputs"]!;
         if (Faults.ExecutionError is { } fault && fault.ClassType == classType)
@@ -394,7 +447,7 @@ public sealed partial class ComfyUiSimulator
                 RequireFile("loras", inputs["lora_name"]);
                 break;
             case "KSampler":
-                await SampleAsync(job, id, (int)PyInt(inputs["steps"]), cancellationToken);
+                await SampleAsync(job, id, (int)PyInt(inputs["steps"]), progress, cancellationToken);
                 break;
             case "SaveImage":
                 return SaveImages(job, id);
@@ -413,7 +466,7 @@ public sealed partial class ComfyUiSimulator
         }
     }
 
-    private async Task SampleAsync(Job job, string id, int steps, CancellationToken cancellationToken)
+    private async Task SampleAsync(Job job, string id, int steps, ProgressRegistry progress, CancellationToken cancellationToken)
     {
         for (var step = 1; step <= steps; step++)
         {
@@ -435,20 +488,9 @@ public sealed partial class ComfyUiSimulator
                 _ = Task.Run(KillAsync, CancellationToken.None);
                 await Task.Delay(Timeout.InfiniteTimeSpan, _time, cancellationToken);
             }
-            // Progress goes to the prompt's client, or to every socket when it has none (send_sync with sid None).
+            // main.py's hook: progress_state (a broadcast) first, then progress to the prompt's client, or to every socket when it has none.
+            progress.Update(id, step, steps);
             Send("progress", new JsonObject { ["value"] = step, ["max"] = steps, ["prompt_id"] = job.PromptId, ["node"] = id }, job.ClientId);
-            Send("progress_state", new JsonObject
-            {
-                ["prompt_id"] = job.PromptId,
-                ["nodes"] = new JsonObject
-                {
-                    [id] = new JsonObject
-                    {
-                        ["value"] = step, ["max"] = steps, ["state"] = "running", ["node_id"] = id, ["prompt_id"] = job.PromptId,
-                        ["display_node_id"] = id, ["parent_node_id"] = null, ["real_node_id"] = id,
-                    },
-                },
-            }, job.ClientId);
         }
     }
 }

@@ -75,7 +75,8 @@ public sealed partial class ComfyUiSimulator
             clientId = body["client_id"]?.ToString();
         }
         extraData["create_time"] = _time.GetUtcNow().ToUnixTimeMilliseconds();
-        var job = new Job(number, promptId, prompt, extraData, clientId, outputs);
+        // The executor reads its own copy while /queue and /history copy theirs from other threads.
+        var job = new Job(number, promptId, (JsonObject)prompt.DeepClone(), extraData, clientId, outputs);
         _prompts.Enqueue(new ComfySimPrompt(promptId, clientId, (JsonObject)prompt.DeepClone(), number));
         Put(job);
         await Json(ctx, 200, new JsonObject

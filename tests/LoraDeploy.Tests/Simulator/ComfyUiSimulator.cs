@@ -118,7 +118,7 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
     private readonly TimeProvider _time;
     private readonly CancellationTokenSource _life = new();
     private readonly ConcurrentDictionary<HttpContext, byte> _active = new();
-    private readonly ConcurrentDictionary<string, int> _gets = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<string, int> _requests = new(StringComparer.Ordinal);
     private readonly ConcurrentQueue<ComfySimPrompt> _prompts = new();
     private readonly ConcurrentQueue<string> _queueDeletes = new();
     private readonly Dictionary<string, ModelFolder> _folders;
@@ -173,7 +173,10 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
     private int _queueClears;
 
     /// <summary>GET requests seen for a route template without the /api prefix, e.g. <c>/history/{prompt_id}</c>, <c>/view</c>, <c>/ws</c>, <c>/models/{folder}</c>.</summary>
-    public int GetCount(string route) => _gets.GetValueOrDefault(route);
+    public int GetCount(string route) => _requests.GetValueOrDefault("GET " + route);
+
+    /// <summary>POST requests seen for a route without the /api prefix, e.g. <c>/prompt</c>, <c>/free</c>, <c>/queue</c>.</summary>
+    public int PostCount(string route) => _requests.GetValueOrDefault("POST " + route);
 
     /// <summary>True once the server was killed (<see cref="KillAsync"/> or <see cref="ComfySimFaults.DieAtStep"/>).</summary>
     public bool IsDead => Volatile.Read(ref _killed) != 0;
@@ -233,12 +236,22 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
     }
 
     /// <summary>Dies like a killed process: open sockets and in-flight requests are cut, the listener closes, the executor stops.</summary>
-    public async Task KillAsync()
+    public Task KillAsync()
     {
-        if (Interlocked.Exchange(ref _killed, 1) != 0)
+        lock (_killGate)
         {
-            return;
+            // Every caller (a test, the DieAtStep fault, disposal) waits for the one shutdown.
+            _killing ??= KillOnceAsync();
+            return _killing;
         }
+    }
+
+    private readonly Lock _killGate = new();
+    private Task? _killing;
+
+    private async Task KillOnceAsync()
+    {
+        Volatile.Write(ref _killed, 1);
         await _life.CancelAsync();
         foreach (var ws in _sockets.Values)
         {
@@ -298,7 +311,9 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
                 ["ws"] when get => ("/ws", (Func<Task>)(() => WebSocketAsync(ctx))),
                 ["object_info"] when get => ("/object_info", () => Json(ctx, 200, ObjectInfo(null))),
                 ["object_info", var cls] when get => ("/object_info/{node_class}", () => Json(ctx, 200, ObjectInfo(cls))),
+                ["models"] when get => ("/models", () => Json(ctx, 200, new JsonArray([.. _folders.Keys.Select(k => (JsonNode)k)]))),
                 ["models", var folder] when get => ("/models/{folder}", () => ModelsAsync(ctx, folder)),
+                ["system_stats"] when get => ("/system_stats", () => Json(ctx, 200, SystemStats())),
                 ["prompt"] when post => ("/prompt", () => PostPromptAsync(ctx)),
                 ["prompt"] when get => ("/prompt", () => Json(ctx, 200, QueueInfo())),
                 ["queue"] when get => ("/queue", () => Json(ctx, 200, QueueJson())),
@@ -311,9 +326,9 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
                 ["free"] when post => ("/free", () => PostFreeAsync(ctx)),
                 _ => ("", () => Text(ctx, 404, "404: Not Found")),
             };
-            if (get && route.Length > 0)
+            if (route.Length > 0)
             {
-                _gets.AddOrUpdate(route, 1, (_, n) => n + 1);
+                _requests.AddOrUpdate($"{ctx.Request.Method} {route}", 1, (_, n) => n + 1);
             }
             try
             {
@@ -391,6 +406,21 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
         return result;
     }
 
+    private static JsonObject SystemStats() => new()
+    {
+        ["system"] = new JsonObject
+        {
+            ["os"] = "linux", ["ram_total"] = 34359738368L, ["ram_free"] = 17179869184L, ["comfyui_version"] = "0.3.64",
+            ["python_version"] = "3.12.3 (simulated)", ["pytorch_version"] = "2.8.0+cu128", ["embedded_python"] = false,
+            ["argv"] = new JsonArray("main.py", "--listen", "127.0.0.1"),
+        },
+        ["devices"] = new JsonArray(new JsonObject
+        {
+            ["name"] = "cuda:0 Simulated GPU : cudaMallocAsync", ["type"] = "cuda", ["index"] = 0,
+            ["vram_total"] = 25769803776L, ["vram_free"] = 23622320128L, ["torch_vram_total"] = 0, ["torch_vram_free"] = 0,
+        }),
+    };
+
     private async Task ViewAsync(HttpContext ctx)
     {
         var query = ctx.Request.Query;
@@ -450,7 +480,11 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
         }
         catch (PythonError)
         {
-            body = null; // an empty or malformed body is a global interrupt
+            body = new JsonObject(); // an empty or malformed body is a global interrupt
+        }
+        if (body is not JsonObject)
+        {
+            throw new PythonError("AttributeError", "the body has no attribute 'get'");
         }
         var promptId = body is JsonObject o && o["prompt_id"] is JsonValue v && v.TryGetValue<string>(out var s) && s.Length > 0 ? s : null;
         Interrupt(promptId);
@@ -459,10 +493,11 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
 
     private async Task PostFreeAsync(HttpContext ctx)
     {
-        var body = await ReadJsonAsync(ctx) as JsonObject ?? [];
+        var body = await ReadJsonAsync(ctx) as JsonObject ?? throw new PythonError("AttributeError", "the body has no attribute 'get'");
         if (IsTruthy(body["free_memory"]))
         {
             _freeMemory = true;
+            _queueSignal.Release(); // an idle executor acts on it at once, as ComfyUI's wakes from q.get
         }
         ctx.Response.StatusCode = 200;
     }
@@ -552,7 +587,14 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
         try
         {
             await SendToAsync(client, Message("status", new JsonObject { ["status"] = QueueInfo(), ["sid"] = sid }));
+            // A client reconnecting while its prompt runs is told the node being executed.
+            if (CurrentNodeFor(sid) is { } node)
+            {
+                await SendToAsync(client, Message("executing", new JsonObject { ["node"] = node }));
+            }
             var buffer = new byte[4096];
+            using var text = new MemoryStream();
+            var first = true;
             while (socket.State == WebSocketState.Open)
             {
                 var received = await socket.ReceiveAsync(buffer, _life.Token);
@@ -561,6 +603,18 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
                     await socket.CloseOutputAsync(WebSocketCloseStatus.NormalClosure, null, CancellationToken.None);
                     break;
                 }
+                text.Write(buffer, 0, received.Count);
+                if (!received.EndOfMessage)
+                {
+                    continue;
+                }
+                // Only a first message {"type": "feature_flags"} is answered (with the server's flags); anything else is ignored.
+                if (first && received.MessageType == WebSocketMessageType.Text && IsFeatureFlags(text.ToArray()))
+                {
+                    await SendToAsync(client, Message("feature_flags", new JsonObject { ["supports_preview_metadata"] = true, ["max_upload_size"] = 104857600 }));
+                }
+                first = false;
+                text.SetLength(0);
             }
         }
         catch (Exception ex) when (ex is WebSocketException or OperationCanceledException or IOException)
@@ -570,6 +624,18 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
         finally
         {
             _sockets.TryRemove(new KeyValuePair<string, Client>(sid, client));
+        }
+    }
+
+    private static bool IsFeatureFlags(byte[] message)
+    {
+        try
+        {
+            return JsonNode.Parse(message) is JsonObject o && o["type"]?.ToString() == "feature_flags";
+        }
+        catch (System.Text.Json.JsonException)
+        {
+            return false;
         }
     }
 
