@@ -22,7 +22,7 @@ public sealed class Harness : IAsyncDisposable
 {
     public const string Pool = "sim/tiny-llama";
 
-    private readonly List<(WebApplication App, LlamaCppServingEngine Engine)> _workers = [];
+    private readonly List<(WebApplication App, IServingEngine Engine)> _workers = [];
     private readonly Dictionary<string, string?> _poolSettings;
 
     private Harness(string dir, WebApplication server, Uri baseUrl, Dictionary<string, string?> poolSettings, HuggingFaceSimulator? hub)
@@ -123,7 +123,8 @@ public sealed class Harness : IAsyncDisposable
     /// Starts a worker app (the same <see cref="WorkerHost.Build"/> <c>loradeploy worker</c> and the embedded worker
     /// use) registered with this server, and waits until the server sees it.
     /// </summary>
-    public async Task<WorkerHandle> StartWorkerAsync(string id, int slots = 4, bool retryWhileUnloading = false)
+    /// <param name="engine">The engine (default: llama.cpp); disposed with the harness.</param>
+    public async Task<WorkerHandle> StartWorkerAsync(string id, int slots = 4, bool retryWhileUnloading = false, IServingEngine? engine = null)
     {
         var token = await QueryAsync(db => WorkerTokens.CreateAsync(db, id, DateTime.UtcNow, CancellationToken.None));
         var settings = new Dictionary<string, string?>(_poolSettings, StringComparer.OrdinalIgnoreCase)
@@ -138,7 +139,7 @@ public sealed class Harness : IAsyncDisposable
             // Pinned adapters beyond MaxAdaptersPerWorker are the affinity run's point, not news.
             ["Logging:LogLevel:LoraDeploy.Workers.Host.AdapterResidency"] = Verbose ? "Information" : "Error",
         };
-        var engine = new LlamaCppServingEngine();
+        engine ??= new LlamaCppServingEngine();
         var counting = new CountingEngine(engine, retryWhileUnloading);
         var app = WorkerHost.Build([], [counting], builder => builder.Configuration.AddInMemoryCollection(settings));
         await app.StartAsync();
@@ -194,7 +195,7 @@ public sealed class Harness : IAsyncDisposable
         {
             await app.StopAsync();
             await app.DisposeAsync();
-            await engine.DisposeAsync();
+            await WorkerHost.DisposeEngineAsync(engine);
         }
         await Server.StopAsync();
         await Server.DisposeAsync();

@@ -1,8 +1,8 @@
 using System.Globalization;
 using LoraDeploy.ServingBench;
 
-// Serving benchmarks (issues 13 and 14); method and numbers in docs/benchmarks.md § Serving.
-// dotnet run -c Release --project bench/LoraDeploy.ServingBench -- <gateway|affinity|placement|llamacpp> [options]
+// Serving benchmarks (issues 13, 14 and 15); method and numbers in docs/benchmarks.md § Serving.
+// dotnet run -c Release --project bench/LoraDeploy.ServingBench -- <gateway|affinity|placement|llamacpp|comfyui> [options]
 var command = args.FirstOrDefault();
 int Arg(string name, int fallback)
 {
@@ -26,8 +26,11 @@ switch (command)
     case "llamacpp":
         await LlamaCppBench.RunAsync(rounds: Arg("rounds", 5), tokens: Arg("tokens", 64), bigAdapterMiB: Arg("adapter-mib", 200), threads: Arg("threads", 1));
         break;
+    case "comfyui":
+        await ComfyUiBench.RunAsync(rounds: Arg("rounds", 5), requests: Arg("requests", 200), adapterMiB: Arg("adapter-mib", 200));
+        break;
     default:
-        Console.Error.WriteLine("usage: LoraDeploy.ServingBench <gateway|affinity|placement|llamacpp> [--rounds N] [--seconds S] ...");
+        Console.Error.WriteLine("usage: LoraDeploy.ServingBench <gateway|affinity|placement|llamacpp|comfyui> [--rounds N] [--seconds S] ...");
         return 2;
 }
 Console.WriteLine($"# done {DateTime.UtcNow:HH:mm:ss} UTC, load average {LoadAverage()}");

@@ -201,6 +201,7 @@ public sealed partial class ComfyUiSimulator
             }
             QueueUpdated();
             // History is written before the final "executing node=null", so a client may fetch it on that message.
+            _finished[job.PromptId] = System.Diagnostics.Stopwatch.GetTimestamp();
             if (job.ClientId is not null)
             {
                 Send("executing", new JsonObject { ["node"] = null, ["prompt_id"] = job.PromptId }, job.ClientId);

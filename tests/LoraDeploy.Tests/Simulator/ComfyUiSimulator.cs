@@ -40,7 +40,11 @@ public sealed class ComfyUiSimulatorOptions
 
 /// <summary>One graph <c>POST /prompt</c> accepted.</summary>
 /// <param name="Graph">The API-format graph as validated (ComfyUI writes converted widget values back into it).</param>
-public sealed record ComfySimPrompt(string PromptId, string? ClientId, JsonObject Graph, double Number);
+public sealed record ComfySimPrompt(string PromptId, string? ClientId, JsonObject Graph, double Number)
+{
+    /// <summary>When the simulator accepted it (<see cref="System.Diagnostics.Stopwatch"/> ticks; benchmarks time the client around it).</summary>
+    public long AcceptedTimestamp { get; } = System.Diagnostics.Stopwatch.GetTimestamp();
+}
 
 /// <summary>A node error the simulator adds to prompts it rejects on purpose.</summary>
 /// <param name="ClassType">The error is attached to the first node of this class, or to the first node when null or absent.</param>
@@ -174,6 +178,11 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
 
     /// <summary>GET requests seen for a route template without the /api prefix, e.g. <c>/history/{prompt_id}</c>, <c>/view</c>, <c>/ws</c>, <c>/models/{folder}</c>.</summary>
     public int GetCount(string route) => _requests.GetValueOrDefault("GET " + route);
+
+    /// <summary>When the final <c>executing {node: null}</c> of a prompt was sent (<see cref="System.Diagnostics.Stopwatch"/> ticks), if it was.</summary>
+    public long? FinishedTimestamp(string promptId) => _finished.TryGetValue(promptId, out var at) ? at : null;
+
+    private readonly ConcurrentDictionary<string, long> _finished = new(StringComparer.Ordinal);
 
     /// <summary>POST requests seen for a route without the /api prefix, e.g. <c>/prompt</c>, <c>/free</c>, <c>/queue</c>.</summary>
     public int PostCount(string route) => _requests.GetValueOrDefault("POST " + route);

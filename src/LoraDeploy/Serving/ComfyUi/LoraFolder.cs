@@ -15,6 +15,9 @@ public sealed partial class LoraFolder(string path)
 
     public string Path { get; } = System.IO.Path.GetFullPath(path);
 
+    /// <summary>False forces the copy path even on one filesystem (the placement benchmark compares both).</summary>
+    public bool AllowHardLink { get; init; } = true;
+
     public static string FileName(string sha256) => $"{sha256}.safetensors";
 
     /// <summary>How the last placement went (for logs and the benchmark).</summary>
@@ -79,7 +82,7 @@ public sealed partial class LoraFolder(string path)
             }
             File.Delete(target); // a damaged leftover of an earlier run: never served
         }
-        if (TryHardLink(source, target))
+        if (AllowHardLink && TryHardLink(source, target))
         {
             return Placement.HardLinked;
         }
