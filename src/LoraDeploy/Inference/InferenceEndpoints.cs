@@ -198,7 +198,8 @@ public static class InferenceEndpoints
     private static async Task<HttpResponseMessage> CallWorkerAsync(HttpClient client, InferenceMetrics metrics, WorkerLease lease,
         InferenceTarget target, string operation, byte[] body, string requestId, CancellationToken ct)
     {
-        using var request = new HttpRequestMessage(HttpMethod.Post, lease.Worker.Url + WorkerProtocol.InferPath)
+        // Not disposed here: the answer may arrive before the body is all sent, and the message holds only managed bytes.
+        var request = new HttpRequestMessage(HttpMethod.Post, lease.Worker.Url + WorkerProtocol.InferPath)
         {
             Content = new ByteArrayContent(body) { Headers = { ContentType = new MediaTypeHeaderValue("application/json") } },
         };

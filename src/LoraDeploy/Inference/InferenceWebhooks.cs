@@ -96,7 +96,13 @@ public sealed partial class InferenceWebhooks(IHttpClientFactory clients, TimePr
             }
             await DeliverAsync(requestId, webhook, Payload(requestId, runtime, answer, error));
         }
-        catch (Exception e) when (e is not OperationCanceledException || !_stopping.IsCancellationRequested)
+        catch (OperationCanceledException) when (_stopping.IsCancellationRequested)
+        {
+            LogLostAtShutdown(requestId, Redact(webhook));
+        }
+#pragma warning disable CA1031 // a background job has no caller to throw to: it logs
+        catch (Exception e)
+#pragma warning restore CA1031
         {
             LogUnexpected(e, requestId);
         }

@@ -115,6 +115,35 @@ public sealed class GenerateCommandTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task On_a_terminal_the_progress_is_a_bar_that_ends_at_the_last_step()
+    {
+        _worker.Answer = Streaming(5, Answer(Png1));
+        var output = Path.Combine(_dir, "tty.png");
+
+        // A pseudo-terminal (script): the live bar a user sees, not the plain lines of a pipe.
+        var args = new[] { "generate", "--base", Pool, "a red fox", "-o", output, "--server", _server.BaseUrl.ToString(), "--token", _user.Token };
+        var quoted = string.Join(' ', args.Select(a => "'" + a.Replace("'", "'\\''", StringComparison.Ordinal) + "'"));
+        var start = LoraDeployExe.StartInfo([]);
+        start.FileName = "script";
+        start.ArgumentList.Clear();
+        foreach (var arg in new[] { "-qec", $"stty cols 120 2>/dev/null; dotnet '{LoraDeployExe.DllPath}' {quoted}", "/dev/null" })
+        {
+            start.ArgumentList.Add(arg);
+        }
+        start.Environment["TERM"] = "xterm-256color";
+        using var process = System.Diagnostics.Process.Start(start)!;
+        process.StandardInput.Close();
+        var screen = process.StandardOutput.ReadToEndAsync();
+        await process.WaitForExitAsync(new CancellationTokenSource(TimeSpan.FromSeconds(120)).Token);
+
+        Assert.True(process.ExitCode == 0, await screen);
+        Assert.Contains("sampling 5/5", await screen);
+        Assert.Contains("100%", await screen);
+        Assert.Contains("seed 987654321", await screen);
+        Assert.Equal(Png1, await File.ReadAllBytesAsync(output));
+    }
+
+    [Fact]
     public async Task A_plain_json_answer_writes_the_one_image_under_the_given_name()
     {
         _worker.Answer = async http => await http.Response.WriteAsync(Answer(Png1));

@@ -31,9 +31,10 @@ public sealed class InferenceWebhookTests : IAsyncLifetime
         }
     }
 
-    private async Task<(LoraDeployServer Server, TestUser User, FakeWorker Worker, CapturedLog Log)> StartAsync(bool allowLoopback = true)
+    private async Task<(LoraDeployServer Server, TestUser User, FakeWorker Worker, CapturedLog Log)> StartAsync(bool allowLoopback = true, int timeoutSeconds = 5)
     {
         var settings = ServingCoreTests.PoolSettings();
+        settings["Workers:RequestTimeoutSeconds"] = timeoutSeconds.ToString(System.Globalization.CultureInfo.InvariantCulture);
         settings["Webhooks:RetryBaseDelay"] = "00:00:00.050";
         settings["Webhooks:MaxRetryAttempts"] = "3";
         if (allowLoopback)
@@ -142,6 +143,32 @@ public sealed class InferenceWebhookTests : IAsyncLifetime
         Assert.Equal("failed", delivered.GetProperty("inference_status").GetProperty("status").GetString());
         Assert.Equal("ComfyUI rejected the graph: value_not_in_list", delivered.GetProperty("error").GetString());
         Assert.False(delivered.TryGetProperty("images", out _));
+    }
+
+    [Fact]
+    public async Task A_worker_past_the_request_timeout_is_cancelled_and_delivered_as_failed()
+    {
+        var (_, user, worker, _) = await StartAsync(timeoutSeconds: 1);
+        await using var receiver = await WebhookReceiver.StartAsync();
+        var cancelled = new TaskCompletionSource();
+        worker.Answer = async http =>
+        {
+            try
+            {
+                await Task.Delay(TimeSpan.FromSeconds(30), http.RequestAborted);
+            }
+            catch (OperationCanceledException)
+            {
+                cancelled.TrySetResult();
+            }
+        };
+
+        var queued = await (await InferAsync(user, new { prompt = "a cat", webhook = receiver.Url })).ExpectAsync(HttpStatusCode.OK);
+        var delivered = await receiver.NextAsync();
+        Assert.Equal(queued.GetProperty("request_id").GetString(), delivered.GetProperty("request_id").GetString());
+        Assert.Equal("failed", delivered.GetProperty("inference_status").GetProperty("status").GetString());
+        Assert.Equal("The request took longer than 1 s; it was cancelled.", delivered.GetProperty("error").GetString());
+        await cancelled.Task.WaitAsync(TimeSpan.FromSeconds(10)); // the worker was told
     }
 
     [Theory]
