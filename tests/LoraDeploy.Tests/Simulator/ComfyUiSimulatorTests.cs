@@ -311,6 +311,26 @@ public class ComfyUiSimulatorTests
     }
 
     [Fact]
+    public async Task A_graph_with_one_bad_output_runs_the_good_one_and_reports_the_bad_in_node_errors()
+    {
+        await using var sim = await StartAsync();
+        await using var client = await ConnectAsync(sim, cancellationToken: Ct);
+        var graph = ComfyGraphs.Sdxl();
+        graph["9"] = new JsonObject { ["class_type"] = "SaveImage", ["inputs"] = new JsonObject { ["images"] = ComfyGraphs.Link("7", -1) } };
+        var id = Guid.NewGuid().ToString();
+
+        var (status, body) = await client.PostPromptAsync(graph, id);
+        await client.ReadJobAsync(id);
+
+        Assert.Equal(200, status);
+        Assert.Equal("required_input_missing", body["node_errors"]!["9"]!["errors"]![0]!["type"]!.ToString()); // slot -1 is Python's last output: only the prefix is wrong
+        Assert.Equal(["9"], body["node_errors"]!["9"]!["dependent_outputs"]!.AsArray().Select(n => n!.ToString()));
+        var history = await HistoryAsync(client, id);
+        Assert.Equal(["8"], history["prompt"]![4]!.AsArray().Select(n => n!.ToString()));
+        Assert.Equal(["8"], history["outputs"]!.AsObject().Select(p => p.Key));
+    }
+
+    [Fact]
     public async Task A_dependency_cycle_is_reported_on_every_node_in_it()
     {
         await using var sim = await StartAsync();
