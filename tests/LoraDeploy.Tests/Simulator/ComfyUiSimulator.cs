@@ -259,7 +259,14 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
         }
         foreach (var ctx in _active.Keys)
         {
-            ctx.Abort();
+            try
+            {
+                ctx.Abort();
+            }
+            catch (ObjectDisposedException)
+            {
+                // That request finished between the snapshot and now.
+            }
         }
         await _app.StopAsync(new CancellationToken(canceled: true));
     }
