@@ -651,6 +651,7 @@ public class ComfyUiSimulatorTests
         Assert.IsType<System.Threading.Channels.ChannelClosedException>(ended);
         Assert.True(client.SocketEnded);
         Assert.True(sim.IsDead);
+        await sim.KillAsync(); // the kill already under way: returns once the listener is closed
         var refused = await Record.ExceptionAsync(() => client.Http.GetAsync("prompt", Ct));
         Assert.IsType<HttpRequestException>(refused);
     }
