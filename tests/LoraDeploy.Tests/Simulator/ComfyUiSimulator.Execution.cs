@@ -260,7 +260,7 @@ public sealed partial class ComfyUiSimulator
         var meta = new JsonObject();
         var executed = new List<string>();
         var success = true;
-        foreach (var id in ExecutionOrder(prompt, job.Outputs))
+        foreach (var id in ExecutionOrder(prompt, job.Outputs, n => cache.ContainsKey(signatures[n])))
         {
             var node = (JsonObject)prompt[id]!;
             var classType = node["class_type"]!.ToString();
@@ -358,29 +358,78 @@ public sealed partial class ComfyUiSimulator
         return result;
     }
 
-    /// <summary>Inputs before the nodes that use them, each output's ancestry in turn (what ComfyUI's ExecutionList yields for these graphs).</summary>
-    private static List<string> ExecutionOrder(JsonObject prompt, List<string> outputs)
+    /// <summary>
+    /// The order ComfyUI's ExecutionList runs nodes in: outputs are added with their uncached ancestors (a stack walk, so
+    /// insertion order is ComfyUI's), then ready nodes are picked by <c>ux_friendly_pick_node</c>: an output first, else a
+    /// node blocking an output, else one two links away from an output, else the first ready one.
+    /// </summary>
+    private List<string> ExecutionOrder(JsonObject prompt, List<string> outputs, Func<string, bool> isCached)
     {
-        var order = new List<string>();
-        var seen = new HashSet<string>(StringComparer.Ordinal);
-        void Visit(string id)
+        var pending = new List<string>();
+        var blockCount = new Dictionary<string, int>(StringComparer.Ordinal);
+        var blocking = new Dictionary<string, List<string>>(StringComparer.Ordinal);
+        bool IsOutput(string id) => _nodeClasses[((JsonObject)prompt[id]!)["class_type"]!.ToString()].OutputNode;
+
+        void AddNode(string start)
         {
-            if (!seen.Add(id))
+            var stack = new List<string> { start };
+            var links = new List<(string From, string To)>();
+            while (stack.Count > 0)
             {
-                return;
-            }
-            foreach (var (_, value) in (JsonObject)((JsonObject)prompt[id]!)["inputs"]!)
-            {
-                if (value is JsonArray { Count: 2 } link && link[0]?.ToString() is { } source && prompt.ContainsKey(source))
+                var id = stack[^1];
+                stack.RemoveAt(stack.Count - 1);
+                if (blockCount.ContainsKey(id))
                 {
-                    Visit(source);
+                    continue;
+                }
+                pending.Add(id);
+                blockCount[id] = 0;
+                blocking[id] = [];
+                foreach (var (_, value) in (JsonObject)((JsonObject)prompt[id]!)["inputs"]!)
+                {
+                    if (value is JsonArray { Count: 2 } link && link[0]?.ToString() is { } from && prompt.ContainsKey(from) && !isCached(from))
+                    {
+                        stack.Add(from);
+                        links.Add((from, id));
+                    }
                 }
             }
-            order.Add(id);
+            foreach (var (from, to) in links)
+            {
+                AddNode(from);
+                if (!blocking[from].Contains(to))
+                {
+                    blocking[from].Add(to);
+                    blockCount[to]++;
+                }
+            }
         }
+
+        string Pick(List<string> ready) =>
+            ready.FirstOrDefault(IsOutput)
+            ?? ready.FirstOrDefault(n => blocking[n].Any(IsOutput))
+            ?? ready.FirstOrDefault(n => blocking[n].Any(b => blocking[b].Any(IsOutput)))
+            ?? ready[0];
+
         foreach (var output in outputs)
         {
-            Visit(output);
+            AddNode(output);
+        }
+        var order = new List<string>();
+        while (pending.Count > 0)
+        {
+            var ready = pending.Where(n => blockCount[n] == 0).ToList();
+            if (ready.Count == 0)
+            {
+                break; // a cycle; validation refuses those before they are queued
+            }
+            var next = Pick(ready);
+            order.Add(next);
+            pending.Remove(next);
+            foreach (var blocked in blocking[next])
+            {
+                blockCount[blocked]--;
+            }
         }
         return order;
     }

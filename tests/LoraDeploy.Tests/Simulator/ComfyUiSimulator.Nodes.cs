@@ -233,8 +233,6 @@ internal sealed class ModelFolder(IReadOnlyList<string> roots)
     private IReadOnlyList<string>? _cached;
     private Dictionary<string, DateTime> _dirs = new(StringComparer.Ordinal);
 
-    public IReadOnlyList<string> Roots => roots;
-
     public IReadOnlyList<string> List()
     {
         lock (_gate)

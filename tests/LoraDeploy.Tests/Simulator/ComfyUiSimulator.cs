@@ -261,6 +261,10 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
     private async Task KillOnceAsync()
     {
         Volatile.Write(ref _killed, 1);
+        // Stopping with a cancelled token unbinds the listener and aborts connections at once (started first, so clients
+        // rarely see a socket cut while the port still answers); cutting the sockets and requests ourselves as well makes
+        // sure nothing lingers. Awaiting a kill returns once the port refuses connections.
+        var stopping = _app.StopAsync(new CancellationToken(canceled: true));
         await _life.CancelAsync();
         foreach (var ws in _sockets.Values)
         {
@@ -268,9 +272,16 @@ public sealed partial class ComfyUiSimulator : IAsyncDisposable
         }
         foreach (var ctx in _active.Keys)
         {
-            ctx.Abort();
+            try
+            {
+                ctx.Abort();
+            }
+            catch (ObjectDisposedException)
+            {
+                // That request finished between the snapshot and now.
+            }
         }
-        await _app.StopAsync(new CancellationToken(canceled: true));
+        await stopping;
     }
 
     public async ValueTask DisposeAsync()

@@ -64,7 +64,8 @@ public class ComfyUiSimulatorTests
         Assert.Equal(
         [
             "execution_start", "execution_cached",
-            "executing:1", "executing:2", "executing:3", "executing:4", "executing:5", "executing:6",
+            // graph.py's pick order: the checkpoint loader first (two links from SaveImage), then the first ready node.
+            "executing:1", "executing:5", "executing:2", "executing:4", "executing:3", "executing:6",
             "progress:1/5", "progress:2/5", "progress:3/5", "progress:4/5", "progress:5/5",
             "executing:7", "executing:8", "executed", "execution_success", "executing:null",
         ], job);
@@ -104,7 +105,19 @@ public class ComfyUiSimulatorTests
         await using var sim = await StartAsync();
         await using var client = await ConnectAsync(sim, cancellationToken: Ct);
 
-        var (history, images) = await RunAsync(client, ComfyGraphs.Flux(width: 80, height: 40, batch: 2));
+        var id = Guid.NewGuid().ToString();
+        await client.PostPromptAsync(ComfyGraphs.Flux(width: 80, height: 40, batch: 2), id);
+        var messages = await client.ReadJobAsync(id);
+        var history = await HistoryAsync(client, id);
+        var images = new List<byte[]>();
+        foreach (var image in history["outputs"]!["11"]!["images"]!.AsArray())
+        {
+            images.Add(await ViewAsync(client, image!));
+        }
+
+        // graph.py's order for this graph: VAELoader first (two links from SaveImage), then the first ready node each time.
+        Assert.Equal(["3", "8", "2", "5", "7", "6", "1", "4", "9", "10", "11"],
+            messages.Where(m => Type(m) == "executing" && m["data"]!["node"] is not null).Select(m => m["data"]!["node"]!.ToString()));
 
         Assert.Equal("success", history["status"]!["status_str"]!.ToString());
         Assert.Equal(["flux1_00001_.png", "flux1_00002_.png"], history["outputs"]!["11"]!["images"]!.AsArray().Select(i => i!["filename"]!.ToString()));
@@ -311,6 +324,26 @@ public class ComfyUiSimulatorTests
     }
 
     [Fact]
+    public async Task A_graph_with_one_bad_output_runs_the_good_one_and_reports_the_bad_in_node_errors()
+    {
+        await using var sim = await StartAsync();
+        await using var client = await ConnectAsync(sim, cancellationToken: Ct);
+        var graph = ComfyGraphs.Sdxl();
+        graph["9"] = new JsonObject { ["class_type"] = "SaveImage", ["inputs"] = new JsonObject { ["images"] = ComfyGraphs.Link("7", -1) } };
+        var id = Guid.NewGuid().ToString();
+
+        var (status, body) = await client.PostPromptAsync(graph, id);
+        await client.ReadJobAsync(id);
+
+        Assert.Equal(200, status);
+        Assert.Equal("required_input_missing", body["node_errors"]!["9"]!["errors"]![0]!["type"]!.ToString()); // slot -1 is Python's last output: only the prefix is wrong
+        Assert.Equal(["9"], body["node_errors"]!["9"]!["dependent_outputs"]!.AsArray().Select(n => n!.ToString()));
+        var history = await HistoryAsync(client, id);
+        Assert.Equal(["8"], history["prompt"]![4]!.AsArray().Select(n => n!.ToString()));
+        Assert.Equal(["8"], history["outputs"]!.AsObject().Select(p => p.Key));
+    }
+
+    [Fact]
     public async Task A_dependency_cycle_is_reported_on_every_node_in_it()
     {
         await using var sim = await StartAsync();
@@ -425,7 +458,7 @@ public class ComfyUiSimulatorTests
 
         var interrupted = messages.Single(m => Type(m) == "execution_interrupted")["data"]!;
         Assert.Equal(("6", "KSampler"), (interrupted["node_id"]!.ToString(), interrupted["node_type"]!.ToString()));
-        Assert.Equal(["1", "2", "3", "4", "5"], interrupted["executed"]!.AsArray().Select(n => n!.ToString()));
+        Assert.Equal(["1", "5", "2", "4", "3"], interrupted["executed"]!.AsArray().Select(n => n!.ToString()));
         Assert.DoesNotContain(messages, m => Type(m) is "execution_success" or "executed");
         var history = await HistoryAsync(client, id);
         Assert.Equal("error", history["status"]!["status_str"]!.ToString());
@@ -592,7 +625,7 @@ public class ComfyUiSimulatorTests
         var error = messages.Single(m => Type(m) == "execution_error")["data"]!;
         Assert.Equal(("6", "KSampler", "torch.OutOfMemoryError"), (error["node_id"]!.ToString(), error["node_type"]!.ToString(), error["exception_type"]!.ToString()));
         Assert.StartsWith("Allocation on device\nThis error means you ran out of memory on your GPU.", error["exception_message"]!.ToString());
-        Assert.Equal(["1", "2", "3", "4", "5"], error["executed"]!.AsArray().Select(n => n!.ToString()));
+        Assert.Equal(["1", "5", "2", "4", "3"], error["executed"]!.AsArray().Select(n => n!.ToString()));
         Assert.Equal(id, error["prompt_id"]!.ToString());
         Assert.DoesNotContain(messages, m => Type(m) is "execution_success" or "progress");
         var history = await HistoryAsync(client, id);
@@ -618,6 +651,7 @@ public class ComfyUiSimulatorTests
         Assert.IsType<System.Threading.Channels.ChannelClosedException>(ended);
         Assert.True(client.SocketEnded);
         Assert.True(sim.IsDead);
+        await sim.KillAsync(); // the kill already under way: returns once the listener is closed
         var refused = await Record.ExceptionAsync(() => client.Http.GetAsync("prompt", Ct));
         Assert.IsType<HttpRequestException>(refused);
     }
