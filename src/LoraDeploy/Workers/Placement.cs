@@ -18,10 +18,13 @@ namespace LoraDeploy.Workers;
 /// <item>the deploy's status and counts mirror the instances: <c>running</c> once enough are ready, back to
 /// <c>deploying</c> (with <c>pending</c>) when the pool loses them.</item>
 /// </list>
+/// Workers given something to load, unpin or drop are woken (<see cref="WorkerWaker"/>) so they heartbeat now rather
+/// than at their next period.
 /// </summary>
 public sealed partial class Placement(
     IDbContextFactory<LoraDeployDbContext> contexts,
     BaseModelRegistry registry,
+    WorkerWaker waker,
     IOptions<WorkersOptions> options,
     TimeProvider time,
     ILogger<Placement> logger) : BackgroundService
@@ -68,6 +71,18 @@ public sealed partial class Placement(
     public async Task RunOnceAsync(CancellationToken ct)
     {
         await using var db = await contexts.CreateDbContextAsync(ct);
+        var woken = new HashSet<string>(StringComparer.Ordinal);
+        await PlaceAsync(db, woken, ct);
+        if (woken.Count > 0)
+        {
+            var workers = await db.Workers.Where(w => woken.Contains(w.Id)).Select(w => new { w.Id, w.Url, w.CallKey }).ToListAsync(ct);
+            waker.Wake(workers.Select(w => (w.Id, w.Url, w.CallKey)));
+        }
+    }
+
+    /// <summary>One pass; <paramref name="woken"/> collects the workers whose assignments it changed.</summary>
+    private async Task PlaceAsync(LoraDeployDbContext db, HashSet<string> woken, CancellationToken ct)
+    {
         var now = time.GetUtcNow().UtcDateTime;
         var deadline = now - TimeSpan.FromSeconds(options.Value.TimeoutSeconds);
 
@@ -77,9 +92,14 @@ public sealed partial class Placement(
             await db.Workers.Where(w => forgotten.Contains(w.Id) && w.LastHeartbeatAt < deadline).ExecuteDeleteAsync(ct);
             LogForgotten(string.Join(", ", forgotten), options.Value.TimeoutSeconds);
         }
-        await db.Instances
-            .Where(i => !db.Deploys.Any(d => d.Id == i.DeployId && (d.Status == DeployStatus.Deploying || d.Status == DeployStatus.Running)))
-            .ExecuteDeleteAsync(ct);
+        var orphaned = db.Instances
+            .Where(i => !db.Deploys.Any(d => d.Id == i.DeployId && (d.Status == DeployStatus.Deploying || d.Status == DeployStatus.Running)));
+        var dropping = await orphaned.Select(i => i.WorkerId).Distinct().ToListAsync(ct);
+        if (dropping.Count > 0)
+        {
+            await orphaned.ExecuteDeleteAsync(ct);
+            woken.UnionWith(dropping);
+        }
 
         var deploys = await db.Deploys
             .Where(d => (d.Status == DeployStatus.Deploying || d.Status == DeployStatus.Running) && d.Lora!.AdapterSha256 != null)
@@ -112,6 +132,7 @@ public sealed partial class Placement(
                 {
                     LogRefused(deploy.Id, reason);
                 }
+                woken.UnionWith(mine.Select(i => i.WorkerId));
                 continue;
             }
 
@@ -124,7 +145,8 @@ public sealed partial class Placement(
                     .Where(w => w.Pools.Contains(deploy.Pool) && mine.All(i => i.WorkerId != w.Id) && pinned.GetValueOrDefault((w.Id, deploy.Pool)) < cap)
                     .OrderBy(w => perWorker.GetValueOrDefault(w.Id))
                     .ThenBy(w => w.Id, StringComparer.Ordinal)
-                    .Take(wanted - have);
+                    .Take(wanted - have)
+                    .ToList();
                 foreach (var worker in candidates)
                 {
                     db.Instances.Add(new Instance
@@ -145,12 +167,14 @@ public sealed partial class Placement(
                     db.ChangeTracker.Clear(); // another replica placed it meanwhile; the next pass counts again
                     continue;
                 }
+                woken.UnionWith(candidates.Select(w => w.Id));
             }
             else if (have > wanted)
             {
                 // Scale down: loading copies go first, then the newest; the worker keeps the adapter in its LRU cache.
                 var extra = mine.OrderBy(i => i.State == InstanceState.Ready).ThenByDescending(i => i.Since).Take(have - wanted).Select(i => i.Id).ToList();
                 await db.Instances.Where(i => extra.Contains(i.Id)).ExecuteDeleteAsync(ct);
+                woken.UnionWith(mine.Where(i => extra.Contains(i.Id)).Select(i => i.WorkerId));
                 mine = mine.Where(i => !extra.Contains(i.Id)).ToList();
                 have = wanted;
             }

@@ -22,6 +22,9 @@ namespace LoraDeploy.Workers;
 /// <see cref="OperationHeader"/>, <see cref="AdaptersHeader"/>, <see cref="PoolHeader"/>; the body is the client's
 /// (validated) JSON; the worker's answer (status, JSON or SSE) goes back to the client as it is streamed.</item>
 /// <item>Server → <c>GET {worker url}/ready</c>: 200 once the engine has loaded its base models.</item>
+/// <item>Server → <c>POST {worker url}/internal/v1/wake</c> (no body; 204, 401 without the call key): placement gave this
+/// worker something to load, unpin or drop; it heartbeats now to learn what, instead of at its next period. Best-effort:
+/// a missed wake costs one heartbeat period, nothing else.</item>
 /// </list>
 /// </summary>
 public static class WorkerProtocol
@@ -33,6 +36,8 @@ public static class WorkerProtocol
     public const string LeavePathFormat = "/internal/v1/workers/{0}/leave";
     public const string InferPath = "/internal/v1/infer";
     public const string ReadyPath = "/ready";
+    /// <summary>Server → worker: heartbeat now, the assignments changed.</summary>
+    public const string WakePath = "/internal/v1/wake";
 
     /// <summary>What the request asks for: <see cref="Operations"/>.</summary>
     public const string OperationHeader = "X-LoraDeploy-Operation";
