@@ -11,8 +11,11 @@ namespace LoraDeploy.Workers;
 /// pass is a handful of conditional statements; two replicas racing at worst place a copy the next pass removes):
 /// <list type="bullet">
 /// <item>workers silent for <see cref="WorkersOptions.TimeoutSeconds"/> are forgotten, and their instances with them;</item>
-/// <item>every deploying/running deploy gets <c>max(1, min_instances)</c> pinned instances on live workers of its pool
+/// <item>every deploying/running deploy gets <c>min_instances</c> pinned instances on live workers of its pool
 /// (least loaded first), and loses the extra ones when its settings shrink;</item>
+/// <item><c>min_instances: 0</c> pins nothing: the first request loads the adapter on the worker it is routed to (its
+/// LRU cache keeps it, later requests go there). Such a deploy is <c>running</c> while its pool has a live worker, with
+/// <c>instances.running</c> = the workers that report it resident; with no worker it is <c>deploying</c>, 1 pending;</item>
 /// <item>stopped, failed and deleted deploys lose their instances (their workers are told to drop the adapters);</item>
 /// <item>an instance the engine refused fails its deploy with the engine's reason;</item>
 /// <item>the deploy's status and counts mirror the instances: <c>running</c> once enough are ready, back to
@@ -109,8 +112,9 @@ public sealed partial class Placement(
         {
             return;
         }
-        var workers = (await db.Workers.Select(w => new { w.Id, w.PoolsJson }).ToListAsync(ct))
-            .Select(w => (w.Id, Pools: JsonSerializer.Deserialize(w.PoolsJson, ApiJson.Context.ListString) ?? []))
+        var workers = (await db.Workers.Select(w => new { w.Id, w.PoolsJson, w.ResidentJson }).ToListAsync(ct))
+            .Select(w => (w.Id, Pools: JsonSerializer.Deserialize(w.PoolsJson, ApiJson.Context.ListString) ?? [],
+                Resident: JsonSerializer.Deserialize(w.ResidentJson, ApiJson.Context.ListString) ?? []))
             .ToList();
         var instances = await db.Instances.Select(i => new { i.Id, i.DeployId, i.WorkerId, i.State, i.FailReason, i.Since }).ToListAsync(ct);
         var perWorker = instances.GroupBy(i => i.WorkerId).ToDictionary(g => g.Key, g => g.Count());
@@ -136,7 +140,7 @@ public sealed partial class Placement(
                 continue;
             }
 
-            var wanted = Math.Max(1, deploy.MinInstances);
+            var wanted = Math.Max(0, deploy.MinInstances);
             var have = mine.Count;
             if (have < wanted)
             {
@@ -182,6 +186,14 @@ public sealed partial class Placement(
             var ready = mine.Count(i => i.State == InstanceState.Ready);
             var pending = have - ready + (wanted - have);
             var status = ready >= wanted ? DeployStatus.Running : DeployStatus.Deploying;
+            if (wanted == 0)
+            {
+                // Loaded on first request: servable while the pool has a live worker; counted where a heartbeat says it is.
+                var live = workers.Where(w => w.Pools.Contains(deploy.Pool)).ToList();
+                ready = live.Count(w => w.Resident.Contains($"{deploy.Pool}|{deploy.Sha}"));
+                pending = live.Count == 0 ? 1 : 0;
+                status = live.Count == 0 ? DeployStatus.Deploying : DeployStatus.Running;
+            }
             if (status != deploy.Status || ready != deploy.RunningInstances || pending != deploy.PendingInstances)
             {
                 var changed = await db.Deploys
