@@ -36,11 +36,11 @@ for caller in range(CALLERS):
         lora_id = 5_000_000 + caller * 10 + n
         created = f"'2026-02-01 00:00:{n:02d}'"
         out.append(
-            f"INSERT INTO loras (\"Id\", \"UserId\", \"Name\", \"BaseModel\", \"SourceType\", \"SourceUrl\", \"Private\", \"Description\", \"Deleted\", \"DeployId\", \"CreatedAt\", \"UpdatedAt\", \"ExpectedSha256\", \"Sha256\", \"SizeBytes\") "
-            f"{'OVERRIDING SYSTEM VALUE ' if pg else ''}VALUES ({lora_id}, {user}, 'poll-{n}', 'black-forest-labs/FLUX-1-dev', 'civitai', 'https://civitai.com/models/1?modelVersionId=1', {true}, '', {false}, '{deploy_id}', {created}, {created}, 'aa', 'aa', 1000);")
+            f"INSERT INTO loras (\"Id\", \"UserId\", \"Name\", \"BaseModel\", \"SourceType\", \"SourceUrl\", \"Private\", \"Description\", \"Deleted\", \"CreatedAt\", \"UpdatedAt\", \"ExpectedSha256\", \"SizeBytes\") "
+            f"{'OVERRIDING SYSTEM VALUE ' if pg else ''}VALUES ({lora_id}, {user}, 'poll-{n}', 'black-forest-labs/FLUX-1-dev', 'civitai', 'https://civitai.com/models/1?modelVersionId=1', {true}, '', {false}, {created}, {created}, 'aa', 1000);")
         out.append(
-            f"INSERT INTO deploys (\"Id\", \"UserId\", \"LoraId\", \"ModelName\", \"Type\", \"Task\", \"Status\", \"FailReason\", \"FailClass\", \"Version\", \"MinInstances\", \"MaxInstances\", \"RunningInstances\", \"PendingInstances\", \"CreatedAt\", \"UpdatedAt\", \"Attempts\") "
-            f"VALUES ('{deploy_id}', {user}, {lora_id}, '{name}/poll-{n}', 'lora', 'text-to-image', 'deploying', '', '', 'aa', 1, 1, 0, 0, {created}, {created}, 1);")
+            f"INSERT INTO deploys (\"Id\", \"UserId\", \"LoraId\", \"ModelName\", \"Type\", \"Task\", \"Status\", \"FailReason\", \"FailClass\", \"Version\", \"MinInstances\", \"MaxInstances\", \"RunningInstances\", \"PendingInstances\", \"CreatedAt\", \"UpdatedAt\") "
+            f"VALUES ('{deploy_id}', {user}, {lora_id}, '{name}/poll-{n}', 'lora', 'text-to-image', 'deploying', '', '', 'aa', 1, 1, 0, 0, {created}, {created});")
 out.append("COMMIT;")
 out.append("ANALYZE;")
 print("\n".join(out))

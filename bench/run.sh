@@ -10,12 +10,14 @@
 #
 #   bench/run.sh                     # both providers
 #   BENCH_PROVIDERS=sqlite bench/run.sh   # sqlite, sqlite_plain (no bodies kept for polls), postgres
+#   (also sqlite_ef / postgres_ef: the deploy reads as plain EF queries, Deploy:Reads=ef, for the comparison)
 # Settings (env): BENCH_PG (libpq URL of a server, default postgresql://postgres:postgres@127.0.0.1:5432/postgres),
 # BENCH_DURATION (wrk seconds per run, default 10), BENCH_ROWS (total deploys, default 1000000),
 # BENCH_CALLER_ROWS (the big caller's deploys, default 10000), BENCH_THREADS (wrk threads, default 2),
 # BENCH_WARMUP (seconds of load on each endpoint before it is measured, default 20), BENCH_ROUNDS (rounds of the
 # 64-connection runs, each nginx then the API, default 3; the summary gives each round's ratio, the median and the
-# worst), BENCH_WRITERS (write-load workers, each with one import at a time, default 4; 0 measures an idle table).
+# worst), BENCH_WRITERS (write-load workers, each with one import at a time, default 4; 0 measures an idle table),
+# BENCH_HEARTBEATS (serving workers heartbeating every second during the rounds, as `loradeploy worker` does; default 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +30,9 @@ THREADS=${BENCH_THREADS:-2}
 WARMUP=${BENCH_WARMUP:-20}
 ROUNDS=${BENCH_ROUNDS:-3}
 WRITERS=${BENCH_WRITERS:-4}
+HEARTBEATS=${BENCH_HEARTBEATS:-4}
+# A pool for the heartbeating workers only (no deploy is on it, so placement has nothing to do for them).
+HEARTBEAT_POOL=bench-heartbeats
 LOAD_VERSIONS=8
 CONNECTIONS=64
 
@@ -150,6 +155,8 @@ start_server() { # start_server PROVIDER_ARGS...  (sets SERVER_PID, BASE)
     --Logging:LogLevel:Default=Warning --Logging:LogLevel:Microsoft.Hosting.Lifetime=Warning \
     --Civitai:BaseUrl="$NGINX" --Network:AllowedPrivateRanges:0=127.0.0.0/8 \
     --Pipeline:PollInterval=00:00:00.200 --Pipeline:BlobGracePeriod=00:00:00 --Pipeline:CollectInterval=00:00:05 \
+    --BaseModels:$HEARTBEAT_POOL:Family=sdxl --BaseModels:$HEARTBEAT_POOL:Engine=comfyui \
+    --BaseModels:$HEARTBEAT_POOL:ComfyUi:Url=http://127.0.0.1:9 --BaseModels:$HEARTBEAT_POOL:ComfyUi:Checkpoint=bench.safetensors \
     "$@" >"$WORK/server.log" 2>&1 &
   SERVER_PID=$!
   PIDS+=("$SERVER_PID")
@@ -165,6 +172,7 @@ start_server() { # start_server PROVIDER_ARGS...  (sets SERVER_PID, BASE)
 stop_server() { kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; }
 
 token() { "$APP" token create --user "$1" --data-dir "$DATA" "${PROVIDER_ARGS[@]}" 2>/dev/null | tail -n 1; }
+worker_token() { "$APP" token create --worker "$1" --data-dir "$DATA" "${PROVIDER_ARGS[@]}" 2>/dev/null | tail -n 1; }
 
 # The seed: users 'small' (10 deploys, the wrk target), 'big' ($CALLER_ROWS deploys) and 1,000 others sharing the
 # rest, so the deploys table holds $ROWS rows. One lora row per deploy, as the API creates them.
@@ -185,14 +193,14 @@ CREATE TEMP TABLE plan AS
          ELSE (SELECT Id FROM users WHERE Name = 'other' || (1 + i % 1000)) END AS user_id,
     CASE WHEN i <= 10 THEN 'small' WHEN i <= 10 + $CALLER_ROWS THEN 'big' ELSE 'other' || (1 + i % 1000) END AS user_name
   FROM n;
-INSERT INTO loras (Id, UserId, Name, BaseModel, SourceType, SourceUrl, Private, Description, Deleted, DeployId, CreatedAt, UpdatedAt, ExpectedSha256, Sha256, SizeBytes)
+INSERT INTO loras (Id, UserId, Name, BaseModel, SourceType, SourceUrl, Private, Description, Deleted, CreatedAt, UpdatedAt, ExpectedSha256, SizeBytes)
   SELECT 1000000 + i, user_id, 'seed-' || i, 'black-forest-labs/FLUX-1-dev', 'civitai', 'https://civitai.com/models/1?modelVersionId=1', 1, '', 0,
-    printf('seed%012d', i), strftime('%Y-%m-%d %H:%M:%f', '2026-01-01', '+' || i || ' seconds'), strftime('%Y-%m-%d %H:%M:%f', '2026-01-01', '+' || i || ' seconds'),
-    '$ADAPTER_SHA', '$ADAPTER_SHA', 1000
+    strftime('%Y-%m-%d %H:%M:%f', '2026-01-01', '+' || i || ' seconds'), strftime('%Y-%m-%d %H:%M:%f', '2026-01-01', '+' || i || ' seconds'),
+    '$ADAPTER_SHA', 1000
   FROM plan;
-INSERT INTO deploys (Id, UserId, LoraId, ModelName, Type, Task, Status, FailReason, FailClass, Version, MinInstances, MaxInstances, RunningInstances, PendingInstances, CreatedAt, UpdatedAt, Attempts)
+INSERT INTO deploys (Id, UserId, LoraId, ModelName, Type, Task, Status, FailReason, FailClass, Version, MinInstances, MaxInstances, RunningInstances, PendingInstances, CreatedAt, UpdatedAt)
   SELECT printf('seed%012d', i), user_id, 1000000 + i, user_name || '/seed-' || i, 'lora', 'text-to-image', 'deploying', '', '', '$ADAPTER_SHA', 1, 1, 0, 0,
-    strftime('%Y-%m-%d %H:%M:%f', '2026-01-01', '+' || i || ' seconds'), strftime('%Y-%m-%d %H:%M:%f', '2026-01-01', '+' || i || ' seconds'), 1
+    strftime('%Y-%m-%d %H:%M:%f', '2026-01-01', '+' || i || ' seconds'), strftime('%Y-%m-%d %H:%M:%f', '2026-01-01', '+' || i || ' seconds')
   FROM plan;
 COMMIT;
 ANALYZE;
@@ -208,15 +216,15 @@ CREATE TEMP TABLE plan AS
   SELECT i,
     CASE WHEN i <= 10 THEN 'small' WHEN i <= 10 + $CALLER_ROWS THEN 'big' ELSE 'other' || (1 + i % 1000) END AS user_name
   FROM generate_series(1, $ROWS) i;
-INSERT INTO loras ("Id", "UserId", "Name", "BaseModel", "SourceType", "SourceUrl", "Private", "Description", "Deleted", "DeployId", "CreatedAt", "UpdatedAt", "ExpectedSha256", "Sha256", "SizeBytes")
+INSERT INTO loras ("Id", "UserId", "Name", "BaseModel", "SourceType", "SourceUrl", "Private", "Description", "Deleted", "CreatedAt", "UpdatedAt", "ExpectedSha256", "SizeBytes")
   OVERRIDING SYSTEM VALUE
   SELECT 1000000 + p.i, u."Id", 'seed-' || p.i, 'black-forest-labs/FLUX-1-dev', 'civitai', 'https://civitai.com/models/1?modelVersionId=1', true, '', false,
-    'seed' || lpad(p.i::text, 12, '0'), timestamptz '2026-01-01' + p.i * interval '1 second', timestamptz '2026-01-01' + p.i * interval '1 second',
-    '$ADAPTER_SHA', '$ADAPTER_SHA', 1000
+    timestamptz '2026-01-01' + p.i * interval '1 second', timestamptz '2026-01-01' + p.i * interval '1 second',
+    '$ADAPTER_SHA', 1000
   FROM plan p JOIN users u ON u."Name" = p.user_name;
-INSERT INTO deploys ("Id", "UserId", "LoraId", "ModelName", "Type", "Task", "Status", "FailReason", "FailClass", "Version", "MinInstances", "MaxInstances", "RunningInstances", "PendingInstances", "CreatedAt", "UpdatedAt", "Attempts")
+INSERT INTO deploys ("Id", "UserId", "LoraId", "ModelName", "Type", "Task", "Status", "FailReason", "FailClass", "Version", "MinInstances", "MaxInstances", "RunningInstances", "PendingInstances", "CreatedAt", "UpdatedAt")
   SELECT 'seed' || lpad(p.i::text, 12, '0'), u."Id", 1000000 + p.i, p.user_name || '/seed-' || p.i, 'lora', 'text-to-image', 'deploying', '', '', '$ADAPTER_SHA', 1, 1, 0, 0,
-    timestamptz '2026-01-01' + p.i * interval '1 second', timestamptz '2026-01-01' + p.i * interval '1 second', 1
+    timestamptz '2026-01-01' + p.i * interval '1 second', timestamptz '2026-01-01' + p.i * interval '1 second'
   FROM plan p JOIN users u ON u."Name" = p.user_name;
 ANALYZE;
 EOF
@@ -231,7 +239,9 @@ run_provider() {
   # sqlite_plain: SQLite without the bodies kept for polls (Deploy:ReadCacheBytes=0), to see what that cache buys.
   SERVER_ARGS=()
   [ "$provider" = sqlite_plain ] && SERVER_ARGS=(--Deploy:ReadCacheBytes=0)
-  if [ "$provider" = postgres ]; then
+  # *_ef: the deploy reads as plain EF queries instead of DeployReads' own SQL (Deploy:Reads=ef).
+  case "$provider" in *_ef) SERVER_ARGS=(--Deploy:Reads=ef) ;; esac
+  if [ "${provider%_ef}" = postgres ]; then
     PG_DB="loradeploy_bench_$$"
     psql -q "$PG_URL" -c "CREATE DATABASE \"$PG_DB\"" >/dev/null
     local db_url="${PG_URL%/*}/$PG_DB"
@@ -252,10 +262,12 @@ PY
   small=$(token small)
   big=$(token big)
   writer=$(token writer)
+  local beater
+  beater=$(worker_token bench-heartbeats)
   local clock=$SECONDS
-  if [ "$provider" = postgres ]; then seed_postgres "$db_url"; else seed_sqlite "$DATA/loradeploy.db"; fi
+  if [ "${provider%_ef}" = postgres ]; then seed_postgres "$db_url"; else seed_sqlite "$DATA/loradeploy.db"; fi
   # 256 more callers with 10 deploys and a token each, for the random-caller runs.
-  if [ "$provider" = postgres ]; then
+  if [ "${provider%_ef}" = postgres ]; then
     python3 bench/many_callers.py postgres "$WORK/callers.txt" | psql -q -v ON_ERROR_STOP=1 "$db_url" >/dev/null
   else
     python3 bench/many_callers.py sqlite "$WORK/callers.txt" | sqlite3 "$DATA/loradeploy.db" >/dev/null
@@ -265,7 +277,7 @@ PY
   local by_id="SELECT \"Id\", \"ModelName\", \"Version\", \"Status\" FROM deploys WHERE \"Id\" = 'seed000000000005' AND \"UserId\" = (SELECT \"Id\" FROM users WHERE \"Name\" = 'small') LIMIT 1"
   local list="SELECT \"Id\", \"ModelName\", \"Version\", \"Status\" FROM deploys WHERE \"UserId\" = (SELECT \"Id\" FROM users WHERE \"Name\" = 'big') AND \"Status\" <> 'deleted' ORDER BY \"CreatedAt\" DESC, \"Id\" DESC"
   echo "   plans:"
-  if [ "$provider" = postgres ]; then
+  if [ "${provider%_ef}" = postgres ]; then
     psql -q "$db_url" -c "VACUUM ANALYZE deploys" >/dev/null
     # With the session settings of the server's read connections (PostgresDeployReads.PlannerSettings).
     for q in "$by_id" "$list"; do
@@ -299,8 +311,9 @@ PY
   # collector deletes the unreferenced blobs, so the versions keep being downloaded again. Every commit also ends
   # the SQLite bodies kept for polls.
   local load_pid=""
-  if [ "$WRITERS" -gt 0 ]; then
-    python3 bench/write_load.py "$BASE" "$writer" $((VERSION_ID + 1)) "$LOAD_VERSIONS" "$WRITERS" >"$WORK/write-load-$provider.txt" 2>&1 &
+  # And workers heartbeat every second (one committed write each), as serving workers do.
+  if [ "$WRITERS" -gt 0 ] || [ "$HEARTBEATS" -gt 0 ]; then
+    python3 bench/write_load.py "$BASE" "$writer" $((VERSION_ID + 1)) "$LOAD_VERSIONS" "$WRITERS" "$beater" "$HEARTBEATS" "$HEARTBEAT_POOL" >"$WORK/write-load-$provider.txt" 2>&1 &
     load_pid=$!
     sleep 5
   fi
@@ -333,7 +346,7 @@ PY
   python3 bench/create_latency.py "$BASE" "$big" "$CIVIT_URL" 20 "timed-$provider" | sed "s/^/create-$provider /" | tee -a "$WORK/results"
 
   stop_server
-  if [ "$provider" = postgres ]; then
+  if [ "${provider%_ef}" = postgres ]; then
     psql -q "$PG_URL" -c "DROP DATABASE IF EXISTS \"$PG_DB\" WITH (FORCE)" >/dev/null
     PG_DB=""
   fi

@@ -166,6 +166,8 @@ public static class PlacementBench
                     }
                     await Task.Delay(10);
                 }
+                // Deleted again, so pinned copies do not pile up to the pool's MaxAdaptersPerWorker (placed-0 keeps the adapter resident).
+                (await user.DeleteAsync($"/deploy/{id}")).EnsureSuccessStatusCode();
                 // Not in lock-step with the heartbeat: start the next create at a random phase of it.
                 await Task.Delay(Random.Shared.Next(100, 700));
             }

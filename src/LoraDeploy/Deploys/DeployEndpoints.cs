@@ -23,6 +23,15 @@ public sealed class DeployOptions
     /// </summary>
     [System.ComponentModel.DataAnnotations.Range(typeof(long), "0", "1099511627776")]
     public long ReadCacheBytes { get; set; } = 64L * 1024 * 1024;
+
+    public const string EfReads = "ef";
+
+    /// <summary>
+    /// <c>sql</c> (default): <see cref="DeployReads"/>' own SQL. <c>ef</c>: plain EF queries, only to measure what the
+    /// special path is worth (docs/benchmarks.md).
+    /// </summary>
+    [System.ComponentModel.DataAnnotations.RegularExpression("^(sql|ef)$")]
+    public string Reads { get; set; } = "sql";
 }
 
 public static class DeployEndpoints

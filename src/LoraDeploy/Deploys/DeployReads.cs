@@ -63,7 +63,9 @@ public abstract class DeployReads
     }
 
     public static DeployReads Create(IServiceProvider services) =>
-        services.GetRequiredService<Microsoft.Extensions.Options.IOptions<DatabaseOptions>>().Value.Provider switch
+        services.GetRequiredService<Microsoft.Extensions.Options.IOptions<DeployOptions>>().Value.Reads == DeployOptions.EfReads
+            ? new EfDeployReads(services.GetRequiredService<Microsoft.EntityFrameworkCore.IDbContextFactory<LoraDeployDbContext>>())
+            : services.GetRequiredService<Microsoft.Extensions.Options.IOptions<DatabaseOptions>>().Value.Provider switch
         {
             DatabaseProvider.Postgres => new PostgresDeployReads(services.GetRequiredService<IConfiguration>().GetConnectionString("Postgres")!),
             _ => new SqliteDeployReads(

@@ -11,17 +11,23 @@ namespace LoraDeploy.Workers;
 /// pass is a handful of conditional statements; two replicas racing at worst place a copy the next pass removes):
 /// <list type="bullet">
 /// <item>workers silent for <see cref="WorkersOptions.TimeoutSeconds"/> are forgotten, and their instances with them;</item>
-/// <item>every deploying/running deploy gets <c>max(1, min_instances)</c> pinned instances on live workers of its pool
+/// <item>every deploying/running deploy gets <c>min_instances</c> pinned instances on live workers of its pool
 /// (least loaded first), and loses the extra ones when its settings shrink;</item>
+/// <item><c>min_instances: 0</c> pins nothing: the first request loads the adapter on the worker it is routed to (its
+/// LRU cache keeps it, later requests go there). Such a deploy is <c>running</c> while its pool has a live worker, with
+/// <c>instances.running</c> = the workers that report it resident; with no worker it is <c>deploying</c>, 1 pending;</item>
 /// <item>stopped, failed and deleted deploys lose their instances (their workers are told to drop the adapters);</item>
 /// <item>an instance the engine refused fails its deploy with the engine's reason;</item>
 /// <item>the deploy's status and counts mirror the instances: <c>running</c> once enough are ready, back to
 /// <c>deploying</c> (with <c>pending</c>) when the pool loses them.</item>
 /// </list>
+/// Workers given something to load, unpin or drop are woken (<see cref="WorkerWaker"/>) so they heartbeat now rather
+/// than at their next period.
 /// </summary>
 public sealed partial class Placement(
     IDbContextFactory<LoraDeployDbContext> contexts,
     BaseModelRegistry registry,
+    WorkerWaker waker,
     IOptions<WorkersOptions> options,
     TimeProvider time,
     ILogger<Placement> logger) : BackgroundService
@@ -68,6 +74,18 @@ public sealed partial class Placement(
     public async Task RunOnceAsync(CancellationToken ct)
     {
         await using var db = await contexts.CreateDbContextAsync(ct);
+        var woken = new HashSet<string>(StringComparer.Ordinal);
+        await PlaceAsync(db, woken, ct);
+        if (woken.Count > 0)
+        {
+            var workers = await db.Workers.Where(w => woken.Contains(w.Id)).Select(w => new { w.Id, w.Url, w.CallKey }).ToListAsync(ct);
+            waker.Wake(workers.Select(w => (w.Id, w.Url, w.CallKey)));
+        }
+    }
+
+    /// <summary>One pass; <paramref name="woken"/> collects the workers whose assignments it changed.</summary>
+    private async Task PlaceAsync(LoraDeployDbContext db, HashSet<string> woken, CancellationToken ct)
+    {
         var now = time.GetUtcNow().UtcDateTime;
         var deadline = now - TimeSpan.FromSeconds(options.Value.TimeoutSeconds);
 
@@ -77,9 +95,14 @@ public sealed partial class Placement(
             await db.Workers.Where(w => forgotten.Contains(w.Id) && w.LastHeartbeatAt < deadline).ExecuteDeleteAsync(ct);
             LogForgotten(string.Join(", ", forgotten), options.Value.TimeoutSeconds);
         }
-        await db.Instances
-            .Where(i => !db.Deploys.Any(d => d.Id == i.DeployId && (d.Status == DeployStatus.Deploying || d.Status == DeployStatus.Running)))
-            .ExecuteDeleteAsync(ct);
+        var orphaned = db.Instances
+            .Where(i => !db.Deploys.Any(d => d.Id == i.DeployId && (d.Status == DeployStatus.Deploying || d.Status == DeployStatus.Running)));
+        var dropping = await orphaned.Select(i => i.WorkerId).Distinct().ToListAsync(ct);
+        if (dropping.Count > 0)
+        {
+            await orphaned.ExecuteDeleteAsync(ct);
+            woken.UnionWith(dropping);
+        }
 
         var deploys = await db.Deploys
             .Where(d => (d.Status == DeployStatus.Deploying || d.Status == DeployStatus.Running) && d.Lora!.AdapterSha256 != null)
@@ -89,8 +112,9 @@ public sealed partial class Placement(
         {
             return;
         }
-        var workers = (await db.Workers.Select(w => new { w.Id, w.PoolsJson }).ToListAsync(ct))
-            .Select(w => (w.Id, Pools: JsonSerializer.Deserialize(w.PoolsJson, ApiJson.Context.ListString) ?? []))
+        var workers = (await db.Workers.Select(w => new { w.Id, w.PoolsJson, w.ResidentJson }).ToListAsync(ct))
+            .Select(w => (w.Id, Pools: JsonSerializer.Deserialize(w.PoolsJson, ApiJson.Context.ListString) ?? [],
+                Resident: JsonSerializer.Deserialize(w.ResidentJson, ApiJson.Context.ListString) ?? []))
             .ToList();
         var instances = await db.Instances.Select(i => new { i.Id, i.DeployId, i.WorkerId, i.State, i.FailReason, i.Since }).ToListAsync(ct);
         var perWorker = instances.GroupBy(i => i.WorkerId).ToDictionary(g => g.Key, g => g.Count());
@@ -112,10 +136,11 @@ public sealed partial class Placement(
                 {
                     LogRefused(deploy.Id, reason);
                 }
+                woken.UnionWith(mine.Select(i => i.WorkerId));
                 continue;
             }
 
-            var wanted = Math.Max(1, deploy.MinInstances);
+            var wanted = Math.Max(0, deploy.MinInstances);
             var have = mine.Count;
             if (have < wanted)
             {
@@ -124,7 +149,8 @@ public sealed partial class Placement(
                     .Where(w => w.Pools.Contains(deploy.Pool) && mine.All(i => i.WorkerId != w.Id) && pinned.GetValueOrDefault((w.Id, deploy.Pool)) < cap)
                     .OrderBy(w => perWorker.GetValueOrDefault(w.Id))
                     .ThenBy(w => w.Id, StringComparer.Ordinal)
-                    .Take(wanted - have);
+                    .Take(wanted - have)
+                    .ToList();
                 foreach (var worker in candidates)
                 {
                     db.Instances.Add(new Instance
@@ -145,12 +171,14 @@ public sealed partial class Placement(
                     db.ChangeTracker.Clear(); // another replica placed it meanwhile; the next pass counts again
                     continue;
                 }
+                woken.UnionWith(candidates.Select(w => w.Id));
             }
             else if (have > wanted)
             {
                 // Scale down: loading copies go first, then the newest; the worker keeps the adapter in its LRU cache.
                 var extra = mine.OrderBy(i => i.State == InstanceState.Ready).ThenByDescending(i => i.Since).Take(have - wanted).Select(i => i.Id).ToList();
                 await db.Instances.Where(i => extra.Contains(i.Id)).ExecuteDeleteAsync(ct);
+                woken.UnionWith(mine.Where(i => extra.Contains(i.Id)).Select(i => i.WorkerId));
                 mine = mine.Where(i => !extra.Contains(i.Id)).ToList();
                 have = wanted;
             }
@@ -158,6 +186,14 @@ public sealed partial class Placement(
             var ready = mine.Count(i => i.State == InstanceState.Ready);
             var pending = have - ready + (wanted - have);
             var status = ready >= wanted ? DeployStatus.Running : DeployStatus.Deploying;
+            if (wanted == 0)
+            {
+                // Loaded on first request: servable while the pool has a live worker; counted where a heartbeat says it is.
+                var live = workers.Where(w => w.Pools.Contains(deploy.Pool)).ToList();
+                ready = live.Count(w => w.Resident.Contains($"{deploy.Pool}|{deploy.Sha}"));
+                pending = live.Count == 0 ? 1 : 0;
+                status = live.Count == 0 ? DeployStatus.Deploying : DeployStatus.Running;
+            }
             if (status != deploy.Status || ready != deploy.RunningInstances || pending != deploy.PendingInstances)
             {
                 var changed = await db.Deploys

@@ -71,6 +71,7 @@ public static partial class WorkerEndpoints
             .RequireRole(WorkerAuthenticationHandler.Role));
         services.AddSingleton<EmbeddedWorker>();
         services.AddHostedService(sp => sp.GetRequiredService<EmbeddedWorker>());
+        services.AddSingleton<WorkerWaker>();
         services.AddSingleton<Placement>();
         services.AddHostedService(sp => sp.GetRequiredService<Placement>());
         return services;

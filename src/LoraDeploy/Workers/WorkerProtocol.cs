@@ -24,6 +24,9 @@ namespace LoraDeploy.Workers;
 /// streamed. A native text-to-image body with <c>"stream": true</c> is answered in the
 /// <see cref="Inference.ImageProgressStream"/> format.</item>
 /// <item>Server → <c>GET {worker url}/ready</c>: 200 once the engine has loaded its base models.</item>
+/// <item>Server → <c>POST {worker url}/internal/v1/wake</c> (no body; 204, 401 without the call key): placement gave this
+/// worker something to load, unpin or drop; it heartbeats now to learn what, instead of at its next period. Best-effort:
+/// a missed wake costs one heartbeat period, nothing else.</item>
 /// </list>
 /// </summary>
 public static class WorkerProtocol
@@ -35,6 +38,8 @@ public static class WorkerProtocol
     public const string LeavePathFormat = "/internal/v1/workers/{0}/leave";
     public const string InferPath = "/internal/v1/infer";
     public const string ReadyPath = "/ready";
+    /// <summary>Server → worker: heartbeat now, the assignments changed.</summary>
+    public const string WakePath = "/internal/v1/wake";
 
     /// <summary>What the request asks for: <see cref="Operations"/>.</summary>
     public const string OperationHeader = "X-LoraDeploy-Operation";

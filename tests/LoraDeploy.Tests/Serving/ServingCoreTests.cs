@@ -223,6 +223,68 @@ public sealed class ServingCoreTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task With_min_instances_0_a_deploy_runs_unpinned_and_its_first_request_loads_it_where_later_ones_go()
+    {
+        var (id, sha) = await DeployAsync("lazy", seed: 17);
+        (await _h.User.Client.PutAsJsonAsync($"/deploy/{id}", new { settings = new { min_instances = 0, max_instances = 1 } })).EnsureSuccessStatusCode();
+        // No worker yet: not servable, and said so (never a silent 0/0).
+        await WaitForAsync(id, d => d.GetProperty("status").GetString() == "deploying" && d.GetProperty("instances").GetProperty("pending").GetInt32() == 1,
+            "waited for a worker");
+
+        var first = await WorkerAsync("w1");
+        var second = await WorkerAsync("w2");
+        var running = await WaitForAsync(id, d => d.GetProperty("status").GetString() == "running", "ran once the pool had workers");
+        Assert.Equal(0, running.GetProperty("instances").GetProperty("running").GetInt32());
+        Assert.Equal(0, running.GetProperty("instances").GetProperty("pending").GetInt32());
+        await Task.Delay(500); // a few heartbeats: still nothing placed, nothing loaded
+        Assert.Equal(0, await _h.Server.QueryAsync(db => db.Instances.CountAsync(i => i.DeployId == id)));
+        Assert.False(first.Resident.ContainsKey(sha) || second.Resident.ContainsKey(sha));
+
+        var answer = await (await InferAsync($"{_h.User.Name}/lazy")).ExpectAsync(HttpStatusCode.OK);
+        var holder = answer.GetProperty("worker").GetString() == "w1" ? first : second;
+        var other = holder == first ? second : first;
+        Assert.True(holder.Resident.ContainsKey(sha));
+        // Counted once the holder's heartbeat reports it; from then on requests go to the holder.
+        await WaitForAsync(id, Running(1), "counted the worker that loaded it");
+        for (var i = 0; i < 5; i++)
+        {
+            Assert.Equal(holder.Id, (await (await InferAsync($"{_h.User.Name}/lazy")).ExpectAsync(HttpStatusCode.OK)).GetProperty("worker").GetString());
+        }
+        Assert.Equal(0, other.Requests);
+        Assert.False(other.Resident.ContainsKey(sha));
+        Assert.Equal(0, await _h.Server.QueryAsync(db => db.Instances.CountAsync(i => i.DeployId == id)));
+
+        // The pool loses its workers: back to deploying with the copy pending, and 423.
+        await first.KillAsync();
+        await second.KillAsync();
+        var back = await WaitForAsync(id, d => d.GetProperty("status").GetString() == "deploying", "went back to deploying");
+        Assert.Equal(0, back.GetProperty("instances").GetProperty("running").GetInt32());
+        Assert.Equal(1, back.GetProperty("instances").GetProperty("pending").GetInt32());
+        Assert.Equal(HttpStatusCode.Locked, (await InferAsync($"{_h.User.Name}/lazy")).StatusCode);
+    }
+
+    [Fact]
+    public async Task Scaling_down_to_min_instances_0_unpins_and_the_adapter_stays_cached()
+    {
+        var (id, sha) = await DeployAsync("unpinned", seed: 18);
+        var worker = await WorkerAsync("w1");
+        await WaitForAsync(id, Running(1), "ran pinned");
+        (await _h.User.Client.PutAsJsonAsync($"/deploy/{id}", new { settings = new { min_instances = 0, max_instances = 1 } })).EnsureSuccessStatusCode();
+        var deadline = DateTime.UtcNow.AddSeconds(20);
+        while (await _h.Server.QueryAsync(db => db.Instances.AnyAsync(i => i.DeployId == id)))
+        {
+            Assert.True(DateTime.UtcNow < deadline, "the pinned copy was never removed");
+            await Task.Delay(50);
+        }
+        // Still resident (an unpinned cache entry, not dropped), still counted, still served there.
+        var deploy = await WaitForAsync(id, Running(1), "stayed running on the cached copy");
+        Assert.Equal(0, deploy.GetProperty("instances").GetProperty("pending").GetInt32());
+        Assert.True(worker.Resident.ContainsKey(sha));
+        Assert.DoesNotContain(sha, worker.Drops);
+        Assert.Equal("w1", (await (await InferAsync($"{_h.User.Name}/unpinned")).ExpectAsync(HttpStatusCode.OK)).GetProperty("worker").GetString());
+    }
+
+    [Fact]
     public async Task An_adapter_the_engine_refuses_fails_the_deploy_with_the_engines_reason()
     {
         var (id, sha) = await DeployAsync("refused", seed: 6);

@@ -50,6 +50,9 @@ public sealed class FakeWorkerServer : IAsyncDisposable
     /// <summary>What every heartbeat is answered with.</summary>
     public WorkerAssignments Assignments { get; set; } = new([], []);
 
+    /// <summary>The heartbeat period the registration answer gives (seconds).</summary>
+    public int HeartbeatSeconds { get; set; } = 1;
+
     public static async Task<FakeWorkerServer> StartAsync()
     {
         var builder = WebApplication.CreateSlimBuilder();
@@ -71,7 +74,7 @@ public sealed class FakeWorkerServer : IAsyncDisposable
         {
             var registration = await JsonSerializer.DeserializeAsync(http.Request.Body, WorkerJsonContext.Default.WorkerRegistration);
             server.Registrations.Enqueue(registration!);
-            return Results.Json(new WorkerRegistered(registration!.Id, 1), WorkerJsonContext.Default.WorkerRegistered);
+            return Results.Json(new WorkerRegistered(registration!.Id, server.HeartbeatSeconds), WorkerJsonContext.Default.WorkerRegistered);
         });
         app.MapPost("/internal/v1/workers/{id}/heartbeat", async (string id, HttpContext http) =>
         {

@@ -1,3 +1,4 @@
+using System.Net;
 using System.Security.Cryptography;
 using LoraDeploy.Workers;
 using LoraDeploy.Workers.Host;
@@ -157,6 +158,33 @@ public sealed class WorkerAgentTests
         Assert.Equal(first.CallKey, again.CallKey);
         var beats = worker.Server.Heartbeats.Count;
         await Eventually.TrueAsync(() => worker.Server.Heartbeats.Count > beats, "heartbeats resume");
+    }
+
+    [Fact]
+    public async Task A_wake_with_the_call_key_makes_the_worker_heartbeat_now_and_learn_its_assignments()
+    {
+        // A period far beyond the test's patience: only the wake can make the worker ask again.
+        await using var worker = await WorkerHarness.StartAsync(heartbeatSeconds: 300);
+        var sha = worker.Server.AddBlob(RandomNumberGenerator.GetBytes(5000));
+        worker.Server.Assignments = new([new AdapterAssignment(sha, WorkerHarness.Pool, 5000)], []);
+        var beats = worker.Server.Heartbeats.Count;
+
+        using (var stranger = worker.CreateClient(callKey: "not-the-call-key-of-this-worker-0123456789"))
+        using (var anonymous = worker.CreateClient(callKey: null))
+        {
+            Assert.Equal(HttpStatusCode.Unauthorized, (await stranger.PostAsync(WorkerProtocol.WakePath, null)).StatusCode);
+            var refused = await anonymous.PostAsync(WorkerProtocol.WakePath, null);
+            Assert.Equal(HttpStatusCode.Unauthorized, refused.StatusCode);
+            Assert.Contains("call key", await refused.Content.ReadAsStringAsync());
+        }
+        await Task.Delay(300);
+        Assert.Equal(beats, worker.Server.Heartbeats.Count); // a refused wake wakes nothing
+
+        using var server = worker.CreateClient();
+        Assert.Equal(HttpStatusCode.NoContent, (await server.PostAsync(WorkerProtocol.WakePath, null)).StatusCode);
+        // The heartbeat's answer holds the adapter: loaded, and reported ready by the heartbeat the load itself wakes.
+        await Eventually.TrueAsync(() => worker.Reported(sha)?.State == AdapterStates.Ready, "the woken worker loads its assignment and reports it ready");
+        Assert.Single(worker.Engine.Loads);
     }
 
     [Fact]

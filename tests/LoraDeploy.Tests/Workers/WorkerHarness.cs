@@ -41,10 +41,12 @@ public sealed class WorkerHarness : IAsyncDisposable
     /// <param name="settings">Extra settings (<c>Worker:Slots</c>, <c>BaseModels:tiny-llama:MaxAdaptersPerWorker</c>, …).</param>
     /// <param name="engine">The engine (default: a llamacpp <see cref="TestEchoEngine"/>).</param>
     /// <param name="moreEngines">Engines of other kinds beside it.</param>
+    /// <param name="heartbeatSeconds">The heartbeat period the server gives the worker.</param>
     public static async Task<WorkerHarness> StartAsync(IReadOnlyDictionary<string, string>? settings = null, string? dataDir = null,
-        TestEchoEngine? engine = null, IReadOnlyList<TestEchoEngine>? moreEngines = null)
+        TestEchoEngine? engine = null, IReadOnlyList<TestEchoEngine>? moreEngines = null, int heartbeatSeconds = 1)
     {
         var server = await FakeWorkerServer.StartAsync();
+        server.HeartbeatSeconds = heartbeatSeconds;
         var ownsDataDir = dataDir is null;
         dataDir ??= Path.Combine(Path.GetTempPath(), "loradeploy-tests", Guid.NewGuid().ToString("N"));
         var args = new List<string>

@@ -3,7 +3,7 @@ using System.Text.Json;
 
 namespace LoraDeploy.Workers.Host;
 
-/// <summary>The worker's own HTTP surface: what the server calls (<c>/internal/v1/infer</c>) and readiness.</summary>
+/// <summary>The worker's own HTTP surface: what the server calls (<c>/internal/v1/infer</c>, <c>/internal/v1/wake</c>) and readiness.</summary>
 public static class WorkerEndpoints
 {
     private static readonly HashSet<string> KnownOperations =
@@ -12,11 +12,26 @@ public static class WorkerEndpoints
     public static IEndpointRouteBuilder MapWorkerEndpoints(this IEndpointRouteBuilder app)
     {
         app.MapPost(WorkerProtocol.InferPath, InferAsync);
+        app.MapPost(WorkerProtocol.WakePath, Wake);
         app.MapGet(WorkerProtocol.ReadyPath, (WorkerRuntime runtime) => runtime.Ready
             ? Results.Text("ready")
             : (IResult)ApiErrors.Error(StatusCodes.Status503ServiceUnavailable, "the engine is still loading its base models"));
         app.MapGet("/healthz", () => Results.Text("ok"));
         return app;
+    }
+
+    /// <summary>The server changed this worker's assignments: every engine unit heartbeats now to learn them.</summary>
+    private static IResult Wake(HttpContext http, WorkerRuntime runtime)
+    {
+        if (!runtime.IsCallKey(http.Request.Headers.Authorization))
+        {
+            return ApiErrors.Error(StatusCodes.Status401Unauthorized, "missing or wrong call key: only the server this worker registered with may call it.");
+        }
+        foreach (var unit in runtime.Units)
+        {
+            unit.Wake();
+        }
+        return Results.NoContent();
     }
 
     private static async Task InferAsync(HttpContext http, WorkerRuntime runtime)
@@ -86,6 +101,7 @@ public static class WorkerEndpoints
             if (loaded.Count > 0)
             {
                 http.Response.Headers[WorkerProtocol.LoadedHeader] = string.Join(',', loaded);
+                unit.Wake(); // the server routes the next requests for these adapters here once a heartbeat says they are resident
             }
             await unit.Engine.HandleAsync(new InferenceCall(pool, operation, adapters, body), http, ct);
         }
