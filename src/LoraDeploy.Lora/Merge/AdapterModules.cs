@@ -327,7 +327,7 @@ internal sealed class LoadedAdapter
         {
             Check(module, up.Shape[1] == rank, $"lora_up {Shape(up.Shape)} and lora_down {Shape(down.Shape)} disagree on the rank");
             var rest = down.Values.Length / Math.Max(rank, 1);
-            return (new LowRankDelta(ToDouble(up.Values), ToDouble(down.Values), rank)
+            return (new LowRankDelta(up.Values, down.Values, rank)
             {
                 Out = outDim, Rest = rest, FullShape = [outDim, .. down.Shape[1..]],
             }, rank);
@@ -338,8 +338,8 @@ internal sealed class LoadedAdapter
         Check(module, down.Shape.Length == 2 || down.Shape[2] == 1 && down.Shape[3] == 1,
             $"lora_down has shape {Shape(down.Shape)}; with lora_mid it is [r, in, 1, 1]");
         var inDim = down.Shape[1];
-        var folded = FoldCore(mid, ToDouble(down.Values), (int)inDim);
-        return (new LowRankDelta(ToDouble(up.Values), folded, (int)up.Shape[1])
+        var folded = FoldCore(mid, down.Values, (int)inDim);
+        return (new LowRankDelta(up.Values, folded, (int)up.Shape[1])
         {
             Out = outDim, Rest = inDim * mid.Shape[2] * mid.Shape[3], FullShape = [outDim, inDim, mid.Shape[2], mid.Shape[3]],
         }, rank);
@@ -366,8 +366,8 @@ internal sealed class LoadedAdapter
                 $"LoHa factors {Shape(w1a.Shape)}·{Shape(w1b.Shape)} and {Shape(w2a.Shape)}·{Shape(w2b.Shape)} do not give one [out, in] shape");
             long outDim = w1a.Shape[0], rest = w1b.Shape[1];
             return (new HadamardDelta(
-                new LowRankDelta(ToDouble(w1a.Values), ToDouble(w1b.Values), rank) { Out = outDim, Rest = rest },
-                new LowRankDelta(ToDouble(w2a.Values), ToDouble(w2b.Values), (int)w2b.Shape[0]) { Out = outDim, Rest = rest })
+                new LowRankDelta(w1a.Values, w1b.Values, rank) { Out = outDim, Rest = rest },
+                new LowRankDelta(w2a.Values, w2b.Values, (int)w2b.Shape[0]) { Out = outDim, Rest = rest })
             { Out = outDim, Rest = rest }, rank);
         }
         // Tucker: m = einsum('ijkl,jr,ip->prkl', t, w_b, w_a), w_a [r, out], w_b [r, in].
@@ -382,7 +382,7 @@ internal sealed class LoadedAdapter
         Check(module, core.Shape.Length == 4 && core.Shape[0] == a.Shape[0] && core.Shape[1] == b.Shape[0] && a.Shape.Length == 2 && b.Shape.Length == 2,
             $"Tucker core '{core.Name}' {Shape(core.Shape)} does not fit '{a.Name}' {Shape(a.Shape)} and '{b.Name}' {Shape(b.Shape)}");
         int rankA = (int)a.Shape[0], outDim = (int)a.Shape[1], inDim = (int)b.Shape[1];
-        var folded = FoldCore(core, ToDouble(b.Values), inDim);
+        var folded = FoldCore(core, b.Values, inDim);
         return new LowRankDelta(Transpose(a.Values, rankA, outDim), folded, rankA)
         {
             Out = outDim, Rest = (long)inDim * core.Shape[2] * core.Shape[3], FullShape = [outDim, inDim, core.Shape[2], core.Shape[3]],
@@ -418,7 +418,7 @@ internal sealed class LoadedAdapter
         {
             Check(module, !p.ContainsKey("lokr_w2_a") && !p.ContainsKey("lokr_w2_b") && !p.ContainsKey("lokr_t2"), "it has both lokr_w2 and its factors");
             Check(module, full2.Shape.Length is 2 or 4, $"lokr_w2 has shape {Shape(full2.Shape)}; expected [b, d] or [b, d, kh, kw]");
-            (b, w2Row, w2 , w2Shape) = (full2.Shape[0], full2.Values.Length / Math.Max(full2.Shape[0], 1), ToDouble(full2.Values), full2.Shape);
+            (b, w2Row, w2, w2Shape) = (full2.Shape[0], full2.Values.Length / Math.Max(full2.Shape[0], 1), ToDouble(full2.Values), full2.Shape);
         }
         else
         {
@@ -510,7 +510,7 @@ internal sealed class LoadedAdapter
     }
 
     /// <summary>Folds a Tucker core [R1, R2, kh, kw] with B [R2, in] into V [R1, in·kh·kw]: V[m, (i,k,l)] = Σ_n core[m,n,k,l]·B[n,i].</summary>
-    private static double[] FoldCore(AdapterTensor core, double[] b, int inDim)
+    private static double[] FoldCore(AdapterTensor core, float[] b, int inDim)
     {
         int r1 = (int)core.Shape[0], r2 = (int)core.Shape[1], kernel = (int)(core.Shape[2] * core.Shape[3]);
         var folded = new double[(long)r1 * inDim * kernel];
@@ -520,7 +520,7 @@ internal sealed class LoadedAdapter
             {
                 for (var i = 0; i < inDim; i++)
                 {
-                    var bn = b[n * inDim + i];
+                    double bn = b[n * inDim + i];
                     var target = (m * inDim + i) * kernel;
                     var source = (m * r2 + n) * kernel;
                     for (var x = 0; x < kernel; x++)
@@ -535,7 +535,7 @@ internal sealed class LoadedAdapter
 
     private static double[] Product(AdapterTensor left, AdapterTensor right)
     {
-        var delta = new LowRankDelta(ToDouble(left.Values), ToDouble(right.Values), (int)left.Shape[1]) { Out = left.Shape[0], Rest = right.Shape[1] };
+        var delta = new LowRankDelta(left.Values, right.Values, (int)left.Shape[1]) { Out = left.Shape[0], Rest = right.Shape[1] };
         return Materialize(delta);
     }
 

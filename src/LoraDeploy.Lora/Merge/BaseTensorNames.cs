@@ -9,18 +9,26 @@ namespace LoraDeploy.Lora.Merge;
 /// are compared with the base's names after the same dots-to-underscores folding, under the prefixes single-file
 /// checkpoints use (SD1.5 <c>model.diffusion_model.</c> / <c>cond_stage_model.transformer.</c>, SDXL
 /// <c>conditioner.embedders.0.transformer.</c>), and SD1.5-style diffusers block names are translated to the LDM
-/// block names single-file checkpoints use (A1111's <c>convert_diffusers_name_to_compvis</c>).
+/// block names single-file checkpoints use (A1111's <c>convert_diffusers_name_to_compvis</c>). Hugging Face CLIP
+/// names on an OpenCLIP text encoder (SDXL's second, SD2's) map to its modules, q/k/v onto row thirds of the fused
+/// <c>attn.in_proj_weight</c>.
 /// </summary>
+/// <summary>Where a module lands: a base weight (and its bias), whole or a block of its rows (a fused q/k/v projection).</summary>
+internal sealed record BaseTarget(string Weight, string Bias, long RowStart, long? RowCount)
+{
+    public static BaseTarget Module(string module) => new(module + ".weight", module + ".bias", 0, null);
+}
+
 internal sealed partial class BaseTensorNames
 {
-    private readonly HashSet<string> _names;
+    private readonly Dictionary<string, long[]> _shapes;
     // Underscored module path (no ".weight") → base module path; null where two base modules fold to the same name.
     private readonly Dictionary<string, string?> _underscored = new(StringComparer.Ordinal);
 
-    public BaseTensorNames(IEnumerable<string> tensorNames)
+    public BaseTensorNames(IEnumerable<(string Name, long[] Shape)> tensors)
     {
-        _names = new HashSet<string>(tensorNames, StringComparer.Ordinal);
-        foreach (var name in _names)
+        _shapes = tensors.ToDictionary(t => t.Name, t => t.Shape, StringComparer.Ordinal);
+        foreach (var name in _shapes.Keys)
         {
             if (name.EndsWith(".weight", StringComparison.Ordinal))
             {
@@ -31,15 +39,15 @@ internal sealed partial class BaseTensorNames
         }
     }
 
-    /// <summary>The base module path (its weight is <c>path + ".weight"</c>) an adapter module targets, or null.</summary>
+    /// <summary>The base tensor(s) an adapter module targets, or null.</summary>
     /// <exception cref="LoraMergeException">The name folds onto two base modules.</exception>
-    public string? Resolve(string adapterModule)
+    public BaseTarget? Resolve(string adapterModule)
     {
         foreach (var candidate in DottedCandidates(adapterModule))
         {
-            if (_names.Contains(candidate + ".weight"))
+            if (_shapes.ContainsKey(candidate + ".weight"))
             {
-                return candidate;
+                return BaseTarget.Module(candidate);
             }
         }
         var normalized = new char[adapterModule.Length];
@@ -49,12 +57,50 @@ internal sealed partial class BaseTensorNames
         {
             if (_underscored.TryGetValue(candidate, out var module))
             {
-                return module ?? throw new LoraMergeException(
-                    $"adapter module '{adapterModule}' matches more than one base tensor once dots are read as underscores ({candidate})");
+                return module is null
+                    ? throw new LoraMergeException($"adapter module '{adapterModule}' matches more than one base tensor once dots are read as underscores ({candidate})")
+                    : BaseTarget.Module(module);
             }
         }
-        return null;
+        return component is Component.TextEncoder1 or Component.TextEncoder2 ? OpenClip(rest, component) : null;
     }
+
+    /// <summary>
+    /// HF CLIP names on an OpenCLIP encoder: SDXL's second (<c>conditioner.embedders.1.model.</c>) or SD2's
+    /// (<c>cond_stage_model.model.</c>). q/k/v are row thirds of <c>attn.in_proj_weight</c>, as in
+    /// A1111/ComfyUI's key maps.
+    /// </summary>
+    private BaseTarget? OpenClip(string rest, Component component)
+    {
+        var m = ClipLayer().Match(rest);
+        if (!m.Success)
+        {
+            return null;
+        }
+        var prefix = (component == Component.TextEncoder2 ? "conditioner.embedders.1.model." : "cond_stage_model.model.") + $"transformer.resblocks.{m.Groups[1].Value}.";
+        var part = m.Groups[2].Value;
+        if (part is "self_attn_q_proj" or "self_attn_k_proj" or "self_attn_v_proj")
+        {
+            var weight = prefix + "attn.in_proj_weight";
+            if (!_shapes.TryGetValue(weight, out var shape) || shape.Length != 2 || shape[0] % 3 != 0)
+            {
+                return null;
+            }
+            var rows = shape[0] / 3;
+            var third = part[10] switch { 'q' => 0, 'k' => 1, _ => 2 };
+            return new BaseTarget(weight, prefix + "attn.in_proj_bias", third * rows, rows);
+        }
+        var module = prefix + part switch
+        {
+            "self_attn_out_proj" => "attn.out_proj",
+            "mlp_fc1" => "mlp.c_fc",
+            _ => "mlp.c_proj",
+        };
+        return _shapes.ContainsKey(module + ".weight") ? BaseTarget.Module(module) : null;
+    }
+
+    [GeneratedRegex(@"\Atext_model_encoder_layers_(\d{1,3})_(self_attn_(?:q|k|v|out)_proj|mlp_fc1|mlp_fc2)\z")]
+    private static partial Regex ClipLayer();
 
     private static IEnumerable<string> DottedCandidates(string module)
     {

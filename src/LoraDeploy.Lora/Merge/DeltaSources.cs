@@ -20,19 +20,23 @@ internal abstract class DeltaSource
     public abstract void Row(long o, Span<double> row);
 }
 
-/// <summary>ΔW = U·V with U [out, r] and V [r, rest]: LoRA/LoCon, and the Tucker forms once the core is folded into V.</summary>
+/// <summary>
+/// ΔW = U·V with U [out, r] and V [r, rest]: LoRA/LoCon, and the Tucker forms once the core is folded into V.
+/// Factors read from the file stay float (a float product is exact in double); folded ones are double.
+/// </summary>
 internal sealed class LowRankDelta : DeltaSource
 {
-    private readonly double[] _u;
-    private readonly double[] _v;
+    private readonly float[]? _uFloat;
+    private readonly double[]? _uDouble;
+    private readonly float[]? _vFloat;
+    private readonly double[]? _vDouble;
     private readonly int _rank;
 
-    public LowRankDelta(double[] u, double[] v, int rank)
-    {
-        _u = u;
-        _v = v;
-        _rank = rank;
-    }
+    public LowRankDelta(float[] u, float[] v, int rank) => (_uFloat, _vFloat, _rank) = (u, v, rank);
+
+    public LowRankDelta(double[] u, double[] v, int rank) => (_uDouble, _vDouble, _rank) = (u, v, rank);
+
+    public LowRankDelta(float[] u, double[] v, int rank) => (_uFloat, _vDouble, _rank) = (u, v, rank);
 
     public override void Row(long o, Span<double> row)
     {
@@ -40,11 +44,23 @@ internal sealed class LowRankDelta : DeltaSource
         var rest = (int)Rest;
         for (var m = 0; m < _rank; m++)
         {
-            var u = _u[o * _rank + m];
-            var v = _v.AsSpan(m * rest, rest);
-            for (var j = 0; j < rest; j++)
+            var index = o * _rank + m;
+            var u = _uFloat is null ? _uDouble![index] : _uFloat[index];
+            if (_vFloat is not null)
             {
-                row[j] += u * v[j];
+                var v = _vFloat.AsSpan(m * rest, rest);
+                for (var j = 0; j < rest; j++)
+                {
+                    row[j] += u * v[j];
+                }
+            }
+            else
+            {
+                var v = _vDouble.AsSpan(m * rest, rest);
+                for (var j = 0; j < rest; j++)
+                {
+                    row[j] += u * v[j];
+                }
             }
         }
     }

@@ -133,12 +133,12 @@ public static class LoraMerger
     }
 
     /// <summary>A module patch aimed at one base tensor (its weight, or its bias when <see cref="IsBias"/>).</summary>
-    internal sealed record TargetedPatch(LoadedAdapter Adapter, ModulePatch Patch, bool IsBias);
+    internal sealed record TargetedPatch(LoadedAdapter Adapter, ModulePatch Patch, bool IsBias, long RowStart);
 
     /// <summary>Resolves every module of every adapter to base tensors and checks shapes; all problems are reported at once.</summary>
     private static Dictionary<string, List<TargetedPatch>> Plan(string basePath, SafetensorsHeader header, List<LoadedAdapter> adapters)
     {
-        var names = new BaseTensorNames(header.Tensors.Select(t => t.Name));
+        var names = new BaseTensorNames(header.Tensors.Select(t => (t.Name, t.Shape)));
         var plan = new Dictionary<string, List<TargetedPatch>>(StringComparer.Ordinal);
         var unmatched = new List<string>();
         var mismatched = new List<string>();
@@ -147,32 +147,35 @@ public static class LoraMerger
             var file = Path.GetFileName(adapter.Path);
             foreach (var patch in adapter.Modules)
             {
-                var module = names.Resolve(patch.Module);
-                if (module is null)
+                var target = names.Resolve(patch.Module);
+                if (target is null)
                 {
                     unmatched.Add($"{file}: {patch.Module}");
                     continue;
                 }
-                header.TryGetTensor(module + ".weight", out var weight);
-                if (ShapeProblem(patch, weight) is { } problem)
+                header.TryGetTensor(target.Weight, out var weight);
+                var rows = target.RowCount is { } count ? $" rows {target.RowStart}–{target.RowStart + count - 1}" : "";
+                if (ShapeProblem(patch, weight, target) is { } problem)
                 {
-                    mismatched.Add($"{file}: {patch.Module} → {weight.Name}: {problem}");
+                    mismatched.Add($"{file}: {patch.Module} → {weight.Name}{rows}: {problem}");
                     continue;
                 }
-                Add(weight.Name, new TargetedPatch(adapter, patch, IsBias: false));
+                Add(weight.Name, new TargetedPatch(adapter, patch, IsBias: false, target.RowStart));
                 if (patch.BiasDelta is { } bias)
                 {
-                    if (!header.TryGetTensor(module + ".bias", out var baseBias))
+                    if (!header.TryGetTensor(target.Bias, out var baseBias))
                     {
-                        mismatched.Add($"{file}: {bias.Name} → {module}.bias: the base has no such tensor");
+                        mismatched.Add($"{file}: {bias.Name} → {target.Bias}: the base has no such tensor");
                     }
-                    else if (baseBias.ElementCount != bias.Values.Length || !FloatCodec.IsSupported(baseBias.Dtype))
+                    else if (!FloatCodec.IsSupported(baseBias.Dtype) || (target.RowCount is null
+                        ? baseBias.ElementCount != bias.Values.Length
+                        : baseBias.Shape.Length != 1 || target.RowStart + bias.Values.Length > baseBias.ElementCount))
                     {
                         mismatched.Add($"{file}: {bias.Name} → {baseBias.Name}: {bias.Values.Length} elements onto {baseBias.Dtype} {AdapterShape(baseBias.Shape)}");
                     }
                     else
                     {
-                        Add(baseBias.Name, new TargetedPatch(adapter, patch, IsBias: true));
+                        Add(baseBias.Name, new TargetedPatch(adapter, patch, IsBias: true, target.RowStart));
                     }
                 }
             }
@@ -198,16 +201,19 @@ public static class LoraMerger
             {
                 plan[tensor] = list = [];
             }
-            if (list.Any(p => p.Adapter == patch.Adapter && p.IsBias == patch.IsBias))
+            // Modules of one adapter may share a fused tensor (q, k and v of in_proj_weight), never its rows.
+            var rows = patch.Patch.Delta.Out;
+            if (list.FirstOrDefault(p => p.Adapter == patch.Adapter && p.IsBias == patch.IsBias
+                    && p.RowStart < patch.RowStart + rows && patch.RowStart < p.RowStart + p.Patch.Delta.Out) is { } other)
             {
-                mismatched.Add($"{Path.GetFileName(patch.Adapter.Path)}: modules '{list.First(p => p.Adapter == patch.Adapter).Patch.Module}' and '{patch.Patch.Module}' both target {tensor}");
+                mismatched.Add($"{Path.GetFileName(patch.Adapter.Path)}: modules '{other.Patch.Module}' and '{patch.Patch.Module}' both target {tensor}");
                 return;
             }
             list.Add(patch);
         }
     }
 
-    private static string? ShapeProblem(ModulePatch patch, SafetensorsTensor weight)
+    private static string? ShapeProblem(ModulePatch patch, SafetensorsTensor weight, BaseTarget target)
     {
         var delta = patch.Delta;
         if (!FloatCodec.IsSupported(weight.Dtype))
@@ -220,20 +226,29 @@ public static class LoraMerger
             return $"the base tensor has shape {AdapterShape(shape)}, not a matrix or conv kernel";
         }
         var rest = shape.Length == 0 ? 1 : weight.ElementCount / Math.Max(shape[0], 1);
-        var outDim = shape.Length == 0 ? 1 : shape[0];
+        var outDim = target.RowCount ?? (shape.Length == 0 ? 1 : shape[0]);
+        long[] targetShape = target.RowCount is { } rows ? [rows, .. shape[1..]] : shape;
         var mismatch = outDim != delta.Out || rest != delta.Rest
-            || delta.FullShape is { } full && !Squeezed(full).SequenceEqual(Squeezed(shape));
+            || delta.FullShape is { } full && !Squeezed(full).SequenceEqual(Squeezed(targetShape));
         if (mismatch)
         {
-            return $"the adapter's {patch.NetworkType} delta is {AdapterShape(delta.FullShape ?? [delta.Out, delta.Rest])}, the base tensor {AdapterShape(shape)}";
+            return $"the adapter's {patch.NetworkType} delta is {AdapterShape(delta.FullShape ?? [delta.Out, delta.Rest])}, the base tensor {AdapterShape(targetShape)}";
         }
         if (weight.ElementCount > Array.MaxLength / 4)
         {
             return $"the base tensor has {weight.ElementCount} elements, more than one merge buffer holds";
         }
-        if (patch.Dora is { } dora && DoraAxis(dora, shape) is null)
+        if (patch.Dora is { } dora)
         {
-            return $"DoRA magnitude '{dora.Tensor.Name}' has shape {AdapterShape(dora.Tensor.Shape)}, neither [{shape[0]}] per output row nor [1, {shape[1]}, …] per input channel";
+            var axis = DoraAxis(dora, targetShape);
+            if (axis is null)
+            {
+                return $"DoRA magnitude '{dora.Tensor.Name}' has shape {AdapterShape(dora.Tensor.Shape)}, neither [{targetShape[0]}] per output row nor [1, {targetShape[1]}, …] per input channel";
+            }
+            if (axis == false && target.RowCount is not null)
+            {
+                return "a DoRA norm per input channel cannot be taken over a slice of a fused tensor";
+            }
         }
         return null;
     }

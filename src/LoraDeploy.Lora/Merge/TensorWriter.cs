@@ -49,14 +49,17 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
             {
                 var c = patch.Adapter.Strength * patch.Patch.Scale;
                 var bias = patch.Patch.BiasDelta!.Values;
-                for (var i = 0; i < count; i++)
+                var slice = values.Slice((int)patch.RowStart, bias.Length);
+                for (var i = 0; i < bias.Length; i++)
                 {
-                    values[i] = (float)(values[i] + c * bias[i]);
+                    slice[i] = (float)(slice[i] + c * bias[i]);
                 }
             }
             else
             {
-                ApplyWeight(values, tensor.Shape, patch);
+                var rest = (int)patch.Patch.Delta.Rest;
+                var rows = (int)patch.Patch.Delta.Out;
+                ApplyWeight(values.Slice((int)patch.RowStart * rest, rows * rest), [rows, .. tensor.Shape[1..]], patch);
             }
         }
 
@@ -83,6 +86,8 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
         output.Write(encoded);
     }
 
+    /// <param name="values">The rows the patch covers (all of the tensor, or a fused tensor's slice).</param>
+    /// <param name="shape">Their shape.</param>
     private void ApplyWeight(Span<float> values, long[] shape, LoraMerger.TargetedPatch target)
     {
         var patch = target.Patch;
