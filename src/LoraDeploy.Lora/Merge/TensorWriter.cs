@@ -59,7 +59,7 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
             {
                 var rest = (int)patch.Patch.Delta.Rest;
                 var rows = (int)patch.Patch.Delta.Out;
-                ApplyWeight(values.Slice((int)patch.RowStart * rest, rows * rest), [rows, .. tensor.Shape[1..]], patch);
+                ApplyWeight(_values, (int)patch.RowStart * rest, [rows, .. tensor.Shape[1..]], patch);
             }
         }
 
@@ -86,28 +86,37 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
         output.Write(encoded);
     }
 
-    /// <param name="values">The rows the patch covers (all of the tensor, or a fused tensor's slice).</param>
-    /// <param name="shape">Their shape.</param>
-    private void ApplyWeight(Span<float> values, long[] shape, LoraMerger.TargetedPatch target)
+    /// <param name="buffer">The tensor's values.</param>
+    /// <param name="offset">Where the rows the patch covers start (0, or a fused tensor's slice).</param>
+    /// <param name="shape">The shape of those rows.</param>
+    private void ApplyWeight(float[] buffer, int offset, long[] shape, LoraMerger.TargetedPatch target)
     {
         var patch = target.Patch;
         var delta = patch.Delta;
         var strength = target.Adapter.Strength;
         var rest = (int)delta.Rest;
         var rows = (int)delta.Out;
+        var values = buffer.AsSpan(offset, rows * rest);
         var row = Grow(ref _row, rest);
 
         if (patch.Dora is not { } dora)
         {
             var c = strength * patch.Scale;
+            // Rows are independent and each is rounded on its own, so the result does not depend on the split.
+            if (delta.IsThreadSafe && rows >= 64 && Environment.ProcessorCount > 1)
+            {
+                Parallel.For(0, rows, () => new double[rest], (o, _, rowBuffer) =>
+                {
+                    delta.Row(o, rowBuffer);
+                    AddRow(buffer.AsSpan(offset + o * rest, rest), rowBuffer, c);
+                    return rowBuffer;
+                }, _ => { });
+                return;
+            }
             for (var o = 0; o < rows; o++)
             {
                 delta.Row(o, row);
-                var w = values.Slice(o * rest, rest);
-                for (var j = 0; j < rest; j++)
-                {
-                    w[j] = (float)(w[j] + c * row[j]);
-                }
+                AddRow(values.Slice(o * rest, rest), row, c);
             }
             return;
         }
@@ -165,6 +174,14 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
             {
                 w[j] = (float)((w[j] + scale * row[j]) * factors[j / kernel]);
             }
+        }
+    }
+
+    private static void AddRow(Span<float> weights, ReadOnlySpan<double> row, double coefficient)
+    {
+        for (var j = 0; j < weights.Length; j++)
+        {
+            weights[j] = (float)(weights[j] + coefficient * row[j]);
         }
     }
 
