@@ -116,6 +116,14 @@ public static class LoraMerger
         }
     }
 
+    /// <summary>Reads the inputs and resolves every module without writing anything; returns the number of base tensors that would change.</summary>
+    /// <exception cref="LoraMergeException">As <see cref="Merge"/> would refuse the inputs.</exception>
+    internal static int Check(string basePath, IReadOnlyList<MergeAdapter> adapters)
+    {
+        using var header = ReadBase(basePath);
+        return Plan(basePath, header, [.. adapters.Select(LoadedAdapter.Load)]).Count;
+    }
+
     private static SafetensorsHeader ReadBase(string basePath)
     {
         try
