@@ -232,7 +232,7 @@ internal sealed class LoadedAdapter
             dotted = down.Name.Contains(".lora_A", StringComparison.Ordinal);
             (delta, var rank) = LoraDelta(module, down, up, p.GetValueOrDefault("mid"));
             type = p.ContainsKey("mid") ? "LoCon (Tucker)" : down.Shape.Length == 4 ? "LoCon" : "LoRA";
-            scale = config is not null && dotted ? PeftScale(module, config, rank, alphaTensor) : alpha is { } a ? a / rank : 1.0;
+            scale = config is not null && dotted ? PeftScale(module, config, rank, alphaTensor, embedding: false) : alpha is { } a ? a / rank : 1.0;
         }
         else if (p.ContainsKey("embedding_a") || p.ContainsKey("embedding_b"))
         {
@@ -249,7 +249,7 @@ internal sealed class LoadedAdapter
             };
             type = "LoRA (embedding)";
             dotted = true;
-            scale = config is not null ? PeftScale(module, config, rank, alphaTensor) : alpha is { } al ? al / rank : 1.0;
+            scale = config is not null ? PeftScale(module, config, rank, alphaTensor, embedding: true) : alpha is { } al ? al / rank : 1.0;
         }
         else if (p.Keys.Any(k => k.StartsWith("hada_", StringComparison.Ordinal)))
         {
@@ -444,14 +444,14 @@ internal sealed class LoadedAdapter
         return (new KroneckerDelta(w1, (int)c, w2, (int)b, (int)w2Row) { Out = a * b, Rest = c * w2Row, FullShape = fullShape }, rank);
     }
 
-    private static double PeftScale(string module, PeftAdapterConfig config, int rank, AdapterTensor? alphaTensor)
+    private static double PeftScale(string module, PeftAdapterConfig config, int rank, AdapterTensor? alphaTensor, bool embedding)
     {
         if (alphaTensor is not null)
         {
             throw new LoraMergeException($"module '{module}' has an alpha tensor '{alphaTensor.Name}' and an adapter_config.json; which alpha applies is ambiguous");
         }
         var name = module.StartsWith(PeftPrefix, StringComparison.Ordinal) ? module[PeftPrefix.Length..] : module;
-        if (!PeftPatterns.IsTarget(config, name, isEmbedding: false) && !PeftPatterns.IsTarget(config, name, isEmbedding: true))
+        if (!PeftPatterns.IsTarget(config, name, embedding))
         {
             var targets = config.TargetModules is { } list ? "[" + string.Join(", ", list) + "]" : $"'{config.TargetModulesRegex}'";
             throw new LoraMergeException($"module '{module}': adapter_config.json target_modules {targets} does not include it");
