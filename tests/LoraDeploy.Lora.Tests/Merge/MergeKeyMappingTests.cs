@@ -96,6 +96,56 @@ public sealed class MergeKeyMappingTests : IDisposable
     }
 
     [Fact]
+    public void Diffusers_flux_q_k_v_and_proj_mlp_land_on_row_blocks_of_bfl_fused_tensors()
+    {
+        var qkv = Random(_random, "double_blocks.0.img_attn.qkv.weight", [12, 4]);
+        var qkvBias = Random(_random, "double_blocks.0.img_attn.qkv.bias", [12]);
+        var linear1 = Random(_random, "single_blocks.0.linear1.weight", [28, 4]);
+        var linear2 = Random(_random, "single_blocks.0.linear2.weight", [4, 20]);
+        var basePath = Write(Path.Combine(_dir, "base.safetensors"), [qkv, qkvBias, linear1, linear2]);
+        var tensors = new List<TestTensor>();
+        TestTensor[] Lora(string module, long outDim, long inDim)
+        {
+            var a = Random(_random, module + ".lora_A.weight", [2, inDim]);
+            var b = Random(_random, module + ".lora_B.weight", [outDim, 2]);
+            tensors.AddRange([a, b]);
+            return [a, b];
+        }
+        var toK = Lora("transformer.transformer_blocks.0.attn.to_k", 4, 4);
+        var toV = Lora("transformer.transformer_blocks.0.attn.to_v", 4, 4);
+        var singleQ = Lora("transformer.single_transformer_blocks.0.attn.to_q", 4, 4);
+        var mlp = Lora("transformer.single_transformer_blocks.0.proj_mlp", 16, 4);
+        var projOut = Lora("transformer.single_transformer_blocks.0.proj_out", 4, 20);
+        var adapter = Write(Path.Combine(_dir, "adapter.safetensors"), tensors);
+
+        var output = Path.Combine(_dir, "out.safetensors");
+        var result = LoraMerger.Merge(basePath, [new MergeAdapter(adapter)], output);
+
+        var merged = Read(output, out _);
+        Assert.Equal(3, result.TensorsMerged);
+        Assert.Equal(5, result.ModulesApplied);
+        AssertClose(AddRows(qkv, [(4, toK), (8, toV)]), merged[qkv.Name].Values, "qkv");
+        AssertClose(AddRows(linear1, [(0, singleQ), (12, mlp)]), merged[linear1.Name].Values, "linear1");
+        AssertClose(MergeExactnessTests.Add(linear2, MergeExactnessTests.MatMul(projOut[1], projOut[0]), 1), merged[linear2.Name].Values, "linear2");
+        Assert.Equal(Encode(qkvBias.Values, "F32"), merged[qkvBias.Name].Bytes);
+    }
+
+    private static double[] AddRows(TestTensor weight, (int Row, TestTensor[] Factors)[] blocks)
+    {
+        var expected = (double[])weight.Values.Clone();
+        var columns = (int)weight.Shape[1];
+        foreach (var (row, factors) in blocks)
+        {
+            var delta = MergeExactnessTests.MatMul(factors[1], factors[0]);
+            for (var i = 0; i < delta.Length; i++)
+            {
+                expected[row * columns + i] += delta[i];
+            }
+        }
+        return expected;
+    }
+
+    [Fact]
     public void A_name_that_folds_onto_two_base_tensors_is_refused()
     {
         var basePath = Write(Path.Combine(_dir, "base.safetensors"), [Random(_random, "blocks.a_b.c.weight", [2, 2]), Random(_random, "blocks.a.b_c.weight", [2, 2])]);

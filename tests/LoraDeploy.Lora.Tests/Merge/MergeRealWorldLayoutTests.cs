@@ -35,11 +35,22 @@ public sealed class MergeRealWorldLayoutTests : IDisposable
     }
 
     [Fact]
+    public void Peft_diffusers_names_map_onto_a_bfl_checkpoint_through_the_fused_tensors()
+    {
+        var basePath = BflBase().WriteTo(Path.Combine(_dir, "flux1-dev.safetensors"));
+        Assert.Equal(FusedTargets, Plan(basePath, "flux1__invoke-peft-base-model"));
+    }
+
+    [Fact]
     public void Peft_diffusers_names_map_onto_a_diffusers_transformer()
     {
         var basePath = DiffusersBase().WriteTo(Path.Combine(_dir, "diffusion_pytorch_model.safetensors"));
         Assert.Equal(381, Plan(basePath, "flux1__invoke-peft-base-model"));
     }
+
+    // 381 modules onto 191 BFL tensors: per double block img qkv (to_q/k/v), txt qkv (add_q/k/v), img/txt proj, img/txt
+    // mlp.0 (6 × 19 = 114); per single block linear1 (q/k/v/proj_mlp) and linear2 (2 × 38 = 76); proj_out → final_layer.
+    private const int FusedTargets = 191;
 
     private int Plan(string basePath, string fixture)
     {
