@@ -50,11 +50,17 @@ internal sealed class LoadedAdapter
         {
             throw new LoraMergeException($"adapter {adapter.Path}: strength {adapter.Strength} is not a finite number");
         }
-        var tensors = ReadTensors(adapter.Path);
+        var tensors = ReadTensors(adapter.Path, out var metadata);
         var config = adapter.PeftConfig;
         if (config is null && tensors.Keys.Any(name => name.Contains(".lora_A.", StringComparison.Ordinal) || name.EndsWith(".lora_A", StringComparison.Ordinal)))
         {
             var beside = System.IO.Path.Combine(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(adapter.Path))!, "adapter_config.json");
+            if (!File.Exists(beside) && metadata.ContainsKey(DiffusersConfigKey))
+            {
+                // Its alpha and rank patterns would set the scale; merging at alpha = r instead would be silently wrong.
+                throw new LoraMergeException(
+                    $"adapter {adapter.Path} carries its LoRA config in __metadata__ '{DiffusersConfigKey}' (diffusers), which merge does not read yet; save that config as adapter_config.json beside the adapter");
+            }
             if (File.Exists(beside))
             {
                 try
@@ -85,7 +91,9 @@ internal sealed class LoadedAdapter
         };
     }
 
-    private static Dictionary<string, AdapterTensor> ReadTensors(string path)
+    private const string DiffusersConfigKey = "lora_adapter_metadata";
+
+    private static Dictionary<string, AdapterTensor> ReadTensors(string path, out IReadOnlyDictionary<string, string> metadata)
     {
         SafetensorsHeader header;
         try
@@ -102,6 +110,7 @@ internal sealed class LoadedAdapter
         }
         using (header)
         {
+            metadata = header.Metadata;
             var tensors = new Dictionary<string, AdapterTensor>(StringComparer.Ordinal);
             using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 1);
             foreach (var tensor in header.Tensors)

@@ -90,6 +90,18 @@ public sealed class MergeHostileInputTests : IDisposable
     }
 
     [Fact]
+    public void A_diffusers_adapter_whose_config_is_only_in_its_metadata_is_refused_not_merged_at_alpha_r()
+    {
+        const string module = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q";
+        var adapter = Write(Path.Combine(_dir, "pytorch_lora_weights.safetensors"),
+            [Random(_random, module + ".lora_A.weight", [2, 10]), Random(_random, module + ".lora_B.weight", [12, 2])],
+            metadata: new Dictionary<string, string> { ["lora_adapter_metadata"] = """{"r": 2, "lora_alpha": 8}""" });
+
+        var e = Refused(adapter);
+        Assert.Contains("carries its LoRA config in __metadata__ 'lora_adapter_metadata' (diffusers), which merge does not read yet", e.Message);
+    }
+
+    [Fact]
     public void A_merge_that_overflows_the_base_dtype_is_refused()
     {
         var up = Random(_random, KohyaToQ + ".lora_up.weight", [12, 2], 200);
