@@ -12,6 +12,7 @@ internal static class LoraDeployCli
         root.Subcommands.Add(WorkerCommand.Create());
         root.Subcommands.Add(TokenCommand.Create());
         root.Subcommands.Add(InspectCommand.Create());
+        root.Subcommands.Add(MergeCommand.Create());
         foreach (var command in ClientCommands.Create())
         {
             root.Subcommands.Add(command);

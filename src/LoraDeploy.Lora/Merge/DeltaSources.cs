@@ -1,0 +1,161 @@
+using System.Numerics;
+
+namespace LoraDeploy.Lora.Merge;
+
+/// <summary>
+/// A module's weight delta ΔW (before alpha/rank and strength), produced one output row at a time so that it is
+/// never materialised at the size of the base tensor. A row is ΔW[o, ·] flattened over the remaining dimensions
+/// (in·kh·kw), in the base tensor's row-major order. Products are summed in double.
+/// </summary>
+internal abstract class DeltaSource
+{
+    /// <summary>Output rows of ΔW (the base tensor's first dimension).</summary>
+    public required long Out { get; init; }
+
+    /// <summary>Elements per row: the product of the base tensor's other dimensions.</summary>
+    public required long Rest { get; init; }
+
+    /// <summary>The full shape when the factors determine it (e.g. a conv's kernel); null when only [out, rest] is known.</summary>
+    public long[]? FullShape { get; init; }
+
+    /// <summary>Whether <see cref="Row"/> may run on several threads at once.</summary>
+    public virtual bool IsThreadSafe => true;
+
+    /// <summary>Writes ΔW[o, ·] into <paramref name="row"/> (length <see cref="Rest"/>), overwriting it.</summary>
+    public abstract void Row(long o, Span<double> row);
+}
+
+/// <summary>
+/// ΔW = U·V with U [out, r] and V [r, rest]: LoRA/LoCon, and the Tucker forms once the core is folded into V.
+/// Factors read from the file stay float (a float product is exact in double); folded ones are double.
+/// </summary>
+internal sealed class LowRankDelta : DeltaSource
+{
+    /// <summary>row += u·v, widened to double: SIMD, with the same separate multiply and add as the scalar tail (no fused multiply-add), so every element is the same as in a plain loop.</summary>
+    private static void AddScaled(Span<double> row, double u, ReadOnlySpan<float> v)
+    {
+        var j = 0;
+        if (Vector.IsHardwareAccelerated)
+        {
+            var scale = new Vector<double>(u);
+            var width = Vector<float>.Count;
+            var half = Vector<double>.Count;
+            for (; j <= v.Length - width; j += width)
+            {
+                Vector.Widen(new Vector<float>(v[j..]), out var low, out var high);
+                (new Vector<double>(row[j..]) + scale * low).CopyTo(row[j..]);
+                (new Vector<double>(row[(j + half)..]) + scale * high).CopyTo(row[(j + half)..]);
+            }
+        }
+        for (; j < v.Length; j++)
+        {
+            row[j] += u * v[j];
+        }
+    }
+
+    private readonly float[]? _uFloat;
+    private readonly double[]? _uDouble;
+    private readonly float[]? _vFloat;
+    private readonly double[]? _vDouble;
+    private readonly int _rank;
+
+    public LowRankDelta(float[] u, float[] v, int rank) => (_uFloat, _vFloat, _rank) = (u, v, rank);
+
+    public LowRankDelta(double[] u, double[] v, int rank) => (_uDouble, _vDouble, _rank) = (u, v, rank);
+
+    public LowRankDelta(float[] u, double[] v, int rank) => (_uFloat, _vDouble, _rank) = (u, v, rank);
+
+    public override void Row(long o, Span<double> row)
+    {
+        row.Clear();
+        var rest = (int)Rest;
+        for (var m = 0; m < _rank; m++)
+        {
+            var index = o * _rank + m;
+            var u = _uFloat is null ? _uDouble![index] : _uFloat[index];
+            if (_vFloat is not null)
+            {
+                AddScaled(row, u, _vFloat.AsSpan(m * rest, rest));
+            }
+            else
+            {
+                var v = _vDouble.AsSpan(m * rest, rest);
+                for (var j = 0; j < rest; j++)
+                {
+                    row[j] += u * v[j];
+                }
+            }
+        }
+    }
+}
+
+/// <summary>LoHa: ΔW = (W1a·W1b) ⊙ (W2a·W2b).</summary>
+internal sealed class HadamardDelta(LowRankDelta first, LowRankDelta second) : DeltaSource
+{
+    // One row of the second product.
+    private double[]? _scratch;
+
+    public override bool IsThreadSafe => false;
+
+    public override void Row(long o, Span<double> row)
+    {
+        first.Row(o, row);
+        var other = (_scratch ??= new double[row.Length]).AsSpan(0, row.Length);
+        second.Row(o, other);
+        for (var j = 0; j < row.Length; j++)
+        {
+            row[j] *= other[j];
+        }
+    }
+}
+
+/// <summary>LoKr: ΔW = kron(W1 [a, c], W2 [b, d·kh·kw]) laid out as [a·b, c·d, kh, kw].</summary>
+internal sealed class KroneckerDelta : DeltaSource
+{
+    private readonly double[] _w1;
+    private readonly double[] _w2;
+    private readonly int _b;
+    private readonly int _c;
+    private readonly int _w2Row;
+
+    /// <param name="w1">[a, c] row-major.</param>
+    /// <param name="w2">[b, w2Row] row-major, w2Row = d·kh·kw.</param>
+    public KroneckerDelta(double[] w1, int c, double[] w2, int b, int w2Row)
+    {
+        _w1 = w1;
+        _w2 = w2;
+        _b = b;
+        _c = c;
+        _w2Row = w2Row;
+    }
+
+    public override void Row(long o, Span<double> row)
+    {
+        var p = (int)(o / _b);
+        var q = (int)(o % _b);
+        var w2 = _w2.AsSpan(q * _w2Row, _w2Row);
+        for (var s = 0; s < _c; s++)
+        {
+            var f = _w1[p * _c + s];
+            var target = row.Slice(s * _w2Row, _w2Row);
+            for (var t = 0; t < _w2Row; t++)
+            {
+                target[t] = f * w2[t];
+            }
+        }
+    }
+}
+
+/// <summary>A full difference tensor (LyCORIS "full" / <c>diff</c>).</summary>
+internal sealed class FullDelta(float[] diff) : DeltaSource
+{
+    public override void Row(long o, Span<double> row)
+    {
+        var rest = (int)Rest;
+        var source = diff.AsSpan((int)(o * rest), rest);
+        for (var j = 0; j < rest; j++)
+        {
+            row[j] = source[j];
+        }
+    }
+}

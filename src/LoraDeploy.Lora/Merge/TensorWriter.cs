@@ -1,0 +1,210 @@
+using Microsoft.Win32.SafeHandles;
+using LoraDeploy.Lora.Safetensors;
+
+namespace LoraDeploy.Lora.Merge;
+
+/// <summary>
+/// Writes output tensors one at a time: copies untouched ones byte for byte through a fixed buffer, and decodes,
+/// patches and re-encodes merged ones. Its buffers grow to the largest tensor merged and are reused.
+/// </summary>
+internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream output)
+{
+    // torch.finfo(torch.float32).eps, the ε LyCORIS and ComfyUI add to DoRA's norm.
+    private const double DoraEpsilon = 1.1920928955078125e-07;
+    private const int CopyBufferSize = 4 * 1024 * 1024;
+
+    private readonly byte[] _copyBuffer = new byte[CopyBufferSize];
+    private byte[] _raw = [];
+    private float[] _values = [];
+    private byte[] _encoded = [];
+    private double[] _row = [];
+
+    public void Copy(SafetensorsTensor tensor)
+    {
+        var position = dataOffset + tensor.DataStart;
+        var remaining = tensor.ByteLength;
+        while (remaining > 0)
+        {
+            var chunk = _copyBuffer.AsSpan(0, (int)Math.Min(remaining, _copyBuffer.Length));
+            ReadExactly(position, chunk, tensor.Name);
+            output.Write(chunk);
+            position += chunk.Length;
+            remaining -= chunk.Length;
+        }
+    }
+
+    /// <summary>Applies <paramref name="patches"/> in order (none: a dtype conversion only) and writes the tensor in its output dtype.</summary>
+    public void Merge(LoraMerger.LayoutEntry entry, IReadOnlyList<LoraMerger.TargetedPatch> patches)
+    {
+        var tensor = entry.Tensor;
+        var count = (int)tensor.ElementCount;
+        var raw = Grow(ref _raw, (int)tensor.ByteLength);
+        ReadExactly(dataOffset + tensor.DataStart, raw, tensor.Name);
+        var values = Grow(ref _values, count);
+        FloatCodec.Decode(raw, tensor.Dtype, values);
+
+        foreach (var patch in patches)
+        {
+            if (patch.IsBias)
+            {
+                var c = patch.Adapter.Strength * patch.Patch.Scale;
+                var bias = patch.Patch.BiasDelta!.Values;
+                var slice = values.Slice((int)patch.RowStart, bias.Length);
+                for (var i = 0; i < bias.Length; i++)
+                {
+                    slice[i] = (float)(slice[i] + c * bias[i]);
+                }
+            }
+            else
+            {
+                var rest = (int)patch.Patch.Delta.Rest;
+                var rows = (int)patch.Patch.Delta.Out;
+                ApplyWeight(_values, (int)patch.RowStart * rest, [rows, .. tensor.Shape[1..]], patch);
+            }
+        }
+
+        for (var i = 0; i < count; i++)
+        {
+            if (!float.IsFinite(values[i]))
+            {
+                var original = new float[1];
+                var size = raw.Length / Math.Max(count, 1);
+                FloatCodec.Decode(raw.Slice(i * size, size), tensor.Dtype, original);
+                if (float.IsFinite(original[0]))
+                {
+                    throw new LoraMergeException($"merging into '{tensor.Name}' gives {values[i]} at element {i} (base value {original[0]}); check the adapter strengths and that the adapter belongs to this base");
+                }
+            }
+        }
+
+        var encoded = Grow(ref _encoded, (int)entry.ByteLength);
+        var overflow = FloatCodec.Encode(values, entry.OutputDtype, encoded);
+        if (overflow >= 0)
+        {
+            throw new LoraMergeException($"merged tensor '{tensor.Name}' has {values[(int)overflow]} at element {overflow}, beyond the range of {entry.OutputDtype}");
+        }
+        output.Write(encoded);
+    }
+
+    /// <param name="buffer">The tensor's values.</param>
+    /// <param name="offset">Where the rows the patch covers start (0, or a fused tensor's slice).</param>
+    /// <param name="shape">The shape of those rows.</param>
+    private void ApplyWeight(float[] buffer, int offset, long[] shape, LoraMerger.TargetedPatch target)
+    {
+        var patch = target.Patch;
+        var delta = patch.Delta;
+        var strength = target.Adapter.Strength;
+        var rest = (int)delta.Rest;
+        var rows = (int)delta.Out;
+        var values = buffer.AsSpan(offset, rows * rest);
+        var row = Grow(ref _row, rest);
+
+        if (patch.Dora is not { } dora)
+        {
+            var c = strength * patch.Scale;
+            // Rows are independent and each is rounded on its own, so the result does not depend on the split.
+            if (delta.IsThreadSafe && rows >= 64 && Environment.ProcessorCount > 1)
+            {
+                Parallel.For(0, rows, () => new double[rest], (o, _, rowBuffer) =>
+                {
+                    delta.Row(o, rowBuffer);
+                    AddRow(buffer.AsSpan(offset + o * rest, rest), rowBuffer, c);
+                    return rowBuffer;
+                }, _ => { });
+                return;
+            }
+            for (var o = 0; o < rows; o++)
+            {
+                delta.Row(o, row);
+                AddRow(values.Slice(o * rest, rest), row, c);
+            }
+            return;
+        }
+
+        var magnitude = dora.Tensor.Values;
+        // PEFT folds the strength into the scaling and normalises the result; LyCORIS normalises W + scale·ΔW and
+        // blends the normalisation factor toward 1 by the strength.
+        var scale = dora.PeftConvention ? strength * patch.Scale : patch.Scale;
+        if (LoraMerger.DoraAxis(dora, shape) == true)
+        {
+            for (var o = 0; o < rows; o++)
+            {
+                delta.Row(o, row);
+                var w = values.Slice(o * rest, rest);
+                double squares = 0;
+                for (var j = 0; j < rest; j++)
+                {
+                    row[j] = w[j] + scale * row[j];
+                    squares += row[j] * row[j];
+                }
+                var norm = Math.Sqrt(squares);
+                var factor = dora.PeftConvention ? magnitude[o] / norm : 1 + strength * (magnitude[o] / (norm + DoraEpsilon) - 1);
+                for (var j = 0; j < rest; j++)
+                {
+                    w[j] = (float)(row[j] * factor);
+                }
+            }
+            return;
+        }
+
+        // Per input channel: the norm runs over the output rows and the kernel, so it needs a first pass.
+        var channels = (int)shape[1];
+        var kernel = rest / channels;
+        var columnSquares = new double[channels];
+        for (var o = 0; o < rows; o++)
+        {
+            delta.Row(o, row);
+            var w = values.Slice(o * rest, rest);
+            for (var j = 0; j < rest; j++)
+            {
+                var v = w[j] + scale * row[j];
+                columnSquares[j / kernel] += v * v;
+            }
+        }
+        var factors = new double[channels];
+        for (var i = 0; i < channels; i++)
+        {
+            factors[i] = 1 + strength * (magnitude[i] / (Math.Sqrt(columnSquares[i]) + DoraEpsilon) - 1);
+        }
+        for (var o = 0; o < rows; o++)
+        {
+            delta.Row(o, row);
+            var w = values.Slice(o * rest, rest);
+            for (var j = 0; j < rest; j++)
+            {
+                w[j] = (float)((w[j] + scale * row[j]) * factors[j / kernel]);
+            }
+        }
+    }
+
+    private static void AddRow(Span<float> weights, ReadOnlySpan<double> row, double coefficient)
+    {
+        for (var j = 0; j < weights.Length; j++)
+        {
+            weights[j] = (float)(weights[j] + coefficient * row[j]);
+        }
+    }
+
+    private void ReadExactly(long position, Span<byte> destination, string name)
+    {
+        while (destination.Length > 0)
+        {
+            var read = RandomAccess.Read(input, destination, position);
+            if (read == 0)
+            {
+                throw new LoraMergeException($"the base file ended while reading tensor '{name}' (was it changed during the merge?)");
+            }
+            destination = destination[read..];
+            position += read;
+        }
+    }
+
+    private static Span<T> Grow<T>(ref T[] buffer, int length)
+    {
+        if (buffer.Length < length)
+        {
+            buffer = new T[length];
+        }
+        return buffer.AsSpan(0, length);
+    }
+}

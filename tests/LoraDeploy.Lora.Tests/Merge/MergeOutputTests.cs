@@ -1,0 +1,199 @@
+using System.Buffers.Binary;
+using System.Security.Cryptography;
+using System.Text.Json;
+using LoraDeploy.Lora.Merge;
+using LoraDeploy.Lora.Tests.Support;
+using static LoraDeploy.Lora.Tests.Merge.MergeFixtures;
+
+namespace LoraDeploy.Lora.Tests.Merge;
+
+/// <summary>The merged file itself: dtypes and their rounding, byte-identical copies, layout, metadata and the merge record.</summary>
+public sealed class MergeOutputTests : IDisposable
+{
+    private const string Module = "lora_unet_input_blocks_4_1_proj_out";
+    private const string Weight = "model.diffusion_model.input_blocks.4.1.proj_out.weight";
+    private readonly string _dir = TempFiles.Directory();
+    private readonly Random _random = new(3);
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    [Theory]
+    [InlineData("F16")]
+    [InlineData("BF16")]
+    [InlineData("F32")]
+    public void A_half_precision_base_is_merged_in_f32_and_rounded_to_nearest_even(string dtype)
+    {
+        var weight = Representable(Random(_random, Weight, [64, 32]), dtype);
+        var untouched = Representable(Random(_random, "model.diffusion_model.out.0.weight", [7, 3]), dtype);
+        var positions = new TestTensor("cond_stage_model.transformer.text_model.embeddings.position_ids", [1, 5], [0, 1, 2, 3, 4]);
+        var basePath = new SafetensorsWriter()
+            .Tensor(weight.Name, dtype, weight.Shape, Encode(weight.Values, dtype))
+            .Tensor(positions.Name, "I64", positions.Shape, [.. positions.Values.SelectMany(v => BitConverter.GetBytes((long)v))])
+            .Tensor(untouched.Name, dtype, untouched.Shape, Encode(untouched.Values, dtype))
+            .WriteTo(Path.Combine(_dir, "base.safetensors"));
+        var down = Random(_random, Module + ".lora_down.weight", [8, 32]);
+        var up = Random(_random, Module + ".lora_up.weight", [64, 8]);
+        var adapter = Write(Path.Combine(_dir, "adapter.safetensors"), [down, up, Scalar(Module + ".alpha", 4)]);
+
+        var output = Path.Combine(_dir, "out.safetensors");
+        LoraMerger.Merge(basePath, [new MergeAdapter(adapter, 0.9)], output);
+
+        var merged = Read(output, out _);
+        Assert.Equal(dtype, merged[Weight].Dtype);
+        var exact = MergeExactnessTests.Add(weight, MergeExactnessTests.MatMul(up, down), 0.9 * 4 / 8);
+        // The library rounds once to F32, then to the dtype; the reference does the same from the exact F64 value.
+        var expected = exact.Select(v => RoundTo(dtype, (float)v)).ToArray();
+        Assert.Equal(expected, merged[Weight].Values);
+        Assert.Equal(Encode(untouched.Values, dtype), merged[untouched.Name].Bytes);
+        Assert.Equal("I64", merged[positions.Name].Dtype);
+        Assert.Equal(positions.Values.SelectMany(v => BitConverter.GetBytes((long)v)).ToArray(), merged[positions.Name].Bytes);
+    }
+
+    [Theory]
+    [InlineData(MergeDtype.F16, "F16")]
+    [InlineData(MergeDtype.BF16, "BF16")]
+    public void Output_dtype_converts_every_float_tensor(MergeDtype option, string dtype)
+    {
+        var weight = Random(_random, Weight, [16, 16], 100);
+        var other = Random(_random, "model.diffusion_model.out.0.weight", [5, 3], 1e-3);
+        var basePath = Write(Path.Combine(_dir, "base.safetensors"), [weight, other]);
+        var adapter = Write(Path.Combine(_dir, "adapter.safetensors"),
+            [Random(_random, Module + ".lora_down.weight", [2, 16]), Random(_random, Module + ".lora_up.weight", [16, 2])]);
+
+        var output = Path.Combine(_dir, "out.safetensors");
+        var result = LoraMerger.Merge(basePath, [new MergeAdapter(adapter)], output, new MergeOptions { OutputDtype = option });
+
+        var merged = Read(output, out _);
+        Assert.All(merged.Values, t => Assert.Equal(dtype, t.Dtype));
+        Assert.Equal(other.Values.Select(v => RoundTo(dtype, (float)v)).ToArray(), merged[other.Name].Values);
+        Assert.Equal(1, result.TensorsConverted);
+        Assert.Equal(new FileInfo(output).Length, result.BytesWritten);
+    }
+
+    [Fact]
+    public void Rounding_ties_go_to_even_and_overflow_is_refused()
+    {
+        // Values exactly halfway between two F16 / BF16 neighbours, and the largest finite values.
+        float[] values = [1 + 1f / 2048, 1 + 3f / 2048, -(1 + 1f / 2048), 65504f, 1 + 1f / 256, 1 + 3f / 256, 2049f, 2051f];
+        var f16 = new byte[values.Length * 2];
+        Assert.Equal(-1, FloatCodec.Encode(values, "F16", f16));
+        var halves = Enumerable.Range(0, values.Length).Select(i => (float)BinaryPrimitives.ReadHalfLittleEndian(f16.AsSpan(i * 2))).ToArray();
+        Assert.Equal([1f, 1 + 2f / 1024, -1f, 65504f, 1 + 1f / 256, 1 + 3f / 256, 2048f, 2052f], halves);
+        Assert.Equal(values.Select(v => RoundTo("F16", v)).ToArray(), halves.Select(h => (double)h).ToArray());
+
+        var bf16 = new byte[values.Length * 2];
+        Assert.Equal(-1, FloatCodec.Encode(values, "BF16", bf16));
+        var brains = Enumerable.Range(0, values.Length).Select(i => BitConverter.UInt32BitsToSingle((uint)BinaryPrimitives.ReadUInt16LittleEndian(bf16.AsSpan(i * 2)) << 16)).ToArray();
+        Assert.Equal(1f, brains[4]); // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: even is 1
+        Assert.Equal(1 + 2f / 128, brains[5]); // 1 + 3·2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: even is 1 + 2^-6
+        Assert.Equal(values.Select(v => RoundTo("BF16", v)).ToArray(), brains.Select(b => (double)b).ToArray());
+
+        Assert.Equal(1, FloatCodec.Encode([1f, 70000f], "F16", new byte[4]));
+        Assert.Equal(0, FloatCodec.Encode([float.MaxValue], "BF16", new byte[2]));
+        Assert.Equal(-1, FloatCodec.Encode([float.PositiveInfinity], "BF16", new byte[2]));
+    }
+
+    [Fact]
+    public void Metadata_is_kept_with_a_merge_record_and_stale_hashes_dropped()
+    {
+        var weight = Random(_random, Weight, [8, 8]);
+        var basePath = Write(Path.Combine(_dir, "base.safetensors"), [weight], metadata: new Dictionary<string, string>
+        {
+            ["modelspec.architecture"] = "stable-diffusion-xl-v1-base",
+            ["modelspec.hash_sha256"] = "0xabc",
+            ["loradeploy.merge"] = """[{"file":"earlier.safetensors","sha256":"00","strength":1,"modules":3}]""",
+        });
+        var adapter = Write(Path.Combine(_dir, "style.safetensors"),
+            [Random(_random, Module + ".lora_down.weight", [2, 8]), Random(_random, Module + ".lora_up.weight", [8, 2])]);
+
+        var output = Path.Combine(_dir, "out.safetensors");
+        var result = LoraMerger.Merge(basePath, [new MergeAdapter(adapter, 0.8)], output);
+
+        Read(output, out var metadata);
+        Assert.Equal("stable-diffusion-xl-v1-base", metadata["modelspec.architecture"]);
+        Assert.False(metadata.ContainsKey("modelspec.hash_sha256"));
+        using var record = JsonDocument.Parse(metadata[LoraMerger.MergeRecordKey]);
+        var entries = record.RootElement.EnumerateArray().ToList();
+        Assert.Equal(2, entries.Count);
+        Assert.Equal("earlier.safetensors", entries[0].GetProperty("file").GetString());
+        Assert.Equal("style.safetensors", entries[1].GetProperty("file").GetString());
+        Assert.Equal(Convert.ToHexStringLower(SHA256.HashData(File.ReadAllBytes(adapter))), entries[1].GetProperty("sha256").GetString());
+        Assert.Equal(0.8, entries[1].GetProperty("strength").GetDouble());
+        Assert.Equal(1, entries[1].GetProperty("modules").GetInt32());
+        Assert.Equal(entries[1].GetProperty("sha256").GetString(), result.Adapters[0].Sha256);
+    }
+
+    [Fact]
+    public void The_header_is_space_padded_to_8_bytes_and_no_part_file_remains()
+    {
+        var basePath = Write(Path.Combine(_dir, "base.safetensors"), [Random(_random, Weight, [3, 3]), Random(_random, "x.bias", [3])]);
+        var adapter = Write(Path.Combine(_dir, "adapter.safetensors"),
+            [Random(_random, Module + ".lora_down.weight", [1, 3]), Random(_random, Module + ".lora_up.weight", [3, 1])]);
+        var output = Path.Combine(_dir, "out.safetensors");
+        var progress = new List<MergeProgress>();
+
+        LoraMerger.Merge(basePath, [new MergeAdapter(adapter)], output, new MergeOptions { Progress = new SynchronousProgress(progress.Add) });
+
+        var bytes = File.ReadAllBytes(output);
+        var headerLength = (long)BinaryPrimitives.ReadUInt64LittleEndian(bytes);
+        Assert.Equal(0, headerLength % 8);
+        Assert.Equal((byte)'{', bytes[8]);
+        Assert.Equal("}", System.Text.Encoding.UTF8.GetString(bytes, 8, (int)headerLength).TrimEnd(' ')[^1..]);
+        Assert.False(File.Exists(output + ".part"));
+        Assert.Equal([1, 2], progress.Select(p => p.TensorsDone));
+        Assert.Equal(bytes.Length, progress[^1].BytesDone);
+    }
+
+    /// <summary>The value of <paramref name="value"/> in <paramref name="dtype"/>, rounded to nearest even by searching the neighbours (independent of the codec).</summary>
+    private static double RoundTo(string dtype, float value)
+    {
+        if (dtype == "F32")
+        {
+            return value;
+        }
+        // Enumerate the positive encodings (monotonic in their bits) and pick the nearest; on a tie, the even one.
+        Func<int, double> decode = dtype == "F16"
+            ? bits => (double)BitConverter.UInt16BitsToHalf((ushort)bits)
+            : bits => BitConverter.UInt32BitsToSingle((uint)bits << 16);
+        var magnitude = Math.Abs((double)value);
+        var largest = dtype == "F16" ? 0x7BFF : 0x7F7F;
+        int low = 0, high = largest;
+        while (low < high)
+        {
+            var mid = (low + high + 1) / 2;
+            if (decode(mid) <= magnitude)
+            {
+                low = mid;
+            }
+            else
+            {
+                high = mid - 1;
+            }
+        }
+        var below = decode(low);
+        var above = low + 1 <= largest ? decode(low + 1) : double.PositiveInfinity;
+        double chosen;
+        if (below == magnitude)
+        {
+            chosen = below;
+        }
+        else if (double.IsPositiveInfinity(above))
+        {
+            // Past the largest finite value: rounds to infinity beyond half an ulp.
+            var ulp = below - decode(low - 1);
+            chosen = magnitude >= below + ulp / 2 ? double.PositiveInfinity : below;
+        }
+        else
+        {
+            var toBelow = magnitude - below;
+            var toAbove = above - magnitude;
+            chosen = toBelow < toAbove ? below : toAbove < toBelow ? above : (low % 2 == 0 ? below : above);
+        }
+        return value < 0 ? -chosen : chosen;
+    }
+
+    private sealed class SynchronousProgress(Action<MergeProgress> report) : IProgress<MergeProgress>
+    {
+        public void Report(MergeProgress value) => report(value);
+    }
+}
