@@ -248,7 +248,7 @@ public sealed class ComfyUiClient(Uri baseUrl, HttpMessageInvoker invoker, TimeP
                 try
                 {
                     // A silence is not an error by itself (the job may wait behind others): ask the queue, keep the socket.
-                    while (await Task.WhenAny(receive, Task.Delay(stall, time, ct)) != receive)
+                    while (!await ArrivesWithinAsync(receive, stall, ct))
                     {
                         await StalledAsync(promptId, stall, ct);
                     }
@@ -291,6 +291,17 @@ public sealed class ComfyUiClient(Uri baseUrl, HttpMessageInvoker invoker, TimeP
         }
 
         static string Text(JsonNode? node) => node is JsonValue value && value.TryGetValue<string>(out var s) ? s : "?";
+    }
+
+    /// <summary>Whether <paramref name="receive"/> completes within <paramref name="wait"/>; the timer is cancelled when it does (one per message).</summary>
+    private async Task<bool> ArrivesWithinAsync(Task receive, TimeSpan wait, CancellationToken ct)
+    {
+        using var timer = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        var delay = Task.Delay(wait, time, timer.Token);
+        var first = await Task.WhenAny(receive, delay);
+        await timer.CancelAsync();
+        ct.ThrowIfCancellationRequested();
+        return first == receive;
     }
 
     /// <summary>After a silence: returns when the job is still waiting behind others; throws when it runs without progress, is gone, or ComfyUI does not answer.</summary>
