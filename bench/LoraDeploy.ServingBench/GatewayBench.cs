@@ -1,7 +1,9 @@
+using System.Diagnostics;
 using System.Net.Http.Headers;
 using System.Text;
 using LoraDeploy.Lora.Tests.Support;
 using LoraDeploy.Workers;
+using Microsoft.Extensions.Options;
 
 namespace LoraDeploy.ServingBench;
 
@@ -12,11 +14,20 @@ namespace LoraDeploy.ServingBench;
 /// </summary>
 public static class GatewayBench
 {
-    public static async Task RunAsync(int rounds, TimeSpan duration, int connections, int workerSlots)
+    /// <param name="snapshotMs">
+    /// When above 0, each round also measures the gateway with <c>Workers:RouterSnapshotMilliseconds</c> set to this
+    /// (flipped on the running server's options), side by side with the plain read per request.
+    /// </param>
+    /// <param name="workerCpu">
+    /// When 0 or more, the worker is a separate <c>loradeploy worker</c> process pinned to that CPU with <c>taskset</c>,
+    /// the way a worker has its own machine; run the bench itself under <c>taskset -c</c> on the other CPU(s).
+    /// </param>
+    public static async Task RunAsync(int rounds, TimeSpan duration, int connections, int workerSlots, int snapshotMs, int workerCpu)
     {
         var model = new TinyLlama().Generate();
         Directory.CreateDirectory(BenchPaths.Scratch);
         var gguf = model.WriteGguf(Path.Combine(BenchPaths.Scratch, $"gateway-tiny-{Environment.ProcessId}.gguf"));
+        Process? workerProcess = null;
         try
         {
             await using var h = await Harness.StartAsync(Harness.LlamaPool(gguf), new Dictionary<string, string?>
@@ -24,10 +35,22 @@ public static class GatewayBench
                 // 64 connections must not be refused by the per-pool limit.
                 ["Workers:MaxOutstandingPerPool"] = "1000",
             }, withHub: false);
-            var worker = await h.StartWorkerAsync("bench-worker", slots: workerSlots);
+            var workersOptions = h.Server.Services.GetRequiredService<IOptions<WorkersOptions>>().Value;
+            string workerUrl, callKey;
+            if (workerCpu >= 0)
+            {
+                (workerProcess, workerUrl, callKey) = await h.StartWorkerProcessAsync("bench-worker", workerSlots, workerCpu);
+                Stats.Note($"worker: separate process pinned to CPU {workerCpu}; this process (server + load) sees {Environment.ProcessorCount} CPU(s)");
+            }
+            else
+            {
+                var worker = await h.StartWorkerAsync("bench-worker", slots: workerSlots);
+                (workerUrl, callKey) = (worker.Url, worker.CallKey);
+                Stats.Note("worker: in this process (server, worker and load share every CPU)");
+            }
             var (_, user) = await h.CreateUserAsync("bench", connections);
-            using var direct = new HttpClient(Harness.LoadHandler(connections)) { BaseAddress = new Uri(worker.Url), Timeout = TimeSpan.FromSeconds(120) };
-            direct.DefaultRequestHeaders.Authorization = new AuthenticationHeaderValue("Bearer", worker.CallKey);
+            using var direct = new HttpClient(Harness.LoadHandler(connections)) { BaseAddress = new Uri(workerUrl), Timeout = TimeSpan.FromSeconds(120) };
+            direct.DefaultRequestHeaders.Authorization = new AuthenticationHeaderValue("Bearer", callKey);
 
             var body = Encoding.UTF8.GetBytes($$"""{"model":"{{Harness.Pool}}","prompt":"hello world","max_tokens":1,"temperature":0}""");
             Task<HttpResponseMessage> Direct(int _)
@@ -42,6 +65,11 @@ public static class GatewayBench
             // What the gateway spends before routing: authentication, body, model lookup (an unknown model: 404).
             var unknown = Encoding.UTF8.GetBytes("""{"model":"nobody/nothing","prompt":"hello world","max_tokens":1,"temperature":0}""");
             Task<HttpResponseMessage> Lookup(int _) => user.PostAsync("/v1/completions", Json(unknown));
+            async Task<RunResult> GatewayWith(string name, int snapshot, int conns, TimeSpan time)
+            {
+                workersOptions.RouterSnapshotMilliseconds = snapshot;
+                return await Load.ClosedLoopAsync(name, conns, time, Gateway);
+            }
 
             // Both answer the same thing (checked once), then warm up: connections, JIT tiers, the token cache.
             using (var a = await Direct(0))
@@ -56,67 +84,90 @@ public static class GatewayBench
                 Stats.Note($"gateway answer: {tb}");
             }
             await Load.ClosedLoopAsync("warm-direct", connections, TimeSpan.FromSeconds(5), Direct);
-            await Load.ClosedLoopAsync("warm-gateway", connections, TimeSpan.FromSeconds(5), Gateway);
+            await GatewayWith("warm-gateway", 0, connections, TimeSpan.FromSeconds(5));
+            if (snapshotMs > 0)
+            {
+                await GatewayWith("warm-snapshot", snapshotMs, connections, TimeSpan.FromSeconds(3));
+            }
 
-            var results = new List<(RunResult Direct, RunResult Gateway)>();
+            var results = new List<(RunResult Direct, RunResult Gateway, RunResult? Snapshot)>();
             var lookups = new List<(int Answers, RunResult Run)>();
-            var single = new List<(RunResult Direct, RunResult Gateway)>();
+            var single = new List<(RunResult Direct, RunResult Gateway, RunResult? Snapshot)>();
             for (var round = 1; round <= rounds; round++)
             {
-                RunResult d, g;
-                // Alternate which goes first, so a slow minute does not always hit the same side.
-                if (round % 2 == 1)
+                // Rotate which side goes first, so a slow minute does not always hit the same one.
+                var sides = new List<Func<Task<RunResult>>>
                 {
-                    d = await Load.ClosedLoopAsync("direct", connections, duration, Direct);
-                    g = await Load.ClosedLoopAsync("gateway", connections, duration, Gateway);
-                }
-                else
+                    () => Load.ClosedLoopAsync("direct", connections, duration, Direct),
+                    () => GatewayWith("gateway", 0, connections, duration),
+                };
+                if (snapshotMs > 0)
                 {
-                    g = await Load.ClosedLoopAsync("gateway", connections, duration, Gateway);
-                    d = await Load.ClosedLoopAsync("direct", connections, duration, Direct);
+                    sides.Add(() => GatewayWith("gateway-snapshot", snapshotMs, connections, duration));
                 }
-                results.Add((d, g));
+                var measured = new RunResult[sides.Count];
+                for (var k = 0; k < sides.Count; k++)
+                {
+                    var side = (k + round - 1) % sides.Count;
+                    measured[side] = await sides[side]();
+                }
+                var (d, g, sn) = (measured[0], measured[1], snapshotMs > 0 ? measured[2] : null);
+                results.Add((d, g, sn));
                 // Counted as errors by the loop (404 is the point): its rate is answers ÷ time.
                 var l = await Load.ClosedLoopAsync("lookup-404", connections, duration, Lookup);
                 lookups.Add((l.Errors, l));
                 // One connection: no queue anywhere, so the difference of latencies is what the gateway adds per request.
                 var d1 = await Load.ClosedLoopAsync("direct-1", 1, duration / 2, Direct);
-                var g1 = await Load.ClosedLoopAsync("gateway-1", 1, duration / 2, Gateway);
-                single.Add((d1, g1));
+                var g1 = await GatewayWith("gateway-1", 0, 1, duration / 2);
+                var s1 = snapshotMs > 0 ? await GatewayWith("snapshot-1", snapshotMs, 1, duration / 2) : null;
+                single.Add((d1, g1, s1));
                 Console.WriteLine($"round {round}: direct {Stats.F(d.Throughput, 0)} req/s p50 {Stats.F(d.P50)} p99 {Stats.F(d.P99)} ms ({d.Errors} errors) | " +
-                    $"gateway {Stats.F(g.Throughput, 0)} req/s p50 {Stats.F(g.P50)} p99 {Stats.F(g.P99)} ms ({g.Errors} errors){FirstError(d, g)}");
+                    $"gateway {Stats.F(g.Throughput, 0)} req/s p50 {Stats.F(g.P50)} p99 {Stats.F(g.P99)} ms ({g.Errors} errors)" +
+                    (sn is null ? "" : $" | snapshot {Stats.F(sn.Throughput, 0)} req/s p50 {Stats.F(sn.P50)} p99 {Stats.F(sn.P99)} ms ({sn.Errors} errors)") +
+                    FirstError(d, g, sn));
             }
+            workersOptions.RouterSnapshotMilliseconds = 0;
 
-            Stats.Table($"Gateway overhead, {connections} connections, Worker:Slots={workerSlots}, {rounds} rounds of {duration.TotalSeconds:F0} s each",
-                ["round", "direct req/s", "direct p50 / p99 ms", "gateway req/s", "gateway p50 / p99 ms", "gateway adds at p50 (ms)", "throughput × direct"],
-                results.Select((r, i) => (IReadOnlyList<string>)
-                [
-                    (i + 1).ToString(System.Globalization.CultureInfo.InvariantCulture),
-                    Stats.F(r.Direct.Throughput, 0), $"{Stats.F(r.Direct.P50)} / {Stats.F(r.Direct.P99)}",
-                    Stats.F(r.Gateway.Throughput, 0), $"{Stats.F(r.Gateway.P50)} / {Stats.F(r.Gateway.P99)}",
-                    Stats.F(r.Gateway.P50 - r.Direct.P50), Stats.F(r.Gateway.Throughput / r.Direct.Throughput),
-                ]));
-            var added = results.Select(r => r.Gateway.P50 - r.Direct.P50).ToList();
-            var ratio = results.Select(r => r.Gateway.Throughput / r.Direct.Throughput).ToList();
-            Stats.Note($"gateway adds at p50: median {Stats.Spread(added)} ms (target ≤ 1 ms: {Verdict(Stats.Median(added))})");
-            Stats.Note($"gateway throughput ÷ direct: median {Stats.Spread(ratio)} (target ≥ 0.8: {(Stats.Median(ratio) >= 0.8 ? "met" : "NOT met")})");
-            Stats.Table($"One connection, {rounds} rounds of {duration.TotalSeconds / 2:F0} s each (what the gateway adds to one request)",
-                ["round", "direct req/s", "direct p50 / p99 ms", "gateway req/s", "gateway p50 / p99 ms", "gateway adds at p50 (ms)"],
-                single.Select((r, i) => (IReadOnlyList<string>)
-                [
-                    (i + 1).ToString(System.Globalization.CultureInfo.InvariantCulture),
-                    Stats.F(r.Direct.Throughput, 0), $"{Stats.F(r.Direct.P50, 3)} / {Stats.F(r.Direct.P99, 3)}",
-                    Stats.F(r.Gateway.Throughput, 0), $"{Stats.F(r.Gateway.P50, 3)} / {Stats.F(r.Gateway.P99, 3)}",
-                    Stats.F(r.Gateway.P50 - r.Direct.P50, 3),
-                ]));
-            var addedSingle = single.Select(r => r.Gateway.P50 - r.Direct.P50).ToList();
-            Stats.Note($"one connection: gateway adds at p50 median {Stats.Spread(addedSingle, 3)} ms (target ≤ 1 ms: {Verdict(Stats.Median(addedSingle))})");
+            var variants = new List<(string Name, Func<(RunResult Direct, RunResult Gateway, RunResult? Snapshot), RunResult> Pick)> { ("gateway", r => r.Gateway) };
+            if (snapshotMs > 0)
+            {
+                variants.Add(($"gateway, workers read shared for {snapshotMs} ms", r => r.Snapshot!));
+            }
+            foreach (var (name, pick) in variants)
+            {
+                Stats.Table($"{name} vs direct, {connections} connections, Worker:Slots={workerSlots}, {rounds} rounds of {duration.TotalSeconds:F0} s each",
+                    ["round", "direct req/s", "direct p50 / p99 ms", "gateway req/s", "gateway p50 / p99 ms", "gateway adds at p50 (ms)", "throughput × direct"],
+                    results.Select((r, i) => (IReadOnlyList<string>)
+                    [
+                        (i + 1).ToString(System.Globalization.CultureInfo.InvariantCulture),
+                        Stats.F(r.Direct.Throughput, 0), $"{Stats.F(r.Direct.P50)} / {Stats.F(r.Direct.P99)}",
+                        Stats.F(pick(r).Throughput, 0), $"{Stats.F(pick(r).P50)} / {Stats.F(pick(r).P99)}",
+                        Stats.F(pick(r).P50 - r.Direct.P50), Stats.F(pick(r).Throughput / r.Direct.Throughput),
+                    ]));
+                var added = results.Select(r => pick(r).P50 - r.Direct.P50).ToList();
+                var ratio = results.Select(r => pick(r).Throughput / r.Direct.Throughput).ToList();
+                Stats.Note($"{name} adds at p50: median {Stats.Spread(added)} ms (target ≤ 1 ms: {Verdict(Stats.Median(added))})");
+                Stats.Note($"{name} throughput ÷ direct: median {Stats.Spread(ratio)} (target ≥ 0.8: {(Stats.Median(ratio) >= 0.8 ? "met" : "NOT met")})");
+                var addedSingle = single.Select(r => pick(r).P50 - r.Direct.P50).ToList();
+                Stats.Note($"{name}, one connection: adds at p50 median {Stats.Spread(addedSingle, 3)} ms (target ≤ 1 ms: {Verdict(Stats.Median(addedSingle))}); " +
+                    $"req/s direct {Stats.Spread(single.Select(r => r.Direct.Throughput).ToList(), 0)}, via gateway {Stats.Spread(single.Select(r => pick(r).Throughput).ToList(), 0)}");
+            }
+            if (snapshotMs > 0)
+            {
+                var gain = results.Select(r => r.Snapshot!.Throughput / r.Gateway.Throughput).ToList();
+                Stats.Note($"snapshot ÷ plain gateway throughput, per round: {Stats.Spread(gain)}");
+            }
             Stats.Note($"unknown model → 404 through the gateway (auth, body, model lookup; no routing, no worker): " +
                 $"{Stats.Spread(lookups.Select(l => l.Answers / (duration.TotalSeconds)).ToList(), 0)} answers/s per round");
-            Stats.Note($"errors: direct {results.Sum(r => r.Direct.Errors)}, gateway {results.Sum(r => r.Gateway.Errors)}");
+            Stats.Note($"errors: direct {results.Sum(r => r.Direct.Errors)}, gateway {results.Sum(r => r.Gateway.Errors)}, snapshot {results.Sum(r => r.Snapshot?.Errors ?? 0)}");
         }
         finally
         {
+            if (workerProcess is { HasExited: false })
+            {
+                workerProcess.Kill(entireProcessTree: true);
+                await workerProcess.WaitForExitAsync();
+            }
             File.Delete(gguf);
         }
     }
@@ -127,7 +178,7 @@ public static class GatewayBench
     /// </summary>
     private static string Verdict(double addedMs) => addedMs < 0 ? "not comparable: the gateway queues in front of the worker, see p99" : addedMs <= 1 ? "met" : "NOT met";
 
-    private static string FirstError(RunResult d, RunResult g) => (g.FirstError ?? d.FirstError) is { } e ? " first error: " + e : "";
+    private static string FirstError(RunResult d, RunResult g, RunResult? sn) => (g.FirstError ?? sn?.FirstError ?? d.FirstError) is { } e ? " first error: " + e : "";
 
     private static ByteArrayContent Json(byte[] body) => new(body) { Headers = { ContentType = new MediaTypeHeaderValue("application/json") } };
 }

@@ -157,6 +157,51 @@ public sealed class Harness : IAsyncDisposable
         return new WorkerHandle(id, app.Urls.First(), runtime.CallKey, counting);
     }
 
+    /// <summary>
+    /// Starts <c>loradeploy worker</c> as its own process pinned to <paramref name="cpu"/> (<c>taskset -c</c>), registered
+    /// with this server; waits until the server sees it and returns its URL and call key (read from its worker row).
+    /// </summary>
+    public async Task<(System.Diagnostics.Process Process, string Url, string CallKey)> StartWorkerProcessAsync(string id, int slots, int cpu)
+    {
+        var token = await QueryAsync(db => WorkerTokens.CreateAsync(db, id, DateTime.UtcNow, CancellationToken.None));
+        var dataDir = Path.Combine(Dir, id);
+        Directory.CreateDirectory(dataDir);
+        var start = new System.Diagnostics.ProcessStartInfo("taskset") { UseShellExecute = false, WorkingDirectory = dataDir };
+        string[] command = ["-c", cpu.ToString(System.Globalization.CultureInfo.InvariantCulture), "dotnet",
+            Path.Combine(AppContext.BaseDirectory, "loradeploy.dll"), "worker", "--server", BaseUrl.ToString().TrimEnd('/'), "--token", token,
+            "--urls", $"http://127.0.0.1:{FreePort()}", "--data-dir", dataDir];
+        foreach (var arg in command)
+        {
+            start.ArgumentList.Add(arg);
+        }
+        var settings = new Dictionary<string, string?>(_poolSettings, StringComparer.OrdinalIgnoreCase)
+        {
+            [$"{WorkerOptions.Section}:Id"] = id,
+            [$"{WorkerOptions.Section}:Slots"] = slots.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["Logging:LogLevel:Default"] = Verbose ? "Information" : "Warning",
+        };
+        foreach (var (key, value) in settings)
+        {
+            start.ArgumentList.Add($"--{key}={value}");
+        }
+        start.Environment["DOTNET_NOLOGO"] = "1";
+        var process = System.Diagnostics.Process.Start(start) ?? throw new InvalidOperationException("taskset did not start");
+        var deadline = DateTime.UtcNow.AddSeconds(60);
+        while (true)
+        {
+            var row = await QueryAsync(db => db.Workers.Where(w => w.Id == id).Select(w => new { w.Url, w.CallKey }).FirstOrDefaultAsync());
+            if (row is not null)
+            {
+                return (process, row.Url, row.CallKey);
+            }
+            if (process.HasExited || DateTime.UtcNow > deadline)
+            {
+                throw new TimeoutException($"worker process {id} never registered (exited: {process.HasExited})");
+            }
+            await Task.Delay(50);
+        }
+    }
+
     /// <summary><c>POST /lora-model</c> of a simulated Hub repo; returns the deploy id.</summary>
     public static async Task<string> CreateLoraModelAsync(HttpClient user, string repo, string name)
     {

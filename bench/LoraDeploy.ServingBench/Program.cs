@@ -14,7 +14,8 @@ Console.WriteLine($"# {DateTime.UtcNow:yyyy-MM-dd HH:mm:ss} UTC, {Environment.Pr
 switch (command)
 {
     case "gateway":
-        await GatewayBench.RunAsync(rounds: Arg("rounds", 5), duration: TimeSpan.FromSeconds(Arg("seconds", 6)), connections: Arg("connections", 64), workerSlots: Arg("slots", 4));
+        await GatewayBench.RunAsync(rounds: Arg("rounds", 5), duration: TimeSpan.FromSeconds(Arg("seconds", 6)), connections: Arg("connections", 64), workerSlots: Arg("slots", 4),
+            snapshotMs: Arg("snapshot-ms", 250), workerCpu: Arg("worker-cpu", -1));
         break;
     case "affinity":
         await AffinityBench.RunAsync(rounds: Arg("rounds", 3), requests: Arg("requests", 600), concurrency: Arg("concurrency", 8),

@@ -51,6 +51,7 @@ public sealed class InferenceRouter(
     private static readonly TimeSpan HolderPoll = TimeSpan.FromMilliseconds(25);
     private readonly ConcurrentDictionary<string, int> _outstanding = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<string, int> _inFlight = new(StringComparer.Ordinal);
+    private volatile WorkersSnapshot? _snapshot;
 
     public int Outstanding(string pool) => _outstanding.GetValueOrDefault(pool);
 
@@ -116,18 +117,40 @@ public sealed class InferenceRouter(
 
     private async Task<List<RoutedWorker>> LiveWorkersAsync(string pool, CancellationToken ct)
     {
-        var alive = time.GetUtcNow().UtcDateTime - TimeSpan.FromSeconds(options.Value.TimeoutSeconds);
+        var now = time.GetUtcNow();
+        var reuseFor = TimeSpan.FromMilliseconds(options.Value.RouterSnapshotMilliseconds);
+        if (_snapshot is { } kept && now - kept.ReadAt < reuseFor && Of(kept) is { Count: > 0 } fromSnapshot)
+        {
+            return fromSnapshot;
+        }
+        // No worker of the pool in the kept read is worth a fresh look: one may have registered since.
+        var snapshot = new WorkersSnapshot(now, await ReadLiveWorkersAsync(now, ct));
+        _snapshot = snapshot;
+        return Of(snapshot);
+
+        List<RoutedWorker> Of(WorkersSnapshot s) => s.Workers.Where(w => w.Pools.Contains(pool)).Select(w => w.Worker).ToList();
+    }
+
+    /// <summary>A worker registered, left or changed what it holds through this replica: the next request reads the table again.</summary>
+    public void Forget() => _snapshot = null;
+
+    private async Task<List<(IReadOnlyList<string> Pools, RoutedWorker Worker)>> ReadLiveWorkersAsync(DateTimeOffset now, CancellationToken ct)
+    {
+        var alive = now.UtcDateTime - TimeSpan.FromSeconds(options.Value.TimeoutSeconds);
         await using var db = await contexts.CreateDbContextAsync(ct);
         var rows = await db.Workers
             .Where(w => w.LastHeartbeatAt >= alive)
             .Select(w => new { w.Id, w.Url, w.CallKey, w.Slots, w.PoolsJson, w.ResidentJson })
             .ToListAsync(ct);
         return rows
-            .Where(w => (JsonSerializer.Deserialize(w.PoolsJson, ApiJson.Context.ListString) ?? []).Contains(pool))
-            .Select(w => new RoutedWorker(w.Id, w.Url, w.CallKey, Math.Max(1, w.Slots),
-                (JsonSerializer.Deserialize(w.ResidentJson, ApiJson.Context.ListString) ?? []).ToHashSet(StringComparer.Ordinal)))
+            .Select(w => ((IReadOnlyList<string>)(JsonSerializer.Deserialize(w.PoolsJson, ApiJson.Context.ListString) ?? []),
+                new RoutedWorker(w.Id, w.Url, w.CallKey, Math.Max(1, w.Slots),
+                    (JsonSerializer.Deserialize(w.ResidentJson, ApiJson.Context.ListString) ?? []).ToHashSet(StringComparer.Ordinal))))
             .ToList();
     }
+
+    /// <summary>One read of the live workers, kept for <see cref="WorkersOptions.RouterSnapshotMilliseconds"/>.</summary>
+    private sealed record WorkersSnapshot(DateTimeOffset ReadAt, List<(IReadOnlyList<string> Pools, RoutedWorker Worker)> Workers);
 
     private static void Release(ConcurrentDictionary<string, int> counts, string key) => counts.AddOrUpdate(key, 0, (_, n) => Math.Max(0, n - 1));
 }

@@ -52,6 +52,13 @@ public sealed class WorkersOptions
     [RegularExpression("^(affinity|random)$")]
     public string Routing { get; set; } = "affinity";
 
+    /// <summary>
+    /// How long the router reuses one read of the workers table (0: a read per request). Heartbeats change it about once
+    /// a second, so a read shared for a fraction of that costs routing nothing it would notice.
+    /// </summary>
+    [Range(0, 2_000)]
+    public int RouterSnapshotMilliseconds { get; set; } = 250;
+
     /// <summary>Largest inference request body (bytes); larger ones are answered 413.</summary>
     [Range(1024, 64 * 1024 * 1024)]
     public int MaxRequestBytes { get; set; } = 1024 * 1024;
@@ -101,7 +108,8 @@ public static partial class WorkerEndpoints
     internal static partial Regex Sha256Hex();
 
     internal static async Task<Results<Ok<WorkerRegistered>, JsonHttpResult<HTTPValidationError>, JsonHttpResult<DeepError>>> Register(
-        HttpContext http, LoraDeployDbContext db, BaseModelRegistry registry, IOptions<WorkersOptions> options, Placement placement, TimeProvider time, CancellationToken ct)
+        HttpContext http, LoraDeployDbContext db, BaseModelRegistry registry, IOptions<WorkersOptions> options, Placement placement, Inference.InferenceRouter router,
+        TimeProvider time, CancellationToken ct)
     {
         var (registration, invalid, tooLarge) = await ReadAsync(http, WorkerJsonContext.Default.WorkerRegistration, ct);
         if (registration is null)
@@ -187,12 +195,14 @@ public static partial class WorkerEndpoints
         existing.ResidentJson = "[]";
         existing.LastHeartbeatAt = now;
         await db.SaveChangesAsync(ct);
+        router.Forget();
         placement.Wake(); // deploys waiting for a worker of these pools can be placed now
         return TypedResults.Ok(new WorkerRegistered(existing.Id, options.Value.HeartbeatSeconds));
     }
 
     internal static async Task<Results<Ok<WorkerAssignments>, NotFound<DeepError>, JsonHttpResult<HTTPValidationError>, JsonHttpResult<DeepError>>> Heartbeat(
-        string id, HttpContext http, LoraDeployDbContext db, Inference.InferenceMetrics metrics, Placement placement, TimeProvider time, CancellationToken ct)
+        string id, HttpContext http, LoraDeployDbContext db, Inference.InferenceMetrics metrics, Placement placement,
+        Inference.InferenceRouter router, TimeProvider time, CancellationToken ct)
     {
         var (heartbeat, invalid, tooLarge) = await ReadAsync(http, WorkerJsonContext.Default.WorkerHeartbeat, ct);
         if (heartbeat is null)
@@ -243,12 +253,17 @@ public static partial class WorkerEndpoints
         {
             metrics.AdapterUnloaded(gone[..Math.Max(0, gone.LastIndexOf('|'))]);
         }
+        var readyJson = JsonSerializer.Serialize(ready, ApiJson.Context.ListString);
         var updated = await db.Workers.Where(w => w.Id == id && w.Name == name)
             .ExecuteUpdateAsync(set => set
                 .SetProperty(w => w.LastHeartbeatAt, now)
                 .SetProperty(w => w.QueueDepth, heartbeat.QueueDepth)
                 .SetProperty(w => w.BusySlots, heartbeat.BusySlots)
-                .SetProperty(w => w.ResidentJson, JsonSerializer.Serialize(ready, ApiJson.Context.ListString)), ct);
+                .SetProperty(w => w.ResidentJson, readyJson), ct);
+        if (before != readyJson)
+        {
+            router.Forget(); // what it holds changed: requests for those adapters should find it at once
+        }
         if (updated == 0)
         {
             // Forgotten (it missed heartbeats) or never registered: the worker registers again.
@@ -306,7 +321,8 @@ public static partial class WorkerEndpoints
     }
 
     /// <summary>A worker stopping on purpose: forgotten now (its instances with it), so placement moves its deploys at once.</summary>
-    internal static async Task<Results<NoContent, NotFound<DeepError>>> Leave(string id, HttpContext http, LoraDeployDbContext db, Placement placement, CancellationToken ct)
+    internal static async Task<Results<NoContent, NotFound<DeepError>>> Leave(string id, HttpContext http, LoraDeployDbContext db, Placement placement,
+        Inference.InferenceRouter router, CancellationToken ct)
     {
         var name = http.User.FindFirstValue(ClaimTypes.Name)!;
         var removed = await db.Workers.Where(w => w.Id == id && w.Name == name).ExecuteDeleteAsync(ct);
@@ -314,6 +330,7 @@ public static partial class WorkerEndpoints
         {
             return TypedResults.NotFound(new DeepError($"Worker '{id}' is not registered."));
         }
+        router.Forget();
         placement.Wake();
         return TypedResults.NoContent();
     }
