@@ -116,14 +116,17 @@ public sealed partial class Placement(
             .Select(w => (w.Id, Pools: JsonSerializer.Deserialize(w.PoolsJson, ApiJson.Context.ListString) ?? [],
                 Resident: JsonSerializer.Deserialize(w.ResidentJson, ApiJson.Context.ListString) ?? []))
             .ToList();
-        var instances = await db.Instances.Select(i => new { i.Id, i.DeployId, i.WorkerId, i.State, i.FailReason, i.Since }).ToListAsync(ct);
+        var instances = await db.Instances.Select(i => new { i.Id, i.DeployId, i.WorkerId, i.AdapterSha256, i.State, i.FailReason, i.Since }).ToListAsync(ct);
         var perWorker = instances.GroupBy(i => i.WorkerId).ToDictionary(g => g.Key, g => g.Count());
-        // Pinned copies per (worker, pool): never more than the pool's MaxAdaptersPerWorker, which the worker's LRU could
-        // not honour (it never evicts a pinned adapter, so everything else loaded there would be evicted at once).
+        // Adapters pinned per (worker, pool): never more than the pool's MaxAdaptersPerWorker, which the worker's LRU could
+        // not honour (it never evicts a pinned adapter, so everything else loaded there would be evicted at once). Counted
+        // by bytes: deploys of the same adapter share one copy on a worker, so a second one costs no room there.
         var poolOf = deploys.ToDictionary(d => d.Id, d => d.Pool);
         var pinned = instances.Where(i => poolOf.ContainsKey(i.DeployId))
             .GroupBy(i => (i.WorkerId, Pool: poolOf[i.DeployId]))
-            .ToDictionary(g => g.Key, g => g.Count());
+            .ToDictionary(g => g.Key, g => g.Select(i => i.AdapterSha256).ToHashSet(StringComparer.Ordinal));
+        bool HasRoom(string workerId, string pool, string sha, int cap) =>
+            pinned.TryGetValue((workerId, pool), out var held) ? held.Contains(sha) || held.Count < cap : cap > 0;
 
         foreach (var deploy in deploys)
         {
@@ -146,7 +149,7 @@ public sealed partial class Placement(
             {
                 var cap = registry.Find(deploy.Pool)?.MaxAdaptersPerWorker ?? BaseModelEntry.DefaultMaxAdaptersPerWorker;
                 var candidates = workers
-                    .Where(w => w.Pools.Contains(deploy.Pool) && mine.All(i => i.WorkerId != w.Id) && pinned.GetValueOrDefault((w.Id, deploy.Pool)) < cap)
+                    .Where(w => w.Pools.Contains(deploy.Pool) && mine.All(i => i.WorkerId != w.Id) && HasRoom(w.Id, deploy.Pool, deploy.Sha, cap))
                     .OrderBy(w => perWorker.GetValueOrDefault(w.Id))
                     .ThenBy(w => w.Id, StringComparer.Ordinal)
                     .Take(wanted - have)
@@ -159,7 +162,11 @@ public sealed partial class Placement(
                         Pinned = true, Since = now,
                     });
                     perWorker[worker.Id] = perWorker.GetValueOrDefault(worker.Id) + 1;
-                    pinned[(worker.Id, deploy.Pool)] = pinned.GetValueOrDefault((worker.Id, deploy.Pool)) + 1;
+                    if (!pinned.TryGetValue((worker.Id, deploy.Pool), out var held))
+                    {
+                        pinned[(worker.Id, deploy.Pool)] = held = new HashSet<string>(StringComparer.Ordinal);
+                    }
+                    held.Add(deploy.Sha);
                     have++;
                 }
                 try
