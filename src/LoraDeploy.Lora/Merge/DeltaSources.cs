@@ -1,4 +1,5 @@
 using System.Numerics;
+using System.Runtime.Intrinsics;
 
 namespace LoraDeploy.Lora.Merge;
 
@@ -64,6 +65,84 @@ internal sealed class LowRankDelta : DeltaSource
     public LowRankDelta(double[] u, double[] v, int rank) => (_uDouble, _vDouble, _rank) = (u, v, rank);
 
     public LowRankDelta(float[] u, double[] v, int rank) => (_uFloat, _vDouble, _rank) = (u, v, rank);
+
+    /// <summary>Whether <see cref="AddTo"/> can take this delta (float factors, 256-bit vectors).</summary>
+    public bool HasBlockedPath => _uFloat is not null && _vFloat is not null && Vector256.IsHardwareAccelerated;
+
+    /// <summary>
+    /// weights[o, j] = (float)(weights[o, j] + c·ΔW[o, j]) for every row, the same as <see cref="Row"/> followed by that
+    /// update: each ΔW element is the sum over m in order of u·v in double, with separate multiply and add, so the
+    /// result is bit for bit the plain loop's. Blocks of 4 rows × 8 columns keep their 8 sums in registers over the
+    /// whole rank, so V is read once per 4 rows instead of once per row and nothing but the result touches memory.
+    /// </summary>
+    /// <param name="weights">The tensor's values; the rows start at <paramref name="offset"/>.</param>
+    public void AddTo(float[] weights, int offset, double c)
+    {
+        var rows = (int)Out;
+        var rest = (int)Rest;
+        var blocks = rows / 4;
+        var u = _uFloat!;
+        var v = _vFloat!;
+        var rank = _rank;
+        Parallel.For(0, blocks, block => AddBlock(weights, offset, block * 4, 4, rest, rank, u, v, c));
+        if (rows % 4 != 0)
+        {
+            AddBlock(weights, offset, blocks * 4, rows % 4, rest, rank, u, v, c);
+        }
+    }
+
+    private static void AddBlock(float[] weights, int offset, int first, int count, int rest, int rank, float[] u, float[] v, double c)
+    {
+        var j = 0;
+        if (count == 4)
+        {
+            var scale = Vector256.Create(c);
+            for (; j <= rest - 8; j += 8)
+            {
+                Vector256<double> a0 = default, b0 = default, a1 = default, b1 = default, a2 = default, b2 = default, a3 = default, b3 = default;
+                for (var m = 0; m < rank; m++)
+                {
+                    var vf = Vector256.LoadUnsafe(ref v[m * rest + j]);
+                    var low = Vector256.WidenLower(vf);
+                    var high = Vector256.WidenUpper(vf);
+                    var u0 = Vector256.Create((double)u[first * rank + m]);
+                    var u1 = Vector256.Create((double)u[(first + 1) * rank + m]);
+                    var u2 = Vector256.Create((double)u[(first + 2) * rank + m]);
+                    var u3 = Vector256.Create((double)u[(first + 3) * rank + m]);
+                    a0 += u0 * low; b0 += u0 * high;
+                    a1 += u1 * low; b1 += u1 * high;
+                    a2 += u2 * low; b2 += u2 * high;
+                    a3 += u3 * low; b3 += u3 * high;
+                }
+                Apply(weights, offset + first * rest + j, a0, b0, scale);
+                Apply(weights, offset + (first + 1) * rest + j, a1, b1, scale);
+                Apply(weights, offset + (first + 2) * rest + j, a2, b2, scale);
+                Apply(weights, offset + (first + 3) * rest + j, a3, b3, scale);
+            }
+        }
+        // The columns past the last full 8, and blocks of fewer than 4 rows: the plain loop.
+        for (var o = first; o < first + count; o++)
+        {
+            for (var jj = j; jj < rest; jj++)
+            {
+                double sum = 0;
+                for (var m = 0; m < rank; m++)
+                {
+                    sum += (double)u[o * rank + m] * v[m * rest + jj];
+                }
+                weights[offset + o * rest + jj] = (float)(weights[offset + o * rest + jj] + c * sum);
+            }
+        }
+    }
+
+    private static void Apply(float[] weights, int at, Vector256<double> low, Vector256<double> high, Vector256<double> scale)
+    {
+        ref var target = ref weights[at];
+        var w = Vector256.LoadUnsafe(ref target);
+        var sumLow = Vector256.WidenLower(w) + scale * low;
+        var sumHigh = Vector256.WidenUpper(w) + scale * high;
+        Vector256.Narrow(sumLow, sumHigh).StoreUnsafe(ref target);
+    }
 
     public override void Row(long o, Span<double> row)
     {

@@ -1,4 +1,6 @@
 using System.Buffers.Binary;
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
 
 namespace LoraDeploy.Lora.Merge;
 
@@ -13,6 +15,9 @@ internal static class FloatCodec
     {
         switch (dtype)
         {
+            case "F32" when BitConverter.IsLittleEndian:
+                MemoryMarshal.Cast<byte, float>(source)[..destination.Length].CopyTo(destination);
+                break;
             case "F32":
                 for (var i = 0; i < destination.Length; i++)
                 {
@@ -26,7 +31,20 @@ internal static class FloatCodec
                 }
                 break;
             case "BF16":
-                for (var i = 0; i < destination.Length; i++)
+                var done = 0;
+                if (BitConverter.IsLittleEndian && Vector256.IsHardwareAccelerated)
+                {
+                    // BF16 is the upper half of an F32: widen 16 of them at a time and shift into place.
+                    var halves = MemoryMarshal.Cast<byte, ushort>(source);
+                    var floats = MemoryMarshal.Cast<float, uint>(destination);
+                    for (; done <= destination.Length - 16; done += 16)
+                    {
+                        var (low, high) = Vector256.Widen(Vector256.Create<ushort>(halves.Slice(done, 16)));
+                        Vector256.ShiftLeft(low, 16).CopyTo(floats.Slice(done, 8));
+                        Vector256.ShiftLeft(high, 16).CopyTo(floats.Slice(done + 8, 8));
+                    }
+                }
+                for (var i = done; i < destination.Length; i++)
                 {
                     // BF16 is the upper half of an F32.
                     destination[i] = BitConverter.UInt32BitsToSingle((uint)BinaryPrimitives.ReadUInt16LittleEndian(source[(i * 2)..]) << 16);
@@ -43,6 +61,9 @@ internal static class FloatCodec
         long overflow = -1;
         switch (dtype)
         {
+            case "F32" when BitConverter.IsLittleEndian:
+                source.CopyTo(MemoryMarshal.Cast<byte, float>(destination));
+                break;
             case "F32":
                 for (var i = 0; i < source.Length; i++)
                 {
@@ -62,7 +83,12 @@ internal static class FloatCodec
                 }
                 break;
             case "BF16":
-                for (var i = 0; i < source.Length; i++)
+                var start = 0;
+                if (BitConverter.IsLittleEndian && Vector256.IsHardwareAccelerated)
+                {
+                    start = EncodeBFloat16Vectors(source, MemoryMarshal.Cast<byte, ushort>(destination));
+                }
+                for (var i = start; i < source.Length; i++)
                 {
                     var bits = ToBFloat16Bits(source[i]);
                     if (overflow < 0 && (bits & 0x7FFF) == 0x7F80 && float.IsFinite(source[i]))
@@ -76,6 +102,64 @@ internal static class FloatCodec
                 throw new ArgumentException($"dtype {dtype} is not F32, F16 or BF16", nameof(dtype));
         }
         return overflow;
+    }
+
+    /// <summary>The index of the first NaN or ±Inf in <paramref name="values"/>, or -1.</summary>
+    public static int IndexOfNonFinite(ReadOnlySpan<float> values)
+    {
+        var bits = MemoryMarshal.Cast<float, uint>(values);
+        var exponentMask = Vector256.Create(0x7F800000u);
+        var i = 0;
+        if (Vector256.IsHardwareAccelerated)
+        {
+            for (; i <= bits.Length - 8; i += 8)
+            {
+                if (Vector256.EqualsAny(Vector256.Create<uint>(bits.Slice(i, 8)) & exponentMask, exponentMask))
+                {
+                    break;
+                }
+            }
+        }
+        for (; i < values.Length; i++)
+        {
+            if (!float.IsFinite(values[i]))
+            {
+                return i;
+            }
+        }
+        return -1;
+    }
+
+    /// <summary>
+    /// <see cref="ToBFloat16Bits"/> 16 values at a time, for as many whole groups of 16 as there are; a group with a NaN
+    /// or an overflow is left to the scalar loop (returns where it stopped), so both give the same bits.
+    /// </summary>
+    private static int EncodeBFloat16Vectors(ReadOnlySpan<float> source, Span<ushort> destination)
+    {
+        var bits = MemoryMarshal.Cast<float, uint>(source);
+        var one = Vector256.Create(1u);
+        var roundingBias = Vector256.Create(0x7FFFu);
+        var exponentMask = Vector256.Create(0x7F800000u);
+        var i = 0;
+        for (; i <= source.Length - 16; i += 16)
+        {
+            var a = Vector256.Create<uint>(bits.Slice(i, 8));
+            var b = Vector256.Create<uint>(bits.Slice(i + 8, 8));
+            // NaN or Inf (all exponent bits set) in the group: the scalar loop handles it and reports overflow.
+            if (Vector256.EqualsAny(a & exponentMask, exponentMask) || Vector256.EqualsAny(b & exponentMask, exponentMask))
+            {
+                return i;
+            }
+            var ra = Vector256.ShiftRightLogical(a + roundingBias + (Vector256.ShiftRightLogical(a, 16) & one), 16);
+            var rb = Vector256.ShiftRightLogical(b + roundingBias + (Vector256.ShiftRightLogical(b, 16) & one), 16);
+            // A finite value that rounds up to the exponent's all-ones is an overflow to ±Inf: the scalar loop reports it.
+            if (Vector256.EqualsAny(ra & Vector256.Create(0x7F80u), Vector256.Create(0x7F80u)) || Vector256.EqualsAny(rb & Vector256.Create(0x7F80u), Vector256.Create(0x7F80u)))
+            {
+                return i;
+            }
+            Vector256.Narrow(ra, rb).CopyTo(destination.Slice(i, 16));
+        }
+        return i;
     }
 
     /// <summary>The BF16 nearest to <paramref name="value"/>, ties to even; NaN stays a (quiet) NaN.</summary>

@@ -63,7 +63,7 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
             }
         }
 
-        for (var i = 0; i < count; i++)
+        for (var i = FloatCodec.IndexOfNonFinite(values); i >= 0 && i < count; i++)
         {
             if (!float.IsFinite(values[i]))
             {
@@ -102,6 +102,11 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
         if (patch.Dora is not { } dora)
         {
             var c = strength * patch.Scale;
+            if (delta is LowRankDelta { HasBlockedPath: true } lowRank)
+            {
+                lowRank.AddTo(buffer, offset, c);
+                return;
+            }
             // Rows are independent and each is rounded on its own, so the result does not depend on the split.
             if (delta.IsThreadSafe && rows >= 64 && Environment.ProcessorCount > 1)
             {
