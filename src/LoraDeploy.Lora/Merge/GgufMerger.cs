@@ -25,12 +25,22 @@ public static class GgufMerger
 {
     private const string PeftPrefix = "base_model.model.";
 
-    /// <summary>True when <paramref name="path"/> starts with the GGUF magic bytes.</summary>
+    /// <summary>
+    /// True when <paramref name="path"/> starts with the GGUF magic bytes; false too when it cannot be read, so that the
+    /// caller's merge reports why.
+    /// </summary>
     public static bool IsGguf(string path)
     {
         Span<byte> magic = stackalloc byte[4];
-        using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 1);
-        return file.ReadAtLeast(magic, 4, throwOnEndOfStream: false) == 4 && magic.SequenceEqual("GGUF"u8);
+        try
+        {
+            using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 1);
+            return file.ReadAtLeast(magic, 4, throwOnEndOfStream: false) == 4 && magic.SequenceEqual("GGUF"u8);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return false;
+        }
     }
 
     /// <exception cref="LoraMergeException">An input is unusable or the output could not be written; no output file is left.</exception>
