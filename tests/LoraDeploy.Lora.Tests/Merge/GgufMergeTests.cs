@@ -75,6 +75,41 @@ public sealed class GgufMergeTests : IDisposable
     }
 
     [Fact]
+    public void Embedding_and_output_layer_adapters_land_on_token_embd_and_output()
+    {
+        var model = Model();
+        var basePath = model.WriteGguf(Path.Combine(_dir, "base.gguf"));
+        var fixture = new PeftAdapterFixture { Targets = ["embed_tokens", "lm_head"], Rank = 4, Alpha = 8 }.Generate(model);
+        var (_, adapter) = fixture.WriteTo(Path.Combine(_dir, "adapter"));
+        var output = Path.Combine(_dir, "merged.gguf");
+
+        var result = GgufMerger.Merge(basePath, [new MergeAdapter(adapter, Strength)], output);
+
+        Assert.Equal(2, result.TensorsMerged);
+        var merged = GgufReader.ReadFile(output);
+        var head = fixture.Modules.Single(m => m.Name == "lm_head");
+        AssertMatches("output.weight", Reference(model, head, Strength * head.Scale(false), magnitude: null), Decode(output, merged, "output.weight"), GgmlType.F32);
+        // PEFT's embedding delta is (B·A)ᵀ: A [r, vocab], B [hidden, r]; token_embd holds [vocab, hidden] row-major.
+        var embedding = fixture.Modules.Single(m => m.Embedding);
+        var (vocab, hidden) = ((int)embedding.In, (int)embedding.Out);
+        var w = model.Weights["model.embed_tokens.weight"];
+        var expected = new double[vocab * hidden];
+        for (var t = 0; t < vocab; t++)
+        {
+            for (var h = 0; h < hidden; h++)
+            {
+                double sum = 0;
+                for (var k = 0; k < embedding.Rank; k++)
+                {
+                    sum += (double)embedding.B[h * embedding.Rank + k] * embedding.A[k * vocab + t];
+                }
+                expected[t * hidden + h] = (float)(w[t * hidden + h] + Strength * embedding.Scale(false) * sum);
+            }
+        }
+        AssertMatches("token_embd.weight", expected, Decode(output, merged, "token_embd.weight"), GgmlType.F32);
+    }
+
+    [Fact]
     public void Metadata_is_kept_and_the_merge_is_recorded_with_each_adapters_hash_and_strength()
     {
         var model = Model();
