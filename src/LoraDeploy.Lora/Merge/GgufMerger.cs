@@ -196,6 +196,11 @@ public static class GgufMerger
                 }
                 var (name, shortName) = target;
                 var weight = View(info);
+                if (!FloatCodec.IsSupported(weight.Dtype))
+                {
+                    mismatched.Add($"{file}: {patch.Module} → {name}: the base tensor is {weight.Dtype}, which merge cannot rewrite (merge into an F32, F16 or BF16 GGUF, then quantize the result)");
+                    continue;
+                }
                 if (patch.BiasDelta is { } bias)
                 {
                     mismatched.Add($"{file}: {bias.Name}: bias deltas are not merged into GGUF bases");

@@ -146,7 +146,7 @@ public sealed class GgufMergeTests : IDisposable
 
         var e = Refused(basePath, adapter);
 
-        Assert.Contains("1 module(s) do not fit the base tensor: adapter_model.safetensors: base_model.model.model.layers.1.self_attn.k_proj → blk.1.attn_k.weight: the base tensor is Q8_0; merge writes F32, F16 and BF16", e.Message);
+        Assert.Contains("1 module(s) do not fit the base tensor: adapter_model.safetensors: base_model.model.model.layers.1.self_attn.k_proj → blk.1.attn_k.weight: the base tensor is Q8_0, which merge cannot rewrite (merge into an F32, F16 or BF16 GGUF, then quantize the result)", e.Message);
     }
 
     [Fact]
