@@ -62,9 +62,43 @@ public sealed class GgufWriter
     public GgufWriter Add(string key, IReadOnlyList<int> values) => AddValue(key, GgufValueType.Array, (GgufValueType.Int32, (object)values));
     public GgufWriter Add(string key, IReadOnlyList<uint> values) => AddValue(key, GgufValueType.Array, (GgufValueType.UInt32, (object)values));
 
+    /// <summary>
+    /// Adds a value as <see cref="GgufReader"/> returns it, of any GGUF type (arrays included), e.g. to carry a base
+    /// model's metadata over unchanged. An array must have its elements (read with a large enough keep limit).
+    /// </summary>
+    public GgufWriter Add(string key, GgufValue value)
+    {
+        ArgumentNullException.ThrowIfNull(value);
+        if (value.Value is GgufArray { Items: null } array)
+        {
+            throw new ArgumentException($"metadata '{key}' is an {array} whose elements were not kept when it was read", nameof(value));
+        }
+        return AddValue(key, value.Type, value.Value);
+    }
+
     /// <summary>Declares a tensor whose bytes <paramref name="writeData"/> writes when the file is written.</summary>
     /// <param name="ne">ggml dimensions, fastest-varying first (the torch shape reversed).</param>
     public GgufWriter AddTensor(string name, GgmlType type, ReadOnlySpan<long> ne, Action<Stream> writeData)
+    {
+        var elements = Declare(name, ne);
+        _tensors.Add(new Tensor(name, type, ne.ToArray(), checked(elements * ElementSize(type)), writeData));
+        return this;
+    }
+
+    /// <summary>
+    /// Declares a tensor of any ggml type number (quantized ones included, e.g. blocks copied from another GGUF) whose
+    /// size in bytes the caller knows; the callback must write exactly that many.
+    /// </summary>
+    public GgufWriter AddTensor(string name, uint ggmlType, ReadOnlySpan<long> ne, long byteCount, Action<Stream> writeData)
+    {
+        Declare(name, ne);
+        ArgumentOutOfRangeException.ThrowIfNegative(byteCount);
+        _tensors.Add(new Tensor(name, (GgmlType)ggmlType, ne.ToArray(), byteCount, writeData));
+        return this;
+    }
+
+    /// <summary>Checks a new tensor's name and dimensions and returns its element count.</summary>
+    private long Declare(string name, ReadOnlySpan<long> ne)
     {
         ArgumentException.ThrowIfNullOrEmpty(name);
         if (Encoding.UTF8.GetByteCount(name) > MaxTensorNameBytes)
@@ -85,8 +119,7 @@ public sealed class GgufWriter
             ArgumentOutOfRangeException.ThrowIfNegative(d, nameof(ne));
             elements = checked(elements * d);
         }
-        _tensors.Add(new Tensor(name, type, ne.ToArray(), checked(elements * ElementSize(type)), writeData));
-        return this;
+        return elements;
     }
 
     public GgufWriter AddTensor(string name, GgmlType type, ReadOnlySpan<long> ne, ReadOnlyMemory<byte> data) =>
@@ -200,6 +233,7 @@ public sealed class GgufWriter
 
         public byte[] ToArray() => _buffer.ToArray();
 
+        public void U16(ushort v) { BinaryPrimitives.WriteUInt16LittleEndian(_scratch, v); _buffer.Write(_scratch, 0, 2); }
         public void U32(uint v) { BinaryPrimitives.WriteUInt32LittleEndian(_scratch, v); _buffer.Write(_scratch, 0, 4); }
         public void U64(ulong v) { BinaryPrimitives.WriteUInt64LittleEndian(_scratch, v); _buffer.Write(_scratch, 0, 8); }
 
@@ -215,11 +249,26 @@ public sealed class GgufWriter
             switch (type)
             {
                 case GgufValueType.String: String((string)value); break;
+                case GgufValueType.UInt8: _buffer.WriteByte((byte)value); break;
+                case GgufValueType.Int8: _buffer.WriteByte(unchecked((byte)(sbyte)value)); break;
+                case GgufValueType.UInt16: U16((ushort)value); break;
+                case GgufValueType.Int16: U16(unchecked((ushort)(short)value)); break;
                 case GgufValueType.UInt32: U32((uint)value); break;
                 case GgufValueType.Int32: U32(unchecked((uint)(int)value)); break;
                 case GgufValueType.UInt64: U64((ulong)value); break;
+                case GgufValueType.Int64: U64(unchecked((ulong)(long)value)); break;
                 case GgufValueType.Float32: U32(BitConverter.SingleToUInt32Bits((float)value)); break;
+                case GgufValueType.Float64: U64(BitConverter.DoubleToUInt64Bits((double)value)); break;
                 case GgufValueType.Bool: _buffer.WriteByte((bool)value ? (byte)1 : (byte)0); break;
+                case GgufValueType.Array when value is GgufArray array:
+                    // As read by GgufReader: a typed CLR array of the element type.
+                    U32((uint)array.ElementType);
+                    U64((ulong)array.Count);
+                    foreach (var item in array.Items!)
+                    {
+                        Value(array.ElementType, item!);
+                    }
+                    break;
                 case GgufValueType.Array:
                     var (elementType, items) = ((GgufValueType, object))value;
                     U32((uint)elementType);

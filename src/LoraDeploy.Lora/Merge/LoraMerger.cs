@@ -221,7 +221,7 @@ public static class LoraMerger
         }
     }
 
-    private static string? ShapeProblem(ModulePatch patch, SafetensorsTensor weight, BaseTarget target)
+    internal static string? ShapeProblem(ModulePatch patch, SafetensorsTensor weight, BaseTarget target)
     {
         var delta = patch.Delta;
         if (!FloatCodec.IsSupported(weight.Dtype))
@@ -287,7 +287,7 @@ public static class LoraMerger
         return shape[..length];
     }
 
-    private static string List(List<string> items) =>
+    internal static string List(List<string> items) =>
         string.Join(", ", items.Take(MaxListed)) + (items.Count > MaxListed ? $", … ({items.Count - MaxListed} more)" : "");
 
     private static string AdapterShape(long[] shape) => LoadedAdapter.Shape(shape);
@@ -366,7 +366,7 @@ public static class LoraMerger
         return bytes;
     }
 
-    private static string MergeRecord(string? earlier, List<MergedAdapterRecord> records)
+    internal static string MergeRecord(string? earlier, List<MergedAdapterRecord> records)
     {
         JsonArray array;
         if (earlier is null)
@@ -397,7 +397,7 @@ public static class LoraMerger
         return array.ToJsonString();
     }
 
-    private static void TryDelete(string path)
+    internal static void TryDelete(string path)
     {
         try
         {

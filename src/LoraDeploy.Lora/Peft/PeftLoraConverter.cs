@@ -62,6 +62,26 @@ public static class PeftLoraConverter
     private const string SupportedModules =
         "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj under model.layers.N, model.embed_tokens and lm_head";
 
+    /// <summary>
+    /// The llama.cpp tensor a Hugging Face Llama-family module's weight becomes (<c>model.layers.3.self_attn.q_proj</c> →
+    /// <c>blk.3.attn_q.weight</c>), with the module's short name (<c>q_proj</c>); null for a module with no counterpart.
+    /// </summary>
+    internal static (string Tensor, string ShortName)? LlamaCppTensor(string module)
+    {
+        if (LayerModule.Match(module) is { Success: true } match)
+        {
+            var kind = match.Groups["module"].Value;
+            var layer = int.Parse(match.Groups["layer"].ValueSpan, NumberStyles.None, CultureInfo.InvariantCulture);
+            return ($"blk.{layer}.{LayerTensor[kind]}.weight", kind[(kind.IndexOf('.') + 1)..]);
+        }
+        return module switch
+        {
+            "model.embed_tokens" => ("token_embd.weight", "embed_tokens"),
+            "lm_head" => ("output.weight", "lm_head"),
+            _ => null,
+        };
+    }
+
     /// <summary>Checks the adapter's config and tensor table against the base model without reading tensor data.</summary>
     /// <exception cref="PeftAdapterException">The adapter cannot be used with this base model; the message says why.</exception>
     public static PeftConversionReport Validate(PeftAdapterConfig config, SafetensorsHeader adapter, LlamaCppBaseModel baseModel) =>

@@ -6,7 +6,10 @@ using Spectre.Console;
 
 namespace LoraDeploy.Cli;
 
-/// <summary><c>loradeploy merge --base PATH --lora FILE[:scale] … -o OUT [--dtype] [--json]</c>: bake adapters into a base model.</summary>
+/// <summary>
+/// <c>loradeploy merge --base PATH --lora FILE[:scale] … -o OUT [--dtype] [--json]</c>: bake adapters into a base model,
+/// a safetensors file (<see cref="LoraMerger"/>) or a llama.cpp GGUF (<see cref="GgufMerger"/>, chosen by the file's magic bytes).
+/// </summary>
 internal static class MergeCommand
 {
     /// <summary>Exit code for an input the merge refuses or an output it could not write.</summary>
@@ -14,15 +17,15 @@ internal static class MergeCommand
 
     public static Command Create()
     {
-        var basePath = new Option<FileInfo>("--base") { Description = "The base model (.safetensors).", Required = true };
+        var basePath = new Option<FileInfo>("--base") { Description = "The base model: .safetensors, or a llama.cpp .gguf (Llama family; PEFT adapters).", Required = true };
         var loras = new Option<string[]>("--lora")
         {
             Description = "An adapter .safetensors, optionally with a strength: FILE or FILE:0.8. Repeat to merge several, in order.",
             Required = true,
             Arity = ArgumentArity.OneOrMore,
         };
-        var output = new Option<FileInfo>("--output", "-o") { Description = "The merged model to write (.safetensors).", Required = true };
-        var dtype = new Option<string>("--dtype") { Description = "Write the float tensors as f32, f16 or bf16 (default: each keeps the base's dtype)." };
+        var output = new Option<FileInfo>("--output", "-o") { Description = "The merged model to write (.safetensors, or .gguf for a GGUF base).", Required = true };
+        var dtype = new Option<string>("--dtype") { Description = "Write the float tensors as f32, f16 or bf16 (default: each keeps the base's dtype; a GGUF base always does)." };
         dtype.AcceptOnlyFromAmong("f32", "f16", "bf16");
         var json = new Option<bool>("--json") { Description = "Print a JSON summary (tensors merged/copied, bytes, seconds) instead of the progress bar." };
 
@@ -67,7 +70,7 @@ internal static class MergeCommand
             var interactive = !request.Json && ReferenceEquals(output, Console.Out) && !Console.IsOutputRedirected;
             merged = interactive
                 ? MergeWithProgressBar(request, adapters, output, cancellationToken)
-                : LoraMerger.Merge(request.BasePath, adapters, request.OutputPath, new MergeOptions { OutputDtype = request.Dtype }, cancellationToken);
+                : Merge(request, adapters, new MergeOptions { OutputDtype = request.Dtype }, cancellationToken);
         }
         catch (LoraMergeException e)
         {
@@ -87,6 +90,11 @@ internal static class MergeCommand
         }
         return 0;
     }
+
+    private static MergeResult Merge(Request request, List<MergeAdapter> adapters, MergeOptions options, CancellationToken cancellationToken) =>
+        GgufMerger.IsGguf(request.BasePath)
+            ? GgufMerger.Merge(request.BasePath, adapters, request.OutputPath, options, cancellationToken)
+            : LoraMerger.Merge(request.BasePath, adapters, request.OutputPath, options, cancellationToken);
 
     /// <summary><c>FILE</c> or <c>FILE:scale</c>; a suffix that is not a number is part of the file name. Null if the file does not exist.</summary>
     internal static MergeAdapter? ParseLora(string value)
@@ -111,8 +119,7 @@ internal static class MergeCommand
             {
                 var task = ctx.AddTask(Path.GetFileName(request.OutputPath));
                 var progress = new ProgressToTask(task);
-                merged = LoraMerger.Merge(request.BasePath, adapters, request.OutputPath,
-                    new MergeOptions { OutputDtype = request.Dtype, Progress = progress }, cancellationToken);
+                merged = Merge(request, adapters, new MergeOptions { OutputDtype = request.Dtype, Progress = progress }, cancellationToken);
                 task.Value = task.MaxValue;
             });
         return merged!;

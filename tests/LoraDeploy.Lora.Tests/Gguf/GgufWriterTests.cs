@@ -35,6 +35,67 @@ public sealed class GgufWriterTests
     }
 
     [Fact]
+    public void Values_as_read_are_written_back_unchanged_for_every_type()
+    {
+        var original = new MemoryStream();
+        new GgufWriter()
+            .Add("u32", 7u).Add("i32", -7).Add("f32", 1.5f).Add("bool", true).Add("u64", ulong.MaxValue).Add("s", "text")
+            .Add("strings", ["a", "bé"]).Add("floats", [0.25f, -2f]).Add("ints", [-1, 2]).Add("uints", [3u])
+            .WriteTo(original);
+        var read = GgufReader.Read(original);
+        var scalars = new (string Key, GgufValueType Type, object Value)[]
+        {
+            ("u8", GgufValueType.UInt8, (byte)200), ("i8", GgufValueType.Int8, (sbyte)-100), ("u16", GgufValueType.UInt16, (ushort)60000),
+            ("i16", GgufValueType.Int16, (short)-30000), ("i64", GgufValueType.Int64, long.MinValue), ("f64", GgufValueType.Float64, Math.PI),
+            ("u8s", GgufValueType.Array, new GgufArray(GgufValueType.UInt8, 2, new byte[] { 1, 255 })),
+            ("f64s", GgufValueType.Array, new GgufArray(GgufValueType.Float64, 1, new[] { -0.5 })),
+            ("bools", GgufValueType.Array, new GgufArray(GgufValueType.Bool, 2, new[] { true, false })),
+        };
+        var copy = new GgufWriter();
+        foreach (var (key, value) in read.Metadata)
+        {
+            copy.Add(key, value);
+        }
+        foreach (var (key, type, value) in scalars)
+        {
+            copy.Add(key, new GgufValue(type, value));
+        }
+        var written = new MemoryStream();
+        copy.WriteTo(written);
+
+        var again = GgufReader.Read(written);
+        Assert.Equal(read.Metadata.Count + scalars.Length, again.Metadata.Count);
+        foreach (var (key, value) in read.Metadata.Concat(scalars.Select(s => KeyValuePair.Create(s.Key, new GgufValue(s.Type, s.Value)))))
+        {
+            Assert.Equal(value.Type, again.Metadata[key].Type);
+            Assert.Equal(Items(value), Items(again.Metadata[key]));
+        }
+
+        static object[] Items(GgufValue value) => value.Value is GgufArray array ? [array.ElementType, .. array.Items!.Cast<object>()] : [value.Value];
+    }
+
+    [Fact]
+    public void An_array_whose_elements_were_skipped_cannot_be_written()
+    {
+        var stream = new MemoryStream();
+        new GgufWriter().Add("big", [1u, 2u, 3u]).WriteTo(stream);
+        var skipped = GgufReader.Read(stream, maxArrayElementsKept: 2).Metadata["big"];
+
+        var error = Assert.Throws<ArgumentException>(() => new GgufWriter().Add("big", skipped));
+        Assert.Contains("'big' is an array of 3 UInt32 whose elements were not kept", error.Message);
+    }
+
+    [Fact]
+    public void A_tensor_of_any_type_is_declared_with_its_byte_count()
+    {
+        var stream = new MemoryStream();
+        new GgufWriter().AddTensor("q", 8u, [32, 2], 68, s => s.Write(new byte[68])).WriteTo(stream);
+
+        var tensor = Assert.Single(GgufReader.Read(stream).Tensors);
+        Assert.Equal(("Q8_0", 68L), (tensor.TypeName, tensor.ByteLength));
+    }
+
+    [Fact]
     public void Names_longer_than_ggml_allows_and_duplicates_are_refused()
     {
         Assert.Throws<ArgumentException>(() => new GgufWriter().AddTensor(new string('x', 64), [1], [0f]));

@@ -199,7 +199,7 @@ public sealed class MergeHostileInputTests : IDisposable
     }
 
     /// <summary>Writes through until <c>capacity</c> bytes, then fails as a full disk does.</summary>
-    private sealed class FullDiskStream(Stream inner, long capacity) : Stream
+    internal sealed class FullDiskStream(Stream inner, long capacity) : Stream
     {
         private long _written;
 

@@ -24,6 +24,8 @@ internal sealed class PeftAdapterFixture
     public string[] Targets { get; init; } = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
     /// <summary>safetensors dtype of the factors: F32, F16 or BF16 (values are rounded to it before merging).</summary>
     public string Dtype { get; init; } = "F32";
+    /// <summary>DoRA: each linear module also gets a <c>lora_magnitude_vector</c> [out], its rows' norms scaled by random factors in [0.5, 1.5].</summary>
+    public bool UseDora { get; init; }
     public int Seed { get; init; } = 7;
     public float Std { get; init; } = 0.3f;
     /// <summary>Extra adapter_config.json fields (override or add), raw JSON values.</summary>
@@ -32,6 +34,9 @@ internal sealed class PeftAdapterFixture
     public sealed record Module(string Name, bool Embedding, int Rank, double Alpha, long In, long Out, float[] A, float[] B)
     {
         public double Scale(bool rslora) => rslora ? Alpha / Math.Sqrt(Rank) : Alpha / Rank;
+
+        /// <summary>DoRA magnitude per output row, or null.</summary>
+        public float[]? Magnitude { get; init; }
     }
 
     public List<Module> Modules { get; } = [];
@@ -53,7 +58,7 @@ internal sealed class PeftAdapterFixture
             {
                 if (Targets.Contains(module[(module.LastIndexOf('.') + 1)..]))
                 {
-                    Add(module, embedding: false, inFeatures, outFeatures, random);
+                    Add(module, embedding: false, inFeatures, outFeatures, random, model.Weights[module + ".weight"]);
                 }
             }
         }
@@ -64,12 +69,23 @@ internal sealed class PeftAdapterFixture
         return this;
     }
 
-    private void Add(string module, bool embedding, long inFeatures, long outFeatures, Random random)
+    private void Add(string module, bool embedding, long inFeatures, long outFeatures, Random random, float[]? weight = null)
     {
         var rank = Lookup(RankPattern, module) ?? Rank;
         var alpha = Lookup(AlphaPattern, module) ?? Alpha;
-        Modules.Add(new Module(module, embedding, rank, alpha, inFeatures, outFeatures,
-            RandomValues(rank * inFeatures, random), RandomValues(outFeatures * rank, random)));
+        var a = RandomValues(rank * inFeatures, random);
+        var b = RandomValues(outFeatures * rank, random);
+        float[]? magnitude = null;
+        if (UseDora && weight is not null)
+        {
+            magnitude = new float[outFeatures];
+            for (var o = 0; o < outFeatures; o++)
+            {
+                var norm = Math.Sqrt(weight.AsSpan((int)(o * inFeatures), (int)inFeatures).ToArray().Sum(w => (double)w * w));
+                magnitude[o] = RoundToDtype((float)(norm * (0.5 + random.NextDouble())));
+            }
+        }
+        Modules.Add(new Module(module, embedding, rank, alpha, inFeatures, outFeatures, a, b) { Magnitude = magnitude });
     }
 
     private static T? Lookup<T>(Dictionary<string, T> pattern, string module) where T : struct =>
@@ -94,12 +110,21 @@ internal sealed class PeftAdapterFixture
         _ => value,
     };
 
-    /// <summary>Adds <c>userScale · scale · B·A</c> of every module to <paramref name="model"/>'s weights (HF layout).</summary>
-    public void MergeInto(TinyLlama model, float userScale = 1)
+    /// <summary>
+    /// Adds <c>userScale · scale · B·A</c> of every module to <paramref name="model"/>'s weights (HF layout); with DoRA
+    /// (unless <paramref name="ignoreMagnitude"/>), PEFT's merge instead: V = W + userScale·scale·B·A, then each row
+    /// V[o] · m[o] / ‖V[o]‖, in F64.
+    /// </summary>
+    public void MergeInto(TinyLlama model, float userScale = 1, bool ignoreMagnitude = false)
     {
         foreach (var m in Modules)
         {
             var scale = (float)(userScale * m.Scale(UseRslora));
+            if (m.Magnitude is { } magnitude && !ignoreMagnitude)
+            {
+                MergeDora(model.Weights[m.Name + ".weight"], m, userScale * m.Scale(UseRslora), magnitude);
+                continue;
+            }
             if (!m.Embedding)
             {
                 model.Merge(m.Name, m.A, m.B, m.Rank, scale);
@@ -119,6 +144,30 @@ internal sealed class PeftAdapterFixture
                     }
                     w[v * hidden + h] += (float)(scale * sum);
                 }
+            }
+        }
+    }
+
+    private static void MergeDora(float[] w, Module m, double scale, float[] magnitude)
+    {
+        var v = new double[m.In];
+        for (var o = 0; o < m.Out; o++)
+        {
+            double squares = 0;
+            for (var i = 0; i < m.In; i++)
+            {
+                double sum = 0;
+                for (var k = 0; k < m.Rank; k++)
+                {
+                    sum += (double)m.B[o * m.Rank + k] * m.A[k * m.In + i];
+                }
+                v[i] = w[o * m.In + i] + scale * sum;
+                squares += v[i] * v[i];
+            }
+            var factor = magnitude[o] / Math.Sqrt(squares);
+            for (var i = 0; i < m.In; i++)
+            {
+                w[o * m.In + i] = (float)(v[i] * factor);
             }
         }
     }
@@ -145,7 +194,7 @@ internal sealed class PeftAdapterFixture
             ["revision"] = "null",
             ["target_modules"] = JsonSerializer.Serialize(Targets),
             ["task_type"] = "\"CAUSAL_LM\"",
-            ["use_dora"] = "false",
+            ["use_dora"] = UseDora ? "true" : "false",
             ["use_rslora"] = UseRslora ? "true" : "false",
         };
         foreach (var (key, value) in ConfigOverrides)
@@ -165,6 +214,10 @@ internal sealed class PeftAdapterFixture
             var (aName, bName) = m.Embedding ? (".lora_embedding_A", ".lora_embedding_B") : (".lora_A.weight", ".lora_B.weight");
             writer.Tensor(prefix + aName, Dtype, [m.Rank, m.In], Encode(m.A, Dtype));
             writer.Tensor(prefix + bName, Dtype, [m.Out, m.Rank], Encode(m.B, Dtype));
+            if (m.Magnitude is { } magnitude)
+            {
+                writer.Tensor(prefix + ".lora_magnitude_vector", Dtype, [m.Out], Encode(magnitude, Dtype));
+            }
         }
         return writer;
     }

@@ -20,6 +20,8 @@ internal sealed class TinyLlama
     public int VocabSize { get; init; } = 320;
     public int Seed { get; init; } = 1;
     public float WeightStd { get; init; } = 0.2f;
+    /// <summary>ggml type of the matrices in the GGUF (F32, F16 or BF16; norms stay F32 as llama.cpp's converter keeps them); generated weights are rounded to it.</summary>
+    public GgmlType MatrixType { get; init; } = GgmlType.F32;
 
     public const string ChatTemplate =
         "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}" +
@@ -89,7 +91,7 @@ internal sealed class TinyLlama
         var copy = new TinyLlama
         {
             Hidden = Hidden, Layers = Layers, Heads = Heads, KvHeads = KvHeads, FeedForward = FeedForward,
-            ContextLength = ContextLength, VocabSize = VocabSize, Seed = Seed, WeightStd = WeightStd,
+            ContextLength = ContextLength, VocabSize = VocabSize, Seed = Seed, WeightStd = WeightStd, MatrixType = MatrixType,
         };
         foreach (var (name, values) in Weights)
         {
@@ -175,13 +177,44 @@ internal sealed class TinyLlama
     private void Tensor(GgufWriter writer, string ggufName, string hfName, int permuteHeads = 0)
     {
         var shape = Shapes[hfName];
-        var bytes = MemoryMarshal.AsBytes(Weights[hfName].AsSpan()).ToArray();
+        var type = shape.Length == 1 ? GgmlType.F32 : MatrixType;
+        var bytes = Encode(Weights[hfName], type);
         if (permuteHeads > 0)
         {
             bytes = LlamaRopePermutation.PermuteRows(bytes, shape[0], permuteHeads);
         }
         long[] ne = shape.Length == 1 ? [shape[0]] : [shape[1], shape[0]];
-        writer.AddTensor(ggufName, GgmlType.F32, ne, bytes);
+        writer.AddTensor(ggufName, type, ne, bytes);
+    }
+
+    /// <summary>Little-endian bytes of <paramref name="values"/> in <paramref name="type"/>, rounded to nearest even.</summary>
+    public static byte[] Encode(float[] values, GgmlType type)
+    {
+        if (type == GgmlType.F32)
+        {
+            return MemoryMarshal.AsBytes(values.AsSpan()).ToArray();
+        }
+        var bytes = new byte[values.Length * 2];
+        for (var i = 0; i < values.Length; i++)
+        {
+            var bits = type == GgmlType.F16 ? BitConverter.HalfToUInt16Bits((Half)values[i]) : ToBFloat16(values[i]);
+            System.Buffers.Binary.BinaryPrimitives.WriteUInt16LittleEndian(bytes.AsSpan(i * 2), bits);
+        }
+        return bytes;
+    }
+
+    /// <summary>The value rounded to <paramref name="type"/> and widened back.</summary>
+    public static float Round(float value, GgmlType type) => type switch
+    {
+        GgmlType.F16 => (float)(Half)value,
+        GgmlType.BF16 => BitConverter.UInt32BitsToSingle((uint)ToBFloat16(value) << 16),
+        _ => value,
+    };
+
+    private static ushort ToBFloat16(float value)
+    {
+        var bits = BitConverter.SingleToUInt32Bits(value);
+        return (ushort)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
     }
 
     private void Matrix(string name, int rows, int cols, Random random)
@@ -189,7 +222,7 @@ internal sealed class TinyLlama
         var values = new float[rows * cols];
         for (var i = 0; i < values.Length; i++)
         {
-            values[i] = Normal(random) * WeightStd;
+            values[i] = Round(Normal(random) * WeightStd, MatrixType);
         }
         Weights[name] = values;
         Shapes[name] = [rows, cols];

@@ -2,6 +2,7 @@ using System.Buffers.Binary;
 using System.CommandLine;
 using System.Text.Json;
 using LoraDeploy.Cli;
+using LoraDeploy.Lora.Gguf;
 using LoraDeploy.Lora.Safetensors;
 using LoraDeploy.Lora.Tests.Support;
 
@@ -122,6 +123,41 @@ public sealed class MergeCommandTests : IDisposable
         Assert.Equal(1.0, MergeCommand.ParseLora(odd)!.Strength);
         Assert.Equal(-0.25, MergeCommand.ParseLora(odd + ":-0.25")!.Strength);
         Assert.Null(MergeCommand.ParseLora(odd + ":x"));
+    }
+
+    [Fact]
+    public async Task A_gguf_base_is_merged_as_gguf_with_the_json_summary()
+    {
+        var model = new TinyLlama { Hidden = 32, Heads = 4, KvHeads = 2, FeedForward = 48, VocabSize = 270 }.Generate();
+        var basePath = model.WriteGguf(Path.Combine(_dir, "base.gguf"));
+        var (_, adapter) = new PeftAdapterFixture { Targets = ["q_proj", "down_proj"] }.Generate(model).WriteTo(Path.Combine(_dir, "adapter"));
+        var output = Path.Combine(_dir, "merged.gguf");
+
+        var (exitCode, stdout, stderr) = await Merge("--base", basePath, "--lora", adapter + ":0.7", "-o", output, "--json");
+
+        Assert.True(exitCode == 0, stderr);
+        var merged = GgufReader.ReadFile(output);
+        Assert.Equal("llama", merged.Architecture);
+        Assert.Contains("\"strength\":0.7", merged.GetString("loradeploy.merge"));
+        using var summary = JsonDocument.Parse(stdout);
+        Assert.Equal(4, summary.RootElement.GetProperty("tensors_merged").GetInt32());
+        Assert.Equal(GgufReader.ReadFile(basePath).Tensors.Count - 4, summary.RootElement.GetProperty("tensors_copied").GetInt32());
+        Assert.Equal(new FileInfo(output).Length, summary.RootElement.GetProperty("bytes").GetInt64());
+    }
+
+    [Fact]
+    public async Task A_gguf_base_refuses_dtype_and_writes_nothing()
+    {
+        var model = new TinyLlama { Hidden = 32, Heads = 4, KvHeads = 2, FeedForward = 48, VocabSize = 270 }.Generate();
+        var basePath = model.WriteGguf(Path.Combine(_dir, "base.gguf"));
+        var (_, adapter) = new PeftAdapterFixture { Targets = ["q_proj"] }.Generate(model).WriteTo(Path.Combine(_dir, "adapter"));
+        var output = Path.Combine(_dir, "merged.gguf");
+
+        var (exitCode, _, stderr) = await Merge("--base", basePath, "--lora", adapter, "-o", output, "--dtype", "f16");
+
+        Assert.Equal(MergeCommand.MergeFailed, exitCode);
+        Assert.Equal("merge: a GGUF base keeps each tensor's own type; --dtype F16 is for safetensors bases", stderr.Trim());
+        Assert.False(File.Exists(output));
     }
 
     private static async Task<(int ExitCode, string Output, string Error)> Merge(params string[] args)

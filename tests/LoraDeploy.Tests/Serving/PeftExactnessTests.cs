@@ -116,10 +116,10 @@ public sealed class PeftExactnessTests : IDisposable
         return output;
     }
 
-    private static float MaxAbsDiff(float[] a, float[] b) => a.Zip(b, (x, y) => Math.Abs(x - y)).Max();
+    internal static float MaxAbsDiff(float[] a, float[] b) => a.Zip(b, (x, y) => Math.Abs(x - y)).Max();
 
     /// <summary>Logits at every prompt position, concatenated, with the given adapters applied.</summary>
-    private static float[] Logits(string modelPath, IReadOnlyList<(string Path, float Scale)> adapters)
+    internal static float[] Logits(string modelPath, IReadOnlyList<(string Path, float Scale)> adapters)
     {
         var parameters = new ModelParams(modelPath)
         {
