@@ -53,7 +53,7 @@ public static partial class AdapterConverter
         var tensors = ReadTensors(inputPath, out var metadata);
         cancellationToken.ThrowIfCancellationRequested();
         var config = ReadPeftConfig(inputPath, tensors.Keys, metadata);
-        var modules = Group(inputPath, tensors, config, out var from, out var kohyaPrefixes);
+        var modules = Group(inputPath, tensors, config, options.Architecture, out var from, out var kohyaPrefixes);
         var architecture = options.Architecture ?? Detect(modules, metadata, kohyaPrefixes);
         var rankGrown = new List<string>();
         var converted = Retarget(modules, target, rankGrown);
@@ -141,7 +141,7 @@ public static partial class AdapterConverter
     }
 
     /// <summary>Splits the tensors into modules, names each, and checks it is a whole module of a type convert carries; every problem is listed.</summary>
-    private static List<ConvertModule> Group(string path, SortedDictionary<string, RawTensor> tensors, PeftAdapterConfig? config, out string from, out HashSet<string> kohyaPrefixes)
+    private static List<ConvertModule> Group(string path, SortedDictionary<string, RawTensor> tensors, PeftAdapterConfig? config, AdapterArchitecture? architecture, out string from, out HashSet<string> kohyaPrefixes)
     {
         var groups = new Dictionary<string, Dictionary<string, (string Name, RawTensor Tensor)>>(StringComparer.Ordinal);
         var order = new List<string>();
@@ -179,6 +179,7 @@ public static partial class AdapterConverter
         var styles = new SortedSet<string>(StringComparer.Ordinal);
         kohyaPrefixes = new HashSet<string>(StringComparer.Ordinal);
         var unmapped = new List<string>();
+        var ambiguous = new List<string>();
         var modules = new List<ConvertModule>();
         foreach (var module in order)
         {
@@ -191,6 +192,12 @@ public static partial class AdapterConverter
             if (kohyaPrefix is not null)
             {
                 kohyaPrefixes.Add(kohyaPrefix);
+            }
+            // FLUX.1 files in diffusers names carry a component prefix (transformer., lora_transformer_, PEFT's wrapper);
+            // bare or lora_unet_ diffusers DiT names are Qwen-Image's as much as FLUX's.
+            if (modulePath is { Part: ModelPart.Flux, Bfl: false } && style is PrefixStyle.Bare or PrefixStyle.Kohya && architecture != AdapterArchitecture.Flux1)
+            {
+                ambiguous.Add(module);
             }
             var p = groups[module].ToDictionary(e => e.Key, e => e.Value.Tensor, StringComparer.Ordinal);
             styles.Add(style switch
@@ -215,6 +222,10 @@ public static partial class AdapterConverter
         if (unmapped.Count > 0)
         {
             throw new AdapterConvertException($"adapter {path}: {unmapped.Count} module(s) name no SD1.5, SDXL or FLUX.1 layer this converter knows: {List(unmapped)}");
+        }
+        if (ambiguous.Count > 0)
+        {
+            throw new AdapterConvertException($"adapter {path}: {ambiguous.Count} module(s) have diffusers DiT names without the FLUX.1 'transformer.' prefix, which Qwen-Image shares ({List(ambiguous)}); if it is a FLUX.1 adapter, say so with the architecture option");
         }
         if (problems.Count > 0)
         {
