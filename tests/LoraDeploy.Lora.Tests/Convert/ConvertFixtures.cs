@@ -30,13 +30,13 @@ internal static class ConvertFixtures
     /// <summary>kohya SD1.5 (diffusers block names, as sd-scripts writes them): LoRA, LoCon 1×1 and 3×3, DoRA, mixed ranks and alphas.</summary>
     public static List<TestTensor> Sd15Kohya(Random random, bool dora = true) =>
     [
-        .. Lora(random, "lora_unet_down_blocks_0_attentions_0_proj_in", 2, [8, 1, 1], 8, alpha: 1),
-        .. Lora(random, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 2, [12], 8, alpha: 1),
-        .. Lora(random, "lora_unet_down_blocks_0_resnets_0_conv1", 2, [8, 3, 3], 8, alpha: 1),
-        .. Lora(random, "lora_unet_up_blocks_0_upsamplers_0_conv", 4, [8, 3, 3], 8, alpha: 4),
-        .. Lora(random, "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2", 2, [16], 8, alpha: 1),
-        .. Lora(random, "lora_unet_time_embedding_linear_1", 2, [8], 16, alpha: null),
-        .. Lora(random, "lora_te_text_model_encoder_layers_0_self_attn_q_proj", 2, [6], 6, alpha: 2),
+        .. KohyaModule(random, "lora_unet_down_blocks_0_attentions_0_proj_in", 2, [8, 1, 1], 8, alpha: 1),
+        .. KohyaModule(random, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 2, [12], 8, alpha: 1),
+        .. KohyaModule(random, "lora_unet_down_blocks_0_resnets_0_conv1", 2, [8, 3, 3], 8, alpha: 1),
+        .. KohyaModule(random, "lora_unet_up_blocks_0_upsamplers_0_conv", 4, [8, 3, 3], 8, alpha: 4),
+        .. KohyaModule(random, "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2", 2, [16], 8, alpha: 1),
+        .. KohyaModule(random, "lora_unet_time_embedding_linear_1", 2, [8], 16, alpha: null),
+        .. KohyaModule(random, "lora_te_text_model_encoder_layers_0_self_attn_q_proj", 2, [6], 6, alpha: 2),
         .. dora ? [Representable(Random(random, "lora_te_text_model_encoder_layers_0_self_attn_q_proj.dora_scale", [6, 1], 2), "F16")] : Array.Empty<TestTensor>(),
     ];
 
@@ -55,12 +55,12 @@ internal static class ConvertFixtures
     /// <summary>kohya SDXL (LDM block names, as current sd-scripts writes them) with both text encoders.</summary>
     public static List<TestTensor> SdxlKohya(Random random) =>
     [
-        .. Lora(random, "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_out_0", 2, [8], 8, alpha: 1),
-        .. Lora(random, "lora_unet_output_blocks_2_2_conv", 2, [8, 3, 3], 8, alpha: 2),
-        .. Lora(random, "lora_unet_middle_block_2_emb_layers_1", 2, [16], 8, alpha: 1),
-        .. Lora(random, "lora_te1_text_model_encoder_layers_0_mlp_fc1", 2, [6], 12, alpha: 1),
-        .. Lora(random, "lora_te2_text_model_encoder_layers_0_self_attn_k_proj", 2, [6], 6, alpha: 1),
-        .. Lora(random, "lora_te2_text_model_encoder_layers_0_mlp_fc1", 3, [6], 12, alpha: 1.5),
+        .. KohyaModule(random, "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_out_0", 2, [8], 8, alpha: 1),
+        .. KohyaModule(random, "lora_unet_output_blocks_2_2_conv", 2, [8, 3, 3], 8, alpha: 2),
+        .. KohyaModule(random, "lora_unet_middle_block_2_emb_layers_1", 2, [16], 8, alpha: 1),
+        .. KohyaModule(random, "lora_te1_text_model_encoder_layers_0_mlp_fc1", 2, [6], 12, alpha: 1),
+        .. KohyaModule(random, "lora_te2_text_model_encoder_layers_0_self_attn_k_proj", 2, [6], 6, alpha: 1),
+        .. KohyaModule(random, "lora_te2_text_model_encoder_layers_0_mlp_fc1", 3, [6], 12, alpha: 1.5),
     ];
 
     private const int Hidden = 4;
@@ -87,40 +87,40 @@ internal static class ConvertFixtures
     /// <summary>kohya FLUX.1 (BFL names, fused q/k/v), with a lora_up bias on linear1 and DoRA on img_attn.proj.</summary>
     public static List<TestTensor> FluxKohya(Random random, bool dora = true) =>
     [
-        .. Lora(random, "lora_unet_img_in", 2, [8], Hidden, alpha: 1),
-        .. Lora(random, "lora_unet_double_blocks_0_img_attn_qkv", 2, [Hidden], 3 * Hidden, alpha: 1),
-        .. Lora(random, "lora_unet_double_blocks_0_txt_attn_qkv", 3, [Hidden], 3 * Hidden, alpha: 3),
-        .. Lora(random, "lora_unet_double_blocks_0_img_attn_proj", 2, [Hidden], Hidden, alpha: 2),
+        .. KohyaModule(random, "lora_unet_img_in", 2, [8], Hidden, alpha: 1),
+        .. KohyaModule(random, "lora_unet_double_blocks_0_img_attn_qkv", 2, [Hidden], 3 * Hidden, alpha: 1),
+        .. KohyaModule(random, "lora_unet_double_blocks_0_txt_attn_qkv", 3, [Hidden], 3 * Hidden, alpha: 3),
+        .. KohyaModule(random, "lora_unet_double_blocks_0_img_attn_proj", 2, [Hidden], Hidden, alpha: 2),
         .. dora ? [Representable(Random(random, "lora_unet_double_blocks_0_img_attn_proj.dora_scale", [Hidden, 1], 2), "F16")] : Array.Empty<TestTensor>(),
-        .. Lora(random, "lora_unet_double_blocks_0_img_mlp_0", 2, [Hidden], 4 * Hidden, alpha: 1),
-        .. Lora(random, "lora_unet_double_blocks_0_txt_mod_lin", 2, [Hidden], 6 * Hidden, alpha: 1),
-        .. Lora(random, "lora_unet_single_blocks_0_linear1", 2, [Hidden], 7 * Hidden, alpha: 1),
+        .. KohyaModule(random, "lora_unet_double_blocks_0_img_mlp_0", 2, [Hidden], 4 * Hidden, alpha: 1),
+        .. KohyaModule(random, "lora_unet_double_blocks_0_txt_mod_lin", 2, [Hidden], 6 * Hidden, alpha: 1),
+        .. KohyaModule(random, "lora_unet_single_blocks_0_linear1", 2, [Hidden], 7 * Hidden, alpha: 1),
         Representable(Random(random, "lora_unet_single_blocks_0_linear1.lora_up.bias", [7 * Hidden]), "F16"),
-        .. Lora(random, "lora_unet_single_blocks_0_linear2", 2, [5 * Hidden], Hidden, alpha: 1),
-        .. Lora(random, "lora_unet_single_blocks_0_modulation_lin", 2, [Hidden], 3 * Hidden, alpha: 1),
-        .. Lora(random, "lora_unet_final_layer_linear", 2, [Hidden], 8, alpha: 1),
-        .. Lora(random, "lora_te1_text_model_encoder_layers_0_mlp_fc1", 2, [6], 12, alpha: 1),
+        .. KohyaModule(random, "lora_unet_single_blocks_0_linear2", 2, [5 * Hidden], Hidden, alpha: 1),
+        .. KohyaModule(random, "lora_unet_single_blocks_0_modulation_lin", 2, [Hidden], 3 * Hidden, alpha: 1),
+        .. KohyaModule(random, "lora_unet_final_layer_linear", 2, [Hidden], 8, alpha: 1),
+        .. KohyaModule(random, "lora_te1_text_model_encoder_layers_0_mlp_fc1", 2, [6], 12, alpha: 1),
     ];
 
     /// <summary>diffusers FLUX.1 (split q/k/v, no alpha): parts of different ranks, a missing add_k_proj, single-block q/k/v + proj_mlp.</summary>
     public static List<TestTensor> FluxDiffusers(Random random) =>
     [
-        .. Peft(random, "transformer.x_embedder", 2, 8, Hidden),
-        .. Peft(random, "transformer.transformer_blocks.0.attn.to_q", 2, Hidden, Hidden),
-        .. Peft(random, "transformer.transformer_blocks.0.attn.to_k", 1, Hidden, Hidden),
-        .. Peft(random, "transformer.transformer_blocks.0.attn.to_v", 2, Hidden, Hidden),
-        .. Peft(random, "transformer.transformer_blocks.0.attn.add_q_proj", 2, Hidden, Hidden),
-        .. Peft(random, "transformer.transformer_blocks.0.attn.add_v_proj", 2, Hidden, Hidden),
-        .. Peft(random, "transformer.transformer_blocks.0.attn.to_out.0", 2, Hidden, Hidden),
-        .. Peft(random, "transformer.single_transformer_blocks.0.attn.to_q", 2, Hidden, Hidden),
-        .. Peft(random, "transformer.single_transformer_blocks.0.attn.to_k", 2, Hidden, Hidden),
-        .. Peft(random, "transformer.single_transformer_blocks.0.attn.to_v", 2, Hidden, Hidden),
-        .. Peft(random, "transformer.single_transformer_blocks.0.proj_mlp", 2, Hidden, 4 * Hidden),
-        .. Peft(random, "transformer.single_transformer_blocks.0.proj_out", 2, 5 * Hidden, Hidden),
-        .. Peft(random, "transformer.time_text_embed.text_embedder.linear_1", 2, 6, Hidden),
+        .. PeftModule(random, "transformer.x_embedder", 2, 8, Hidden),
+        .. PeftModule(random, "transformer.transformer_blocks.0.attn.to_q", 2, Hidden, Hidden),
+        .. PeftModule(random, "transformer.transformer_blocks.0.attn.to_k", 1, Hidden, Hidden),
+        .. PeftModule(random, "transformer.transformer_blocks.0.attn.to_v", 2, Hidden, Hidden),
+        .. PeftModule(random, "transformer.transformer_blocks.0.attn.add_q_proj", 2, Hidden, Hidden),
+        .. PeftModule(random, "transformer.transformer_blocks.0.attn.add_v_proj", 2, Hidden, Hidden),
+        .. PeftModule(random, "transformer.transformer_blocks.0.attn.to_out.0", 2, Hidden, Hidden),
+        .. PeftModule(random, "transformer.single_transformer_blocks.0.attn.to_q", 2, Hidden, Hidden),
+        .. PeftModule(random, "transformer.single_transformer_blocks.0.attn.to_k", 2, Hidden, Hidden),
+        .. PeftModule(random, "transformer.single_transformer_blocks.0.attn.to_v", 2, Hidden, Hidden),
+        .. PeftModule(random, "transformer.single_transformer_blocks.0.proj_mlp", 2, Hidden, 4 * Hidden),
+        .. PeftModule(random, "transformer.single_transformer_blocks.0.proj_out", 2, 5 * Hidden, Hidden),
+        .. PeftModule(random, "transformer.time_text_embed.text_embedder.linear_1", 2, 6, Hidden),
     ];
 
-    public static IEnumerable<TestTensor> Lora(Random random, string module, int rank, long[] input, long outDim, double? alpha)
+    public static IEnumerable<TestTensor> KohyaModule(Random random, string module, int rank, long[] input, long outDim, double? alpha)
     {
         var kernel = input.Length > 1;
         yield return Representable(Random(random, module + ".lora_down.weight", [rank, .. input]), "F16");
@@ -131,7 +131,7 @@ internal static class ConvertFixtures
         }
     }
 
-    public static IEnumerable<TestTensor> Peft(Random random, string module, int rank, long inDim, long outDim)
+    public static IEnumerable<TestTensor> PeftModule(Random random, string module, int rank, long inDim, long outDim)
     {
         yield return Representable(Random(random, module + ".lora_A.weight", [rank, inDim]), "F16");
         yield return Representable(Random(random, module + ".lora_B.weight", [outDim, rank]), "F16");
