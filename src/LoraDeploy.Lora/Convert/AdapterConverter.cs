@@ -408,7 +408,7 @@ public static partial class AdapterConverter
             }
             else if (bfl)
             {
-                var path = AdapterModuleNames.BflOf(module.Path.Path, out var relation, out var part);
+                var path = FluxModuleNames.BflOf(module.Path.Path, out var relation, out var part)!;
                 var target1 = new ModulePath(ModelPart.Flux, path, Bfl: true);
                 switch (relation)
                 {
@@ -434,7 +434,7 @@ public static partial class AdapterConverter
             }
             else
             {
-                var paths = AdapterModuleNames.DiffusersOf(module.Path.Path, out var relation);
+                var paths = FluxModuleNames.DiffusersOf(module.Path.Path, out var relation)!;
                 if (relation == FluxRelation.Same)
                 {
                     result.Add(module.With(new ModulePath(ModelPart.Flux, paths[0])));
