@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.Globalization;
 using LoraDeploy.Lora.Merge;
 using LoraDeploy.Lora.Safetensors;
 
@@ -171,7 +172,7 @@ internal static class FusedModules
         var scales = present.Select(p => p.Scale).Distinct().ToList();
         if (scales.Count > 1)
         {
-            throw new AdapterConvertException($"cannot fuse {name} exactly: their alpha/rank differ ({string.Join(", ", present.Select(p => $"{p.Alpha?.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "none"}/{p.Rank}"))}), and one fused module has one alpha");
+            throw new AdapterConvertException($"cannot fuse {name} exactly: their alpha/rank differ ({string.Join(", ", present.Select(p => $"{p.Alpha?.ToString(CultureInfo.InvariantCulture) ?? "none"}/{p.Rank}"))}), and one fused module has one alpha");
         }
         var dora = present.Count(p => p.Dora is not null);
         if (dora > 0 && (dora < parts.Length || present.Any(p => !p.DoraPerOutputRow) || present.Select(p => p.Params.ContainsKey("magnitude")).Distinct().Count() > 1))
