@@ -78,58 +78,25 @@ internal sealed partial class BaseTensorNames
         {
             name = name.StartsWith(wrapper, StringComparison.Ordinal) ? name[wrapper.Length..] : name;
         }
-        Match m;
-        if ((m = FluxDouble().Match(name)).Success)
+        if (FluxModuleNames.BflOf(name, out var relation, out var part) is not { } module)
         {
-            var block = $"double_blocks.{m.Groups[1].Value}.";
-            return m.Groups[2].Value switch
-            {
-                "attn.to_q" => Rows(block + "img_attn.qkv", 0, 3),
-                "attn.to_k" => Rows(block + "img_attn.qkv", 1, 3),
-                "attn.to_v" => Rows(block + "img_attn.qkv", 2, 3),
-                "attn.add_q_proj" => Rows(block + "txt_attn.qkv", 0, 3),
-                "attn.add_k_proj" => Rows(block + "txt_attn.qkv", 1, 3),
-                "attn.add_v_proj" => Rows(block + "txt_attn.qkv", 2, 3),
-                "attn.to_out.0" => Whole(block + "img_attn.proj"),
-                "attn.to_add_out" => Whole(block + "txt_attn.proj"),
-                "ff.net.0.proj" => Whole(block + "img_mlp.0"),
-                "ff.net.2" => Whole(block + "img_mlp.2"),
-                "ff_context.net.0.proj" => Whole(block + "txt_mlp.0"),
-                "ff_context.net.2" => Whole(block + "txt_mlp.2"),
-                "norm1.linear" => Whole(block + "img_mod.lin"),
-                "norm1_context.linear" => Whole(block + "txt_mod.lin"),
-                _ => null,
-            };
+            return null;
         }
-        if ((m = FluxSingle().Match(name)).Success)
+        switch (relation)
         {
-            var block = $"single_blocks.{m.Groups[1].Value}.";
-            var linear1 = block + "linear1.weight";
-            var width = _shapes.TryGetValue(linear1, out var shape) && shape.Length == 2 ? shape[1] : 0;
-            return m.Groups[2].Value switch
-            {
-                "attn.to_q" => Block(block + "linear1", 0, width, width),
-                "attn.to_k" => Block(block + "linear1", width, width, width),
-                "attn.to_v" => Block(block + "linear1", 2 * width, width, width),
-                "proj_mlp" => width > 0 && shape![0] > 3 * width ? Block(block + "linear1", 3 * width, shape[0] - 3 * width, width) : null,
-                "proj_out" => Whole(block + "linear2"),
-                "norm.linear" => Whole(block + "modulation.lin"),
-                _ => null,
-            };
+            case FluxRelation.Same:
+                return Whole(module);
+            case FluxRelation.QkvPart:
+                return Rows(module, part, 3);
+            case FluxRelation.Linear1Part:
+                var width = _shapes.TryGetValue(module + ".weight", out var shape) && shape.Length == 2 ? shape[1] : 0;
+                return part < 3
+                    ? Block(module, part * width, width, width)
+                    : width > 0 && shape![0] > 3 * width ? Block(module, 3 * width, shape[0] - 3 * width, width) : null;
+            default:
+                // norm_out is not mapped: BFL stores its shift and scale halves the other way round.
+                return null;
         }
-        return name switch
-        {
-            "x_embedder" => Whole("img_in"),
-            "context_embedder" => Whole("txt_in"),
-            "proj_out" => Whole("final_layer.linear"),
-            "time_text_embed.timestep_embedder.linear_1" => Whole("time_in.in_layer"),
-            "time_text_embed.timestep_embedder.linear_2" => Whole("time_in.out_layer"),
-            "time_text_embed.text_embedder.linear_1" => Whole("vector_in.in_layer"),
-            "time_text_embed.text_embedder.linear_2" => Whole("vector_in.out_layer"),
-            "time_text_embed.guidance_embedder.linear_1" => Whole("guidance_in.in_layer"),
-            "time_text_embed.guidance_embedder.linear_2" => Whole("guidance_in.out_layer"),
-            _ => null,
-        };
 
         BaseTarget? Whole(string module) => _shapes.ContainsKey(module + ".weight") ? BaseTarget.Module(module) : null;
 
@@ -143,12 +110,6 @@ internal sealed partial class BaseTensorNames
                 ? new BaseTarget(module + ".weight", module + ".bias", start, rows)
                 : null;
     }
-
-    [GeneratedRegex(@"\Atransformer_blocks\.(\d{1,3})\.(.+)\z")]
-    private static partial Regex FluxDouble();
-
-    [GeneratedRegex(@"\Asingle_transformer_blocks\.(\d{1,3})\.(.+)\z")]
-    private static partial Regex FluxSingle();
 
     /// <summary>
     /// HF CLIP names on an OpenCLIP encoder: SDXL's second (<c>conditioner.embedders.1.model.</c>) or SD2's

@@ -13,6 +13,7 @@ internal static class LoraDeployCli
         root.Subcommands.Add(TokenCommand.Create());
         root.Subcommands.Add(InspectCommand.Create());
         root.Subcommands.Add(MergeCommand.Create());
+        root.Subcommands.Add(ConvertCommand.Create());
         foreach (var command in ClientCommands.Create())
         {
             root.Subcommands.Add(command);
