@@ -61,6 +61,8 @@ public abstract class ExportJobTests(ExportFixture fixture)
         var response = await user.Client.GetAsync(export.GetProperty("download_url").GetString());
         Assert.Equal(HttpStatusCode.OK, response.StatusCode);
         Assert.Equal("bytes", response.Headers.AcceptRanges.Single());
+        Assert.Equal($"\"{export.GetProperty("sha256").GetString()}\"", response.Headers.ETag?.Tag);
+        Assert.Equal("application/octet-stream", response.Content.Headers.ContentType?.MediaType);
         var downloaded = await response.Content.ReadAsByteArrayAsync();
         Assert.Equal(size, downloaded.LongLength);
         Assert.Equal(export.GetProperty("sha256").GetString(), Convert.ToHexStringLower(SHA256.HashData(downloaded)));
