@@ -108,14 +108,20 @@ public static class ExportEndpoints
                 l.Id,
                 l.BaseModel,
                 l.AdapterSha256,
-                Deploy = db.Deploys.Where(d => d.LoraId == l.Id).Select(d => new { d.Id, d.Status }).FirstOrDefault(),
+                Deploy = db.Deploys.Where(d => d.LoraId == l.Id).Select(d => new
+                {
+                    d.Id,
+                    d.Status,
+                    Imported = db.ImportJobs.Any(j => j.DeployId == d.Id && j.Status == ImportJobStatus.Done),
+                }).FirstOrDefault(),
             })
             .FirstOrDefaultAsync(ct);
         if (lora?.Deploy is null)
         {
             return LoraNotFound(lora_name);
         }
-        if (lora.AdapterSha256 is null)
+        // Imported = stored, verified and let through by the gate; a LoRA failed at the gate has bytes but is not one.
+        if (lora.AdapterSha256 is null || !lora.Deploy.Imported)
         {
             return ApiErrors.Conflict(
                 $"LoRA '{lora_name}' is {lora.Deploy.Status}: its adapter is not imported, so there is nothing to merge yet. Export it once its status is deploying or running.");
@@ -185,7 +191,7 @@ public static class ExportEndpoints
                 ? $"Export '{export_id}' failed, so there is no file: {job.FailReason}"
                 : $"Export '{export_id}' is {job.Status} ({Percent(job):0.#}% done); download it once its status is done.");
         }
-        var path = files.OutputPath(job.Id, job.Format);
+        var path = files.OutputPath(job.Id, job.Attempts, job.Format);
         if (!File.Exists(path))
         {
             return ApiErrors.NotFound($"Export '{export_id}' has no file any more (it expired); ask for a new export.");

@@ -1,4 +1,5 @@
 using System.Collections.Concurrent;
+using System.Data.Common;
 using LoraDeploy.BaseModels;
 using LoraDeploy.Data;
 using LoraDeploy.Lora.Merge;
@@ -190,11 +191,14 @@ public sealed partial class ExportRunner(
         using var work = CancellationTokenSource.CreateLinkedTokenSource(stoppingToken);
         var progress = new LatestProgress();
         var reporting = ReportProgressAsync(id, progress, work);
-        var output = files.OutputPath(id, job.Format);
+        // This start's own files; whatever dead starts left goes (a start still running without its lease fails its rename).
+        var attempt = job.Attempts;
+        files.DeleteOtherAttempts(id, attempt);
+        var output = files.OutputPath(id, attempt, job.Format);
         try
         {
             LogStarted(id, job.BaseModel, job.Attempts);
-            var adapterPath = files.AdapterPath(id, fileName);
+            var adapterPath = files.AdapterPath(id, attempt, fileName);
             if (!await CopyAdapterAsync(job.AdapterSha256, adapterPath, work.Token))
             {
                 await FailAsync(id, $"The adapter {job.AdapterSha256} is no longer stored on this server (its LoRA was deleted?); nothing was merged.", CancellationToken.None);
@@ -202,7 +206,7 @@ public sealed partial class ExportRunner(
             }
             var mergeOptions = new MergeOptions { OutputDtype = DtypeOf(job.Dtype), Progress = progress, TimeProvider = time };
             var merged = await Task.Run(() => exportBase.Merge(new MergeAdapter(adapterPath, job.Strength), output, mergeOptions, work.Token), work.Token);
-            files.DeleteAdapter(id);
+            files.DeleteAdapter(id, attempt);
             var sha256 = await ExportFiles.Sha256Async(output, work.Token);
             await work.CancelAsync();
             await reporting;
@@ -223,29 +227,30 @@ public sealed partial class ExportRunner(
             if (done == 0)
             {
                 // Deleted (or taken over) while it ran: the file belongs to no row.
-                files.Delete(id);
+                files.DeleteAttempt(id, attempt);
                 return;
             }
             LogDone(id, merged.BytesWritten, merged.TensorsMerged, merged.Elapsed.TotalSeconds);
         }
         catch (LoraMergeException e)
         {
-            files.Delete(id);
+            files.DeleteAttempt(id, attempt);
             await FailAsync(id, $"The merge was refused: {e.Message}", CancellationToken.None);
         }
         catch (OperationCanceledException) when (work.IsCancellationRequested)
         {
-            // Shutting down (the lease lapses and the job runs again), or the job was deleted (nothing left to keep).
-            files.DeleteAdapter(id);
-            if (!stoppingToken.IsCancellationRequested)
+            // The job was deleted or taken over (nothing of it to keep), or the host is stopping: then it goes back to
+            // the queue at once, not counted as a start, for this host after its restart or for another replica.
+            files.DeleteAttempt(id, attempt);
+            if (stoppingToken.IsCancellationRequested)
             {
-                files.Delete(id);
+                await RequeueAsync(id);
             }
         }
         catch (Exception e)
         {
             logger.LogError(e, "Export {ExportId} failed", id);
-            files.Delete(id);
+            files.DeleteAttempt(id, attempt);
             await FailAsync(id, "LoraDeploy hit an internal error while merging; the server log has the details (search for the export id). Ask for a new export to try again.", CancellationToken.None);
         }
         finally
@@ -303,6 +308,24 @@ public sealed partial class ExportRunner(
         catch (Exception e)
         {
             logger.LogWarning(e, "Could not write the progress of export {ExportId}; the merge goes on", id);
+        }
+    }
+
+    private async Task RequeueAsync(string id)
+    {
+        try
+        {
+            using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(5));
+            await using var db = await contexts.CreateDbContextAsync(timeout.Token);
+            await Owned(db, id).ExecuteUpdateAsync(set => set
+                .SetProperty(j => j.Status, ExportJobStatus.Queued)
+                .SetProperty(j => j.LeaseOwner, (string?)null)
+                .SetProperty(j => j.LeaseExpiresAt, (DateTime?)null)
+                .SetProperty(j => j.Attempts, j => j.Attempts - 1), timeout.Token);
+        }
+        catch (Exception e) when (e is OperationCanceledException or DbException)
+        {
+            logger.LogWarning(e, "Could not put export {ExportId} back in the queue; it runs again when its lease lapses", id);
         }
     }
 

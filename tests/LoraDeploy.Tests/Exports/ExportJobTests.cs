@@ -91,7 +91,7 @@ public abstract class ExportJobTests(ExportFixture fixture)
             Directory.Delete(scratch, recursive: true);
         }
         // Nothing but the finished file is left in the exports folder (no .part, no adapter copy).
-        Assert.Equal([$"{id}.safetensors"], Directory.GetFileSystemEntries(fixture.ExportsFolder, $"{id}*").Select(Path.GetFileName));
+        Assert.Equal([$"{id}.1.safetensors"], Directory.GetFileSystemEntries(fixture.ExportsFolder, $"{id}*").Select(Path.GetFileName));
     }
 
     [Fact]
@@ -153,11 +153,11 @@ public abstract class ExportJobTests(ExportFixture fixture)
     {
         var (user, export, _) = await DoneExportAsync("short-lived");
         var id = export.GetProperty("export_id").GetString()!;
-        Assert.True(File.Exists(Path.Combine(fixture.ExportsFolder, $"{id}.safetensors")));
+        Assert.True(File.Exists(Path.Combine(fixture.ExportsFolder, $"{id}.1.safetensors")));
 
         var deleted = await (await user.Client.DeleteAsync($"/v1/lora/short-lived/export/{id}")).ExpectAsync(HttpStatusCode.OK);
         Assert.True(deleted.GetProperty("deleted").GetBoolean());
-        Assert.False(File.Exists(Path.Combine(fixture.ExportsFolder, $"{id}.safetensors")));
+        Assert.Empty(Directory.GetFileSystemEntries(fixture.ExportsFolder, $"{id}*"));
         await (await user.Client.GetAsync($"/v1/lora/short-lived/export/{id}")).ExpectErrorAsync(HttpStatusCode.NotFound);
         Assert.Empty((await (await user.Client.GetAsync("/v1/lora/short-lived/exports")).ExpectAsync(HttpStatusCode.OK)).EnumerateArray());
     }
@@ -194,6 +194,20 @@ public abstract class ExportJobTests(ExportFixture fixture)
         var error = await (await user.Client.PostAsync("/v1/lora/not-yet/export", null)).ExpectErrorAsync(HttpStatusCode.Conflict);
         Assert.Matches("is (initializing|downloading)", error);
         await user.Client.DeleteAsync("/v1/lora/not-yet");
+
+        // Stored but refused at the gate (a FLUX.1 adapter on an SDXL base): its bytes are there, its import is not done.
+        var flux = fixture.Simulator.AddLora(AdapterFiles.Flux1(seed: 98), baseModel: "Flux.1 D");
+        var created = await (await user.Client.PostJsonAsync("/v1/lora/create", Pipeline.PipelineHarness.CreateBody("wrong-base", Pipeline.PipelineHarness.ModelUrl(flux), ExportFixture.WithWeights)))
+            .ExpectAsync(HttpStatusCode.OK);
+        var deployId = created.GetProperty("deploy_id").GetString()!;
+        var deadline = DateTime.UtcNow.AddSeconds(60);
+        while ((await (await user.Client.GetAsync($"/deploy/{deployId}")).ExpectAsync(HttpStatusCode.OK)).GetProperty("status").GetString() != "failed")
+        {
+            Assert.True(DateTime.UtcNow < deadline, "the FLUX.1 adapter was not refused on the SDXL base");
+            await Task.Delay(50);
+        }
+        Assert.NotNull(await Server.QueryAsync(db => db.Loras.Where(l => l.Id == db.Deploys.Single(d => d.Id == deployId).LoraId).Select(l => l.AdapterSha256).SingleAsync()));
+        Assert.Contains("is failed", await (await user.Client.PostAsync("/v1/lora/wrong-base/export", null)).ExpectErrorAsync(HttpStatusCode.Conflict));
     }
 
     [Fact]
@@ -225,15 +239,13 @@ public abstract class ExportJobTests(ExportFixture fixture)
         Assert.Empty(Directory.GetFileSystemEntries(fixture.ExportsFolder, $"{id}*"));
     }
 
-    [Fact]
-    public async Task A_running_export_whose_runner_died_is_taken_up_again_once_its_lease_expires_and_finishes()
+    /// <summary>A running job whose runner died: its lease lapsed, <paramref name="attempts"/> starts so far.</summary>
+    private async Task<string> InsertCrashedJobAsync(TestUser user, string loraName, int attempts)
     {
-        var user = await fixture.UserWithLoraAsync("phoenix");
-        var lora = await Server.QueryAsync(db => db.Loras.Where(l => l.Name == "phoenix" && l.User!.Name == user.Name)
+        var lora = await Server.QueryAsync(db => db.Loras.Where(l => l.Name == loraName && l.User!.Name == user.Name)
             .Select(l => new { l.Id, l.UserId, l.AdapterSha256, DeployId = db.Deploys.Where(d => d.LoraId == l.Id).Select(d => d.Id).First() }).FirstAsync());
         var now = DateTime.UtcNow;
         var id = "crashed" + Guid.NewGuid().ToString("N")[..5];
-        // What a runner that died mid-merge leaves: a running row with its lease lapsed and a half-written .part.
         await Server.QueryAsync(async db =>
         {
             db.ExportJobs.Add(new ExportJob
@@ -249,7 +261,7 @@ public abstract class ExportJobTests(ExportFixture fixture)
                 Status = ExportJobStatus.Running,
                 LeaseOwner = "dead-host:1:abcdef",
                 LeaseExpiresAt = now.AddSeconds(-5),
-                Attempts = 1,
+                Attempts = attempts,
                 TensorsDone = 3,
                 TensorsTotal = 16,
                 BytesDone = 1000,
@@ -259,7 +271,27 @@ public abstract class ExportJobTests(ExportFixture fixture)
             });
             return await db.SaveChangesAsync();
         });
-        await File.WriteAllBytesAsync(Path.Combine(fixture.ExportsFolder, $"{id}.safetensors.part"), new byte[1000]);
+        return id;
+    }
+
+    [Fact]
+    public async Task A_job_whose_runner_died_at_every_start_fails_instead_of_looping()
+    {
+        var user = await fixture.UserWithLoraAsync("doomed");
+        var id = await InsertCrashedJobAsync(user, "doomed", attempts: 3);
+        var (export, _) = await ExportTestFiles.WaitAsync(user.Client, "doomed", id);
+        Assert.True(export.GetProperty("status").GetString() == "failed", export.ToString());
+        Assert.Contains("started 3 times", export.GetProperty("fail_reason").GetString());
+    }
+
+    [Fact]
+    public async Task A_running_export_whose_runner_died_is_taken_up_again_once_its_lease_expires_and_finishes()
+    {
+        var user = await fixture.UserWithLoraAsync("phoenix");
+        var id = await InsertCrashedJobAsync(user, "phoenix", attempts: 1);
+        // What a runner that died mid-merge leaves besides its row: its adapter copy and a half-written .part.
+        Directory.CreateDirectory(Path.Combine(fixture.ExportsFolder, $"{id}.1.adapter"));
+        await File.WriteAllBytesAsync(Path.Combine(fixture.ExportsFolder, $"{id}.1.safetensors.part"), new byte[1000]);
 
         var (export, _) = await ExportTestFiles.WaitAsync(user.Client, "phoenix", id);
         Assert.True(export.GetProperty("status").GetString() == "done", export.ToString());
@@ -269,7 +301,8 @@ public abstract class ExportJobTests(ExportFixture fixture)
 
         var downloaded = await (await user.Client.GetAsync(export.GetProperty("download_url").GetString())).Content.ReadAsByteArrayAsync();
         Assert.Equal(export.GetProperty("sha256").GetString(), Convert.ToHexStringLower(SHA256.HashData(downloaded)));
-        Assert.False(File.Exists(Path.Combine(fixture.ExportsFolder, $"{id}.safetensors.part")));
+        // The dead start's leftovers are gone; only the new start's file is there.
+        Assert.Equal([$"{id}.2.safetensors"], Directory.GetFileSystemEntries(fixture.ExportsFolder, $"{id}*").Select(Path.GetFileName));
         var (_, _, fresh) = await DoneExportAsync("phoenix-fresh");
         Assert.Equal(fresh, downloaded); // the same merge as an export that never crashed
     }

@@ -62,7 +62,7 @@ public sealed class ExportRunnerTests : IAsyncLifetime
         var finished = DateTimeOffset.Parse(export.GetProperty("finished_at").GetString()!, System.Globalization.CultureInfo.InvariantCulture);
         var expires = DateTimeOffset.Parse(export.GetProperty("expires_at").GetString()!, System.Globalization.CultureInfo.InvariantCulture);
         Assert.InRange((expires - finished).TotalSeconds, 2, 5);
-        var file = Path.Combine(server.DataDir, "exports", $"{id}.safetensors");
+        var file = Path.Combine(server.DataDir, "exports", $"{id}.1.safetensors");
         Assert.True(File.Exists(file));
 
         var deadline = DateTime.UtcNow.AddSeconds(20);
