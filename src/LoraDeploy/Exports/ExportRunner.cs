@@ -247,6 +247,11 @@ public sealed partial class ExportRunner(
                 await RequeueAsync(id);
             }
         }
+        catch (IOException e)
+        {
+            files.DeleteAttempt(id, attempt);
+            await FailAsync(id, $"Writing to the exports folder failed: {e.Message}; nothing was kept. Ask for a new export once there is room.", CancellationToken.None);
+        }
         catch (Exception e)
         {
             logger.LogError(e, "Export {ExportId} failed", id);
