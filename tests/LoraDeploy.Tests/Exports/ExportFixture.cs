@@ -153,7 +153,7 @@ public static class ExportTestFiles
     /// An SDXL checkpoint holding the three tensors the adapter changes (the first <paramref name="toQWidth"/> wide) and
     /// a few it leaves alone, F16 with random values, with metadata of its own.
     /// </summary>
-    public static void WriteSdxlBase(string path, int seed, long toQWidth = 640)
+    public static void WriteSdxlBase(string path, int seed, long toQWidth = 640, int fillerTensors = 0)
     {
         var random = new Random(seed);
         var writer = new SafetensorsWriter().Metadata("modelspec.title", "synthetic sdxl base");
@@ -165,6 +165,11 @@ public static class ExportTestFiles
         writer.Tensor("model.diffusion_model.input_blocks.8.1.transformer_blocks.2.attn2.to_k.weight", "F16", [1280, 2048], RandomF16(random, 1280 * 2048, 0.5));
         writer.Tensor("model.diffusion_model.middle_block.1.transformer_blocks.9.attn2.to_v.weight", "F16", [1280, 2048], RandomF16(random, 1280 * 2048, 0.5));
         writer.Tensor("model.diffusion_model.out.2.bias", "F32", [4], RandomF32(random, 4));
+        // Untouched 10 MB tensors left as holes (no disk) that make a merge take a while.
+        for (var i = 0; i < fillerTensors; i++)
+        {
+            writer.Tensor($"model.diffusion_model.output_blocks.{i}.0.filler.weight", "F16", [5 * 1024 * 1024]);
+        }
         writer.WriteTo(path);
     }
 
