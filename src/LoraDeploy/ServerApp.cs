@@ -2,6 +2,7 @@ using LoraDeploy.Auth;
 using LoraDeploy.BaseModels;
 using LoraDeploy.Data;
 using LoraDeploy.Deploys;
+using LoraDeploy.Exports;
 using LoraDeploy.Health;
 using LoraDeploy.Inference;
 using LoraDeploy.Loras;
@@ -40,6 +41,7 @@ public static class ServerApp
         builder.Services.AddBlobStorage(builder.Configuration);
         builder.Services.AddSources(builder.Configuration);
         builder.Services.AddImportPipeline();
+        builder.Services.AddExports();
         builder.Services.AddWorkerApi();
         builder.Services.AddInferenceGateway();
         builder.Services.AddInferenceWebhooks(builder.Configuration);
@@ -61,6 +63,7 @@ public static class ServerApp
         app.MapLoras();
         app.MapLoraModels();
         app.MapDeploys();
+        app.MapExports();
         app.MapWorkerApi();
         app.MapInference();
         return app;

@@ -40,6 +40,8 @@ public sealed record BaseModelEntry(string Name, string Family)
     public string? Engine { get; init; }
     /// <summary>llamacpp: path of the base GGUF.</summary>
     public string? Gguf { get; init; }
+    /// <summary>Path on this host of the base model's weights as one safetensors file (what exports merge into); null when not here.</summary>
+    public string? Weights { get; init; }
     public ComfyUiSettings? ComfyUi { get; init; }
     /// <summary>Adapters a worker keeps resident for this pool (LRU beyond it; pinned ones never evicted).</summary>
     public int MaxAdaptersPerWorker { get; init; } = DefaultMaxAdaptersPerWorker;
@@ -51,7 +53,7 @@ public sealed record BaseModelEntry(string Name, string Family)
 
 /// <summary>
 /// Which base models a LoRA may be deployed on, which architecture family each one is, and which of them are serving
-/// pools. An entry is either <c>BaseModels:{name}=family</c> or a section (<c>Family</c>, <c>Engine</c>, <c>Gguf</c>,
+/// pools. An entry is either <c>BaseModels:{name}=family</c> or a section (<c>Family</c>, <c>Engine</c>, <c>Gguf</c>, <c>Weights</c>,
 /// <c>ComfyUi:*</c>, <c>MaxAdaptersPerWorker</c>, <c>Defaults:*</c>). Configured entries add to (or override) the
 /// defaults; an empty family removes a default.
 /// </summary>
@@ -131,6 +133,7 @@ public sealed class BaseModelRegistry
         {
             Engine = engine,
             Gguf = section["Gguf"],
+            Weights = section["Weights"] is { Length: > 0 } weights ? weights : null,
             ComfyUi = comfy.Exists()
                 ? new ComfyUiSettings(comfy["Url"], comfy["LoraFolder"], comfy["Checkpoint"], comfy["Unet"], comfy["Clip1"], comfy["Clip2"], comfy["Vae"],
                     int.TryParse(comfy["StallSeconds"], out var stall) ? stall : null)
@@ -140,6 +143,12 @@ public sealed class BaseModelRegistry
                 .Where(d => d.Value is not null)
                 .ToDictionary(d => d.Key, d => d.Value!, StringComparer.Ordinal),
         };
+        if (entry.Weights is { } weightsPath && !File.Exists(weightsPath))
+        {
+            errors.Add(Directory.Exists(weightsPath)
+                ? $"{key}:Weights '{weightsPath}' is a folder; give the base model's weights as one .safetensors file."
+                : $"{key}:Weights '{weightsPath}' does not exist on this host; give the path of the base model's .safetensors file, or leave the setting out.");
+        }
         switch (engine)
         {
             case null:

@@ -156,6 +156,49 @@ public static class ImportJobStatus
     public const string Ended = "ended";
 }
 
+/// <summary>
+/// An export: one LoRA's adapter merged into its pool's base weights on this host, as a downloadable file. The row is
+/// the job: claimed with a lease by an export runner, so a crashed runner's job is taken up again once the lease lapses.
+/// </summary>
+public sealed class ExportJob
+{
+    public required string Id { get; set; }
+    public long UserId { get; set; }
+    public long LoraId { get; set; }
+    public Lora? Lora { get; set; }
+    public required string DeployId { get; set; }
+    /// <summary>The adapter merged (its blob), fixed when the export was asked for.</summary>
+    public required string AdapterSha256 { get; set; }
+    public required string BaseModel { get; set; }
+    /// <summary>The file written: <c>safetensors</c>, or <c>gguf</c> for a llama.cpp pool.</summary>
+    public required string Format { get; set; }
+    /// <summary>dtype of the merged float tensors: <c>f16</c>, <c>bf16</c>, <c>f32</c>, or <c>base</c> (each keeps the base's).</summary>
+    public required string Dtype { get; set; }
+    public double Strength { get; set; } = 1.0;
+    public string Status { get; set; } = ExportJobStatus.Queued;
+    public string? LeaseOwner { get; set; }
+    public DateTime? LeaseExpiresAt { get; set; }
+    public int Attempts { get; set; }
+    public int TensorsDone { get; set; }
+    public int TensorsTotal { get; set; }
+    public long BytesDone { get; set; }
+    public long BytesTotal { get; set; }
+    public long? OutputBytes { get; set; }
+    public string? OutputSha256 { get; set; }
+    public string FailReason { get; set; } = "";
+    public DateTime CreatedAt { get; set; }
+    public DateTime? StartedAt { get; set; }
+    public DateTime? FinishedAt { get; set; }
+}
+
+public static class ExportJobStatus
+{
+    public const string Queued = "queued";
+    public const string Running = "running";
+    public const string Done = "done";
+    public const string Failed = "failed";
+}
+
 /// <summary>A worker process serving one engine's pools: registered and heartbeating through the database.</summary>
 public sealed class Worker
 {

@@ -13,6 +13,7 @@ public abstract class LoraDeployDbContext(DbContextOptions options) : DbContext(
     public DbSet<Download> Downloads => Set<Download>();
     public DbSet<Adapter> Adapters => Set<Adapter>();
     public DbSet<ImportJob> ImportJobs => Set<ImportJob>();
+    public DbSet<ExportJob> ExportJobs => Set<ExportJob>();
     public DbSet<Worker> Workers => Set<Worker>();
     public DbSet<WorkerToken> WorkerTokens => Set<WorkerToken>();
     public DbSet<Instance> Instances => Set<Instance>();
@@ -93,6 +94,29 @@ public abstract class LoraDeployDbContext(DbContextOptions options) : DbContext(
             // deploys exist (done and ended jobs are almost all of them).
             job.HasIndex(j => j.CreatedAt).HasDatabaseName("IX_import_jobs_Active_CreatedAt")
                 .HasFilter("\"Status\" IN ('queued', 'importing')");
+        });
+
+        modelBuilder.Entity<ExportJob>(job =>
+        {
+            job.ToTable("export_jobs");
+            job.HasKey(j => j.Id);
+            job.Property(j => j.Id).HasMaxLength(32);
+            job.Property(j => j.DeployId).HasMaxLength(32);
+            job.Property(j => j.AdapterSha256).HasMaxLength(64);
+            job.Property(j => j.BaseModel).HasMaxLength(200);
+            job.Property(j => j.Format).HasMaxLength(16);
+            job.Property(j => j.Dtype).HasMaxLength(8);
+            job.Property(j => j.Status).HasMaxLength(16);
+            job.Property(j => j.LeaseOwner).HasMaxLength(64);
+            job.Property(j => j.OutputSha256).HasMaxLength(64);
+            job.Property(j => j.FailReason).HasMaxLength(2000);
+            job.HasOne(j => j.Lora).WithMany().HasForeignKey(j => j.LoraId).OnDelete(DeleteBehavior.Cascade);
+            // A LoRA's exports, newest first.
+            job.HasIndex(j => new { j.LoraId, j.CreatedAt });
+            // The claim query: only unfinished jobs, oldest first (partial, like the import queue's index).
+            job.HasIndex(j => j.CreatedAt).HasDatabaseName("IX_export_jobs_Active_CreatedAt")
+                .HasFilter("\"Status\" IN ('queued', 'running')");
+            job.HasIndex(j => j.FinishedAt);
         });
 
         modelBuilder.Entity<WorkerToken>(token =>

@@ -297,6 +297,107 @@ namespace LoraDeploy.Data.Migrations.Postgres
                     b.ToTable("downloads", (string)null);
                 });
 
+            modelBuilder.Entity("LoraDeploy.Data.ExportJob", b =>
+                {
+                    b.Property<string>("Id")
+                        .HasMaxLength(32)
+                        .HasColumnType("character varying(32)");
+
+                    b.Property<string>("AdapterSha256")
+                        .IsRequired()
+                        .HasMaxLength(64)
+                        .HasColumnType("character varying(64)");
+
+                    b.Property<int>("Attempts")
+                        .HasColumnType("integer");
+
+                    b.Property<string>("BaseModel")
+                        .IsRequired()
+                        .HasMaxLength(200)
+                        .HasColumnType("character varying(200)");
+
+                    b.Property<long>("BytesDone")
+                        .HasColumnType("bigint");
+
+                    b.Property<long>("BytesTotal")
+                        .HasColumnType("bigint");
+
+                    b.Property<DateTime>("CreatedAt")
+                        .HasColumnType("timestamp with time zone");
+
+                    b.Property<string>("DeployId")
+                        .IsRequired()
+                        .HasMaxLength(32)
+                        .HasColumnType("character varying(32)");
+
+                    b.Property<string>("Dtype")
+                        .IsRequired()
+                        .HasMaxLength(8)
+                        .HasColumnType("character varying(8)");
+
+                    b.Property<string>("FailReason")
+                        .IsRequired()
+                        .HasMaxLength(2000)
+                        .HasColumnType("character varying(2000)");
+
+                    b.Property<DateTime?>("FinishedAt")
+                        .HasColumnType("timestamp with time zone");
+
+                    b.Property<string>("Format")
+                        .IsRequired()
+                        .HasMaxLength(16)
+                        .HasColumnType("character varying(16)");
+
+                    b.Property<DateTime?>("LeaseExpiresAt")
+                        .HasColumnType("timestamp with time zone");
+
+                    b.Property<string>("LeaseOwner")
+                        .HasMaxLength(64)
+                        .HasColumnType("character varying(64)");
+
+                    b.Property<long>("LoraId")
+                        .HasColumnType("bigint");
+
+                    b.Property<long?>("OutputBytes")
+                        .HasColumnType("bigint");
+
+                    b.Property<string>("OutputSha256")
+                        .HasMaxLength(64)
+                        .HasColumnType("character varying(64)");
+
+                    b.Property<DateTime?>("StartedAt")
+                        .HasColumnType("timestamp with time zone");
+
+                    b.Property<string>("Status")
+                        .IsRequired()
+                        .HasMaxLength(16)
+                        .HasColumnType("character varying(16)");
+
+                    b.Property<double>("Strength")
+                        .HasColumnType("double precision");
+
+                    b.Property<int>("TensorsDone")
+                        .HasColumnType("integer");
+
+                    b.Property<int>("TensorsTotal")
+                        .HasColumnType("integer");
+
+                    b.Property<long>("UserId")
+                        .HasColumnType("bigint");
+
+                    b.HasKey("Id");
+
+                    b.HasIndex("CreatedAt")
+                        .HasDatabaseName("IX_export_jobs_Active_CreatedAt")
+                        .HasFilter("\"Status\" IN ('queued', 'running')");
+
+                    b.HasIndex("FinishedAt");
+
+                    b.HasIndex("LoraId", "CreatedAt");
+
+                    b.ToTable("export_jobs", (string)null);
+                });
+
             modelBuilder.Entity("LoraDeploy.Data.IdempotencyRecord", b =>
                 {
                     b.Property<long>("UserId")
@@ -649,6 +750,17 @@ namespace LoraDeploy.Data.Migrations.Postgres
                     b.HasOne("LoraDeploy.Data.Lora", "Lora")
                         .WithOne()
                         .HasForeignKey("LoraDeploy.Data.Deploy", "LoraId")
+                        .OnDelete(DeleteBehavior.Cascade)
+                        .IsRequired();
+
+                    b.Navigation("Lora");
+                });
+
+            modelBuilder.Entity("LoraDeploy.Data.ExportJob", b =>
+                {
+                    b.HasOne("LoraDeploy.Data.Lora", "Lora")
+                        .WithMany()
+                        .HasForeignKey("LoraId")
                         .OnDelete(DeleteBehavior.Cascade)
                         .IsRequired();
 

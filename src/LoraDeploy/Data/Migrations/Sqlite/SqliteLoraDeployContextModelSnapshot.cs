@@ -290,6 +290,107 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                     b.ToTable("downloads", (string)null);
                 });
 
+            modelBuilder.Entity("LoraDeploy.Data.ExportJob", b =>
+                {
+                    b.Property<string>("Id")
+                        .HasMaxLength(32)
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("AdapterSha256")
+                        .IsRequired()
+                        .HasMaxLength(64)
+                        .HasColumnType("TEXT");
+
+                    b.Property<int>("Attempts")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<string>("BaseModel")
+                        .IsRequired()
+                        .HasMaxLength(200)
+                        .HasColumnType("TEXT");
+
+                    b.Property<long>("BytesDone")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<long>("BytesTotal")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<DateTime>("CreatedAt")
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("DeployId")
+                        .IsRequired()
+                        .HasMaxLength(32)
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("Dtype")
+                        .IsRequired()
+                        .HasMaxLength(8)
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("FailReason")
+                        .IsRequired()
+                        .HasMaxLength(2000)
+                        .HasColumnType("TEXT");
+
+                    b.Property<DateTime?>("FinishedAt")
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("Format")
+                        .IsRequired()
+                        .HasMaxLength(16)
+                        .HasColumnType("TEXT");
+
+                    b.Property<DateTime?>("LeaseExpiresAt")
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("LeaseOwner")
+                        .HasMaxLength(64)
+                        .HasColumnType("TEXT");
+
+                    b.Property<long>("LoraId")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<long?>("OutputBytes")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<string>("OutputSha256")
+                        .HasMaxLength(64)
+                        .HasColumnType("TEXT");
+
+                    b.Property<DateTime?>("StartedAt")
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("Status")
+                        .IsRequired()
+                        .HasMaxLength(16)
+                        .HasColumnType("TEXT");
+
+                    b.Property<double>("Strength")
+                        .HasColumnType("REAL");
+
+                    b.Property<int>("TensorsDone")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<int>("TensorsTotal")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<long>("UserId")
+                        .HasColumnType("INTEGER");
+
+                    b.HasKey("Id");
+
+                    b.HasIndex("CreatedAt")
+                        .HasDatabaseName("IX_export_jobs_Active_CreatedAt")
+                        .HasFilter("\"Status\" IN ('queued', 'running')");
+
+                    b.HasIndex("FinishedAt");
+
+                    b.HasIndex("LoraId", "CreatedAt");
+
+                    b.ToTable("export_jobs", (string)null);
+                });
+
             modelBuilder.Entity("LoraDeploy.Data.IdempotencyRecord", b =>
                 {
                     b.Property<long>("UserId")
@@ -634,6 +735,17 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                     b.HasOne("LoraDeploy.Data.Lora", "Lora")
                         .WithOne()
                         .HasForeignKey("LoraDeploy.Data.Deploy", "LoraId")
+                        .OnDelete(DeleteBehavior.Cascade)
+                        .IsRequired();
+
+                    b.Navigation("Lora");
+                });
+
+            modelBuilder.Entity("LoraDeploy.Data.ExportJob", b =>
+                {
+                    b.HasOne("LoraDeploy.Data.Lora", "Lora")
+                        .WithMany()
+                        .HasForeignKey("LoraId")
                         .OnDelete(DeleteBehavior.Cascade)
                         .IsRequired();
 
