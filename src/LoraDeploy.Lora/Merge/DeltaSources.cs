@@ -84,7 +84,16 @@ internal sealed class LowRankDelta : DeltaSource
         var u = _uFloat!;
         var v = _vFloat!;
         var rank = _rank;
-        Parallel.For(0, blocks, block => AddBlock(weights, offset, block * 4, 4, rest, rank, u, v, c));
+        // A few large chunks per core: blocks of 4 rows are too small to hand out one by one (the pool's threads then
+        // spend their time yielding to each other), and a few per core still even out a core taken by something else.
+        var chunks = Math.Min(blocks, Environment.ProcessorCount * 4);
+        Parallel.For(0, chunks, chunk =>
+        {
+            for (var block = (int)((long)blocks * chunk / chunks); block < (int)((long)blocks * (chunk + 1) / chunks); block++)
+            {
+                AddBlock(weights, offset, block * 4, 4, rest, rank, u, v, c);
+            }
+        });
         if (rows % 4 != 0)
         {
             AddBlock(weights, offset, blocks * 4, rows % 4, rest, rank, u, v, c);
