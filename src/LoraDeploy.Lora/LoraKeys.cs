@@ -68,6 +68,35 @@ internal enum PrefixStyle
 
 internal static class LoraKeys
 {
+    /// <summary>The short name a parameter kind is filed under in a module (<c>down</c>, <c>hada_w1_a</c>, …); null for what is not an adapter factor.</summary>
+    public static string? ParamName(ParamKind kind, string key) => kind switch
+    {
+        ParamKind.Down => "down",
+        ParamKind.Up => "up",
+        ParamKind.Mid => "mid",
+        ParamKind.UpBias => "up_bias",
+        ParamKind.Alpha => "alpha",
+        ParamKind.DoraScale => "dora_scale",
+        ParamKind.Magnitude => "magnitude",
+        ParamKind.HadaW1A => "hada_w1_a",
+        ParamKind.HadaW1B => "hada_w1_b",
+        ParamKind.HadaW2A => "hada_w2_a",
+        ParamKind.HadaW2B => "hada_w2_b",
+        ParamKind.HadaT => key[(key.LastIndexOf('.') + 1)..],
+        ParamKind.LokrW1 => "lokr_w1",
+        ParamKind.LokrW1A => "lokr_w1_a",
+        ParamKind.LokrW1B => "lokr_w1_b",
+        ParamKind.LokrW2 => "lokr_w2",
+        ParamKind.LokrW2A => "lokr_w2_a",
+        ParamKind.LokrW2B => "lokr_w2_b",
+        ParamKind.LokrT2 => "lokr_t2",
+        ParamKind.Diff => "diff",
+        ParamKind.DiffB => "diff_b",
+        ParamKind.EmbeddingA => "embedding_a",
+        ParamKind.EmbeddingB => "embedding_b",
+        _ => null,
+    };
+
     /// <summary>Splits a tensor name into its module name (always a prefix of the key, given as its length) and parameter kind.</summary>
     public static ParamKind Split(ReadOnlySpan<char> key, out int module)
     {

@@ -150,7 +150,7 @@ public static partial class AdapterConverter
             // PEFT's DoRA magnitude is saved without ".weight"; some exports add it.
             var key = name.EndsWith(".lora_magnitude_vector.weight", StringComparison.Ordinal) ? name[..^".weight".Length] : name;
             var kind = LoraKeys.Split(key, out var moduleLength);
-            if (ParamName(kind, key) is not { } param)
+            if ((kind is ParamKind.EmbeddingA or ParamKind.EmbeddingB ? null : LoraKeys.ParamName(kind, key)) is not { } param)
             {
                 problems.Add($"'{name}' ({(kind is ParamKind.Unknown or ParamKind.PlainWeight ? "not an adapter factor" : $"a {kind} parameter, a network type convert does not carry")})");
                 continue;
@@ -308,32 +308,6 @@ public static partial class AdapterConverter
             throw new AdapterConvertException($"module '{module}': {e.Message}", e);
         }
     }
-
-    private static string? ParamName(ParamKind kind, string key) => kind switch
-    {
-        ParamKind.Down => "down",
-        ParamKind.Up => "up",
-        ParamKind.Mid => "mid",
-        ParamKind.UpBias => "up_bias",
-        ParamKind.Alpha => "alpha",
-        ParamKind.DoraScale => "dora_scale",
-        ParamKind.Magnitude => "magnitude",
-        ParamKind.HadaW1A => "hada_w1_a",
-        ParamKind.HadaW1B => "hada_w1_b",
-        ParamKind.HadaW2A => "hada_w2_a",
-        ParamKind.HadaW2B => "hada_w2_b",
-        ParamKind.HadaT => key[(key.LastIndexOf('.') + 1)..],
-        ParamKind.LokrW1 => "lokr_w1",
-        ParamKind.LokrW1A => "lokr_w1_a",
-        ParamKind.LokrW1B => "lokr_w1_b",
-        ParamKind.LokrW2 => "lokr_w2",
-        ParamKind.LokrW2A => "lokr_w2_a",
-        ParamKind.LokrW2B => "lokr_w2_b",
-        ParamKind.LokrT2 => "lokr_t2",
-        ParamKind.Diff => "diff",
-        ParamKind.DiffB => "diff_b",
-        _ => null,
-    };
 
     /// <summary>
     /// SD1.5 or SDXL from the modules (SDXL: CLIP-G, transformer depth above 1, attention in up block 0, cross-attention

@@ -148,7 +148,7 @@ internal sealed class LoadedAdapter
             // PEFT's DoRA magnitude is saved without ".weight"; some exports add it.
             var key = name.EndsWith(".lora_magnitude_vector.weight", StringComparison.Ordinal) ? name[..^".weight".Length] : name;
             var kind = LoraKeys.Split(key, out var moduleLength);
-            var param = ParamName(kind, key);
+            var param = LoraKeys.ParamName(kind, key);
             if (param is null)
             {
                 errors.Add($"tensor '{name}' {Unsupported(kind)}");
@@ -188,34 +188,6 @@ internal sealed class LoadedAdapter
         }
         return modules;
     }
-
-    private static string? ParamName(ParamKind kind, string key) => kind switch
-    {
-        ParamKind.Down => "down",
-        ParamKind.Up => "up",
-        ParamKind.Mid => "mid",
-        ParamKind.UpBias => "up_bias",
-        ParamKind.Alpha => "alpha",
-        ParamKind.DoraScale => "dora_scale",
-        ParamKind.Magnitude => "magnitude",
-        ParamKind.HadaW1A => "hada_w1_a",
-        ParamKind.HadaW1B => "hada_w1_b",
-        ParamKind.HadaW2A => "hada_w2_a",
-        ParamKind.HadaW2B => "hada_w2_b",
-        ParamKind.HadaT => key[(key.LastIndexOf('.') + 1)..],
-        ParamKind.LokrW1 => "lokr_w1",
-        ParamKind.LokrW1A => "lokr_w1_a",
-        ParamKind.LokrW1B => "lokr_w1_b",
-        ParamKind.LokrW2 => "lokr_w2",
-        ParamKind.LokrW2A => "lokr_w2_a",
-        ParamKind.LokrW2B => "lokr_w2_b",
-        ParamKind.LokrT2 => "lokr_t2",
-        ParamKind.Diff => "diff",
-        ParamKind.DiffB => "diff_b",
-        ParamKind.EmbeddingA => "embedding_a",
-        ParamKind.EmbeddingB => "embedding_b",
-        _ => null,
-    };
 
     private static string Unsupported(ParamKind kind) => kind switch
     {

@@ -85,7 +85,7 @@ public sealed class ConvertHostileInputTests : IDisposable
     public void A_disk_that_fills_up_mid_write_leaves_no_part_file()
     {
         var input = Write(Path.Combine(_dir, "in.safetensors"), Sd15Kohya(_random, dora: false), "F16");
-        var options = new ConvertOptions { OpenOutput = part => new FullDisk(new FileStream(part, FileMode.Create), 512) };
+        var options = new ConvertOptions { OpenOutput = part => new Merge.MergeHostileInputTests.FullDiskStream(new FileStream(part, FileMode.Create), 512) };
 
         var e = Assert.Throws<AdapterConvertException>(() => AdapterConverter.Convert(input, AdapterConvention.Peft, Output, options));
 
@@ -179,43 +179,5 @@ public sealed class ConvertHostileInputTests : IDisposable
         var e = Assert.Throws<AdapterConvertException>(() => AdapterConverter.Convert(input, AdapterConvention.Kohya, input));
 
         Assert.Contains("is the input file", e.Message);
-    }
-
-    /// <summary>A stream that fails like a full disk once <paramref name="limit"/> bytes are written.</summary>
-    private sealed class FullDisk(Stream inner, long limit) : Stream
-    {
-        private long _written;
-
-        public override bool CanRead => false;
-        public override bool CanSeek => false;
-        public override bool CanWrite => true;
-        public override long Length => _written;
-        public override long Position { get => _written; set => throw new NotSupportedException(); }
-
-        public override void Write(byte[] buffer, int offset, int count) => Write(buffer.AsSpan(offset, count));
-
-        public override void Write(ReadOnlySpan<byte> buffer)
-        {
-            if (_written + buffer.Length > limit)
-            {
-                throw new IOException("No space left on device");
-            }
-            inner.Write(buffer);
-            _written += buffer.Length;
-        }
-
-        public override void Flush() => inner.Flush();
-        public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException();
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-        public override void SetLength(long value) => throw new NotSupportedException();
-
-        protected override void Dispose(bool disposing)
-        {
-            if (disposing)
-            {
-                inner.Dispose();
-            }
-            base.Dispose(disposing);
-        }
     }
 }
