@@ -62,6 +62,7 @@ public static class ServerApp
         app.MapLoraModels();
         app.MapDeploys();
         app.MapWorkerApi();
+        app.MapTokens();
         app.MapInference();
         return app;
     }

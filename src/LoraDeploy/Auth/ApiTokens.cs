@@ -17,8 +17,12 @@ public static class ApiTokens
 
     public readonly record struct ParsedToken(string Id, byte[] SecretHash);
 
-    /// <summary>Creates a token for <paramref name="user"/> and returns it in full; it is never shown again.</summary>
-    public static async Task<string> CreateAsync(LoraDeployDbContext db, User user, string? label, DateTime now, CancellationToken ct)
+    /// <summary>
+    /// Creates a token for <paramref name="user"/> and returns it in full; it is never shown again. With
+    /// <paramref name="expiresAt"/> it is refused from that instant on.
+    /// </summary>
+    public static async Task<string> CreateAsync(
+        LoraDeployDbContext db, User user, string? label, DateTime now, CancellationToken ct, DateTime? expiresAt = null)
     {
         var (id, secret) = NewIdAndSecret();
         db.ApiTokens.Add(new ApiToken
@@ -28,12 +32,16 @@ public static class ApiTokens
             SecretHash = HashSecret(secret),
             Label = label,
             CreatedAt = now,
+            ExpiresAt = expiresAt,
         });
         await db.SaveChangesAsync(ct);
         return $"{Prefix}{id}_{secret}";
     }
 
     public static bool TryParse(string? token, out ParsedToken parsed) => TryParse(token, Prefix, out parsed);
+
+    /// <summary>The public id of a token this class issued (<c>ld_{id}_…</c>).</summary>
+    public static string IdOf(string token) => token.Substring(Prefix.Length, IdLength);
 
     /// <summary>A fresh token id and a 256-bit secret (base64url, 43 characters).</summary>
     internal static (string Id, string Secret) NewIdAndSecret() =>
