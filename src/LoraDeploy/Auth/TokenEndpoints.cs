@@ -110,6 +110,10 @@ public static class TokenEndpoints
             return errors.ToResult();
         }
 
+        if (await db.Users.AnyAsync(u => u.Name == name, ct))
+        {
+            return NameTaken(name!);
+        }
         var now = time.GetUtcNow().UtcDateTime;
         var user = new User { Name = name!, IsAdmin = isAdmin, CreatedAt = now };
         const string label = "first token";
@@ -124,7 +128,7 @@ public static class TokenEndpoints
             }
             catch (DbUpdateException e) when (db.IsUniqueViolation(e))
             {
-                return ApiErrors.Conflict($"A user named '{name}' already exists.");
+                return NameTaken(name!); // created by a concurrent request since the check above
             }
             token = await ApiTokens.CreateAsync(db, user, label, now, ct);
             await transaction.CommitAsync(ct);
@@ -142,6 +146,8 @@ public static class TokenEndpoints
         return TypedResults.Json(rows.Select(u => new UserOut(u.Name, u.IsAdmin, Timestamps.Format(u.CreatedAt), u.Tokens)).ToList(),
             TokenJson.Context.ListUserOut);
     }
+
+    private static Conflict<DeepError> NameTaken(string name) => ApiErrors.Conflict($"A user named '{name}' already exists.");
 
     private static string? ReadLabel(JsonElement json, ValidationErrors errors)
     {
