@@ -59,7 +59,7 @@ public static class TokenEndpoints
             return errors.ToResult();
         }
         var user = CurrentUser.From(http.User);
-        var token = await ApiTokens.CreateAsync(db, new User { Id = user.Id, Name = user.Name }, label, now, ct, expiresAt);
+        var token = await ApiTokens.CreateAsync(db, user.Id, label, now, ct, expiresAt);
         return TypedResults.Json(Created(token, label, now, expiresAt), TokenJson.Context.TokenCreatedOut);
     }
 
@@ -130,7 +130,7 @@ public static class TokenEndpoints
             {
                 return NameTaken(name!); // created by a concurrent request since the check above
             }
-            token = await ApiTokens.CreateAsync(db, user, label, now, ct);
+            token = await ApiTokens.CreateAsync(db, user.Id, label, now, ct);
             await transaction.CommitAsync(ct);
         }
         return TypedResults.Json(
