@@ -50,13 +50,11 @@ public sealed class TokenAuthenticationHandler(
         var cacheVerified = database.Value.Provider == DatabaseProvider.Sqlite;
         var cacheKey = (typeof(CurrentUser), parsed.Id);
         VerifiedToken? verified = null;
-        if (cache.TryGetValue((typeof(RevokedMarker), parsed.Id), out _))
+        // Revoked in this process a moment ago: refused even if a request that read the row before the delete re-cached it.
+        var revokedHere = cache.TryGetValue((typeof(RevokedMarker), parsed.Id), out _);
+        if (!revokedHere && (!cacheVerified || !cache.TryGetValue(cacheKey, out verified)) && !unknownTokens.Contains(parsed.Id))
         {
-            // Revoked here a moment ago: refused even if a request that read the row before the delete re-cached it.
-        }
-        else if ((!cacheVerified || !cache.TryGetValue(cacheKey, out verified)) && !unknownTokens.Contains(parsed.Id))
-        {
-            // Only a cache miss touches the database, so a hot request does not rent a context for auth.
+            // On SQLite only a cache miss touches the database, so a hot request does not rent a context for auth.
             await using var db = await contexts.CreateDbContextAsync(Context.RequestAborted);
             var row = await db.ApiTokens
                 .Where(t => t.Id == parsed.Id)
