@@ -65,6 +65,7 @@ public static class ServerApp
         app.MapDeploys();
         app.MapExports();
         app.MapWorkerApi();
+        app.MapTokens();
         app.MapInference();
         return app;
     }

@@ -17,23 +17,31 @@ public static class ApiTokens
 
     public readonly record struct ParsedToken(string Id, byte[] SecretHash);
 
-    /// <summary>Creates a token for <paramref name="user"/> and returns it in full; it is never shown again.</summary>
-    public static async Task<string> CreateAsync(LoraDeployDbContext db, User user, string? label, DateTime now, CancellationToken ct)
+    /// <summary>
+    /// Creates a token for user <paramref name="userId"/> and returns it in full; it is never shown again. With
+    /// <paramref name="expiresAt"/> it is refused from that instant on.
+    /// </summary>
+    public static async Task<string> CreateAsync(
+        LoraDeployDbContext db, long userId, string? label, DateTime now, CancellationToken ct, DateTime? expiresAt = null)
     {
         var (id, secret) = NewIdAndSecret();
         db.ApiTokens.Add(new ApiToken
         {
             Id = id,
-            UserId = user.Id,
+            UserId = userId,
             SecretHash = HashSecret(secret),
             Label = label,
             CreatedAt = now,
+            ExpiresAt = expiresAt,
         });
         await db.SaveChangesAsync(ct);
         return $"{Prefix}{id}_{secret}";
     }
 
     public static bool TryParse(string? token, out ParsedToken parsed) => TryParse(token, Prefix, out parsed);
+
+    /// <summary>The public id of a token this class issued (<c>ld_{id}_…</c>).</summary>
+    public static string IdOf(string token) => token.Substring(Prefix.Length, IdLength);
 
     /// <summary>A fresh token id and a 256-bit secret (base64url, 43 characters).</summary>
     internal static (string Id, string Secret) NewIdAndSecret() =>
@@ -83,6 +91,6 @@ public static class ApiTokens
             db.Users.Add(user);
             await db.SaveChangesAsync(ct);
         }
-        return await CreateAsync(db, user, label, now, ct);
+        return await CreateAsync(db, user.Id, label, now, ct);
     }
 }

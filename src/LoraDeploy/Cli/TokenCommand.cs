@@ -1,5 +1,7 @@
 using System.CommandLine;
+using System.Text.Json;
 using LoraDeploy.Auth;
+using LoraDeploy.Cli.Client;
 using LoraDeploy.Data;
 using LoraDeploy.Loras;
 using Microsoft.EntityFrameworkCore;
@@ -9,6 +11,8 @@ namespace LoraDeploy.Cli;
 /// <summary>
 /// <c>loradeploy token create (--user NAME | --worker NAME) [--data-dir DIR]</c>: works beside a running server on the
 /// same data. A worker token is its own credential kind (see <see cref="WorkerTokens"/>).
+/// <c>loradeploy token list</c> and <c>token revoke ID</c> are client commands: they manage the caller's own tokens
+/// through the HTTP API (<c>/v1/me/tokens</c>) with the caller's token.
 /// </summary>
 internal static class TokenCommand
 {
@@ -74,6 +78,76 @@ internal static class TokenCommand
             Console.Out.WriteLine(token);
             return 0;
         });
-        return new Command("token", "Manage API tokens.") { create };
+        return new Command("token", "Manage API tokens.") { create, ListCommand(), RevokeCommand() };
+    }
+
+    private static Command ListCommand()
+    {
+        var common = new CommonOptions();
+        var command = new Command("list", "List your API tokens: id, label, created, expires (never the secrets).");
+        common.AddTo(command);
+        command.SetAction(DeployCommands.Run(common, async (r, ctx, client, output, ct) =>
+        {
+            var response = await client.GetAsync("v1/me/tokens", ct).ConfigureAwait(false);
+            if (ctx.Json)
+            {
+                output.Out.WriteLine(response.Text.Trim());
+                return ExitCodes.Ok;
+            }
+            var tokens = response.Json.ValueKind == JsonValueKind.Array ? response.Json.EnumerateArray().ToList() : [];
+            if (tokens.Count == 0)
+            {
+                output.Line("no tokens");
+                return ExitCodes.Ok;
+            }
+            string[] headers = ["ID", "LABEL", "CREATED", "EXPIRES", ""];
+            var rows = tokens.Select(static t => new[]
+            {
+                t.Str("id"), t.Str("label"), t.Str("created_at"),
+                t.Str("expires_at") is { Length: > 0 } expires ? expires : "never",
+                t.TryGetProperty("current", out var current) && current.ValueKind == JsonValueKind.True ? "(this token)" : "",
+            }).ToList();
+            var widths = headers.Select((h, i) => Math.Max(h.Length, rows.Max(row => row[i].Length))).ToArray();
+            output.Line(string.Join("  ", headers.Select((h, i) => h.PadRight(widths[i]))).TrimEnd());
+            foreach (var row in rows)
+            {
+                output.Line(string.Join("  ", row.Select((c, i) => c.PadRight(widths[i]))).TrimEnd());
+            }
+            return ExitCodes.Ok;
+        }));
+        return command;
+    }
+
+    private static Command RevokeCommand()
+    {
+        var common = new CommonOptions();
+        var id = new Argument<string>("ID") { Description = "The token's id (from `token list`; the part after ld_).", Arity = ArgumentArity.ZeroOrOne };
+        var command = new Command("revoke", "Revoke one of your API tokens; it is refused from the next request on.");
+        command.Arguments.Add(id);
+        common.AddTo(command);
+        command.SetAction(DeployCommands.Run(common, async (r, ctx, client, output, ct) =>
+        {
+            var tokenId = r.GetValue(id)?.Trim();
+            if (string.IsNullOrEmpty(tokenId))
+            {
+                throw new ClientException("give the id of the token to revoke (see `loradeploy token list`)", ExitCodes.Usage);
+            }
+            // A whole token pasted by mistake: revoke it by its id, and never send its secret in a URL.
+            if (ApiTokens.TryParse(tokenId, out var parsed))
+            {
+                tokenId = parsed.Id;
+            }
+            await client.DeleteAsync($"v1/me/tokens/{Uri.EscapeDataString(tokenId)}", ct).ConfigureAwait(false);
+            if (ctx.Json)
+            {
+                output.Out.WriteLine(new System.Text.Json.Nodes.JsonObject { ["id"] = tokenId, ["revoked"] = true }.ToJsonString());
+            }
+            else
+            {
+                output.Line($"revoked token {tokenId}");
+            }
+            return ExitCodes.Ok;
+        }));
+        return command;
     }
 }

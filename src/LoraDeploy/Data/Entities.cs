@@ -18,6 +18,8 @@ public sealed class ApiToken
     public required byte[] SecretHash { get; set; }
     public string? Label { get; set; }
     public DateTime CreatedAt { get; set; }
+    /// <summary>After this instant the token is refused (checked on every request); null: it never expires.</summary>
+    public DateTime? ExpiresAt { get; set; }
 }
 
 /// <summary>

@@ -951,6 +951,154 @@ async function renderWorkers() {
   }, WORKERS_POLL_MS);
 }
 
+// ---------- API tokens ----------
+const TOKEN_FIELD_FOR_LOC = { label: "token-label", expires_in_days: "token-days", expires_at: "token-days" };
+
+/** The newly created token, shown once: in a read-only field (its value, never an attribute) with a copy button. */
+function newTokenPanel(created) {
+  const field = h("input", { type: "text", readonly: true, spellcheck: "false", autocomplete: "off", "aria-describedby": "new-token-hint" });
+  field.id = "new-token";
+  field.value = created.token;
+  const copied = h("span", { class: "muted small", "aria-live": "polite" });
+  const copy = h("button", { type: "button", class: "secondary small" }, "Copy");
+  copy.addEventListener("click", async () => {
+    field.select();
+    try {
+      await navigator.clipboard.writeText(field.value);
+      copied.textContent = "Copied.";
+    } catch {
+      copied.textContent = "Press Ctrl+C (⌘C) to copy the selected token.";
+    }
+  });
+  return h("div", { class: "notice setup new-token", role: "status" },
+    h("p", {}, h("strong", {}, `Your new token${created.label ? ` “${created.label}”` : ""}`),
+      created.expires_at ? ` expires ${when(created.expires_at)}.` : " never expires."),
+    h("label", { for: "new-token", class: "visually-hidden" }, "New API token"),
+    h("div", { class: "copy-row" }, field, copy),
+    h("p", { id: "new-token-hint", class: "hint" },
+      "Copy it now and keep it somewhere safe: it is shown this once and cannot be shown again. ",
+      "Use it as ", h("code", {}, "Authorization: Bearer …"), " or ", h("code", {}, "LORADEPLOY_TOKEN"), ". ", copied));
+}
+
+function tokenRow(t, onRevoke) {
+  const expiresMs = Date.parse(t.expires_at ?? "");
+  const expired = !Number.isNaN(expiresMs) && expiresMs <= serverNow();
+  const name = t.label || t.id;
+  return h("tr", { "data-token-id": t.id },
+    h("td", { "data-label": "Label" }, h("div", {},
+      h("span", { class: "wrap" }, t.label || h("span", { class: "muted" }, "no label")),
+      t.current ? h("span", { class: "badge current" }, "this tab") : null)),
+    h("td", { "data-label": "ID" }, h("code", {}, t.id)),
+    h("td", { "data-label": "Created" }, h("time", { datetime: t.created_at }, when(t.created_at))),
+    h("td", { "data-label": "Expires" }, t.expires_at
+      ? h("time", { datetime: t.expires_at, class: expired ? "late" : null }, expired ? `expired ${when(t.expires_at)}` : when(t.expires_at))
+      : h("span", { class: "muted" }, "never")),
+    h("td", { "data-label": "Actions" }, h("button", {
+      type: "button", class: "danger small", "aria-label": `Revoke ${name}`, onclick: () => onRevoke(t),
+    }, "Revoke")));
+}
+
+async function renderTokens() {
+  viewToken++;
+  const label = h("input", { type: "text", maxlength: 100, autocomplete: "off", spellcheck: "false" });
+  const days = h("input", { type: "number", min: 1, max: 3650, step: 1, inputmode: "numeric", placeholder: "never" });
+  const submit = h("button", { type: "submit" }, "Create token");
+  const formError = h("div", { "aria-live": "assertive" });
+  const created = h("div");
+  const form = h("form", { class: "card", novalidate: true, "aria-labelledby": "new-token-title" },
+    h("h2", { id: "new-token-title" }, "New token"),
+    formError,
+    h("div", { class: "try-row" },
+      formField("token-label", "Label (optional)", label, "What it is for, e.g. “CI” or “laptop”."),
+      formField("token-days", "Expires after (days, optional)", days, "1 to 3650; empty: never expires.")),
+    h("div", { class: "actions" }, submit));
+  const flash = h("div", { "aria-live": "polite" });
+  const tbody = h("tbody");
+  const table = h("table", { class: "tokens", hidden: true },
+    h("caption", { class: "visually-hidden" }, "Your API tokens, newest first"),
+    h("thead", {}, h("tr", {}, ["Label", "ID", "Created", "Expires", "Actions"].map((c) => h("th", { scope: "col" }, c)))),
+    tbody);
+  setMain("API tokens",
+    h("h1", {}, "API tokens"),
+    h("p", { class: "muted" }, "Tokens for the API, the CLI and this dashboard. A revoked token is refused from its next request on."),
+    created, form,
+    h("h2", {}, "Your tokens"), flash,
+    h("div", { class: "table-wrap" }, table));
+
+  const refresh = async () => {
+    const tokens = (await api("GET", "/v1/me/tokens")) ?? [];
+    table.hidden = tokens.length === 0;
+    fill(tbody, tokens.map((t) => tokenRow(t, revoke)));
+  };
+  const revoke = async (t) => {
+    const name = t.label ? `“${t.label}” (${t.id})` : t.id;
+    const warning = t.current ? " It is the token this tab is signed in with: you will be signed out." : "";
+    if (!(await confirmAction("Revoke token?", `Revoke ${name}? Anything using it is refused from its next request on; this cannot be undone.${warning}`, "Revoke"))) return;
+    try {
+      await api("DELETE", `/v1/me/tokens/${enc(t.id)}`);
+    } catch (err) {
+      if (err.status === 401) return signedOut("Your token was not accepted. Sign in again.");
+      fill(flash, notice("error", err.message));
+      return;
+    }
+    if (t.current) return signedOut("You revoked the token this tab was signed in with.");
+    fill(flash, notice("info", `Revoked ${name}.`));
+    await refresh().catch((err) => fill(flash, notice("error", err.message)));
+  };
+
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    fill(formError);
+    for (const el of form.querySelectorAll(".field-error")) el.textContent = "";
+    for (const el of form.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+    const body = {};
+    if (label.value.trim()) body.label = label.value.trim();
+    if (days.value !== "" || days.validity.badInput) {
+      const n = Number(days.value);
+      if (!Number.isSafeInteger(n) || days.validity.badInput) {
+        form.querySelector("#token-days-error").textContent = "The number of days must be a whole number.";
+        days.setAttribute("aria-invalid", "true");
+        return days.focus();
+      }
+      body.expires_in_days = n;
+    }
+    submit.disabled = true;
+    fill(created);
+    try {
+      const answer = await api("POST", "/v1/me/tokens", { body });
+      fill(created, newTokenPanel(answer));
+      label.value = "";
+      days.value = "";
+      created.querySelector("#new-token")?.focus();
+      await refresh();
+    } catch (err) {
+      if (err.status === 401) return signedOut("Your token was not accepted. Sign in again.");
+      let first = null;
+      const unplaced = [];
+      for (const d of err.status === 422 ? err.detail : []) {
+        const id = (d.loc ?? []).map((l) => TOKEN_FIELD_FOR_LOC[l]).find(Boolean);
+        const el = id ? form.querySelector(`#${id}-error`) : null;
+        if (!el) { unplaced.push(d.msg); continue; }
+        el.textContent = d.msg;
+        form.querySelector(`#${id}`).setAttribute("aria-invalid", "true");
+        first ??= form.querySelector(`#${id}`);
+      }
+      if (!first) fill(formError, notice("error", unplaced.length ? unplaced.join(" ") : err.message));
+      (first ?? formError).focus?.();
+    } finally {
+      submit.disabled = false;
+    }
+  });
+
+  try {
+    await refresh();
+  } catch (err) {
+    if (err.status === 401) return signedOut("Your token was not accepted. Sign in again.");
+    fill(flash, notice("error", err.message));
+  }
+  label.focus();
+}
+
 function renderNotFound() {
   viewToken++;
   setMain("Not found", h("h1", {}, "Page not found"),
@@ -968,11 +1116,12 @@ function route() {
   viewToken++; // stops the previous view's polling
   refreshSession();
   if (page === "public") return renderPublic();
-  if (!["deploys", "new", "lora", "workers"].includes(page)) return renderNotFound();
+  if (!["deploys", "new", "lora", "workers", "tokens"].includes(page)) return renderNotFound();
   if (!getToken()) return renderSignIn();
   if (page === "deploys") return renderDeploys();
   if (page === "new") return renderNew();
   if (page === "workers") return renderWorkers();
+  if (page === "tokens") return renderTokens();
   if (page === "lora" && rest.length) return renderLora(decodeURIComponent(rest.join("/")));
   return renderNotFound();
 }

@@ -232,6 +232,7 @@ public sealed class DashboardTests(E2eEnvironment env) : IClassFixture<E2eEnviro
                  {
                      ("#/deploys", "20-phone-deployments"), ("#/new", "21-phone-new"),
                      ("#/lora/dash-phone", "22-phone-lora"), ("#/public", "23-phone-public"), ("#/nowhere", "24-phone-not-found"),
+                     ("#/tokens", "25-phone-tokens"),
                  })
         {
             await page.GotoAsync(Url(hash));
@@ -246,7 +247,7 @@ public sealed class DashboardTests(E2eEnvironment env) : IClassFixture<E2eEnviro
             {
                 if (href.StartsWith('#'))
                 {
-                    Assert.Matches("^#(main|/deploys|/new|/public|/workers|/lora/[^/]+)$", href);
+                    Assert.Matches("^#(main|/deploys|/new|/public|/workers|/tokens|/lora/[^/]+)$", href);
                 }
                 else if (href.StartsWith('/'))
                 {

@@ -93,6 +93,9 @@ namespace LoraDeploy.Data.Migrations.Postgres
                     b.Property<DateTime>("CreatedAt")
                         .HasColumnType("timestamp with time zone");
 
+                    b.Property<DateTime?>("ExpiresAt")
+                        .HasColumnType("timestamp with time zone");
+
                     b.Property<string>("Label")
                         .HasMaxLength(128)
                         .HasColumnType("character varying(128)");
