@@ -21,17 +21,18 @@ public sealed class GgufLoraMergeTests : IDisposable
     private static TinyLlama Model(GgmlType type = GgmlType.F32, int layers = 2, int feedForward = 48) =>
         new TinyLlama { Hidden = 32, Heads = 4, KvHeads = 2, FeedForward = feedForward, VocabSize = 270, Layers = layers, MatrixType = type, Seed = 3 }.Generate();
 
+    /// <param name="adapterDtype">The PEFT factors' dtype: the converter keeps F16 and widens BF16 to F32.</param>
     [Theory]
-    [InlineData(GgmlType.F32, 0.7)]
-    [InlineData(GgmlType.F32, -1.5)]
-    [InlineData(GgmlType.F16, 0.7)]
-    [InlineData(GgmlType.BF16, 2)]
-    public void A_converted_lora_merges_bit_for_bit_like_its_peft_original(GgmlType type, double strength)
+    [InlineData(GgmlType.F32, 0.7, "F32")]
+    [InlineData(GgmlType.F32, -1.5, "F16")]
+    [InlineData(GgmlType.F16, 0.7, "F32")]
+    [InlineData(GgmlType.BF16, 2, "BF16")]
+    public void A_converted_lora_merges_bit_for_bit_like_its_peft_original(GgmlType type, double strength, string adapterDtype)
     {
         var model = Model(type);
         var basePath = model.WriteGguf(Path.Combine(_dir, "base.gguf"));
         // alpha/r = 2 (exact), every projection plus the embedding and the output layer.
-        var fixture = new PeftAdapterFixture { Rank = 4, Alpha = 8, Targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"] };
+        var fixture = new PeftAdapterFixture { Rank = 4, Alpha = 8, Dtype = adapterDtype, Targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"] };
         var (peft, converted) = Adapters(fixture, model, basePath);
         // The export runner copies the stored blob under a name that need not end in .gguf: the magic decides.
         var stored = Path.Combine(_dir, "stored", "adapter.safetensors");
