@@ -5,11 +5,15 @@ using LoraDeploy.Lora.Safetensors;
 namespace LoraDeploy.Lora.Merge;
 
 /// <summary>
-/// Merges PEFT adapters into a Llama-family GGUF base (as llama.cpp's converter wrote it) and writes a GGUF that
-/// llama.cpp loads like the base — the way to serve a DoRA adapter, which llama.cpp cannot apply at run time.
+/// Merges PEFT adapters, or llama.cpp LoRA GGUFs, into a Llama-family GGUF base (as llama.cpp's converter wrote it) and
+/// writes a GGUF that llama.cpp loads like the base — the way to serve a DoRA adapter, which llama.cpp cannot apply at
+/// run time, or to bake in the LoRA the server stores for an LLM deploy (the GGUF <see cref="PeftLoraConverter"/> wrote).
 /// </summary>
 /// <remarks>
-/// <para>Names: Hugging Face modules map to llama.cpp tensors as <see cref="PeftLoraConverter"/> maps them
+/// <para>Adapter kinds, told apart by the GGUF magic bytes, not the extension: a llama.cpp LoRA GGUF names its base
+/// tensors itself and is already in llama.cpp's layout and row order, with llama.cpp's scale (see
+/// <see cref="GgufLoraAdapter"/>); the merge equals applying it at run time with the strength as its scale.</para>
+/// <para>Names (PEFT): Hugging Face modules map to llama.cpp tensors as <see cref="PeftLoraConverter"/> maps them
 /// (<c>model.layers.N.self_attn.q_proj</c> → <c>blk.N.attn_q.weight</c>, …, <c>embed_tokens</c>, <c>lm_head</c>).
 /// A GGUF matrix with ne [in, out] holds the Hugging Face [out, in] weight row for row, so ΔW rows (from the same
 /// delta sources and tensor writer as <see cref="LoraMerger"/>) apply as they are — except W_q/W_k of arch
@@ -65,9 +69,9 @@ public static class GgufMerger
         }
 
         var gguf = ReadBase(basePath);
-        var loaded = adapters.Select(LoadedAdapter.Load).ToList();
+        var loaded = adapters.Select(a => IsGguf(a.Path) ? (Adapter: GgufLoraAdapter.Load(a, gguf.Architecture), LlamaCppNames: true) : (Adapter: LoadedAdapter.Load(a), LlamaCppNames: false)).ToList();
         var plan = Plan(basePath, gguf, loaded);
-        var records = loaded.Select(a => new MergedAdapterRecord(Path.GetFileName(a.Path), a.Sha256, a.Strength, a.Modules.Count)).ToList();
+        var records = loaded.Select(l => l.Adapter).Select(a => new MergedAdapterRecord(Path.GetFileName(a.Path), a.Sha256, a.Strength, a.Modules.Count)).ToList();
 
         var writer = new GgufWriter { Alignment = gguf.Alignment };
         foreach (var (key, value) in gguf.Metadata)
@@ -167,7 +171,8 @@ public static class GgufMerger
     }
 
     /// <summary>Resolves every module of every adapter to a base tensor and checks types and shapes; all problems are reported at once.</summary>
-    private static Dictionary<string, List<LoraMerger.TargetedPatch>> Plan(string basePath, GgufFile gguf, List<LoadedAdapter> adapters)
+    /// <param name="adapters">Each adapter, and whether it names llama.cpp tensors itself (a llama.cpp LoRA GGUF) rather than Hugging Face modules.</param>
+    private static Dictionary<string, List<LoraMerger.TargetedPatch>> Plan(string basePath, GgufFile gguf, List<(LoadedAdapter Adapter, bool LlamaCppNames)> adapters)
     {
         var arch = gguf.Architecture ?? throw new LoraMergeException($"base {basePath} has no general.architecture, so its tensor names are unknown");
         LlamaCppBaseModel model;
@@ -183,22 +188,40 @@ public static class GgufMerger
         var plan = new Dictionary<string, List<LoraMerger.TargetedPatch>>(StringComparer.Ordinal);
         var unmatched = new List<string>();
         var mismatched = new List<string>();
-        foreach (var adapter in adapters)
+        foreach (var (adapter, llamaCppNames) in adapters)
         {
             var file = Path.GetFileName(adapter.Path);
             foreach (var patch in adapter.Modules)
             {
-                var module = patch.Module.StartsWith(PeftPrefix, StringComparison.Ordinal) ? patch.Module[PeftPrefix.Length..] : patch.Module;
-                if (PeftLoraConverter.LlamaCppTensor(module) is not { } target || !gguf.TensorsByName.TryGetValue(target.Tensor, out var info))
+                string name, label;
+                int? heads;
+                GgufTensorInfo? info;
+                if (llamaCppNames)
                 {
-                    unmatched.Add($"{file}: {patch.Module}");
-                    continue;
+                    // Its rows are already in llama.cpp's order: no q/k permutation.
+                    (name, label, heads) = (patch.Module, $"{file}: {patch.Module}.lora_a/.lora_b", 0);
+                    if (!gguf.TensorsByName.TryGetValue(name, out info))
+                    {
+                        unmatched.Add(label);
+                        continue;
+                    }
                 }
-                var (name, shortName) = target;
+                else
+                {
+                    var module = patch.Module.StartsWith(PeftPrefix, StringComparison.Ordinal) ? patch.Module[PeftPrefix.Length..] : patch.Module;
+                    if (PeftLoraConverter.LlamaCppTensor(module) is not { } target || !gguf.TensorsByName.TryGetValue(target.Tensor, out info))
+                    {
+                        unmatched.Add($"{file}: {patch.Module}");
+                        continue;
+                    }
+                    name = target.Tensor;
+                    label = $"{file}: {patch.Module} → {name}";
+                    heads = arch == "llama" ? target.ShortName switch { "q_proj" => model.HeadCount, "k_proj" => model.HeadCountKv, _ => 0 } : 0;
+                }
                 var weight = View(info);
                 if (!FloatCodec.IsSupported(weight.Dtype))
                 {
-                    mismatched.Add($"{file}: {patch.Module} → {name}: the base tensor is {weight.Dtype}, which merge cannot rewrite (merge into an F32, F16 or BF16 GGUF, then quantize the result)");
+                    mismatched.Add($"{label}: the base tensor is {weight.Dtype}, which merge cannot rewrite (merge into an F32, F16 or BF16 GGUF, then quantize the result)");
                     continue;
                 }
                 if (patch.BiasDelta is { } bias)
@@ -206,15 +229,14 @@ public static class GgufMerger
                     mismatched.Add($"{file}: {bias.Name}: bias deltas are not merged into GGUF bases");
                     continue;
                 }
-                if (LoraMerger.ShapeProblem(patch, weight, BaseTarget.Module(name[..^".weight".Length])) is { } problem)
+                if (LoraMerger.ShapeProblem(patch, weight, new BaseTarget(name, name + ".bias", 0, null)) is { } problem)
                 {
-                    mismatched.Add($"{file}: {patch.Module} → {name}: {problem}");
+                    mismatched.Add($"{label}: {problem}");
                     continue;
                 }
-                var heads = arch == "llama" ? shortName switch { "q_proj" => model.HeadCount, "k_proj" => model.HeadCountKv, _ => 0 } : 0;
                 if (heads is null || heads > 0 && !LlamaRopePermutation.CanPermute(info.Ne[1], heads.Value))
                 {
-                    mismatched.Add($"{file}: {patch.Module} → {name}: its {info.Ne[1]} rows do not split into {heads?.ToString() ?? "(no head count)"} heads of an even size, which the llama q/k permutation needs");
+                    mismatched.Add($"{label}: its {info.Ne[1]} rows do not split into {heads?.ToString() ?? "(no head count)"} heads of an even size, which the llama q/k permutation needs");
                     continue;
                 }
                 if (plan.TryGetValue(name, out var list) && list.FirstOrDefault(p => p.Adapter == adapter) is { } other)

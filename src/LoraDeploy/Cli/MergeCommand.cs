@@ -17,10 +17,10 @@ internal static class MergeCommand
 
     public static Command Create()
     {
-        var basePath = new Option<FileInfo>("--base") { Description = "The base model: .safetensors, or a llama.cpp .gguf (Llama family; PEFT adapters).", Required = true };
+        var basePath = new Option<FileInfo>("--base") { Description = "The base model: .safetensors, or a llama.cpp .gguf (Llama family; PEFT adapters or llama.cpp LoRA GGUFs).", Required = true };
         var loras = new Option<string[]>("--lora")
         {
-            Description = "An adapter .safetensors, optionally with a strength: FILE or FILE:0.8. Repeat to merge several, in order.",
+            Description = "An adapter .safetensors (or a llama.cpp LoRA .gguf onto a GGUF base), optionally with a strength: FILE or FILE:0.8. Repeat to merge several, in order.",
             Required = true,
             Arity = ArgumentArity.OneOrMore,
         };

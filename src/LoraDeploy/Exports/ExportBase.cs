@@ -5,7 +5,7 @@ namespace LoraDeploy.Exports;
 
 /// <summary>
 /// The base weights an export merges into and the merge that fits them. The one place that maps a base kind to a
-/// merge function: a new kind (or the GGUF merge once it exists) is one more case here.
+/// merge function: a new kind is one more case here.
 /// </summary>
 public sealed record ExportBase(string Format, string Path)
 {
@@ -26,11 +26,16 @@ public sealed record ExportBase(string Format, string Path)
 
     /// <summary>Merges the adapter into this base, writing <paramref name="outputPath"/> (as <c>.part</c>, then renamed).</summary>
     /// <exception cref="LoraMergeException">The inputs do not fit together, or the output could not be written.</exception>
+    /// <remarks>
+    /// An LLM LoRA is stored as the llama.cpp LoRA GGUF made at import; the GGUF merge tells it by its magic bytes (the
+    /// runner's copy may be named otherwise) and applies it as llama.cpp would at run time.
+    /// </remarks>
     public MergeResult Merge(MergeAdapter adapter, string outputPath, MergeOptions options, CancellationToken ct) => Format switch
     {
+        Safetensors when GgufMerger.IsGguf(adapter.Path) => throw new LoraMergeException(
+            $"the adapter is a llama.cpp LoRA GGUF (an LLM LoRA), which merges only into the pool's GGUF base, not into the safetensors weights {Path}; leave BaseModels:…:Weights unset for this llamacpp pool so that its exports merge into BaseModels:…:Gguf"),
         Safetensors => LoraMerger.Merge(Path, [adapter], outputPath, options, ct),
-        Gguf => throw new LoraMergeException(
-            $"merging into a GGUF base ({Path}) is not available on this server yet; set BaseModels:…:Weights to the base model's .safetensors file to export a safetensors model instead"),
+        Gguf => GgufMerger.Merge(Path, [adapter], outputPath, options, ct),
         _ => throw new InvalidOperationException($"Unknown export base format '{Format}'."),
     };
 }

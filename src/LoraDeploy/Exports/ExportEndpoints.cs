@@ -130,6 +130,13 @@ public static class ExportEndpoints
         {
             return ApiErrors.Error(StatusCodes.Status422UnprocessableEntity, ExportBase.Missing(lora.BaseModel));
         }
+        if (exportBase.Format == ExportBase.Gguf && dtype != "base")
+        {
+            // A GGUF merge writes each tensor in the base GGUF's own type (quantize the result for another).
+            var errors = new ValidationErrors();
+            errors.Add(["body", "dtype"], $"Value error, base model '{lora.BaseModel}' exports a GGUF, which keeps each tensor's type from its base GGUF; leave dtype out", "value_error");
+            return errors.ToResult();
+        }
 
         var job = new ExportJob
         {

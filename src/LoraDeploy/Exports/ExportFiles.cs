@@ -35,14 +35,16 @@ public sealed partial class ExportFiles
 
     /// <summary>
     /// Where the adapter goes for the merge: a folder of its own, under the adapter's own file name, because the merge
-    /// records that name in the output's metadata.
+    /// records that name in the output's metadata. Without one (an LLM LoRA, stored as a llama.cpp LoRA GGUF) it is
+    /// <c>adapter.gguf</c> for a GGUF export; the merge reads the kind from the bytes either way.
     /// </summary>
-    public string AdapterPath(string id, int attempt, string? fileName)
+    public string AdapterPath(string id, int attempt, string? fileName, string format)
     {
         var name = Path.GetFileName(fileName ?? "");
-        if (name.Length == 0 || name is "." or ".." || !name.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
+        if (name.Length == 0 || name is "." or ".."
+            || !(name.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase) || name.EndsWith(".gguf", StringComparison.OrdinalIgnoreCase)))
         {
-            name = "adapter.safetensors";
+            name = format == "gguf" ? "adapter.gguf" : "adapter.safetensors";
         }
         return Path.Combine(AdapterFolder(id, attempt), name);
     }

@@ -198,7 +198,7 @@ public sealed partial class ExportRunner(
         try
         {
             LogStarted(id, job.BaseModel, job.Attempts);
-            var adapterPath = files.AdapterPath(id, attempt, fileName);
+            var adapterPath = files.AdapterPath(id, attempt, fileName, job.Format);
             if (!await CopyAdapterAsync(job.AdapterSha256, adapterPath, work.Token))
             {
                 await FailAsync(id, $"The adapter {job.AdapterSha256} is no longer stored on this server (its LoRA was deleted?); nothing was merged.", CancellationToken.None);

@@ -146,6 +146,36 @@ public sealed class MergeCommandTests : IDisposable
     }
 
     [Fact]
+    public async Task A_llama_cpp_lora_gguf_merges_into_a_gguf_base_like_the_peft_adapter_it_came_from()
+    {
+        var model = new TinyLlama { Hidden = 32, Heads = 4, KvHeads = 2, FeedForward = 48, VocabSize = 270 }.Generate();
+        var basePath = model.WriteGguf(Path.Combine(_dir, "base.gguf"));
+        var (config, adapter) = new PeftAdapterFixture { Targets = ["q_proj", "down_proj"] }.Generate(model).WriteTo(Path.Combine(_dir, "adapter"));
+        var lora = Path.Combine(_dir, "my-lora.gguf");
+        LoraDeploy.Lora.Peft.PeftLoraConverter.Convert(LoraDeploy.Lora.Peft.PeftAdapterConfig.ReadFile(config), adapter, LoraDeploy.Lora.Peft.LlamaCppBaseModel.ReadFile(basePath), lora);
+        var fromGguf = Path.Combine(_dir, "from-gguf.gguf");
+        var fromPeft = Path.Combine(_dir, "from-peft.gguf");
+
+        var (exitCode, stdout, stderr) = await Merge("--base", basePath, "--lora", lora + ":0.7", "-o", fromGguf, "--json");
+        await Merge("--base", basePath, "--lora", adapter + ":0.7", "-o", fromPeft);
+
+        Assert.True(exitCode == 0, stderr);
+        using var summary = JsonDocument.Parse(stdout);
+        Assert.Equal(4, summary.RootElement.GetProperty("tensors_merged").GetInt32());
+        Assert.Equal("my-lora.gguf", summary.RootElement.GetProperty("adapters")[0].GetProperty("file").GetString());
+        var (a, b) = (GgufReader.ReadFile(fromGguf), GgufReader.ReadFile(fromPeft));
+        Assert.Equal(b.FileLength - b.DataOffset, a.FileLength - a.DataOffset);
+        Assert.True(Data(fromGguf, a).AsSpan().SequenceEqual(Data(fromPeft, b)), "the tensors differ from the PEFT adapter's merge");
+    }
+
+    /// <summary>The data section: every tensor's bytes.</summary>
+    private static byte[] Data(string path, GgufFile gguf)
+    {
+        var bytes = File.ReadAllBytes(path);
+        return bytes[(int)gguf.DataOffset..];
+    }
+
+    [Fact]
     public async Task A_gguf_base_refuses_dtype_and_writes_nothing()
     {
         var model = new TinyLlama { Hidden = 32, Heads = 4, KvHeads = 2, FeedForward = 48, VocabSize = 270 }.Generate();

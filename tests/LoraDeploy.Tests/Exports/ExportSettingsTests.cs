@@ -30,6 +30,22 @@ public sealed class ExportSettingsTests : IDisposable
     }
 
     [Fact]
+    public void A_llm_loras_gguf_adapter_onto_safetensors_weights_is_refused_naming_the_setting_to_drop()
+    {
+        var weights = Path.Combine(_dir, "base.safetensors");
+        File.WriteAllBytes(weights, [0]);
+        var adapter = Path.Combine(_dir, "adapter.safetensors"); // the runner's copy of a stored LLM LoRA may be named so
+        new LoraDeploy.Lora.Gguf.GgufWriter().Add("general.type", "adapter").WriteTo(adapter);
+        var output = Path.Combine(_dir, "out.safetensors");
+
+        var e = Assert.Throws<LoraDeploy.Lora.Merge.LoraMergeException>(() =>
+            new ExportBase(ExportBase.Safetensors, weights).Merge(new(adapter), output, new(), TestContext.Current.CancellationToken));
+
+        Assert.StartsWith($"the adapter is a llama.cpp LoRA GGUF (an LLM LoRA), which merges only into the pool's GGUF base, not into the safetensors weights {weights}; leave BaseModels:", e.Message);
+        Assert.False(File.Exists(output));
+    }
+
+    [Fact]
     public async Task Missing_weights_or_a_folder_stop_the_host_at_start_naming_the_key()
     {
         var builder = Microsoft.Extensions.Hosting.Host.CreateApplicationBuilder();
