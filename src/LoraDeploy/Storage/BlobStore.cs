@@ -3,16 +3,33 @@ using System.ComponentModel.DataAnnotations;
 using System.Security.Cryptography;
 using System.Runtime.InteropServices;
 using System.Text.RegularExpressions;
+using Amazon.S3;
+using Microsoft.Extensions.Options;
 
 namespace LoraDeploy.Storage;
+
+public enum StorageProvider
+{
+    /// <summary>A folder (<c>Storage:Path</c>); replicas share it.</summary>
+    Filesystem,
+
+    /// <summary>An S3-compatible bucket (<c>Storage:S3:*</c>); replicas need no shared folder.</summary>
+    S3,
+}
 
 /// <summary>Settings section <c>Storage</c>.</summary>
 public sealed class StorageOptions
 {
     public const string Section = "Storage";
 
-    /// <summary>Blob folder; replicas share one. Default <c>DATA_DIR/blobs</c>.</summary>
+    /// <summary><c>filesystem</c> (default) or <c>s3</c>.</summary>
+    public StorageProvider Provider { get; set; } = StorageProvider.Filesystem;
+
+    /// <summary>Blob folder; replicas share one. Default <c>DATA_DIR/blobs</c>. With S3 only the local staging folder lives here.</summary>
     public string? Path { get; set; }
+
+    /// <summary>Settings section <c>Storage:S3</c>, read when <see cref="Provider"/> is <c>s3</c>.</summary>
+    public S3StorageOptions S3 { get; set; } = new();
 }
 
 public enum BlobPutResult
@@ -77,19 +94,18 @@ public sealed partial class FileSystemBlobStore : IBlobStore
     private const int CopyBufferSize = 1024 * 1024;
 
     private readonly string _root;
-    private readonly string _staging;
+    private readonly StagingFolder _staging;
 
     public FileSystemBlobStore(string root)
     {
         _root = System.IO.Path.GetFullPath(root);
-        _staging = System.IO.Path.Combine(_root, "staging");
-        Directory.CreateDirectory(_staging);
+        _staging = new StagingFolder(System.IO.Path.Combine(_root, "staging"));
     }
 
     public string Location => _root;
 
     [GeneratedRegex(@"^[0-9a-f]{64}\z")]
-    private static partial Regex Sha256Hex();
+    internal static partial Regex Sha256Hex();
 
     public Task<Stream?> OpenReadAsync(string sha256, long offset = 0, long? length = null, CancellationToken ct = default)
     {
@@ -125,7 +141,7 @@ public sealed partial class FileSystemBlobStore : IBlobStore
         {
             return BlobPutResult.AlreadyExists;
         }
-        var temp = System.IO.Path.Combine(_staging, $"put-{Guid.NewGuid():N}.tmp");
+        var temp = _staging.PathOf($"put-{Guid.NewGuid():N}.tmp");
         try
         {
             using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
@@ -164,17 +180,11 @@ public sealed partial class FileSystemBlobStore : IBlobStore
 
     public bool Delete(string sha256) => DeleteIfPresent(PathOf(sha256));
 
-    public Stream OpenStaging(string name) =>
-        new FileStream(StagingPathOf(name), FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None, bufferSize: 1, FileOptions.Asynchronous);
+    public Stream OpenStaging(string name) => _staging.Open(name);
 
-    public long StagingLength(string name)
-    {
-        var file = new FileInfo(StagingPathOf(name));
-        return file.Exists ? file.Length : 0;
-    }
+    public long StagingLength(string name) => _staging.Length(name);
 
-    public IEnumerable<(string Name, DateTime LastWriteUtc)> StagingFiles() =>
-        new DirectoryInfo(_staging).EnumerateFiles().Select(f => (f.Name, f.LastWriteTimeUtc));
+    public IEnumerable<(string Name, DateTime LastWriteUtc)> StagingFiles() => _staging.Files();
 
     /// <summary>
     /// Verifies rather than trusts the caller's hash: it reads the bytes back once (from the page cache, just written),
@@ -183,7 +193,7 @@ public sealed partial class FileSystemBlobStore : IBlobStore
     /// </summary>
     public async Task<BlobPutResult> CommitStagingAsync(string name, string sha256, CancellationToken ct = default)
     {
-        var staged = StagingPathOf(name);
+        var staged = _staging.PathOf(name);
         var target = PathOf(sha256);
         if (File.Exists(target))
         {
@@ -203,7 +213,7 @@ public sealed partial class FileSystemBlobStore : IBlobStore
         return MoveIntoPlace(staged, target);
     }
 
-    public bool DeleteStaging(string name) => DeleteIfPresent(StagingPathOf(name));
+    public bool DeleteStaging(string name) => _staging.Delete(name);
 
     private static bool DeleteIfPresent(string path)
     {
@@ -235,15 +245,6 @@ public sealed partial class FileSystemBlobStore : IBlobStore
         }
         FsyncDirectory(folder);
         return BlobPutResult.Stored;
-    }
-
-    private string StagingPathOf(string name)
-    {
-        if (name.Length == 0 || name.Contains('/') || name.Contains('\\') || name.Contains(".."))
-        {
-            throw new ArgumentException("Staging names are plain file names.", nameof(name));
-        }
-        return System.IO.Path.Combine(_staging, name);
     }
 
     private static void TryDeleteFile(string path)
@@ -310,14 +311,24 @@ public static class StorageExtensions
     public static IServiceCollection AddBlobStorage(this IServiceCollection services, IConfiguration configuration)
     {
         services.AddOptions<StorageOptions>().BindConfiguration(StorageOptions.Section).ValidateOnStart();
-        services.AddSingleton<IBlobStore>(_ =>
+        services.AddSingleton<IValidateOptions<StorageOptions>, S3StorageOptions.Validation>();
+        services.AddSingleton<IBlobStore>(sp =>
         {
-            var configured = configuration.GetSection(StorageOptions.Section).Get<StorageOptions>()?.Path;
-            var root = string.IsNullOrWhiteSpace(configured)
+            var options = sp.GetRequiredService<IOptions<StorageOptions>>().Value;
+            var root = string.IsNullOrWhiteSpace(options.Path)
                 ? System.IO.Path.Combine(DataDirectory.Get(configuration), "blobs")
-                : configured;
-            return new FileSystemBlobStore(root);
+                : options.Path;
+            return options.Provider switch
+            {
+                // Staging stays local: a resumable download needs a file it can append to.
+                StorageProvider.S3 => new S3BlobStore(
+                    sp.GetRequiredService<IAmazonS3>(), options.S3,
+                    new StagingFolder(System.IO.Path.Combine(root, "staging")), sp.GetRequiredService<ILogger<S3BlobStore>>()),
+                _ => new FileSystemBlobStore(root),
+            };
         });
+        // The SDK client owns a connection pool: one per process, disposed with the container.
+        services.AddSingleton(sp => S3BlobStore.CreateClient(sp.GetRequiredService<IOptions<StorageOptions>>().Value.S3));
         return services;
     }
 }
