@@ -57,6 +57,11 @@ public sealed class PolicyTests
         Assert.True(license.GetProperty("allow_different_license").GetBoolean());
         Assert.True(license.GetProperty("allow_no_credit").GetBoolean());
         Assert.Equal("simulated", license.GetProperty("creator").GetString());
+        var status = await LoraDeployExe.RunAsync(["status", "fine", "--server", h.Server.BaseUrl.ToString(), "--token", h.User.Token]);
+        Assert.True(status.ExitCode == 0, status.ToString());
+        Assert.Contains("license      commercial use: Image, RentCivit; derivatives: yes; other license: yes; no credit needed: yes", status.StdOut);
+        Assert.Contains("creator      simulated", status.StdOut);
+        Assert.Contains("nsfw         R (level 4)", status.StdOut);
         var listed = await (await h.User.Client.GetAsync("/v1/user/loras")).ExpectAsync(HttpStatusCode.OK);
         Assert.Contains(listed.EnumerateArray(), l => l.GetProperty("lora_name").GetString() == "fine"
             && l.GetProperty("license").GetProperty("creator").GetString() == "simulated" && l.GetProperty("nsfw_level").GetInt32() == 4);
