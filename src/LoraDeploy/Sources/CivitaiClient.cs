@@ -55,7 +55,12 @@ public sealed class CivitaiClient(
             }
             // The hash may belong to any file of the version; pin that one so a create fetches these very bytes.
             var file = (version.Files ?? []).FirstOrDefault(f => string.Equals(ListedSha256(f), sha256, StringComparison.OrdinalIgnoreCase));
-            var reference = new CivitaiReference { ModelId = version.ModelId, VersionId = version.Id, FileId = file?.Id };
+            if (file is null)
+            {
+                // Never offer another file of the version in its place: the user's bytes are what was asked about.
+                return CivitaiResolveResult.Fail(ReasonClass.NotFound, $"CivitAI matched SHA-256 {sha256.ToLowerInvariant()} to version {version.Id}, but lists no public file with that SHA-256 in it");
+            }
+            var reference = new CivitaiReference { ModelId = version.ModelId, VersionId = version.Id, FileId = file.Id };
             return await ResolveCoreAsync(reference, civitai, checkDownloadAccess: false, cancellationToken).ConfigureAwait(false);
         });
 

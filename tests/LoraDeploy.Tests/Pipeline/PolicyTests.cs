@@ -131,6 +131,9 @@ public sealed class PolicyTests
 
         var missing = await h.User.Client.GetAsync($"/v1/lora/civitai/by-hash/{new string('a', 64)}");
         Assert.Contains("CivitAI knows no published file", (await missing.ExpectAsync(HttpStatusCode.NotFound)).GetProperty("error").GetString());
+        var checkpoint = h.Simulator.AddLora(AdapterFiles.Flux1(seed: 9), modelType: "Checkpoint");
+        var notLora = await h.User.Client.GetAsync($"/v1/lora/civitai/by-hash/{checkpoint.File.Sha256}");
+        Assert.Contains("is a Checkpoint, not a LoRA", (await notLora.ExpectAsync(HttpStatusCode.UnprocessableEntity)).GetProperty("error").GetString());
         var malformed = await h.User.Client.GetAsync("/v1/lora/civitai/by-hash/abc123");
         var detail = (await malformed.ExpectAsync(HttpStatusCode.UnprocessableEntity)).GetProperty("detail")[0];
         Assert.Equal(["path", "sha256"], detail.GetProperty("loc").EnumerateArray().Select(e => e.GetString()));
