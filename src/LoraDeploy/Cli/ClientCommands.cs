@@ -15,6 +15,7 @@ internal static class ClientCommands
         DeployCommands.TransitionCommand("stop", "Stop a deploy (from deploying or running)."),
         DeployCommands.TransitionCommand("start", "Start a stopped deploy."),
         DeployCommands.ScaleCommand(),
+        LookupCommand.Create(),
         WorkersCommand.Create(),
         GenerateCommand.Create(),
     ];

@@ -67,6 +67,16 @@ public sealed class Lora
     public long? SizeBytes { get; set; }
     /// <summary>Warnings about this adapter on this LoRA's base model (JSON list of sentences).</summary>
     public string? WarningsJson { get; set; }
+
+    // The CivitAI model's license terms, NSFW level and creator when it was resolved; the policy is checked against them.
+    /// <summary>CivitAI's commercial-use permissions, normalised (JSON list such as <c>["Image","RentCivit"]</c>; <c>[]</c> for none).</summary>
+    public string? AllowCommercialUseJson { get; set; }
+    public bool? AllowDerivatives { get; set; }
+    public bool? AllowDifferentLicense { get; set; }
+    public bool? AllowNoCredit { get; set; }
+    /// <summary>The model's NSFW level: an OR of CivitAI's flags (PG=1 … XXX=16, Blocked=32).</summary>
+    public int? NsfwLevel { get; set; }
+    public string? CivitaiCreator { get; set; }
 }
 
 /// <summary>

@@ -57,6 +57,8 @@ public abstract class LoraDeployDbContext(DbContextOptions options) : DbContext(
             lora.Property(l => l.SourceUrl).HasMaxLength(2048);
             lora.Property(l => l.ExpectedSha256).HasMaxLength(64);
             lora.Property(l => l.AdapterSha256).HasMaxLength(64);
+            lora.Property(l => l.AllowCommercialUseJson).HasMaxLength(256);
+            lora.Property(l => l.CivitaiCreator).HasMaxLength(200);
             lora.HasOne(l => l.User).WithMany().HasForeignKey(l => l.UserId);
             // A collected adapter leaves deleted LoRAs pointing nowhere rather than blocking the collection.
             lora.HasOne(l => l.Adapter).WithMany().HasForeignKey(l => l.AdapterSha256).OnDelete(DeleteBehavior.SetNull);

@@ -208,7 +208,8 @@ public static class DeployEndpoints
     /// <c>initializing</c> and the pipeline resolves and fetches it again, now that its cause may be gone.
     /// </summary>
     internal static async Task<Results<Ok<DeployStatusOut>, NotFound<DeepError>, BadRequest<DeepError>>> StartDeploy(
-        string deploy_id, HttpContext http, LoraDeployDbContext db, Pipeline.PipelineSignal pipeline, TimeProvider time, CancellationToken ct)
+        string deploy_id, HttpContext http, LoraDeployDbContext db, Pipeline.PipelineSignal pipeline, IOptionsMonitor<Pipeline.PolicyOptions> policy,
+        TimeProvider time, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
         var now = time.GetUtcNow().UtcDateTime;
@@ -237,6 +238,17 @@ public static class DeployEndpoints
                 pipeline.Wake();
                 return TypedResults.Ok(new DeployStatusOut(deploy_id));
             }
+        }
+        // The operator may have tightened the policy since this LoRA was imported: a stopped deploy is checked again.
+        // (A failed one is resolved anew above, and the pipeline checks it then.) 400 like the other start refusals.
+        var stopped = await db.Deploys
+            .Where(d => d.Id == deploy_id && d.UserId == user.Id && d.Status == DeployStatus.Stopped)
+            .Select(d => d.Lora)
+            .FirstOrDefaultAsync(ct);
+        if (stopped is { SourceType: "civitai" }
+            && Pipeline.PolicyGate.Check(policy.CurrentValue, stopped.CivitaiModelId, Pipeline.PolicyGate.RecordedLicense(stopped)) is { } refusal)
+        {
+            return ApiErrors.BadRequest($"Deploy {deploy_id} cannot be started: {refusal}.");
         }
         return await TransitionAsync(db, user, deploy_id, [DeployStatus.Stopped], DeployStatus.Deploying,
             "only a stopped deployment, or one whose import failed, can be started", time, ct);

@@ -74,7 +74,39 @@ public sealed record LoraOut(
     JsonElement? Probe,
     IReadOnlyList<string> Warnings,
     string CreatedAt,
-    string UpdatedAt);
+    string UpdatedAt,
+    LicenseOut? License = null,
+    int? NsfwLevel = null);
+
+/// <summary>A CivitAI model's license terms as recorded with the LoRA (null parts: CivitAI did not say).</summary>
+public sealed record LicenseOut(
+    IReadOnlyList<string>? AllowCommercialUse,
+    bool? AllowDerivatives,
+    bool? AllowDifferentLicense,
+    bool? AllowNoCredit,
+    string? Creator)
+{
+    public static LicenseOut? From(Sources.CivitaiLicense? license) => license is null
+        ? null
+        : new(license.AllowCommercialUse, license.AllowDerivatives, license.AllowDifferentLicense, license.AllowNoCredit, license.Creator);
+}
+
+/// <summary>What <c>GET /v1/lora/civitai/by-hash/{sha256}</c> found: the CivitAI file with that hash and how to deploy it.</summary>
+public sealed record CivitaiLookupOut(
+    string Sha256,
+    int ModelId,
+    string? ModelName,
+    int VersionId,
+    string? VersionName,
+    int FileId,
+    string FileName,
+    string ModelType,
+    string BaseModel,
+    IReadOnlyList<string> TrainedWords,
+    string CivitUrl,
+    LicenseOut? License,
+    int? NsfwLevel,
+    string? PolicyRefusal);
 
 public sealed record LoraStatusOut(
     string LoraName,
@@ -127,6 +159,7 @@ public sealed record HealthOut(string Status);
 [JsonSerializable(typeof(LoraOut))]
 [JsonSerializable(typeof(List<LoraOut>))]
 [JsonSerializable(typeof(LoraStatusOut))]
+[JsonSerializable(typeof(CivitaiLookupOut))]
 [JsonSerializable(typeof(LoraDeleteOut))]
 [JsonSerializable(typeof(List<ModelOut>))]
 [JsonSerializable(typeof(List<BaseModelOut>))]

@@ -32,6 +32,12 @@ public static class LoraEndpoints
         lora.MapGet("/lora/{lora_name}", GetLora).WithSummary("Your LoRA");
         lora.MapGet("/lora/{owner}/{lora_name}", GetLoraByModelName)
             .WithSummary("A LoRA by model name: yours, or anyone's public one");
+        lora.MapGet("/lora/civitai/by-hash/{sha256}", CivitaiLookup.HandleAsync)
+            .WithSummary("The CivitAI version a file with this SHA-256 belongs to, and the civit_url that deploys it")
+            .Produces<CivitaiLookupOut>()
+            .Produces<DeepError>(StatusCodes.Status404NotFound)
+            .Produces<DeepError>(StatusCodes.Status502BadGateway)
+            .Produces<HTTPValidationError>(StatusCodes.Status422UnprocessableEntity);
         lora.MapGet("/lora/{lora_name}/status", GetLoraStatus).WithSummary("Your LoRA's deploy status");
         lora.MapPatch("/lora/{lora_name}", UpdateLora)
             .WithRequestBody<UpdateLoraApiRequest>()

@@ -70,7 +70,9 @@ public sealed class LoraRow
         ProbeJson is null ? null : JsonDocument.Parse(ProbeJson).RootElement.Clone(),
         Lora.WarningsJson is null ? [] : JsonSerializer.Deserialize(Lora.WarningsJson, ApiJson.Context.ListString) ?? [],
         Timestamps.Format(Lora.CreatedAt),
-        Timestamps.Format(Lora.UpdatedAt));
+        Timestamps.Format(Lora.UpdatedAt),
+        LicenseOut.From(Pipeline.PolicyGate.RecordedLicense(Lora)),
+        Lora.NsfwLevel);
 
     public LoraStatusOut ToStatus() =>
         new(Lora.Name, ModelName, DeployId, Status, FailReason, Version, Lora.SizeBytes, DownloadedBytes, StalledSince);

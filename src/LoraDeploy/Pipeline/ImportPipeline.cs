@@ -29,6 +29,7 @@ public sealed partial class ImportPipeline(
     HuggingFaceTokens hfTokens,
     Workers.Placement placement,
     IOptions<PipelineOptions> options,
+    IOptionsMonitor<PolicyOptions> policy,
     TimeProvider time,
     ILogger<ImportPipeline> logger) : BackgroundService
 {
@@ -264,8 +265,22 @@ public sealed partial class ImportPipeline(
         lora.TrainedWordsJson = JsonSerializer.Serialize(file.TrainedWords.ToList(), PipelineJsonContext.Default.ListString);
         lora.ExpectedSha256 = file.ListedSha256;
         lora.SizeBytes = file.ListedSizeBytes;
+        lora.AllowCommercialUseJson = file.License?.AllowCommercialUse is { } commercial
+            ? JsonSerializer.Serialize(commercial.ToList(), PipelineJsonContext.Default.ListString)
+            : null;
+        lora.AllowDerivatives = file.License?.AllowDerivatives;
+        lora.AllowDifferentLicense = file.License?.AllowDifferentLicense;
+        lora.AllowNoCredit = file.License?.AllowNoCredit;
+        lora.NsfwLevel = file.License?.NsfwLevel;
+        lora.CivitaiCreator = file.License?.Creator;
         lora.UpdatedAt = now;
         await db.SaveChangesAsync(ct);
+        // The terms are recorded first, so a refused LoRA shows why; nothing is fetched for it.
+        if (PolicyGate.Check(policy.CurrentValue, file.ModelId, file.License) is { } refusal)
+        {
+            await FailAsync(deployId, PipelineReasonClass.Policy, refusal, ct);
+            return;
+        }
         await OwnJob(db, deployId).ExecuteUpdateAsync(set => set.SetProperty(j => j.LeaseExpiresAt, now + Options.LeaseDuration), ct);
         // version shows CivitAI's listed hash as soon as it is known; the bytes confirm it later.
         await db.Deploys.Where(d => d.Id == deployId && d.Status == DeployStatus.Downloading).ExecuteUpdateAsync(set => set

@@ -5,6 +5,7 @@ public static class PipelineExtensions
     public static IServiceCollection AddImportPipeline(this IServiceCollection services)
     {
         services.AddOptions<PipelineOptions>().BindConfiguration(PipelineOptions.Section).ValidateDataAnnotations().ValidateOnStart();
+        services.AddOptions<PolicyOptions>().BindConfiguration(PolicyOptions.Section).ValidateDataAnnotations().ValidateOnStart();
         services.AddSingleton<PipelineSignal>();
         services.AddSingleton<PipelineMetrics>();
         services.AddSingleton<HuggingFaceTokens>();

@@ -15,6 +15,8 @@ public static class PipelineReasonClass
     public const string Internal = "internal";
     public const string DownloadDeadline = "download_deadline";
     public const string DiskFull = "disk_full";
+    /// <summary>The operator's license and content policy (<see cref="PolicyOptions"/>) refuses this model.</summary>
+    public const string Policy = "policy";
 }
 
 internal static class DeployFailure

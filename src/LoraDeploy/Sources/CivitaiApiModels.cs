@@ -13,6 +13,18 @@ internal sealed class CivitaiModelDto
     public string? Type { get; init; }
     public string? Mode { get; init; }
     public List<CivitaiVersionDto>? ModelVersions { get; init; }
+    /// <summary>A Postgres array literal (<c>"{Image,RentCivit}"</c>), a JSON array or an older single string (reference §2.3).</summary>
+    public JsonElement? AllowCommercialUse { get; init; }
+    public bool? AllowDerivatives { get; init; }
+    public bool? AllowDifferentLicense { get; init; }
+    public bool? AllowNoCredit { get; init; }
+    public int? NsfwLevel { get; init; }
+    public CivitaiCreatorDto? Creator { get; init; }
+}
+
+internal sealed class CivitaiCreatorDto
+{
+    public string? Username { get; init; }
 }
 
 internal sealed class CivitaiVersionDto

@@ -26,19 +26,50 @@ public sealed class CivitaiClient(
     /// </summary>
     public async Task<CivitaiResolveResult> ResolveAsync(CivitaiReference reference, CancellationToken cancellationToken, bool checkDownloadAccess = true)
     {
+        var result = await GuardAsync(civitai => ResolveCoreAsync(reference, civitai, checkDownloadAccess, cancellationToken)).ConfigureAwait(false);
+        if (result.Succeeded)
+        {
+            logger.LogInformation("Resolved {Reference} to file {FileId} ({FileName}) of version {VersionId}", reference, result.File.FileId, result.File.FileName, result.File.VersionId);
+        }
+        else
+        {
+            logger.LogInformation("Could not resolve {Reference}: {ReasonClass} {FailReason}", reference, result.ReasonClass, result.FailReason);
+        }
+        return result;
+    }
+
+    /// <summary>
+    /// Finds the version whose file has this SHA-256 (CivitAI's by-hash API, reference §2.2) and resolves exactly that
+    /// file as a create would, without touching the download endpoint. <paramref name="sha256"/> is 64 hex digits.
+    /// </summary>
+    public Task<CivitaiResolveResult> LookupByHashAsync(string sha256, CancellationToken cancellationToken) =>
+        GuardAsync(async civitai =>
+        {
+            var hash = sha256.ToUpperInvariant();
+            var (status, version, error) = await GetJsonAsync($"api/v1/model-versions/by-hash/{hash}", CivitaiJsonContext.Default.CivitaiVersionDto, civitai, cancellationToken).ConfigureAwait(false);
+            if (version is null)
+            {
+                return status == HttpStatusCode.NotFound
+                    ? CivitaiResolveResult.Fail(ReasonClass.NotFound, $"CivitAI knows no published file with SHA-256 {sha256.ToLowerInvariant()}")
+                    : ApiFailure(status, error, $"SHA-256 {sha256.ToLowerInvariant()}");
+            }
+            // The hash may belong to any file of the version; pin that one so a create fetches these very bytes.
+            var file = (version.Files ?? []).FirstOrDefault(f => string.Equals(ListedSha256(f), sha256, StringComparison.OrdinalIgnoreCase));
+            if (file is null)
+            {
+                // Never offer another file of the version in its place: the user's bytes are what was asked about.
+                return CivitaiResolveResult.Fail(ReasonClass.NotFound, $"CivitAI matched SHA-256 {sha256.ToLowerInvariant()} to version {version.Id}, but lists no public file with that SHA-256 in it");
+            }
+            var reference = new CivitaiReference { ModelId = version.ModelId, VersionId = version.Id, FileId = file.Id };
+            return await ResolveCoreAsync(reference, civitai, checkDownloadAccess: false, cancellationToken).ConfigureAwait(false);
+        });
+
+    private async Task<CivitaiResolveResult> GuardAsync(Func<CivitaiOptions, Task<CivitaiResolveResult>> call)
+    {
         var civitai = options.CurrentValue;
         try
         {
-            var result = await ResolveCoreAsync(reference, civitai, checkDownloadAccess, cancellationToken).ConfigureAwait(false);
-            if (result.Succeeded)
-            {
-                logger.LogInformation("Resolved {Reference} to file {FileId} ({FileName}) of version {VersionId}", reference, result.File.FileId, result.File.FileName, result.File.VersionId);
-            }
-            else
-            {
-                logger.LogInformation("Could not resolve {Reference}: {ReasonClass} {FailReason}", reference, result.ReasonClass, result.FailReason);
-            }
-            return result;
+            return await call(civitai).ConfigureAwait(false);
         }
         catch (OutboundRequestRefusedException ex)
         {
@@ -71,6 +102,7 @@ public sealed class CivitaiClient(
         CivitaiVersionDto version;
         int modelId;
         string? modelType, modelMode, modelName;
+        CivitaiModelDto? modelBody = null;
 
         if (reference.VersionId is { } vid)
         {
@@ -112,6 +144,7 @@ public sealed class CivitaiClient(
                 return CivitaiResolveResult.Fail(ReasonClass.NotFound, $"CivitAI model {mid} has no published version to download");
             }
             version = newest;
+            modelBody = model;
             modelId = mid;
             modelType = model.Type;
             modelMode = model.Mode;
@@ -139,6 +172,19 @@ public sealed class CivitaiClient(
         }
         var file = picked.File!;
 
+        // License terms, NSFW level and creator are the model's (reference §2.3); a version body does not carry them.
+        if (modelBody is null)
+        {
+            var (status, model, error) = await GetJsonAsync($"api/v1/models/{modelId}", CivitaiJsonContext.Default.CivitaiModelDto, civitai, ct).ConfigureAwait(false);
+            if (model is null)
+            {
+                return status == HttpStatusCode.NotFound
+                    ? CivitaiResolveResult.Fail(ReasonClass.NotFound, $"CivitAI has no model {modelId} for version {versionId}, so its license cannot be read; check the link")
+                    : ApiFailure(status, error, $"model {modelId}");
+            }
+            modelBody = model;
+        }
+
         var resolved = new ResolvedCivitaiFile
         {
             ModelId = modelId,
@@ -153,6 +199,7 @@ public sealed class CivitaiClient(
             ModelName = modelName,
             VersionName = version.Name,
             DownloadUrl = DownloadUrlFor(civitai, versionId, file.Id),
+            License = CivitaiLicense.From(modelBody),
         };
 
         // The JSON does not say whether a login is needed or access was bought; only the download endpoint knows.

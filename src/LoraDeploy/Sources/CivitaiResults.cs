@@ -43,6 +43,8 @@ public sealed record ResolvedCivitaiFile
     public string? VersionName { get; init; }
     /// <summary>CivitAI download endpoint for exactly this file (<c>{BaseUrl}/api/download/models/{vid}?fileId={fid}</c>), without any token.</summary>
     public required Uri DownloadUrl { get; init; }
+    /// <summary>The model's license terms, NSFW level and creator; null only in rows written before they were recorded.</summary>
+    public CivitaiLicense? License { get; init; }
 }
 
 /// <summary>Either a resolved file or a failure with a sentence naming cause and fix.</summary>

@@ -697,12 +697,29 @@ async function renderLora(loraName) {
           ["CivitAI base model", lora.civitai.base_model],
           ["Trained words", lora.civitai.trained_words],
           ["Model / version / file id", [lora.civitai.model_id, lora.civitai.version_id, lora.civitai.file_id].filter((x) => x != null).join(" / ")],
+          ...licenseFacts(lora.license, lora.nsfw_level),
         ])) : null,
       probeSection(lora.probe, fromHub));
     if (hadFocus) [...body.querySelectorAll("button, a")].find((el) => el.textContent === hadFocus)?.focus();
     if (focusedInTry && body.contains(focusedInTry)) focusedInTry.focus();
     return !FINAL.has(lora.status);
   });
+}
+
+/** The CivitAI model's recorded license terms, creator and NSFW level, as rows for dl(). */
+function licenseFacts(license, nsfwLevel) {
+  const yesNo = (v) => (v === true ? "yes" : v === false ? "no" : null);
+  const commercial = license?.allow_commercial_use;
+  const flags = [["PG", 1], ["PG13", 2], ["R", 4], ["X", 8], ["XXX", 16], ["Blocked", 32]];
+  const highest = typeof nsfwLevel === "number" ? flags.filter(([, f]) => (nsfwLevel & f) !== 0).pop() : null;
+  return [
+    ["Commercial use", Array.isArray(commercial) ? (commercial.length ? commercial.join(", ") : "none") : null],
+    ["Derivatives allowed", yesNo(license?.allow_derivatives)],
+    ["Different license allowed", yesNo(license?.allow_different_license)],
+    ["Use without credit", yesNo(license?.allow_no_credit)],
+    ["Creator", license?.creator],
+    ["NSFW level", typeof nsfwLevel === "number" ? `${highest ? highest[0] : "unrated"} (${nsfwLevel})` : null],
+  ];
 }
 
 /**

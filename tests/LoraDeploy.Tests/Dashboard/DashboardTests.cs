@@ -73,6 +73,12 @@ public sealed class DashboardTests(E2eEnvironment env) : IClassFixture<E2eEnviro
         var report = page.Locator("section", new() { Has = page.GetByRole(AriaRole.Heading, new() { Name = "Adapter report" }) });
         await Assertions.Expect(report).ToContainTextAsync("flux1");
         await Assertions.Expect(page.GetByRole(AriaRole.Link, new() { Name = "Open on CivitAI" })).ToHaveAttributeAsync("href", new Regex("^https?://"));
+        // The CivitAI model's recorded license terms and NSFW level.
+        var civitai = page.Locator("section", new() { Has = page.GetByRole(AriaRole.Heading, new() { Name = "CivitAI", Exact = true }) });
+        await Assertions.Expect(civitai.Locator("dt", new() { HasText = "Commercial use" }).Locator("+ dd")).ToHaveTextAsync("Image, RentCivit");
+        await Assertions.Expect(civitai.Locator("dt", new() { HasText = "Derivatives allowed" }).Locator("+ dd")).ToHaveTextAsync("yes");
+        await Assertions.Expect(civitai.Locator("dt", new() { HasText = "Creator" }).Locator("+ dd")).ToHaveTextAsync("simulated");
+        await Assertions.Expect(civitai.Locator("dt", new() { HasText = "NSFW level" }).Locator("+ dd")).ToHaveTextAsync("PG (1)");
         await DashboardBrowser.ScreenshotAsync(page, "05-lora-deployed");
 
         await page.GetByRole(AriaRole.Link, new() { Name = "All deployments" }).ClickAsync();

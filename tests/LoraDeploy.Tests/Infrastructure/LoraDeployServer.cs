@@ -75,6 +75,9 @@ public sealed class LoraDeployServer : IAsyncDisposable
         BaseUrl = new Uri(address);
     }
 
+    /// <summary>Changes a setting for the next <see cref="RestartAsync"/>, as an operator edits the configuration and restarts.</summary>
+    public void ChangeSetting(string key, string? value) => _settings[key] = value;
+
     /// <summary>Stops the host and boots a new one on the same database and data folder.</summary>
     public async Task RestartAsync()
     {

@@ -222,6 +222,7 @@ public sealed partial class CivitaiSimulator : IAsyncDisposable
         return segments switch
         {
             ["api", "v1", "models", var id] => ModelAsync(ctx, id),
+            ["api", "v1", "model-versions", "by-hash", var hash] => VersionByHashAsync(ctx, hash),
             ["api", "v1", "model-versions", var id] => VersionAsync(ctx, id),
             ["api", "download", "models", var id] => DownloadAsync(ctx, id),
             _ => JsonAsync(ctx, 404, new Dictionary<string, object?> { ["error"] = "Not found" }),
@@ -244,6 +245,7 @@ public sealed partial class CivitaiSimulator : IAsyncDisposable
             return JsonAsync(ctx, 404, new Dictionary<string, object?> { ["error"] = $"No model with id {id}" });
         }
 
+        var nsfwLevel = m.NsfwLevel ?? m.Versions.Aggregate(0, (level, v) => level | v.NsfwLevel);
         var versions = new List<object>();
         var index = 0;
         foreach (var v in m.Versions.Where(v => v.Status == "Published" && v.NsfwLevel != 0))
@@ -285,21 +287,54 @@ public sealed partial class CivitaiSimulator : IAsyncDisposable
             ["name"] = m.Name,
             ["description"] = "<p>simulated</p>",
             ["type"] = m.Type,
-            ["nsfw"] = false,
-            ["nsfwLevel"] = 1,
+            ["nsfw"] = nsfwLevel > 2,
+            ["nsfwLevel"] = nsfwLevel,
             ["poi"] = false,
             ["minor"] = false,
             ["availability"] = "Public",
-            ["allowCommercialUse"] = "{Image,RentCivit}",
-            ["creator"] = new Dictionary<string, object?> { ["username"] = "simulated" },
+            ["allowNoCredit"] = m.AllowNoCredit,
+            ["allowDerivatives"] = m.AllowDerivatives,
+            ["allowDifferentLicense"] = m.AllowDifferentLicense,
             ["tags"] = new[] { "style" },
             ["modelVersions"] = versions,
         };
+        if (m.AllowCommercialUse is not null)
+        {
+            body["allowCommercialUse"] = m.AllowCommercialUse;
+        }
+        if (m.Creator is not null)
+        {
+            body["creator"] = new Dictionary<string, object?> { ["username"] = m.Creator };
+        }
         if (m.Mode is not null)
         {
             body["mode"] = m.Mode;
         }
         return JsonAsync(ctx, 200, body);
+    }
+
+    /// <summary>
+    /// By-hash (reference §2.2): any listed hash (AutoV2 or SHA256 here) of any file of a published version, case-insensitive;
+    /// duplicates answer the oldest version (publishedAt, then id); the body is the version body.
+    /// </summary>
+    private Task VersionByHashAsync(HttpContext ctx, string rawHash)
+    {
+        var hash = rawHash.ToUpperInvariant();
+        SimVersion? found;
+        lock (Gate)
+        {
+            found = _models
+                .Where(m => m.Mode != "TakenDown")
+                .SelectMany(m => m.Versions)
+                .Where(v => v.Status == "Published" && v.NsfwLevel != 0)
+                .Where(v => v.Files.Any(f => !HashesOmitted(f) && ((f.ListedSha256 ?? f.Sha256).ToUpperInvariant() is var sha && (sha == hash || sha[..10] == hash))))
+                .OrderBy(v => v.PublishedAt).ThenBy(v => v.Id)
+                .FirstOrDefault();
+        }
+        ctx.Response.Headers.CacheControl = "public, s-maxage=3600";
+        return found is null
+            ? JsonAsync(ctx, 404, new Dictionary<string, object?> { ["error"] = "Model not found" })
+            : VersionBodyAsync(ctx, found);
     }
 
     private Task VersionAsync(HttpContext ctx, string rawId)
@@ -313,6 +348,11 @@ public sealed partial class CivitaiSimulator : IAsyncDisposable
         {
             return JsonAsync(ctx, 404, new Dictionary<string, object?> { ["error"] = "Model not found" });
         }
+        return VersionBodyAsync(ctx, v);
+    }
+
+    private Task VersionBodyAsync(HttpContext ctx, SimVersion v)
+    {
         var m = v.Model;
         var hostBase = $"http://{ctx.Request.Host}";
         var model = new Dictionary<string, object?> { ["name"] = m.Name, ["type"] = m.Type, ["nsfw"] = false, ["poi"] = false };

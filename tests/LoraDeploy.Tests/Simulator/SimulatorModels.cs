@@ -20,6 +20,19 @@ public sealed class SimModel
     public string Type { get; set; }
     /// <summary>null, <c>Archived</c> or <c>TakenDown</c>.</summary>
     public string? Mode { get; set; }
+
+    /// <summary>
+    /// <c>allowCommercialUse</c> as served: by default the array-literal string CivitAI ships (<c>"{Image,RentCivit}"</c>);
+    /// a test may set an older single string, a <c>string[]</c> (a JSON array) or null (field omitted).
+    /// </summary>
+    public object? AllowCommercialUse { get; set; } = "{Image,RentCivit}";
+    public bool AllowDerivatives { get; set; } = true;
+    public bool AllowDifferentLicense { get; set; } = true;
+    public bool AllowNoCredit { get; set; } = true;
+    /// <summary>The model-level NSFW level; by default the OR of its versions' levels, as CivitAI keeps it.</summary>
+    public int? NsfwLevel { get; set; }
+    /// <summary>The creator's username; null drops <c>creator</c> from the body, as for CivitAI's system user.</summary>
+    public string? Creator { get; set; } = "simulated";
     /// <summary>Versions newest first (index 0 is the default the site shows).</summary>
     public List<SimVersion> Versions { get; } = [];
 

@@ -505,6 +505,7 @@ internal static partial class DeployCommands
             Field("adapter", string.Join(", ", new[] { arch, probe.Str("network"), rank }.Where(static s => s.Length > 0)));
             Field("triggers", string.Join(", ", probe.Strings("trigger_words")));
         }
+        PrintLicense(item, Field);
         foreach (var warning in item.Strings("warnings"))
         {
             Field("warning", warning);
@@ -520,6 +521,28 @@ internal static partial class DeployCommands
         if (status == "failed" && showFailReason)
         {
             output.Markup($"  [red]fail reason[/]  {Markup.Escape(OrUnknown(item.Str("fail_reason")))}");
+        }
+    }
+
+    /// <summary>A CivitAI model's recorded license terms, creator and NSFW level (<c>license</c> and <c>nsfw_level</c>).</summary>
+    internal static void PrintLicense(JsonElement item, Action<string, string> field)
+    {
+        if (item.Obj("license") is { } license)
+        {
+            static string YesNo(JsonElement e, string name) =>
+                e.ValueKind == JsonValueKind.Object && e.TryGetProperty(name, out var v) && v.ValueKind is JsonValueKind.True or JsonValueKind.False
+                    ? v.ValueKind == JsonValueKind.True ? "yes" : "no"
+                    : "?";
+            var commercial = license.TryGetProperty("allow_commercial_use", out var c) && c.ValueKind == JsonValueKind.Array
+                ? c.GetArrayLength() == 0 ? "none" : string.Join(", ", c.EnumerateArray().Select(static x => x.ToString()))
+                : "?";
+            field("license", $"commercial use: {commercial}; derivatives: {YesNo(license, "allow_derivatives")}; "
+                + $"other license: {YesNo(license, "allow_different_license")}; no credit needed: {YesNo(license, "allow_no_credit")}");
+            field("creator", license.Str("creator"));
+        }
+        if (item.Long("nsfw_level") is { } level)
+        {
+            field("nsfw", Sources.NsfwLevels.Highest((int)level) is { } highest ? $"{highest.Name} (level {level})" : $"unrated (level {level})");
         }
     }
 

@@ -540,6 +540,19 @@ namespace LoraDeploy.Data.Migrations.Postgres
                         .HasMaxLength(64)
                         .HasColumnType("character varying(64)");
 
+                    b.Property<string>("AllowCommercialUseJson")
+                        .HasMaxLength(256)
+                        .HasColumnType("character varying(256)");
+
+                    b.Property<bool?>("AllowDerivatives")
+                        .HasColumnType("boolean");
+
+                    b.Property<bool?>("AllowDifferentLicense")
+                        .HasColumnType("boolean");
+
+                    b.Property<bool?>("AllowNoCredit")
+                        .HasColumnType("boolean");
+
                     b.Property<string>("BaseModel")
                         .IsRequired()
                         .HasMaxLength(200)
@@ -547,6 +560,10 @@ namespace LoraDeploy.Data.Migrations.Postgres
 
                     b.Property<string>("CivitaiBaseModel")
                         .HasColumnType("text");
+
+                    b.Property<string>("CivitaiCreator")
+                        .HasMaxLength(200)
+                        .HasColumnType("character varying(200)");
 
                     b.Property<int?>("CivitaiFileId")
                         .HasColumnType("integer");
@@ -578,6 +595,9 @@ namespace LoraDeploy.Data.Migrations.Postgres
                         .IsRequired()
                         .HasMaxLength(64)
                         .HasColumnType("character varying(64)");
+
+                    b.Property<int?>("NsfwLevel")
+                        .HasColumnType("integer");
 
                     b.Property<bool>("Private")
                         .HasColumnType("boolean");

@@ -527,12 +527,29 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                         .HasMaxLength(64)
                         .HasColumnType("TEXT");
 
+                    b.Property<string>("AllowCommercialUseJson")
+                        .HasMaxLength(256)
+                        .HasColumnType("TEXT");
+
+                    b.Property<bool?>("AllowDerivatives")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<bool?>("AllowDifferentLicense")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<bool?>("AllowNoCredit")
+                        .HasColumnType("INTEGER");
+
                     b.Property<string>("BaseModel")
                         .IsRequired()
                         .HasMaxLength(200)
                         .HasColumnType("TEXT");
 
                     b.Property<string>("CivitaiBaseModel")
+                        .HasColumnType("TEXT");
+
+                    b.Property<string>("CivitaiCreator")
+                        .HasMaxLength(200)
                         .HasColumnType("TEXT");
 
                     b.Property<int?>("CivitaiFileId")
@@ -565,6 +582,9 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                         .IsRequired()
                         .HasMaxLength(64)
                         .HasColumnType("TEXT");
+
+                    b.Property<int?>("NsfwLevel")
+                        .HasColumnType("INTEGER");
 
                     b.Property<bool>("Private")
                         .HasColumnType("INTEGER");
