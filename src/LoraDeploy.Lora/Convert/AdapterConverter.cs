@@ -589,17 +589,8 @@ public static partial class AdapterConverter
             }
             writer.WriteEndObject();
         }
-        // Space-padded so that the data section starts 8-aligned, as the safetensors writer does.
-        var length = (json.Length + 7) / 8 * 8;
-        if (length > SafetensorsReader.MaxHeaderLength)
-        {
-            throw new AdapterConvertException($"the converted header would be {length} bytes, over the safetensors limit of {SafetensorsReader.MaxHeaderLength}");
-        }
-        var bytes = new byte[8 + length];
-        BinaryPrimitives.WriteUInt64LittleEndian(bytes, (ulong)length);
-        json.GetBuffer().AsSpan(0, (int)json.Length).CopyTo(bytes.AsSpan(8));
-        bytes.AsSpan(8 + (int)json.Length).Fill((byte)' ');
-        return bytes;
+        return LoraMerger.FrameHeader(json) ?? throw new AdapterConvertException(
+            $"the converted header would be {json.Length} bytes, over the safetensors limit of {SafetensorsReader.MaxHeaderLength}");
     }
 
     private static string ConvertRecord(string? earlier, string from, string to, string sha256, string file)

@@ -353,11 +353,20 @@ public static class LoraMerger
             }
             writer.WriteEndObject();
         }
-        // Space-padded so that the data section starts 8-aligned, as the safetensors writer does.
+        return FrameHeader(json) ?? throw new LoraMergeException(
+            $"the merged header would be {json.Length} bytes, over the safetensors limit of {SafetensorsReader.MaxHeaderLength}");
+    }
+
+    /// <summary>
+    /// The header as a safetensors file starts: its length (8 bytes, little-endian), then the JSON space-padded so that
+    /// the data section starts 8-aligned, as the safetensors writer does. Null when over the format's header limit.
+    /// </summary>
+    internal static byte[]? FrameHeader(MemoryStream json)
+    {
         var length = (json.Length + 7) / 8 * 8;
         if (length > SafetensorsReader.MaxHeaderLength)
         {
-            throw new LoraMergeException($"the merged header would be {length} bytes, over the safetensors limit of {SafetensorsReader.MaxHeaderLength}");
+            return null;
         }
         var bytes = new byte[8 + length];
         BinaryPrimitives.WriteUInt64LittleEndian(bytes, (ulong)length);
