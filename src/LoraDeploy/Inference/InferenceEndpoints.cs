@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Diagnostics;
 using System.Net.Http.Headers;
 using System.Text.Json;
@@ -262,22 +263,36 @@ public static class InferenceEndpoints
             {
                 http.Response.Headers.CacheControl = cacheControl.ToString();
             }
+            // A whole answer of known length goes out with that length (one write, no chunk framing); a stream (SSE)
+            // has none and is flushed chunk by chunk as it arrives.
+            var length = response.Content.Headers.ContentLength;
+            if (length is not null)
+            {
+                http.Response.ContentLength = length;
+            }
+            var buffer = ArrayPool<byte>.Shared.Rent(16 * 1024);
             try
             {
                 await using var stream = await response.Content.ReadAsStreamAsync(linked.Token);
-                var buffer = new byte[16 * 1024];
                 int read;
-                // Written as it arrives (Kestrel does not buffer response bodies), so SSE chunks reach the client at once.
                 while ((read = await stream.ReadAsync(buffer, linked.Token)) > 0)
                 {
                     await http.Response.Body.WriteAsync(buffer.AsMemory(0, read), linked.Token);
-                    await http.Response.Body.FlushAsync(linked.Token);
+                    if (length is null)
+                    {
+                        await http.Response.Body.FlushAsync(linked.Token);
+                    }
                 }
             }
-            catch (Exception e) when (e is IOException or HttpRequestException or OperationCanceledException)
+            catch (Exception e) when (e is IOException or HttpRequestException or OperationCanceledException or InvalidOperationException)
             {
-                // Headers are gone already: the only honest signal left is to cut the response short.
+                // Headers are gone already: the only honest signal left is to cut the response short (Kestrel throws
+                // InvalidOperationException when a worker's body does not match the length it announced).
                 http.Abort();
+            }
+            finally
+            {
+                ArrayPool<byte>.Shared.Return(buffer);
             }
         }
     }
@@ -295,8 +310,8 @@ public static class InferenceEndpoints
         {
             size.MaxRequestBodySize = limit + 1L; // this route's own limit, not the server-wide one
         }
-        using var memory = new MemoryStream();
-        var chunk = new byte[16 * 1024];
+        using var memory = new MemoryStream(http.Request.ContentLength is { } announced ? (int)announced : 0);
+        var chunk = ArrayPool<byte>.Shared.Rent(16 * 1024);
         try
         {
             int read;
@@ -313,7 +328,12 @@ public static class InferenceEndpoints
         {
             return null;
         }
-        return memory.ToArray();
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(chunk);
+        }
+        // The exact-size buffer a Content-Length gave is handed over as it is; otherwise copied out.
+        return memory.Capacity == memory.Length ? memory.GetBuffer() : memory.ToArray();
     }
 
     private static Task ErrorAsync(HttpContext http, bool openAi, int status, string message, string? param, bool rateLimited = false) =>

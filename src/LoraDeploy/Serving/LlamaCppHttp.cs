@@ -136,55 +136,61 @@ public static class LlamaCppHttp
         var usage = finish?.Usage ?? new LlamaCppUsage(0, 0);
         var reason = finish?.FinishReason ?? "stop";
         http.Response.ContentType = "application/json";
-        await using var json = new Utf8JsonWriter(http.Response.Body);
-        json.WriteStartObject();
-        if (operation is Operations.ChatCompletions or Operations.Completions)
+        // Written whole with its length: the gateway passes a Content-Length through as one write, no chunk framing.
+        var answer = new ArrayBufferWriter<byte>(1024);
+        using (var json = new Utf8JsonWriter(answer))
         {
-            json.WriteString("id", id);
-            json.WriteString("object", operation == Operations.ChatCompletions ? "chat.completion" : "text_completion");
-            json.WriteNumber("created", created);
-            json.WriteString("model", model);
-            json.WriteStartArray("choices");
             json.WriteStartObject();
-            json.WriteNumber("index", 0);
-            if (operation == Operations.ChatCompletions)
+            if (operation is Operations.ChatCompletions or Operations.Completions)
             {
-                json.WriteStartObject("message");
-                json.WriteString("role", "assistant");
-                json.WriteString("content", text.ToString());
+                json.WriteString("id", id);
+                json.WriteString("object", operation == Operations.ChatCompletions ? "chat.completion" : "text_completion");
+                json.WriteNumber("created", created);
+                json.WriteString("model", model);
+                json.WriteStartArray("choices");
+                json.WriteStartObject();
+                json.WriteNumber("index", 0);
+                if (operation == Operations.ChatCompletions)
+                {
+                    json.WriteStartObject("message");
+                    json.WriteString("role", "assistant");
+                    json.WriteString("content", text.ToString());
+                    json.WriteEndObject();
+                    WriteChatLogprobs(json, withLogprobs ? tokens : null);
+                }
+                else
+                {
+                    json.WriteString("text", text.ToString());
+                    WriteCompletionLogprobs(json, withLogprobs ? tokens : null);
+                }
+                json.WriteString("finish_reason", reason);
                 json.WriteEndObject();
-                WriteChatLogprobs(json, withLogprobs ? tokens : null);
+                json.WriteEndArray();
+                WriteUsage(json, usage);
             }
             else
             {
-                json.WriteString("text", text.ToString());
-                WriteCompletionLogprobs(json, withLogprobs ? tokens : null);
+                // DeepInfra's native text generation.
+                json.WriteStartArray("results");
+                json.WriteStartObject();
+                json.WriteString("generated_text", text.ToString());
+                json.WriteEndObject();
+                json.WriteEndArray();
+                json.WriteNumber("num_tokens", usage.CompletionTokens);
+                json.WriteNumber("num_input_tokens", usage.PromptTokens);
+                json.WriteString("request_id", id);
+                json.WriteStartObject("inference_status");
+                json.WriteString("status", "succeeded");
+                json.WriteNumber("runtime_ms", (long)Stopwatch.GetElapsedTime(started).TotalMilliseconds);
+                json.WriteNumber("cost", 0);
+                json.WriteNumber("tokens_generated", usage.CompletionTokens);
+                json.WriteNumber("tokens_input", usage.PromptTokens);
+                json.WriteEndObject();
             }
-            json.WriteString("finish_reason", reason);
-            json.WriteEndObject();
-            json.WriteEndArray();
-            WriteUsage(json, usage);
-        }
-        else
-        {
-            // DeepInfra's native text generation.
-            json.WriteStartArray("results");
-            json.WriteStartObject();
-            json.WriteString("generated_text", text.ToString());
-            json.WriteEndObject();
-            json.WriteEndArray();
-            json.WriteNumber("num_tokens", usage.CompletionTokens);
-            json.WriteNumber("num_input_tokens", usage.PromptTokens);
-            json.WriteString("request_id", id);
-            json.WriteStartObject("inference_status");
-            json.WriteString("status", "succeeded");
-            json.WriteNumber("runtime_ms", (long)Stopwatch.GetElapsedTime(started).TotalMilliseconds);
-            json.WriteNumber("cost", 0);
-            json.WriteNumber("tokens_generated", usage.CompletionTokens);
-            json.WriteNumber("tokens_input", usage.PromptTokens);
             json.WriteEndObject();
         }
-        json.WriteEndObject();
+        http.Response.ContentLength = answer.WrittenCount;
+        await http.Response.Body.WriteAsync(answer.WrittenMemory, http.RequestAborted);
     }
 
     private static async Task StreamAsync(HttpContext http, string operation, IAsyncEnumerable<LlamaCppChunk> chunks, string id, long created,

@@ -119,8 +119,13 @@ public sealed class LlmEndToEndTests : IAsyncLifetime
         Assert.All(chunks, c => Assert.Equal("text_completion", c.GetProperty("object").GetString()));
         Assert.NotNull(chunks[^1].GetProperty("choices")[0].GetProperty("finish_reason").GetString());
 
-        var whole = await (await _user.Client.PostJsonAsync("/v1/completions",
-            new { model = $"{_user.Name}/streamy", prompt = "hello", max_tokens = 6, temperature = 0 })).ExpectAsync(HttpStatusCode.OK);
+        Assert.True(response.Headers.TransferEncodingChunked); // a stream has no length
+
+        using var wholeResponse = await _user.Client.PostJsonAsync("/v1/completions",
+            new { model = $"{_user.Name}/streamy", prompt = "hello", max_tokens = 6, temperature = 0 });
+        // A whole answer comes through with the worker's Content-Length: one write, no chunk framing.
+        Assert.NotEqual(true, wholeResponse.Headers.TransferEncodingChunked);
+        var whole = await wholeResponse.ExpectAsync(HttpStatusCode.OK);
         Assert.Equal(whole.GetProperty("choices")[0].GetProperty("text").GetString(),
             string.Concat(chunks.Select(c => c.GetProperty("choices")[0].GetProperty("text").GetString())));
     }
