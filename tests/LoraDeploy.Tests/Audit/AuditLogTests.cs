@@ -153,7 +153,8 @@ public sealed class AuditLogTests
         // Pages of two, newest first, following before_id, cover every line exactly once.
         var paged = new List<long>();
         string? before = null;
-        while (true)
+        // Bounded, so a cursor that fails to move fails the test instead of looping.
+        for (var pages = 0; pages < 10; pages++)
         {
             var page = (await AuditAsync(admin, "?limit=2" + (before is null ? "" : $"&before_id={before}"))).Entries;
             if (page.Count == 0)
@@ -193,5 +194,19 @@ public sealed class AuditLogTests
         Assert.Equal("refused by policy: Policy:MaxNsfwLevel is R, this model is rated X", Text(refused, "detail"));
         Assert.Equal(JsonValueKind.Null, refused.GetProperty("ip").ValueKind);
         Assert.Equal(JsonValueKind.Null, refused.GetProperty("token_id").ValueKind);
+    }
+}
+
+/// <summary>The scrub every audit detail goes through before it is stored.</summary>
+public sealed class AuditScrubTests
+{
+    [Theory]
+    [InlineData("source https://civitai.com/api/download/models/12?token=SECRET&type=Model done", "source https://civitai.com/api/download/models/12 done")]
+    [InlineData("civitai.com/models/1?modelVersionId=2&token=SECRET", "civitai.com/models/1")]
+    [InlineData("used ld_abcdefabcdef_SECRETsecret-123 here", "used ld_*** here")]
+    [InlineData("fields: settings.min_instances", "fields: settings.min_instances")]
+    public void Drops_query_strings_and_token_shaped_words(string detail, string stored)
+    {
+        Assert.Equal(stored, LoraDeploy.Audit.AuditLog.Scrub(detail));
     }
 }
