@@ -1,3 +1,4 @@
+using LoraDeploy.Audit;
 using LoraDeploy.Auth;
 using LoraDeploy.BaseModels;
 using LoraDeploy.Data;
@@ -42,6 +43,7 @@ public static class ServerApp
         builder.Services.AddSources(builder.Configuration);
         builder.Services.AddImportPipeline();
         builder.Services.AddExports();
+        builder.Services.AddAuditLog();
         builder.Services.AddWorkerApi();
         builder.Services.AddInferenceGateway();
         builder.Services.AddInferenceWebhooks(builder.Configuration);
@@ -66,6 +68,7 @@ public static class ServerApp
         app.MapExports();
         app.MapWorkerApi();
         app.MapTokens();
+        app.MapAudit();
         app.MapInference();
         return app;
     }

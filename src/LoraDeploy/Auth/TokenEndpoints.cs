@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Text.Json;
 using System.Text.Json.Serialization;
+using LoraDeploy.Audit;
 using LoraDeploy.Data;
 using LoraDeploy.Loras;
 using LoraDeploy.OpenApi;
@@ -29,7 +30,8 @@ public static class TokenEndpoints
             .Produces<TokenCreatedOut>()
             .Produces<HTTPValidationError>(StatusCodes.Status422UnprocessableEntity);
         me.MapGet("", ListTokens).WithSummary("Your API tokens (never their secrets)");
-        me.MapDelete("/{token_id}", RevokeToken).WithSummary("Revoke one of your tokens: refused from the next request on");
+        me.MapDelete("/{token_id}", RevokeToken).WithSummary("Revoke one of your tokens: refused from the next request on")
+            .Audited(AuditLog.Actions.TokenRevoke, "token", "token_id");
 
         var admin = app.MapGroup("/v1/admin/users").WithTags("Tokens")
             .RequireAuthorization(policy => policy.RequireRole("admin"));
@@ -43,7 +45,8 @@ public static class TokenEndpoints
         return app;
     }
 
-    internal static async Task<IResult> CreateToken(HttpContext http, LoraDeployDbContext db, TimeProvider time, CancellationToken ct)
+    internal static async Task<IResult> CreateToken(
+        HttpContext http, LoraDeployDbContext db, TimeProvider time, AuditLog audit, CancellationToken ct)
     {
         var (body, error) = await RequestBody.ReadObjectAsync(http.Request, ct);
         if (body is not { } json)
@@ -60,6 +63,7 @@ public static class TokenEndpoints
         }
         var user = CurrentUser.From(http.User);
         var token = await ApiTokens.CreateAsync(db, user.Id, label, now, ct, expiresAt);
+        await audit.RecordAsync(http, AuditLog.Actions.TokenCreate, "token", ApiTokens.IdOf(token), label is null ? "" : $"label {label}");
         return TypedResults.Json(Created(token, label, now, expiresAt), TokenJson.Context.TokenCreatedOut);
     }
 
@@ -90,7 +94,8 @@ public static class TokenEndpoints
         return TypedResults.NoContent();
     }
 
-    internal static async Task<IResult> CreateUser(HttpContext http, LoraDeployDbContext db, TimeProvider time, CancellationToken ct)
+    internal static async Task<IResult> CreateUser(
+        HttpContext http, LoraDeployDbContext db, TimeProvider time, AuditLog audit, CancellationToken ct)
     {
         var (body, error) = await RequestBody.ReadObjectAsync(http.Request, ct);
         if (body is not { } json)
@@ -133,6 +138,7 @@ public static class TokenEndpoints
             token = await ApiTokens.CreateAsync(db, user.Id, label, now, ct);
             await transaction.CommitAsync(ct);
         }
+        await audit.RecordAsync(http, AuditLog.Actions.UserCreate, "user", user.Name, isAdmin ? "admin" : "");
         return TypedResults.Json(
             new UserCreatedOut(user.Name, user.IsAdmin, Timestamps.Format(now), Created(token, label, now, null)),
             TokenJson.Context.UserCreatedOut);

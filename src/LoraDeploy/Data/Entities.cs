@@ -329,3 +329,27 @@ public static class DownloadStatus
     public const string Failed = "failed";
     public const string Cancelled = "cancelled";
 }
+
+/// <summary>
+/// One line of the append-only audit log: who did what to which object, and when. Names are copied, not joined, so a
+/// line still reads right after its user or token is deleted. Never holds a secret.
+/// </summary>
+public sealed class AuditEntry
+{
+    public long Id { get; set; }
+    public DateTime At { get; set; }
+    public long? UserId { get; set; }
+    public string? UserName { get; set; }
+    public string? TokenId { get; set; }
+    public string? TokenLabel { get; set; }
+    public string? Ip { get; set; }
+    public required string Action { get; set; }
+    public required string ObjectType { get; set; }
+    public string? ObjectId { get; set; }
+    public string Detail { get; set; } = "";
+}
+
+public static class AuditEntryLimits
+{
+    public const int DetailLength = 500;
+}

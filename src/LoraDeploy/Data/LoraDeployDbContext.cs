@@ -19,6 +19,7 @@ public abstract class LoraDeployDbContext(DbContextOptions options) : DbContext(
     public DbSet<Instance> Instances => Set<Instance>();
     public DbSet<Blob> Blobs => Set<Blob>();
     public DbSet<IdempotencyRecord> IdempotencyRecords => Set<IdempotencyRecord>();
+    public DbSet<AuditEntry> AuditEntries => Set<AuditEntry>();
 
     /// <summary>True when the exception is a unique-constraint violation on this provider.</summary>
     public abstract bool IsUniqueViolation(DbUpdateException exception);
@@ -211,6 +212,23 @@ public abstract class LoraDeployDbContext(DbContextOptions options) : DbContext(
             record.Property(r => r.Key).HasMaxLength(255);
             record.Property(r => r.RequestHash).HasMaxLength(64);
             record.Property(r => r.DeployId).HasMaxLength(32);
+        });
+
+        modelBuilder.Entity<AuditEntry>(entry =>
+        {
+            entry.ToTable("audit_log");
+            entry.Property(e => e.UserName).HasMaxLength(64);
+            entry.Property(e => e.TokenId).HasMaxLength(32);
+            entry.Property(e => e.TokenLabel).HasMaxLength(128);
+            entry.Property(e => e.Ip).HasMaxLength(64);
+            entry.Property(e => e.Action).HasMaxLength(32);
+            entry.Property(e => e.ObjectType).HasMaxLength(32);
+            entry.Property(e => e.ObjectId).HasMaxLength(200);
+            entry.Property(e => e.Detail).HasMaxLength(AuditEntryLimits.DetailLength);
+            // The admin's filters: by time, by user, by action; newest first is by Id.
+            entry.HasIndex(e => e.At);
+            entry.HasIndex(e => new { e.UserId, e.Id });
+            entry.HasIndex(e => new { e.Action, e.Id });
         });
     }
 

@@ -1,3 +1,4 @@
+using LoraDeploy.Audit;
 using LoraDeploy.Auth;
 using LoraDeploy.Data;
 using LoraDeploy.OpenApi;
@@ -54,10 +55,14 @@ public static class DeployEndpoints
             .WithRequestBody<DeployLLMUpdateIn>()
             .Produces<HTTPValidationError>(StatusCodes.Status422UnprocessableEntity)
             .WithSummary("Change scale settings")
+            .Audited(AuditLog.Actions.Settings, "deploy", "deploy_id", bodyFields: true)
             .AddEndpointFilter(WakePlacement);
-        deploy.MapDelete("/{deploy_id}", DeleteDeploy).WithSummary("Delete a deployment (idempotent)").AddEndpointFilter(WakePlacement);
-        deploy.MapPost("/{deploy_id}/stop", StopDeploy).WithSummary("Stop a deploying or running deployment").AddEndpointFilter(WakePlacement);
-        deploy.MapPost("/{deploy_id}/start", StartDeploy).WithSummary("Start a stopped deployment").AddEndpointFilter(WakePlacement);
+        deploy.MapDelete("/{deploy_id}", DeleteDeploy).WithSummary("Delete a deployment (idempotent)")
+            .Audited(AuditLog.Actions.Delete, "deploy", "deploy_id").AddEndpointFilter(WakePlacement);
+        deploy.MapPost("/{deploy_id}/stop", StopDeploy).WithSummary("Stop a deploying or running deployment")
+            .Audited(AuditLog.Actions.Stop, "deploy", "deploy_id").AddEndpointFilter(WakePlacement);
+        deploy.MapPost("/{deploy_id}/start", StartDeploy).WithSummary("Start a stopped deployment")
+            .Audited(AuditLog.Actions.Start, "deploy", "deploy_id").AddEndpointFilter(WakePlacement);
         return app;
     }
 

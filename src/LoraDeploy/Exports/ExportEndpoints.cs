@@ -1,4 +1,5 @@
 using System.Text.Json;
+using LoraDeploy.Audit;
 using LoraDeploy.Auth;
 using LoraDeploy.BaseModels;
 using LoraDeploy.Data;
@@ -54,13 +55,14 @@ public static class ExportEndpoints
             .Produces(StatusCodes.Status206PartialContent, contentType: "application/octet-stream")
             .Produces<DeepError>(StatusCodes.Status404NotFound)
             .Produces<DeepError>(StatusCodes.Status409Conflict);
-        exports.MapDelete("/export/{export_id}", DeleteExport).WithSummary("Delete an export and its file");
+        exports.MapDelete("/export/{export_id}", DeleteExport).WithSummary("Delete an export and its file")
+            .Audited(AuditLog.Actions.ExportDelete, "export", "export_id");
         return app;
     }
 
     internal static async Task<IResult> CreateExport(
         string lora_name, HttpContext http, LoraDeployDbContext db, BaseModelRegistry baseModels, ExportSignal signal,
-        IOptions<ExportOptions> options, TimeProvider time, CancellationToken ct)
+        IOptions<ExportOptions> options, TimeProvider time, AuditLog audit, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
         var dtype = "base";
@@ -154,6 +156,7 @@ public static class ExportEndpoints
         db.ExportJobs.Add(job);
         await db.SaveChangesAsync(ct);
         signal.Wake();
+        await audit.RecordAsync(http, AuditLog.Actions.ExportCreate, "export", job.Id, $"lora {lora_name}, {job.Format}, dtype {dtype}");
         var url = $"/v1/lora/{lora_name}/export/{job.Id}";
         return TypedResults.Accepted(url, ToOut(job, lora_name, options.Value));
     }

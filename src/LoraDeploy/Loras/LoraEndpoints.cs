@@ -1,3 +1,4 @@
+using LoraDeploy.Audit;
 using LoraDeploy.Auth;
 using LoraDeploy.Data;
 using LoraDeploy.OpenApi;
@@ -28,7 +29,8 @@ public static class LoraEndpoints
             .Produces<DeploymentOut>()
             .Produces<DeepError>(StatusCodes.Status409Conflict)
             .Produces<DeepError>(StatusCodes.Status413PayloadTooLarge)
-            .Produces<HTTPValidationError>(StatusCodes.Status422UnprocessableEntity);
+            .Produces<HTTPValidationError>(StatusCodes.Status422UnprocessableEntity)
+            .Audited(AuditLog.Actions.Create, "lora", bodyKey: "lora_name");
         lora.MapGet("/lora/{lora_name}", GetLora).WithSummary("Your LoRA");
         lora.MapGet("/lora/{owner}/{lora_name}", GetLoraByModelName)
             .WithSummary("A LoRA by model name: yours, or anyone's public one");
@@ -42,8 +44,10 @@ public static class LoraEndpoints
         lora.MapPatch("/lora/{lora_name}", UpdateLora)
             .WithRequestBody<UpdateLoraApiRequest>()
             .Produces<HTTPValidationError>(StatusCodes.Status422UnprocessableEntity)
-            .WithSummary("Change privacy or description");
-        lora.MapDelete("/lora/{lora_name}", DeleteLora).WithSummary("Delete your LoRA and its deploy");
+            .WithSummary("Change privacy or description")
+            .Audited(AuditLog.Actions.Settings, "lora", "lora_name", bodyFields: true);
+        lora.MapDelete("/lora/{lora_name}", DeleteLora).WithSummary("Delete your LoRA and its deploy")
+            .Audited(AuditLog.Actions.Delete, "lora", "lora_name");
         lora.MapGet("/user/loras", ListUserLoras).WithSummary("Your LoRAs");
         lora.MapGet("/model/{org}/{name}/loras", (string org, string name,
                     [System.ComponentModel.Description(Paging.LimitDescription)] string? limit,

@@ -1,3 +1,4 @@
+using LoraDeploy.Audit;
 using LoraDeploy.Auth;
 using LoraDeploy.BaseModels;
 using LoraDeploy.Data;
@@ -23,8 +24,10 @@ public static class LoraModelEndpoints
     public static IEndpointRouteBuilder MapLoraModels(this IEndpointRouteBuilder app)
     {
         var group = app.MapGroup("/lora-model").WithTags("LoRA").RequireAuthorization();
-        group.MapPost("", CreateAsync).WithSummary("Deploy a PEFT LoRA adapter from Hugging Face on an LLM base model");
-        group.MapDelete("/{lora_model_name}", DeleteAsync).WithSummary("Delete an LLM LoRA and its deploy");
+        group.MapPost("", CreateAsync).WithSummary("Deploy a PEFT LoRA adapter from Hugging Face on an LLM base model")
+            .Audited(AuditLog.Actions.Create, "lora", bodyKey: "lora_model_name");
+        group.MapDelete("/{lora_model_name}", DeleteAsync).WithSummary("Delete an LLM LoRA and its deploy")
+            .Audited(AuditLog.Actions.Delete, "lora", "lora_model_name");
         return app;
     }
 

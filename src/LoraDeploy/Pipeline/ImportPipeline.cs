@@ -30,6 +30,7 @@ public sealed partial class ImportPipeline(
     Workers.Placement placement,
     IOptions<PipelineOptions> options,
     IOptionsMonitor<PolicyOptions> policy,
+    Audit.AuditLog audit,
     TimeProvider time,
     ILogger<ImportPipeline> logger) : BackgroundService
 {
@@ -278,7 +279,11 @@ public sealed partial class ImportPipeline(
         // The terms are recorded first, so a refused LoRA shows why; nothing is fetched for it.
         if (PolicyGate.Check(policy.CurrentValue, file.ModelId, file.License) is { } refusal)
         {
-            await FailAsync(deployId, PipelineReasonClass.Policy, refusal, ct);
+            if (await FailAsync(deployId, PipelineReasonClass.Policy, refusal, ct))
+            {
+                // Refused on the owner's behalf, away from any request: the owner is the actor, with no token or IP.
+                await audit.RecordForUserAsync(lora.UserId, Audit.AuditLog.Actions.PolicyRefused, "deploy", deployId, refusal, ct);
+            }
             return;
         }
         await OwnJob(db, deployId).ExecuteUpdateAsync(set => set.SetProperty(j => j.LeaseExpiresAt, now + Options.LeaseDuration), ct);
@@ -570,14 +575,17 @@ public sealed partial class ImportPipeline(
         }
     }
 
-    private async Task FailAsync(string deployId, string reasonClass, string reason, CancellationToken ct)
+    /// <summary>Fails the deploy; false when it had already ended (failed, stopped or deleted meanwhile).</summary>
+    private async Task<bool> FailAsync(string deployId, string reasonClass, string reason, CancellationToken ct)
     {
         await using var db = await contexts.CreateDbContextAsync(ct);
-        if (await DeployFailure.FailAsync(db, deployId, reasonClass, reason, Now, ct) == 1)
+        if (await DeployFailure.FailAsync(db, deployId, reasonClass, reason, Now, ct) != 1)
         {
-            metrics.ImportFailed(reasonClass);
-            LogFailed(deployId, reasonClass, reason);
+            return false;
         }
+        metrics.ImportFailed(reasonClass);
+        LogFailed(deployId, reasonClass, reason);
+        return true;
     }
 
     /// <summary>An unexpected error fails the deploy with a sentence instead of leaving it stuck.</summary>
