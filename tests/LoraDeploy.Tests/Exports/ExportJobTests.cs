@@ -186,9 +186,9 @@ public abstract class ExportJobTests(ExportFixture fixture)
     [Fact]
     public async Task An_export_of_a_lora_still_importing_is_a_409_naming_its_status()
     {
+        var user = await Server.CreateUserAsync("impatient"); // first: without PostgreSQL this skips the test
         var slow = fixture.Simulator.AddLora(ExportTestFiles.SdxlAdapter(seed: 99), baseModel: "SDXL 1.0");
         slow.File.Faults.ChunkDelay = TimeSpan.FromSeconds(1);
-        var user = await Server.CreateUserAsync("impatient");
         await (await user.Client.PostJsonAsync("/v1/lora/create", Pipeline.PipelineHarness.CreateBody("not-yet", Pipeline.PipelineHarness.ModelUrl(slow), ExportFixture.WithWeights)))
             .ExpectAsync(HttpStatusCode.OK);
         var error = await (await user.Client.PostAsync("/v1/lora/not-yet/export", null)).ExpectErrorAsync(HttpStatusCode.Conflict);
