@@ -18,7 +18,7 @@ public sealed class ExportRunnerTests : IAsyncLifetime
         _simulator = await CivitaiSimulator.StartAsync();
         ExportTestFiles.WriteSdxlBase(Path.Combine(_dir, "base.safetensors"), seed: 5);
         ExportTestFiles.WriteSdxlBase(Path.Combine(_dir, "other.safetensors"), seed: 6, toQWidth: 320);
-        ExportTestFiles.WriteSdxlBase(Path.Combine(_dir, "large.safetensors"), seed: 7, fillerTensors: 24);
+        ExportTestFiles.WriteSdxlBase(Path.Combine(_dir, "large.safetensors"), seed: 7, fillerTensors: 48);
     }
 
     public async ValueTask DisposeAsync()
@@ -83,7 +83,7 @@ public sealed class ExportRunnerTests : IAsyncLifetime
         Assert.Equal("running", running.GetProperty("status").GetString());
         Assert.InRange(running.GetProperty("bytes_done").GetInt64(), 1, running.GetProperty("bytes_total").GetInt64() - 1);
         Assert.InRange(running.GetProperty("progress_percent").GetDouble(), 0.1, 99.9);
-        Assert.Equal(40, running.GetProperty("tensors_total").GetInt32());
+        Assert.Equal(64, running.GetProperty("tensors_total").GetInt32());
 
         await (await user.Client.DeleteAsync($"/v1/lora/cancelled/export/{id}")).ExpectAsync(HttpStatusCode.OK);
         var exports = Path.Combine(server.DataDir, "exports");
@@ -97,8 +97,15 @@ public sealed class ExportRunnerTests : IAsyncLifetime
 
         // The merge stopped rather than ran on into the void: the runner's one slot is free for the next export at
         // once (within a progress interval), long before the deleted merge would have ended.
+        // Freed = the next export is claimed (running), not its first progress write, which waits a progress interval.
         var deleted = DateTime.UtcNow;
-        var (next, _) = await StartLargeExportAsync(user, "cancelled");
+        var next = (await (await user.Client.PostJsonAsync("/v1/lora/cancelled/export", new { dtype = "bf16" })).ExpectAsync(HttpStatusCode.Accepted))
+            .GetProperty("export_id").GetString()!;
+        while ((await (await user.Client.GetAsync($"/v1/lora/cancelled/export/{next}")).ExpectAsync(HttpStatusCode.OK)).GetProperty("status").GetString() == "queued")
+        {
+            Assert.True(DateTime.UtcNow - deleted < TimeSpan.FromSeconds(30), "the next export was never claimed");
+            await Task.Delay(20);
+        }
         var freedAfter = DateTime.UtcNow - deleted;
         var (finished, _) = await ExportTestFiles.WaitAsync(user.Client, "cancelled", next, TimeSpan.FromSeconds(120));
         var fullMerge = DateTime.UtcNow - deleted;

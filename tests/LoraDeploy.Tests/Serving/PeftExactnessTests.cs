@@ -3,6 +3,8 @@ using LLama.Common;
 using LLama.Native;
 using LoraDeploy.Lora.Peft;
 using LoraDeploy.Lora.Tests.Support;
+using LoraDeploy.Serving.LlamaCpp;
+using Microsoft.Extensions.Logging.Abstractions;
 
 namespace LoraDeploy.Tests.Serving;
 
@@ -129,6 +131,8 @@ public sealed class PeftExactnessTests : IDisposable
             TypeV = GGMLType.GGML_TYPE_F32,
             FlashAttention = false,
         };
+        // Through the engine's log callback, which drops llama.cpp's chatter: on stdout it buries the test summary in CI.
+        using var quiet = LlamaNativeLog.Begin(NullLogger.Instance);
         using var weights = LLamaWeights.LoadFromFile(parameters);
         using var context = weights.CreateContext(parameters);
         var loras = adapters.Select(a => (weights.NativeHandle.LoadLoraFromFile(a.Path), a.Scale)).ToArray();

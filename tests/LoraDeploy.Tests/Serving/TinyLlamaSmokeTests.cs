@@ -2,6 +2,8 @@ using LLama;
 using LLama.Common;
 using LLama.Native;
 using LoraDeploy.Lora.Tests.Support;
+using LoraDeploy.Serving.LlamaCpp;
+using Microsoft.Extensions.Logging.Abstractions;
 
 namespace LoraDeploy.Tests.Serving;
 
@@ -28,6 +30,7 @@ public sealed class TinyLlamaSmokeTests : IDisposable
     private static float[] Logits(string path, string text)
     {
         var parameters = new ModelParams(path) { ContextSize = 256, GpuLayerCount = 0 };
+        using var quiet = LlamaNativeLog.Begin(NullLogger.Instance);
         using var weights = LLamaWeights.LoadFromFile(parameters);
         using var context = weights.CreateContext(parameters);
         var tokens = context.Tokenize(text, addBos: true, special: false);

@@ -25,6 +25,10 @@ public sealed class S3ReplicaTests
             // Slow enough that the second replica's create lands while the first download is running.
             version.File.Faults.ChunkDelay = TimeSpan.FromMilliseconds(20);
             var settings = PipelineHarness.ServerSettings(simulator);
+            // "Once" must not be undone by a lease that lapsed or an attempt that timed out on a loaded machine: both
+            // legitimately start the download again, and neither is what this test is about.
+            settings["Pipeline:LeaseDuration"] = "00:00:20";
+            settings["Import:AttemptTimeout"] = "00:01:00";
             foreach (var (name, value) in s3.Settings(prefix: "shared"))
             {
                 settings[name] = value;
