@@ -65,10 +65,10 @@ public static class GatewayBench
             // What the gateway spends before routing: authentication, body, model lookup (an unknown model: 404).
             var unknown = Encoding.UTF8.GetBytes("""{"model":"nobody/nothing","prompt":"hello world","max_tokens":1,"temperature":0}""");
             Task<HttpResponseMessage> Lookup(int _) => user.PostAsync("/v1/completions", Json(unknown));
-            async Task<RunResult> GatewayWith(string name, int snapshot, int conns, TimeSpan time)
+            async Task<RunResult> GatewayWith(string name, int snapshot, int conns, TimeSpan time, double? rate = null)
             {
                 workersOptions.RouterSnapshotMilliseconds = snapshot;
-                return await Load.ClosedLoopAsync(name, conns, time, Gateway);
+                return rate is { } r ? await Load.PacedAsync(name, conns, r, time, Gateway) : await Load.ClosedLoopAsync(name, conns, time, Gateway);
             }
 
             // Both answer the same thing (checked once), then warm up: connections, JIT tiers, the token cache.
@@ -93,6 +93,7 @@ public static class GatewayBench
             var results = new List<(RunResult Direct, RunResult Gateway, RunResult? Snapshot)>();
             var lookups = new List<(int Answers, RunResult Run)>();
             var single = new List<(RunResult Direct, RunResult Gateway, RunResult? Snapshot)>();
+            var paced = new List<(double Rate, RunResult Direct, RunResult Gateway)>();
             for (var round = 1; round <= rounds; round++)
             {
                 // Rotate which side goes first, so a slow minute does not always hit the same one.
@@ -121,6 +122,12 @@ public static class GatewayBench
                 var g1 = await GatewayWith("gateway-1", 0, 1, duration / 2);
                 var s1 = snapshotMs > 0 ? await GatewayWith("snapshot-1", snapshotMs, 1, duration / 2) : null;
                 single.Add((d1, g1, s1));
+                // 64 connections at half the gateway's closed-loop throughput, open loop: nothing saturates, so the
+                // difference of p50s is what the gateway adds per request with 64 connections open, not a queue.
+                var rate = 0.5 * (sn ?? g).Throughput;
+                var pd = await Load.PacedAsync("direct-paced", connections, rate, duration, Direct);
+                var pg = await GatewayWith("gateway-paced", snapshotMs, connections, duration, rate);
+                paced.Add((rate, pd, pg));
                 Console.WriteLine($"round {round}: direct {Stats.F(d.Throughput, 0)} req/s p50 {Stats.F(d.P50)} p99 {Stats.F(d.P99)} ms ({d.Errors} errors) | " +
                     $"gateway {Stats.F(g.Throughput, 0)} req/s p50 {Stats.F(g.P50)} p99 {Stats.F(g.P99)} ms ({g.Errors} errors)" +
                     (sn is null ? "" : $" | snapshot {Stats.F(sn.Throughput, 0)} req/s p50 {Stats.F(sn.P50)} p99 {Stats.F(sn.P99)} ms ({sn.Errors} errors)") +
@@ -152,6 +159,19 @@ public static class GatewayBench
                 Stats.Note($"{name}, one connection: adds at p50 median {Stats.Spread(addedSingle, 3)} ms (target ≤ 1 ms: {Verdict(Stats.Median(addedSingle))}); " +
                     $"req/s direct {Stats.Spread(single.Select(r => r.Direct.Throughput).ToList(), 0)}, via gateway {Stats.Spread(single.Select(r => pick(r).Throughput).ToList(), 0)}");
             }
+            Stats.Table($"{connections} connections, open loop at half the gateway's closed-loop throughput (default settings), {rounds} rounds",
+                ["round", "offered req/s", "direct req/s, p50 / p99 ms", "gateway req/s, p50 / p99 ms", "gateway adds at p50 (ms)"],
+                paced.Select((r, i) => (IReadOnlyList<string>)
+                [
+                    (i + 1).ToString(System.Globalization.CultureInfo.InvariantCulture),
+                    Stats.F(r.Rate, 0),
+                    $"{Stats.F(r.Direct.Throughput, 0)}, {Stats.F(r.Direct.P50)} / {Stats.F(r.Direct.P99)}",
+                    $"{Stats.F(r.Gateway.Throughput, 0)}, {Stats.F(r.Gateway.P50)} / {Stats.F(r.Gateway.P99)}",
+                    Stats.F(r.Gateway.P50 - r.Direct.P50, 3),
+                ]));
+            var addedPaced = paced.Select(r => r.Gateway.P50 - r.Direct.P50).ToList();
+            Stats.Note($"open loop, {connections} connections at half load: the gateway adds at p50 median {Stats.Spread(addedPaced, 3)} ms (target ≤ 1 ms: {Verdict(Stats.Median(addedPaced))}); " +
+                $"errors direct {paced.Sum(r => r.Direct.Errors)}, gateway {paced.Sum(r => r.Gateway.Errors)}");
             if (snapshotMs > 0)
             {
                 var gain = results.Select(r => r.Snapshot!.Throughput / r.Gateway.Throughput).ToList();

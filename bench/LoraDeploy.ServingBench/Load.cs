@@ -38,6 +38,33 @@ public static class Load
         return recorder.Result(name, Stopwatch.GetElapsedTime(started));
     }
 
+    /// <summary>
+    /// An open loop: <paramref name="rate"/> requests a second spread evenly over <paramref name="connections"/>
+    /// connections, each sent at its due time whatever the others are doing. Below saturation nothing queues, so two
+    /// such runs at one rate compare what each path costs a request, which a closed loop turns into queueing delay.
+    /// Latency counts from the send; <see cref="RunResult.Throughput"/> below the rate means it could not keep up.
+    /// </summary>
+    public static async Task<RunResult> PacedAsync(string name, int connections, double rate, TimeSpan duration, Func<int, Task<HttpResponseMessage>> send)
+    {
+        var recorder = new Recorder(connections);
+        var total = (long)(rate * duration.TotalSeconds);
+        var started = Stopwatch.GetTimestamp();
+        await Task.WhenAll(Enumerable.Range(0, connections).Select(async c =>
+        {
+            for (long i = c; i < total; i += connections)
+            {
+                var due = started + (long)(i / rate * Stopwatch.Frequency);
+                var wait = Stopwatch.GetElapsedTime(Stopwatch.GetTimestamp(), due);
+                if (wait > TimeSpan.Zero)
+                {
+                    await Task.Delay(wait);
+                }
+                await recorder.TimeAsync(c, () => send(c));
+            }
+        }));
+        return recorder.Result(name, Stopwatch.GetElapsedTime(started));
+    }
+
     /// <summary>Sends the given sequence of requests with <paramref name="connections"/> in flight at a time.</summary>
     public static async Task<RunResult> SequenceAsync<T>(string name, int connections, IReadOnlyList<T> items, Func<T, Task<HttpResponseMessage>> send)
     {
