@@ -340,3 +340,40 @@ public sealed class UploadS3Tests : IAsyncLifetime
         Assert.Equal(sha, Convert.ToHexStringLower(await SHA256.HashDataAsync(stored!, TestContext.Current.CancellationToken)));
     }
 }
+
+/// <summary><c>loradeploy create --file</c>: the real client uploads a local file to a real server (its own process).</summary>
+public sealed class UploadCliTests(LoraDeploy.Tests.Dashboard.E2eEnvironment env) : IClassFixture<LoraDeploy.Tests.Dashboard.E2eEnvironment>, IAsyncLifetime
+{
+    public async ValueTask InitializeAsync() => await env.StartAsync();
+
+    public ValueTask DisposeAsync() => ValueTask.CompletedTask;
+
+    [Fact]
+    public async Task Create_with_a_file_uploads_it_and_follows_the_deploy()
+    {
+        var folder = Directory.CreateTempSubdirectory("upload-cli-");
+        try
+        {
+            var content = AdapterFiles.Flux1(seed: 52);
+            var path = Path.Combine(folder.FullName, "local lora.safetensors");
+            await File.WriteAllBytesAsync(path, content, TestContext.Current.CancellationToken);
+
+            var result = await env.CliAsync("create", "--file", path, "--base", LoraDeploy.Tests.Dashboard.E2eEnvironment.Flux, "--name", "cli-upload");
+
+            Assert.True(result.ExitCode == 0, result.ToString());
+            Assert.Contains($"created {env.User}/cli-upload deploy ", result.StdOut);
+            var lora = await env.GetJsonAsync("v1/lora/cli-upload");
+            Assert.Equal(content.Length, lora.GetProperty("size_bytes").GetInt64());
+            Assert.Equal("upload", lora.GetProperty("source").GetProperty("type").GetString());
+            Assert.Equal("local lora.safetensors", await env.Server.QueryAsync(db => db.Loras.Where(l => l.Name == "cli-upload").Select(l => l.FileName).FirstAsync()));
+
+            var missing = await env.CliAsync("create", "--file", Path.Combine(folder.FullName, "nope.safetensors"), "--base", LoraDeploy.Tests.Dashboard.E2eEnvironment.Flux, "--name", "cli-missing");
+            Assert.Equal(2, missing.ExitCode);
+            Assert.Contains("no such file", missing.StdErr);
+        }
+        finally
+        {
+            folder.Delete(recursive: true);
+        }
+    }
+}
