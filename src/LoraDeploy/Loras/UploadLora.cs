@@ -109,7 +109,10 @@ internal static class UploadLora
                 return ApiErrors.Error(StatusCodes.Status422UnprocessableEntity, reason);
             }
             var user = CurrentUser.From(http.User);
-            if (await db.Loras.AnyAsync(l => l.UserId == user.Id && l.Name == request.LoraName && !l.Deleted, ct))
+            // A name in use is refused before the file is read, unless this is a retry of an idempotent upload
+            // (its replay is decided once the file's hash is known).
+            var retry = idempotencyKey.Length > 0 && await db.IdempotencyRecords.AnyAsync(r => r.UserId == user.Id && r.Key == idempotencyKey, ct);
+            if (!retry && await db.Loras.AnyAsync(l => l.UserId == user.Id && l.Name == request.LoraName && !l.Deleted, ct))
             {
                 return CreateLora.Conflict(request.LoraName);
             }

@@ -197,6 +197,58 @@ public sealed class UploadTests
     }
 
     [Fact]
+    public async Task The_same_upload_with_the_same_idempotency_key_is_the_same_deploy()
+    {
+        await using var h = await PipelineHarness.StartAsync();
+        var content = AdapterFiles.Flux1(seed: 38);
+        async Task<string> SendAsync()
+        {
+            using var request = new HttpRequestMessage(HttpMethod.Post, "/v1/lora/create") { Content = Form(CreateJson("again"), content) };
+            request.Headers.Add("Idempotency-Key", "upload-38");
+            var created = await (await h.User.Client.SendAsync(request, TestContext.Current.CancellationToken)).ExpectAsync(HttpStatusCode.OK);
+            return created.GetProperty("deploy_id").GetString()!;
+        }
+
+        Assert.Equal(await SendAsync(), await SendAsync());
+        Assert.Equal(1, await h.Server.QueryAsync(db => db.Loras.CountAsync()));
+        Assert.Equal(1, await h.Server.QueryAsync(db => db.Blobs.CountAsync()));
+    }
+
+    [Fact]
+    public async Task A_policy_tightened_after_an_upload_refuses_its_start()
+    {
+        await using var h = await PipelineHarness.StartAsync();
+        var deployId = (await UploadAsync(h, "later", AdapterFiles.Flux1(seed: 39))).GetProperty("deploy_id").GetString()!;
+        (await h.WaitAsync(deployId)).AssertDeploying();
+        await (await h.User.Client.PostAsync($"/deploy/{deployId}/stop", null, TestContext.Current.CancellationToken)).ExpectAsync(HttpStatusCode.OK);
+
+        h.Server.ChangeSetting("Policy:MaxNsfwLevel", "R");
+        await h.Server.RestartAsync();
+        var client = h.Server.CreateClient(h.User.Token);
+
+        var error = await (await client.PostAsync($"/deploy/{deployId}/start", null, TestContext.Current.CancellationToken)).ExpectErrorAsync(HttpStatusCode.BadRequest);
+        Assert.Contains("Policy:MaxNsfwLevel is R, this model has no NSFW rating", error);
+    }
+
+    [Fact]
+    public async Task Starting_a_failed_upload_whose_blob_is_gone_fails_with_upload_missing()
+    {
+        await using var h = await PipelineHarness.StartAsync();
+        var content = AdapterFiles.Flux1(seed: 40);
+        var deployId = (await UploadAsync(h, "gone", content)).GetProperty("deploy_id").GetString()!;
+        (await h.WaitAsync(deployId)).AssertDeploying();
+        // Failed for some other reason, then its bytes went (removed by hand here; the collector would do the same).
+        await h.Server.QueryAsync(db => db.Deploys.Where(d => d.Id == deployId).ExecuteUpdateAsync(set => set.SetProperty(d => d.Status, "failed")));
+        Assert.True(h.Server.Services.GetRequiredService<IBlobStore>().Delete(Sha(content)));
+
+        await (await h.User.Client.PostAsync($"/deploy/{deployId}/start", null, TestContext.Current.CancellationToken)).ExpectAsync(HttpStatusCode.OK);
+
+        var reason = (await h.WaitAsync(deployId)).AssertFailed();
+        Assert.Contains("my-lora.safetensors", reason);
+        Assert.Contains("upload it again", reason);
+    }
+
+    [Fact]
     public async Task An_upload_over_the_cap_is_answered_413_before_the_client_has_sent_it_all()
     {
         const int cap = 1024 * 1024;
