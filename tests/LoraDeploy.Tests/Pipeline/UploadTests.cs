@@ -92,6 +92,23 @@ public sealed class UploadTests
         Assert.Equal(1, await h.Server.QueryAsync(db => db.Blobs.CountAsync()));
         Assert.Equal(2, await h.Server.QueryAsync(db => db.Loras.CountAsync(l => l.AdapterSha256 == Sha(content))));
         Assert.Single(Directory.GetFiles(Path.Combine(h.Server.DataDir, "blobs", "sha256"), "*", SearchOption.AllDirectories));
+        // Audited like a JSON create, without the form being buffered to be read again.
+        Assert.Equal(["once", "twice"], await h.Server.QueryAsync(db => db.AuditEntries.Where(e => e.Action == "create").OrderBy(e => e.Id).Select(e => e.ObjectId!).ToListAsync()));
+    }
+
+    [Fact]
+    public async Task An_announced_length_over_the_cap_is_413_without_reading_the_body()
+    {
+        const int cap = 1024 * 1024;
+        await using var h = await PipelineHarness.StartAsync(settings: new Dictionary<string, string?> { ["Import:MaxFileBytes"] = cap.ToString() });
+        var file = new byte[3 * cap];
+        AdapterFiles.Flux1(seed: 42).CopyTo(file, 0);
+
+        var response = await h.User.Client.PostAsync("/v1/lora/create", Form(CreateJson("announced"), file), TestContext.Current.CancellationToken);
+
+        Assert.Contains($"Import:MaxFileBytes ({cap} bytes)", await response.ExpectErrorAsync(HttpStatusCode.RequestEntityTooLarge));
+        Assert.Empty(StagingFiles(h));
+        Assert.Equal(0, await h.Server.QueryAsync(db => db.Loras.CountAsync()));
     }
 
     private static string T(string dtype, string shape, long begin, long end) =>
