@@ -166,7 +166,7 @@ internal static class CreateLora
                 "value_error");
         }
 
-        string? civitUrl = null;
+        string? sourceUrl = null;
         var source = errors.Object(body, "source", ["body", "source"], required: true);
         if (source is { } sourceObject)
         {
@@ -177,7 +177,7 @@ internal static class CreateLora
                 {
                     errors.Add(["body", "source", "type"], "Input should be 'upload' (the json part of a multipart create goes with a file part)", "enum");
                 }
-                civitUrl = ""; // set to upload:<sha256> once the bytes are stored
+                sourceUrl = ""; // upload:<sha256> once the bytes are stored
             }
             else if (type is not null && type != "civitai")
             {
@@ -187,7 +187,7 @@ internal static class CreateLora
             }
             if (!upload)
             {
-                civitUrl = ValidateCivitUrl(sourceObject, errors);
+                sourceUrl = ValidateCivitUrl(sourceObject, errors);
             }
         }
 
@@ -198,9 +198,9 @@ internal static class CreateLora
             errors.Add(["body", "description"], $"String should have at most {MaxDescriptionLength} characters", "string_too_long");
         }
 
-        return errors.Any || loraName is null || baseModel is null || civitUrl is null || isPrivate is null
+        return errors.Any || loraName is null || baseModel is null || sourceUrl is null || isPrivate is null
             ? null
-            : new ValidRequest(loraName, baseModel, civitUrl, isPrivate.Value, description);
+            : new ValidRequest(loraName, baseModel, sourceUrl, isPrivate.Value, description);
     }
 
     private static string? ValidateCivitUrl(JsonElement source, ValidationErrors errors)
