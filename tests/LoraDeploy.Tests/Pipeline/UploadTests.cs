@@ -281,6 +281,18 @@ public sealed class UploadTests
     }
 
     [Fact]
+    public async Task A_client_that_hangs_up_mid_file_leaves_no_staging_file_and_no_lora()
+    {
+        await using var h = await PipelineHarness.StartAsync();
+
+        await SlowUploadAsync(h, CreateJson("abandoned"), total: 64L * 1024 * 1024, pauseAfter: 2 * 1024 * 1024, hangUp: true);
+
+        await ImportPipelineTests.WaitUntilAsync(() => Task.FromResult(StagingFiles(h).Length == 0));
+        Assert.Equal(0, await h.Server.QueryAsync(db => db.Loras.CountAsync()));
+        Assert.Equal(0, await h.Server.QueryAsync(db => db.Blobs.CountAsync()));
+    }
+
+    [Fact]
     public async Task A_bad_json_part_is_answered_before_the_file_is_sent()
     {
         await using var h = await PipelineHarness.StartAsync();
@@ -299,7 +311,7 @@ public sealed class UploadTests
     /// it tries to send the rest, which a server that stopped reading refuses. Returns the status, the body and how many
     /// file bytes the client managed to write.
     /// </summary>
-    private static async Task<(int Status, string Body, long Sent)> SlowUploadAsync(PipelineHarness h, string json, long total, long pauseAfter)
+    private static async Task<(int Status, string Body, long Sent)> SlowUploadAsync(PipelineHarness h, string json, long total, long pauseAfter, bool hangUp = false)
     {
         var ct = TestContext.Current.CancellationToken;
         using var socket = new TcpClient();
@@ -326,6 +338,14 @@ public sealed class UploadTests
         {
             await ChunkAsync(block);
             sent += block.Length;
+        }
+
+        if (hangUp)
+        {
+            // Only once the server is writing the staging file, so the test sees it go rather than never come.
+            await ImportPipelineTests.WaitUntilAsync(() => Task.FromResult(StagingFiles(h).Length > 0));
+            socket.Client.Close(0);
+            return (0, "", sent);
         }
 
         // The client pauses: the answer must be there without another byte sent.
