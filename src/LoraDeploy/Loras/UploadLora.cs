@@ -53,7 +53,7 @@ internal static class UploadLora
         CancellationToken ct)
     {
         var cap = import.Value.MaxFileBytes;
-        var limit = cap + FormOverheadBytes;
+        var limit = cap > long.MaxValue - FormOverheadBytes ? long.MaxValue : cap + FormOverheadBytes;
         if (http.Request.ContentLength > limit)
         {
             return TooLarge(http, cap);
