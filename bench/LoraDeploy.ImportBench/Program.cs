@@ -10,6 +10,11 @@ using LoraDeploy.Tests.Simulator;
 // Import throughput: create → deploying for one large file from the loopback CivitAI simulator, against
 // `curl -sL URL -o FILE; sync FILE` fetching the same bytes through the same redirect in the same run.
 // Usage: dotnet run -c Release --project bench/LoraDeploy.ImportBench -- [sizeMiB=256] [runs=3]
+// Or: … -- s3-upload [sizeMiB=256] [runs=2]: an upload-import into the S3 store against curl -T to the same s3rver (S3UploadBench.cs).
+if (args is ["s3-upload", .. var s3Args])
+{
+    return await LoraDeploy.ImportBench.S3UploadBench.RunAsync(s3Args);
+}
 var sizeMiB = args.Length > 0 ? int.Parse(args[0], CultureInfo.InvariantCulture) : 256;
 var runs = args.Length > 1 ? int.Parse(args[1], CultureInfo.InvariantCulture) : 3;
 var work = Path.Combine(Path.GetTempPath(), $"loradeploy-importbench-{Environment.ProcessId}");

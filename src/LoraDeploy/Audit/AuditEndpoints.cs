@@ -29,6 +29,9 @@ public static class AuditEndpoints
         return app;
     }
 
+    /// <summary>The <see cref="HttpContext.Items"/> key under which a handler that reads its own body names the object.</summary>
+    public const string ObjectIdItem = "audit.object_id";
+
     /// <summary>
     /// Records <paramref name="action"/> when the handler answers 2xx, on the object named by route value
     /// <paramref name="routeKey"/> or else by the body's string field <paramref name="bodyKey"/>. The actor is read
@@ -43,7 +46,8 @@ public static class AuditEndpoints
             var http = context.HttpContext;
             var audit = http.RequestServices.GetRequiredService<AuditLog>();
             var actor = await audit.ActorAsync(http, http.RequestAborted);
-            var readsBody = bodyKey is not null || bodyFields;
+            // A multipart upload is never buffered to be read twice: its handler names the object in ObjectIdItem.
+            var readsBody = (bodyKey is not null || bodyFields) && !http.Request.HasFormContentType;
             if (readsBody)
             {
                 http.Request.EnableBuffering();
@@ -60,7 +64,8 @@ public static class AuditEndpoints
                 using var reader = new StreamReader(http.Request.Body, leaveOpen: true);
                 body = await reader.ReadToEndAsync(CancellationToken.None);
             }
-            var objectId = routeKey is not null ? http.Request.RouteValues[routeKey]?.ToString() : AuditLog.StringField(body, bodyKey!);
+            var objectId = routeKey is not null ? http.Request.RouteValues[routeKey]?.ToString()
+                : http.Items[ObjectIdItem] as string ?? AuditLog.StringField(body, bodyKey!);
             var detail = bodyFields ? AuditLog.FieldNames(body) : "";
             await audit.RecordAsync(actor, action, objectType, objectId, detail, CancellationToken.None);
             return result;

@@ -250,7 +250,7 @@ public static class DeployEndpoints
             .Where(d => d.Id == deploy_id && d.UserId == user.Id && d.Status == DeployStatus.Stopped)
             .Select(d => d.Lora)
             .FirstOrDefaultAsync(ct);
-        if (stopped is { SourceType: "civitai" }
+        if (stopped is { SourceType: "civitai" or "upload" }
             && Pipeline.PolicyGate.Check(policy.CurrentValue, stopped.CivitaiModelId, Pipeline.PolicyGate.RecordedLicense(stopped)) is { } refusal)
         {
             return ApiErrors.BadRequest($"Deploy {deploy_id} cannot be started: {refusal}.");

@@ -17,7 +17,11 @@ internal static class CreateLora
     private const int MaxDescriptionLength = 4000;
     private const int MaxIdempotencyKeyLength = 255;
 
-    private sealed record ValidRequest(string LoraName, string BaseModel, string CivitUrl, bool Private, string Description);
+    /// <summary>A validated create; <paramref name="SourceUrl"/> is the canonical CivitAI link, or <c>upload:&lt;sha256&gt;</c> once an upload's bytes are stored.</summary>
+    internal sealed record ValidRequest(string LoraName, string BaseModel, string SourceUrl, bool Private, string Description);
+
+    /// <summary>What an upload adds to its LoRA row: the stored blob and the name the client gave the file.</summary>
+    internal sealed record UploadedFile(string Sha256, long SizeBytes, string FileName);
 
     public static async Task<IResult> HandleAsync(
         HttpContext http,
@@ -25,9 +29,17 @@ internal static class CreateLora
         DeployReads reads,
         BaseModelRegistry baseModels,
         PipelineSignal pipeline,
+        Storage.IBlobStore blobs,
+        Microsoft.Extensions.Options.IOptions<Sources.ImportOptions> import,
+        Microsoft.Extensions.Options.IOptionsMonitor<PolicyOptions> policy,
+        Audit.AuditLog audit,
         TimeProvider time,
         CancellationToken ct)
     {
+        if (http.Request.HasFormContentType)
+        {
+            return await UploadLora.HandleAsync(http, db, reads, baseModels, pipeline, blobs, import, policy, audit, time, ct);
+        }
         var user = CurrentUser.From(http.User);
         var (body, error) = await RequestBody.ReadObjectAsync(http.Request, ct);
         if (body is not { } json)
@@ -35,18 +47,31 @@ internal static class CreateLora
             return error!;
         }
         var errors = new ValidationErrors();
-        var request = Validate(json, baseModels, errors);
+        var request = Validate(json, baseModels, errors, upload: false);
+        var idempotencyKey = IdempotencyKey(http, errors);
+        if (errors.Any || request is null)
+        {
+            return errors.ToResult();
+        }
+        return await InsertAsync(db, reads, pipeline, time, user, request, idempotencyKey, upload: null, ct);
+    }
 
+    /// <summary>The Idempotency-Key header ("" when absent); an over-long one is a validation error.</summary>
+    internal static string IdempotencyKey(HttpContext http, ValidationErrors errors)
+    {
         var idempotencyKey = http.Request.Headers["Idempotency-Key"].ToString();
         if (idempotencyKey.Length > MaxIdempotencyKeyLength)
         {
             errors.Add(["header", "Idempotency-Key"], $"String should have at most {MaxIdempotencyKeyLength} characters", "string_too_long");
         }
-        if (errors.Any || request is null)
-        {
-            return errors.ToResult();
-        }
+        return idempotencyKey;
+    }
 
+    /// <summary>Writes the LoRA, its deploy and its import job in one transaction (an upload's blob is already stored), then wakes the pipeline.</summary>
+    internal static async Task<IResult> InsertAsync(
+        LoraDeployDbContext db, DeployReads reads, PipelineSignal pipeline, TimeProvider time, CurrentUser user,
+        ValidRequest request, string idempotencyKey, UploadedFile? upload, CancellationToken ct)
+    {
         var requestHash = idempotencyKey.Length > 0 ? Hash(request) : "";
         if (idempotencyKey.Length > 0)
         {
@@ -69,8 +94,13 @@ internal static class CreateLora
             UserId = user.Id,
             Name = request.LoraName,
             BaseModel = request.BaseModel,
-            SourceType = "civitai",
-            SourceUrl = request.CivitUrl,
+            SourceType = upload is null ? "civitai" : "upload",
+            SourceUrl = request.SourceUrl,
+            // An upload's LoRA names its blob from the start: the pipeline checks these bytes and no others, and the
+            // blob collector sees the reference.
+            ExpectedSha256 = upload?.Sha256,
+            SizeBytes = upload?.SizeBytes,
+            FileName = upload?.FileName,
             Private = request.Private,
             Description = request.Description,
             CreatedAt = now,
@@ -117,7 +147,8 @@ internal static class CreateLora
         return await ReadBackAsync(reads, deployId, user, ct);
     }
 
-    private static ValidRequest? Validate(JsonElement body, BaseModelRegistry baseModels, ValidationErrors errors)
+    /// <summary>Checks a create's JSON; <paramref name="upload"/> is the multipart form's <c>json</c> part, whose source is <c>{"type": "upload"}</c>.</summary>
+    internal static ValidRequest? Validate(JsonElement body, BaseModelRegistry baseModels, ValidationErrors errors, bool upload)
     {
         var loraName = errors.String(body, "lora_name", ["body", "lora_name"], required: true);
         if (loraName is not null && !LoraNames.IsValid(loraName))
@@ -135,30 +166,28 @@ internal static class CreateLora
                 "value_error");
         }
 
-        string? civitUrl = null;
+        string? sourceUrl = null;
         var source = errors.Object(body, "source", ["body", "source"], required: true);
         if (source is { } sourceObject)
         {
             var type = errors.String(sourceObject, "type", ["body", "source", "type"], required: true);
-            if (type is not null && type != "civitai")
+            if (upload)
             {
-                errors.Add(["body", "source", "type"], "Input should be 'civitai'", "enum");
-            }
-            var url = errors.String(sourceObject, "civit_url", ["body", "source", "civit_url"], required: false, nullable: true);
-            if (url is null)
-            {
-                if (!sourceObject.TryGetProperty("civit_url", out var present) || present.ValueKind == JsonValueKind.Null)
+                if (type is not null && type != "upload")
                 {
-                    errors.Add(["body", "source", "civit_url"], "Value error, civit_url is required for source type 'civitai'", "value_error");
+                    errors.Add(["body", "source", "type"], "Input should be 'upload' (the json part of a multipart create goes with a file part)", "enum");
                 }
+                sourceUrl = ""; // upload:<sha256> once the bytes are stored
             }
-            else if (!CivitaiUrlCheck.TryNormalize(url, out var canonical, out var urlError))
+            else if (type is not null && type != "civitai")
             {
-                errors.Add(["body", "source", "civit_url"], urlError, "value_error");
+                errors.Add(["body", "source", "type"],
+                    type == "upload" ? "Value error, source type 'upload' is sent as multipart/form-data with a json part and a file part" : "Input should be 'civitai'",
+                    type == "upload" ? "value_error" : "enum");
             }
-            else
+            if (!upload)
             {
-                civitUrl = canonical;
+                sourceUrl = ValidateCivitUrl(sourceObject, errors);
             }
         }
 
@@ -169,9 +198,28 @@ internal static class CreateLora
             errors.Add(["body", "description"], $"String should have at most {MaxDescriptionLength} characters", "string_too_long");
         }
 
-        return errors.Any || loraName is null || baseModel is null || civitUrl is null || isPrivate is null
+        return errors.Any || loraName is null || baseModel is null || sourceUrl is null || isPrivate is null
             ? null
-            : new ValidRequest(loraName, baseModel, civitUrl, isPrivate.Value, description);
+            : new ValidRequest(loraName, baseModel, sourceUrl, isPrivate.Value, description);
+    }
+
+    private static string? ValidateCivitUrl(JsonElement source, ValidationErrors errors)
+    {
+        var url = errors.String(source, "civit_url", ["body", "source", "civit_url"], required: false, nullable: true);
+        if (url is null)
+        {
+            if (!source.TryGetProperty("civit_url", out var present) || present.ValueKind == JsonValueKind.Null)
+            {
+                errors.Add(["body", "source", "civit_url"], "Value error, civit_url is required for source type 'civitai'", "value_error");
+            }
+            return null;
+        }
+        if (!CivitaiUrlCheck.TryNormalize(url, out var canonical, out var urlError))
+        {
+            errors.Add(["body", "source", "civit_url"], urlError, "value_error");
+            return null;
+        }
+        return canonical;
     }
 
     private static async Task<IResult?> ReplayAsync(LoraDeployDbContext db, DeployReads reads, CurrentUser user, string key, string requestHash, CancellationToken ct)
@@ -195,11 +243,11 @@ internal static class CreateLora
     private static async Task<DeployJson> ReadBackAsync(DeployReads reads, string deployId, CurrentUser user, CancellationToken ct) =>
         await reads.ByIdAsync(deployId, user.Id, ct) ?? throw new InvalidOperationException($"Deploy {deployId} vanished after it was committed.");
 
-    private static IResult Conflict(string name) =>
+    internal static IResult Conflict(string name) =>
         ApiErrors.Conflict($"A LoRA named '{name}' already exists; delete it or choose another lora_name.");
 
     /// <summary>A hash of the validated request, so formatting differences in the JSON don't count as a different body.</summary>
     private static string Hash(ValidRequest request) =>
         Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(
-            string.Join('\n', request.LoraName, request.BaseModel, request.CivitUrl, request.Private ? "1" : "0", request.Description))));
+            string.Join('\n', request.LoraName, request.BaseModel, request.SourceUrl, request.Private ? "1" : "0", request.Description))));
 }

@@ -24,7 +24,7 @@ public static class LoraEndpoints
 
         lora.MapPost("/lora/create", CreateLora.HandleAsync)
             .WithName("CreateLora")
-            .WithSummary("Create a LoRA from a CivitAI URL and deploy it")
+            .WithSummary("Create a LoRA from a CivitAI URL (JSON) or an uploaded .safetensors (multipart: json part, then file part) and deploy it")
             .WithRequestBody<CreateLoraApiRequest>()
             .Produces<DeploymentOut>()
             .Produces<DeepError>(StatusCodes.Status409Conflict)

@@ -47,7 +47,7 @@ public sealed class LoraRow
         Lora.Name,
         ModelName,
         Lora.BaseModel,
-        new SourceModel(Lora.SourceType, Lora.SourceUrl),
+        new SourceModel(Lora.SourceType, Lora.SourceType == "upload" ? null : Lora.SourceUrl), // an upload's link is its hash: version
         Lora.Private,
         Lora.Description,
         DeployId,

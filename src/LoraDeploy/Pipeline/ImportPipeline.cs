@@ -242,6 +242,11 @@ public sealed partial class ImportPipeline(
             await ImportHuggingFaceAsync(deployId, lora, db, scope.ServiceProvider, ct);
             return;
         }
+        if (lora.SourceType == "upload")
+        {
+            await ImportUploadAsync(deployId, lora, db, ct);
+            return;
+        }
 
         if (!CivitaiUrl.TryParse(lora.SourceUrl, out var reference, out var parseError))
         {
@@ -307,6 +312,24 @@ public sealed partial class ImportPipeline(
             .SetProperty(j => j.LeaseExpiresAt, (DateTime?)null)
             .SetProperty(j => j.UpdatedAt, Now), ct);
         signal.Wake();
+    }
+
+    /// <summary>
+    /// An upload's bytes were stored by the request that created it (which checked them already): the import goes
+    /// straight to the probe and the gate, as for a CivitAI file that is already stored. The policy was applied then too.
+    /// </summary>
+    private async Task ImportUploadAsync(string deployId, Data.Lora lora, LoraDeployDbContext db, CancellationToken ct)
+    {
+        var sha256 = lora.ExpectedSha256;
+        if (sha256 is null || !await db.Blobs.AnyAsync(b => b.Sha256 == sha256, ct) || !blobs.Exists(sha256))
+        {
+            await FailAsync(deployId, PipelineReasonClass.UploadMissing,
+                $"The uploaded file {lora.FileName} (SHA-256 {sha256}) is no longer stored; upload it again to deploy it.", ct);
+            return;
+        }
+        metrics.DedupHit("stored");
+        LogStoredAlready(deployId, sha256);
+        await FinishAsync(db, deployId, sha256, ct);
     }
 
     /// <summary>

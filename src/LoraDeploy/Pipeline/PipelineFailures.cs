@@ -17,6 +17,8 @@ public static class PipelineReasonClass
     public const string DiskFull = "disk_full";
     /// <summary>The operator's license and content policy (<see cref="PolicyOptions"/>) refuses this model.</summary>
     public const string Policy = "policy";
+    /// <summary>An uploaded file's blob is gone (collected after its LoRA was deleted, or removed by hand): only a new upload brings it back.</summary>
+    public const string UploadMissing = "upload_missing";
 }
 
 internal static class DeployFailure

@@ -13,9 +13,13 @@ public static class RequestBody
     public const int MaxBytes = 64 * 1024;
 
     /// <summary>The body as a JSON object, or the 413/422 to answer instead.</summary>
-    public static async Task<(JsonElement? Body, IResult? Error)> ReadObjectAsync(HttpRequest request, CancellationToken ct)
+    public static Task<(JsonElement? Body, IResult? Error)> ReadObjectAsync(HttpRequest request, CancellationToken ct) =>
+        ReadObjectAsync(request.Body, request.ContentLength, ct);
+
+    /// <summary>A JSON object read from <paramref name="body"/> (a request, or one part of a multipart form), or the 413/422 to answer instead.</summary>
+    public static async Task<(JsonElement? Body, IResult? Error)> ReadObjectAsync(Stream body, long? announcedLength, CancellationToken ct)
     {
-        if (request.ContentLength > MaxBytes)
+        if (announcedLength > MaxBytes)
         {
             return (null, TooLarge());
         }
@@ -25,7 +29,7 @@ public static class RequestBody
             using var memory = new MemoryStream();
             var chunk = new byte[8192];
             int read;
-            while ((read = await request.Body.ReadAsync(chunk, ct)) > 0)
+            while ((read = await body.ReadAsync(chunk, ct)) > 0)
             {
                 if (memory.Length + read > MaxBytes)
                 {

@@ -45,8 +45,8 @@ public class ClientCommandTests
     }
 
     [Theory]
-    [InlineData("give exactly one of --civitai URL or --hf REPO", "create", "--name", "x", "--base", "b")]
-    [InlineData("give exactly one of --civitai URL or --hf REPO", "create", "--name", "x", "--hf", "a/b", "--civitai", "https://civitai.com/models/1")]
+    [InlineData("give exactly one of --civitai URL, --file PATH or --hf REPO", "create", "--name", "x", "--base", "b")]
+    [InlineData("give exactly one of --civitai URL, --file PATH or --hf REPO", "create", "--name", "x", "--hf", "a/b", "--civitai", "https://civitai.com/models/1")]
     [InlineData("--public is for CivitAI LoRAs", "create", "--name", "x", "--hf", "a/b", "--public")]
     [InlineData("missing --base MODEL", "create", "--name", "x", "--civitai", "https://civitai.com/models/1")]
     [InlineData("missing --name NAME", "create", "--base", "b", "--civitai", "https://civitai.com/models/1")]

@@ -16,6 +16,7 @@ internal sealed class ApiClient : IDisposable
 {
     private readonly HttpClient _http;
     private readonly string? _tokenSource;
+    private readonly TimeSpan _timeout;
 
     /// <summary>A client for <paramref name="server"/>; <paramref name="tokenSource"/> names where the token came from
     /// (<c>--token</c> or <c>LORADEPLOY_TOKEN</c>), for a 401's message.</summary>
@@ -25,7 +26,9 @@ internal sealed class ApiClient : IDisposable
         _tokenSource = string.IsNullOrWhiteSpace(token) ? null : tokenSource ?? "the token given";
         _http = handler is null ? new HttpClient() : new HttpClient(handler);
         _http.BaseAddress = server;
-        _http.Timeout = timeout ?? TimeSpan.FromSeconds(30);
+        // Each request sets its own deadline: an upload lasts as long as its file takes, the others get _timeout.
+        _timeout = timeout ?? TimeSpan.FromSeconds(30);
+        _http.Timeout = Timeout.InfiniteTimeSpan;
         _http.DefaultRequestHeaders.UserAgent.Add(new ProductInfoHeaderValue("loradeploy-cli", "1.0"));
         if (!string.IsNullOrWhiteSpace(token))
         {
@@ -48,18 +51,45 @@ internal sealed class ApiClient : IDisposable
     public Task<ApiResponse> DeleteAsync(string path, CancellationToken ct) => SendAsync(HttpMethod.Delete, path, null, ct);
 
     /// <summary>Sends a request; a non-2xx answer becomes a <see cref="ClientException"/> with a readable message.</summary>
-    public async Task<ApiResponse> SendAsync(HttpMethod method, string path, JsonNode? body, CancellationToken ct)
+    public Task<ApiResponse> SendAsync(HttpMethod method, string path, JsonNode? body, CancellationToken ct) =>
+        SendAsync(method, path, body is null ? null : new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"), _timeout, ct);
+
+    /// <summary>
+    /// <c>POST</c> of a multipart form: a <c>json</c> part, then the file at <paramref name="filePath"/> as the <c>file</c>
+    /// part, streamed from disk (never read whole). No deadline: it takes as long as the file takes.
+    /// </summary>
+    public async Task<ApiResponse> PostUploadAsync(string path, JsonNode json, string filePath, CancellationToken ct)
     {
-        using var request = new HttpRequestMessage(method, path.TrimStart('/'));
-        if (body is not null)
+        FileStream file;
+        try
         {
-            request.Content = new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json");
+            file = new FileStream(filePath, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 1024 * 1024, FileOptions.Asynchronous | FileOptions.SequentialScan);
         }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new ClientException($"cannot read --file {filePath}: {e.Message}", ExitCodes.Usage);
+        }
+        await using (file.ConfigureAwait(false))
+        {
+            using var form = new MultipartFormDataContent();
+            form.Add(new StringContent(json.ToJsonString(), Encoding.UTF8, "application/json"), "json");
+            var filePart = new StreamContent(file, 1024 * 1024);
+            filePart.Headers.ContentType = new MediaTypeHeaderValue("application/octet-stream");
+            form.Add(filePart, "file", Path.GetFileName(filePath));
+            return await SendAsync(HttpMethod.Post, path, form, Timeout.InfiniteTimeSpan, ct).ConfigureAwait(false);
+        }
+    }
+
+    private async Task<ApiResponse> SendAsync(HttpMethod method, string path, HttpContent? content, TimeSpan timeout, CancellationToken ct)
+    {
+        using var request = new HttpRequestMessage(method, path.TrimStart('/')) { Content = content };
+        using var deadline = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        deadline.CancelAfter(timeout);
 
         HttpResponseMessage response;
         try
         {
-            response = await _http.SendAsync(request, ct).ConfigureAwait(false);
+            response = await _http.SendAsync(request, deadline.Token).ConfigureAwait(false);
         }
         catch (HttpRequestException ex)
         {
@@ -67,12 +97,12 @@ internal sealed class ApiClient : IDisposable
         }
         catch (TaskCanceledException) when (!ct.IsCancellationRequested)
         {
-            throw new ClientException($"cannot reach server at {Server}: no answer within {_http.Timeout.TotalSeconds:0} s");
+            throw new ClientException($"cannot reach server at {Server}: no answer within {timeout.TotalSeconds:0} s");
         }
 
         using (response)
         {
-            var text = await response.Content.ReadAsStringAsync(ct).ConfigureAwait(false);
+            var text = await response.Content.ReadAsStringAsync(deadline.Token).ConfigureAwait(false);
             if (!response.IsSuccessStatusCode)
             {
                 throw new ClientException(ErrorFormatter.Format(response.StatusCode, text, _tokenSource), ExitCodes.ServerError,
@@ -96,7 +126,7 @@ internal sealed class ApiClient : IDisposable
 
     /// <summary>
     /// Posts and hands back the answer once its headers are in, its body still to be read (a stream of events); a
-    /// non-2xx answer becomes a <see cref="ClientException"/> as in <see cref="SendAsync"/>.
+    /// non-2xx answer becomes a <see cref="ClientException"/> as in <see cref="SendAsync(HttpMethod, string, JsonNode?, CancellationToken)"/>.
     /// </summary>
     public async Task<HttpResponseMessage> PostStreamingAsync(string path, JsonNode body, CancellationToken ct)
     {
@@ -104,10 +134,13 @@ internal sealed class ApiClient : IDisposable
         {
             Content = new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"),
         };
+        // The deadline covers the headers only; the events then come as slowly as the work goes.
+        using var headers = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        headers.CancelAfter(_timeout);
         HttpResponseMessage response;
         try
         {
-            response = await _http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead, ct).ConfigureAwait(false);
+            response = await _http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead, headers.Token).ConfigureAwait(false);
         }
         catch (HttpRequestException ex)
         {
@@ -115,7 +148,7 @@ internal sealed class ApiClient : IDisposable
         }
         catch (TaskCanceledException) when (!ct.IsCancellationRequested)
         {
-            throw new ClientException($"cannot reach server at {Server}: no answer within {_http.Timeout.TotalSeconds:0} s");
+            throw new ClientException($"cannot reach server at {Server}: no answer within {_timeout.TotalSeconds:0} s");
         }
         if (!response.IsSuccessStatusCode)
         {

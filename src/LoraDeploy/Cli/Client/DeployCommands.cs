@@ -13,6 +13,7 @@ internal static partial class DeployCommands
     {
         var common = new CommonOptions();
         var civitai = new Option<string?>("--civitai") { Description = "CivitAI model or version URL (or AIR).", HelpName = "URL" };
+        var file = new Option<string?>("--file") { Description = "A local .safetensors LoRA to upload (instead of --civitai).", HelpName = "PATH" };
         var hf = new Option<string?>("--hf") { Description = "Hugging Face repo of a PEFT LoRA adapter (owner/repo[@revision] or URL), for an LLM base model.", HelpName = "REPO" };
         var hfToken = new Option<string?>("--hf-token") { Description = "Hugging Face token for a private or gated repo (default: $HF_TOKEN); used for this import only.", HelpName = "TOKEN" };
         var baseModel = new Option<string?>("--base") { Description = "Base model, e.g. black-forest-labs/FLUX-1-dev (optional with --hf when the server has one LLM pool).", HelpName = "MODEL" };
@@ -22,8 +23,8 @@ internal static partial class DeployCommands
         var noWait = new Option<bool>("--no-wait") { Description = "Return once the deploy is accepted instead of following it." };
         var timeout = TimeoutOption();
 
-        var command = new Command("create", "Deploy a LoRA from CivitAI (or a PEFT adapter from Hugging Face with --hf) and follow it until it deploys or fails.");
-        foreach (var o in new Option[] { civitai, hf, hfToken, baseModel, name, isPublic, description, noWait, timeout })
+        var command = new Command("create", "Deploy a LoRA from CivitAI or a local file (--file), or a PEFT adapter from Hugging Face with --hf, and follow it until it deploys or fails.");
+        foreach (var o in new Option[] { civitai, file, hf, hfToken, baseModel, name, isPublic, description, noWait, timeout })
         {
             command.Options.Add(o);
         }
@@ -32,9 +33,10 @@ internal static partial class DeployCommands
         command.SetAction(Run(common, async (r, ctx, client, output, ct) =>
         {
             var repo = r.GetValue(hf);
-            if ((repo is null) == (r.GetValue(civitai) is null))
+            var upload = r.GetValue(file);
+            if (new[] { repo, r.GetValue(civitai), upload }.Count(v => v is not null) != 1)
             {
-                throw new ClientException("give exactly one of --civitai URL or --hf REPO", ExitCodes.Usage);
+                throw new ClientException("give exactly one of --civitai URL, --file PATH or --hf REPO", ExitCodes.Usage);
             }
             var lora = Required(r.GetValue(name), "--name NAME");
             var limit = r.GetValue(timeout) is { } timeoutText ? Durations.Parse(timeoutText, "--timeout") : (TimeSpan?)null;
@@ -53,6 +55,21 @@ internal static partial class DeployCommands
                     ["base_model_name"] = r.GetValue(baseModel)?.Trim(),
                     ["hf_token"] = string.IsNullOrWhiteSpace(token) ? null : token.Trim(),
                 }, ct).ConfigureAwait(false);
+            }
+            else if (upload is not null)
+            {
+                if (!File.Exists(upload))
+                {
+                    throw new ClientException($"--file {upload}: no such file", ExitCodes.Usage);
+                }
+                created = await client.PostUploadAsync("v1/lora/create", new JsonObject
+                {
+                    ["lora_name"] = lora,
+                    ["base_model"] = Required(r.GetValue(baseModel), "--base MODEL"),
+                    ["source"] = new JsonObject { ["type"] = "upload" },
+                    ["private"] = !r.GetValue(isPublic),
+                    ["description"] = r.GetValue(description) ?? "",
+                }, upload, ct).ConfigureAwait(false);
             }
             else
             {
