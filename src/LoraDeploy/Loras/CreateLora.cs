@@ -6,6 +6,7 @@ using LoraDeploy.BaseModels;
 using LoraDeploy.Data;
 using LoraDeploy.Deploys;
 using LoraDeploy.Pipeline;
+using LoraDeploy.Quotas;
 using LoraDeploy.Validation;
 using Microsoft.EntityFrameworkCore;
 
@@ -25,6 +26,7 @@ internal static class CreateLora
         DeployReads reads,
         BaseModelRegistry baseModels,
         PipelineSignal pipeline,
+        QuotaGate quotas,
         TimeProvider time,
         CancellationToken ct)
     {
@@ -98,11 +100,25 @@ internal static class CreateLora
                 CreatedAt = now,
             });
         }
-        try
+        var lostRace = false;
+        // The quota count and the insert in one transaction, serialised per user: parallel creates cannot overshoot.
+        await using (var transaction = await db.Database.BeginTransactionAsync(ct))
         {
-            await db.SaveChangesAsync(ct);
+            if (await quotas.RefuseCreateAsync(db, user.Id, user.Name, knownBytes: null, ct) is { } refusal)
+            {
+                return ApiErrors.Error(StatusCodes.Status403Forbidden, refusal);
+            }
+            try
+            {
+                await db.SaveChangesAsync(ct);
+                await transaction.CommitAsync(ct);
+            }
+            catch (DbUpdateException e) when (db.IsUniqueViolation(e))
+            {
+                lostRace = true; // rolled back below: PostgreSQL refuses further statements in a failed transaction
+            }
         }
-        catch (DbUpdateException e) when (db.IsUniqueViolation(e))
+        if (lostRace)
         {
             // Lost a race: either the same idempotent request, or the same name.
             db.ChangeTracker.Clear();
