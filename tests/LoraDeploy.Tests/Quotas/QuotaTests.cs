@@ -59,7 +59,8 @@ public sealed class QuotaTests
     public async Task Max_concurrent_imports_counts_deploys_before_deploying_on_both_create_routes()
     {
         await using var server = await LoraDeployServer.StartAsync(settings: NoPipeline(("Quotas:MaxConcurrentImports", "2"),
-            ("BaseModels:acme/llm:Family", "llama"), ("BaseModels:acme/llm:Engine", "llamacpp"), ("BaseModels:acme/llm:Gguf", "/models/llm.gguf")));
+            ("BaseModels:acme/llm:Family", "llama"), ("BaseModels:acme/llm:Engine", "llamacpp"), ("BaseModels:acme/llm:Gguf", "/models/llm.gguf"),
+            ("Workers:Embedded", "false"))); // a pool for the route only: nothing serves it
         var user = await server.CreateUserAsync();
 
         var first = await (await user.Client.PostJsonAsync("/v1/lora/create", Body("one"))).ExpectAsync(HttpStatusCode.OK);
