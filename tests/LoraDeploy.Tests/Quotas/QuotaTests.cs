@@ -109,13 +109,15 @@ public sealed class QuotaTests
         Assert.Equal(1, bobQuota.GetProperty("deploys").GetInt32());
     }
 
-    [Fact]
-    public async Task Max_stored_bytes_counts_one_file_once_and_fails_an_import_that_does_not_fit_naming_the_quota()
+    [Theory]
+    [InlineData(TestDatabase.Sqlite)]
+    [InlineData(TestDatabase.Postgres)]
+    public async Task Max_stored_bytes_counts_one_file_once_and_fails_an_import_that_does_not_fit_naming_the_quota(TestDatabase database)
     {
         long size = AdapterFiles.Flux1(seed: 1).Length;
         var tight = $"tight-{Guid.NewGuid().ToString("N")[..8]}";
 
-        await using var h = await PipelineHarness.StartAsync(settings: new Dictionary<string, string?>
+        await using var h = await PipelineHarness.StartAsync(database: database, settings: new Dictionary<string, string?>
         {
             // Room for one file and a half: the second LoRA of the same file fits, another file does not.
             ["Quotas:MaxStoredBytes"] = (size + size / 2).ToString(),
@@ -155,10 +157,12 @@ public sealed class QuotaTests
             .ExpectAsync(HttpStatusCode.OK);
     }
 
-    [Fact]
-    public async Task Twenty_parallel_creates_with_max_deploys_5_accept_exactly_5_on_sqlite()
+    [Theory]
+    [InlineData(TestDatabase.Sqlite)]
+    [InlineData(TestDatabase.Postgres)]
+    public async Task Twenty_parallel_creates_with_max_deploys_5_accept_exactly_5(TestDatabase database)
     {
-        await using var server = await LoraDeployServer.StartAsync(settings: NoPipeline(("Quotas:MaxDeploys", "5")));
+        await using var server = await LoraDeployServer.StartAsync(database, NoPipeline(("Quotas:MaxDeploys", "5")));
         var user = await server.CreateUserAsync();
 
         var statuses = await Task.WhenAll(Enumerable.Range(0, 20).Select(async i =>
