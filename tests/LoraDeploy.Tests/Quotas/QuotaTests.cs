@@ -160,6 +160,31 @@ public sealed class QuotaTests
     [Theory]
     [InlineData(TestDatabase.Sqlite)]
     [InlineData(TestDatabase.Postgres)]
+    public async Task Two_imports_resolved_at_once_cannot_together_overshoot_the_stored_bytes(TestDatabase database)
+    {
+        long size = AdapterFiles.Flux1(seed: 1).Length;
+        await using var h = await PipelineHarness.StartAsync(database: database, settings: new Dictionary<string, string?>
+        {
+            ["Quotas:MaxStoredBytes"] = (size + size / 2).ToString(),
+        });
+        var urls = Enumerable.Range(1, 4)
+            .Select(seed => PipelineHarness.ModelUrl(h.Simulator.AddLora(AdapterFiles.Flux1(seed: seed), baseModel: "Flux.1 D")))
+            .ToList();
+
+        // Created together, so the pipeline resolves them in one batch: each one's listed size counts while it is in flight.
+        var created = await Task.WhenAll(urls.Select((url, i) => h.CreateAsync($"racer-{i}", url)));
+        var ended = await Task.WhenAll(created.Select(c => h.WaitAsync(c.GetProperty("deploy_id").GetString()!)));
+
+        var statuses = ended.Select(d => d.GetProperty("status").GetString()).ToList();
+        Assert.True(statuses.Count(s => s == "deploying") == 1, string.Join(", ", ended.Select(d => d.ToString())));
+        Assert.All(ended.Where(d => d.GetProperty("status").GetString() == "failed"),
+            d => Assert.StartsWith("Quota max_stored_bytes exceeded", d.GetProperty("fail_reason").GetString()));
+        Assert.Equal(size, (await QuotaOf(h.User)).GetProperty("stored_bytes").GetInt64());
+    }
+
+    [Theory]
+    [InlineData(TestDatabase.Sqlite)]
+    [InlineData(TestDatabase.Postgres)]
     public async Task Twenty_parallel_creates_with_max_deploys_5_accept_exactly_5(TestDatabase database)
     {
         await using var server = await LoraDeployServer.StartAsync(database, NoPipeline(("Quotas:MaxDeploys", "5")));
