@@ -80,6 +80,14 @@ public sealed class QuotaTests
         Assert.Equal(2, quota.GetProperty("max_concurrent_imports").GetInt32());
         await (await user.Client.PostJsonAsync("/v1/lora/create", Body("three"))).ExpectAsync(HttpStatusCode.OK);
         await (await user.Client.PostJsonAsync("/v1/lora/create", Body("four"))).ExpectErrorAsync(HttpStatusCode.Forbidden);
+
+        // Starting a failed import again is an import too.
+        await server.QueryAsync(db => db.Deploys.Where(d => d.Id == firstId).ExecuteUpdateAsync(set => set.SetProperty(d => d.Status, DeployStatus.Failed)));
+        Assert.Equal($"Deploy {firstId} cannot be started: {refused}",
+            await (await user.Client.PostAsync($"/deploy/{firstId}/start", null)).ExpectErrorAsync(HttpStatusCode.BadRequest));
+        var two = await server.QueryAsync(db => db.Deploys.Where(d => d.ModelName.EndsWith("/two")).Select(d => d.Id).SingleAsync());
+        await (await user.Client.DeleteAsync($"/deploy/{two}")).ExpectAsync(HttpStatusCode.OK);
+        await (await user.Client.PostAsync($"/deploy/{firstId}/start", null)).ExpectAsync(HttpStatusCode.OK);
     }
 
     [Fact]
