@@ -10,6 +10,7 @@ using LoraDeploy.Loras;
 using LoraDeploy.Observability;
 using LoraDeploy.OpenApi;
 using LoraDeploy.Pipeline;
+using LoraDeploy.Quotas;
 using LoraDeploy.Sources;
 using LoraDeploy.Storage;
 using LoraDeploy.Workers;
@@ -44,6 +45,7 @@ public static class ServerApp
         builder.Services.AddImportPipeline();
         builder.Services.AddExports();
         builder.Services.AddAuditLog();
+        builder.Services.AddQuotas();
         builder.Services.AddWorkerApi();
         builder.Services.AddInferenceGateway();
         builder.Services.AddInferenceWebhooks(builder.Configuration);
@@ -68,6 +70,7 @@ public static class ServerApp
         app.MapExports();
         app.MapWorkerApi();
         app.MapTokens();
+        app.MapQuotas();
         app.MapAudit();
         app.MapInference();
         return app;

@@ -214,12 +214,18 @@ public static class DeployEndpoints
     /// </summary>
     internal static async Task<Results<Ok<DeployStatusOut>, NotFound<DeepError>, BadRequest<DeepError>>> StartDeploy(
         string deploy_id, HttpContext http, LoraDeployDbContext db, Pipeline.PipelineSignal pipeline, IOptionsMonitor<Pipeline.PolicyOptions> policy,
-        TimeProvider time, CancellationToken ct)
+        Quotas.QuotaGate quotas, TimeProvider time, CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
         var now = time.GetUtcNow().UtcDateTime;
         await using (var transaction = await db.Database.BeginTransactionAsync(ct))
         {
+            // Retrying a failed import starts an import again: it must fit the concurrent-imports quota like a create.
+            if (await db.Deploys.AnyAsync(d => d.Id == deploy_id && d.UserId == user.Id && d.Status == DeployStatus.Failed, ct)
+                && await quotas.RefuseRequeueAsync(db, user.Id, user.Name, ct) is { } overQuota)
+            {
+                return ApiErrors.BadRequest($"Deploy {deploy_id} cannot be started: {overQuota}");
+            }
             var requeued = await db.Deploys
                 .Where(d => d.Id == deploy_id && d.UserId == user.Id && d.Status == DeployStatus.Failed)
                 .ExecuteUpdateAsync(set => set

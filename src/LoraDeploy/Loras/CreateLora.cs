@@ -6,6 +6,7 @@ using LoraDeploy.BaseModels;
 using LoraDeploy.Data;
 using LoraDeploy.Deploys;
 using LoraDeploy.Pipeline;
+using LoraDeploy.Quotas;
 using LoraDeploy.Validation;
 using Microsoft.EntityFrameworkCore;
 
@@ -33,12 +34,13 @@ internal static class CreateLora
         Microsoft.Extensions.Options.IOptions<Sources.ImportOptions> import,
         Microsoft.Extensions.Options.IOptionsMonitor<PolicyOptions> policy,
         Audit.AuditLog audit,
+        QuotaGate quotas,
         TimeProvider time,
         CancellationToken ct)
     {
         if (http.Request.HasFormContentType)
         {
-            return await UploadLora.HandleAsync(http, db, reads, baseModels, pipeline, blobs, import, policy, audit, time, ct);
+            return await UploadLora.HandleAsync(http, db, reads, baseModels, pipeline, quotas, blobs, import, policy, audit, time, ct);
         }
         var user = CurrentUser.From(http.User);
         var (body, error) = await RequestBody.ReadObjectAsync(http.Request, ct);
@@ -53,7 +55,7 @@ internal static class CreateLora
         {
             return errors.ToResult();
         }
-        return await InsertAsync(db, reads, pipeline, time, user, request, idempotencyKey, upload: null, ct);
+        return await InsertAsync(db, reads, pipeline, quotas, time, user, request, idempotencyKey, upload: null, ct);
     }
 
     /// <summary>The Idempotency-Key header ("" when absent); an over-long one is a validation error.</summary>
@@ -69,7 +71,7 @@ internal static class CreateLora
 
     /// <summary>Writes the LoRA, its deploy and its import job in one transaction (an upload's blob is already stored), then wakes the pipeline.</summary>
     internal static async Task<IResult> InsertAsync(
-        LoraDeployDbContext db, DeployReads reads, PipelineSignal pipeline, TimeProvider time, CurrentUser user,
+        LoraDeployDbContext db, DeployReads reads, PipelineSignal pipeline, QuotaGate quotas, TimeProvider time, CurrentUser user,
         ValidRequest request, string idempotencyKey, UploadedFile? upload, CancellationToken ct)
     {
         var requestHash = idempotencyKey.Length > 0 ? Hash(request) : "";
@@ -128,11 +130,25 @@ internal static class CreateLora
                 CreatedAt = now,
             });
         }
-        try
+        var lostRace = false;
+        // The quota count and the insert in one transaction, serialised per user: parallel creates cannot overshoot.
+        await using (var transaction = await db.Database.BeginTransactionAsync(ct))
         {
-            await db.SaveChangesAsync(ct);
+            if (await quotas.RefuseCreateAsync(db, user.Id, user.Name, upload is null ? null : (upload.Sha256, upload.SizeBytes), ct) is { } refusal)
+            {
+                return ApiErrors.Error(StatusCodes.Status403Forbidden, refusal);
+            }
+            try
+            {
+                await db.SaveChangesAsync(ct);
+                await transaction.CommitAsync(ct);
+            }
+            catch (DbUpdateException e) when (db.IsUniqueViolation(e))
+            {
+                lostRace = true; // rolled back below: PostgreSQL refuses further statements in a failed transaction
+            }
         }
-        catch (DbUpdateException e) when (db.IsUniqueViolation(e))
+        if (lostRace)
         {
             // Lost a race: either the same idempotent request, or the same name.
             db.ChangeTracker.Clear();

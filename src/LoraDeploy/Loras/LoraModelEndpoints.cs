@@ -33,7 +33,8 @@ public static class LoraModelEndpoints
 
     internal static async Task<Results<DeployJson, JsonHttpResult<HTTPValidationError>, JsonHttpResult<DeepError>, Conflict<DeepError>>> CreateAsync(
         HttpContext http, LoraDeployDbContext db, DeployReads reads, BaseModelRegistry registry, ImportPipeline pipeline,
-        HuggingFaceTokens tokens, IOptions<HuggingFaceOptions> hub, IOptions<PipelineOptions> pipelineOptions, TimeProvider time, CancellationToken ct)
+        HuggingFaceTokens tokens, IOptions<HuggingFaceOptions> hub, IOptions<PipelineOptions> pipelineOptions, Quotas.QuotaGate quotas, TimeProvider time,
+        CancellationToken ct)
     {
         var user = CurrentUser.From(http.User);
         var (body, error) = await RequestBody.ReadObjectAsync(http.Request, ct);
@@ -115,13 +116,22 @@ public static class LoraModelEndpoints
             DeployId = deployId, Status = ImportJobStatus.Importing, LeaseOwner = pipeline.Owner,
             LeaseExpiresAt = now + pipelineOptions.Value.LeaseDuration, Attempts = 1, CreatedAt = now, UpdatedAt = now,
         });
-        try
+        // The quota count and the insert in one transaction, serialised per user: parallel creates cannot overshoot.
+        await using (var transaction = await db.Database.BeginTransactionAsync(ct))
         {
-            await db.SaveChangesAsync(ct);
-        }
-        catch (DbUpdateException e) when (db.IsUniqueViolation(e))
-        {
-            return Conflict(name);
+            if (await quotas.RefuseCreateAsync(db, user.Id, user.Name, knownFile: null, ct) is { } refusal)
+            {
+                return ApiErrors.Error(StatusCodes.Status403Forbidden, refusal);
+            }
+            try
+            {
+                await db.SaveChangesAsync(ct);
+                await transaction.CommitAsync(ct);
+            }
+            catch (DbUpdateException e) when (db.IsUniqueViolation(e))
+            {
+                return Conflict(name);
+            }
         }
         if (!string.IsNullOrEmpty(token))
         {

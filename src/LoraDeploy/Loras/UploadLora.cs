@@ -45,6 +45,7 @@ internal static class UploadLora
         DeployReads reads,
         BaseModelRegistry baseModels,
         PipelineSignal pipeline,
+        Quotas.QuotaGate quotas,
         IBlobStore blobs,
         IOptions<ImportOptions> import,
         IOptionsMonitor<PolicyOptions> policy,
@@ -144,7 +145,7 @@ internal static class UploadLora
                     return ApiErrors.Error(StatusCodes.Status422UnprocessableEntity, rejected);
                 }
                 await StoreAsync(db, blobs, staging, received, time, ct);
-                return await CreateLora.InsertAsync(db, reads, pipeline, time, user,
+                return await CreateLora.InsertAsync(db, reads, pipeline, quotas, time, user,
                     request with { SourceUrl = $"upload:{received.Sha256}" }, idempotencyKey,
                     new CreateLora.UploadedFile(received.Sha256, received.Bytes, fileName), ct);
             }

@@ -31,6 +31,7 @@ public sealed partial class ImportPipeline(
     IOptions<PipelineOptions> options,
     IOptionsMonitor<PolicyOptions> policy,
     Audit.AuditLog audit,
+    Quotas.QuotaGate quotas,
     TimeProvider time,
     ILogger<ImportPipeline> logger) : BackgroundService
 {
@@ -280,7 +281,30 @@ public sealed partial class ImportPipeline(
         lora.NsfwLevel = file.License?.NsfwLevel;
         lora.CivitaiCreator = file.License?.Creator;
         lora.UpdatedAt = now;
-        await db.SaveChangesAsync(ct);
+        // The listed size is recorded and counted against the stored-bytes quota under the user's lock, so of two
+        // imports resolved at once the second sees the first's size; one that does not fit fails before any byte moves.
+        string? overQuota;
+        var failedForQuota = 0;
+        await using (var transaction = await db.Database.BeginTransactionAsync(ct))
+        {
+            await Quotas.QuotaGate.LockUserAsync(db, lora.UserId, ct);
+            await db.SaveChangesAsync(ct);
+            overQuota = await quotas.RefuseStoredBytesAsync(db, lora.UserId, ct);
+            if (overQuota is not null)
+            {
+                failedForQuota = await DeployFailure.FailWithinTransactionAsync(db, deployId, PipelineReasonClass.Quota, overQuota, now, ct);
+            }
+            await transaction.CommitAsync(ct);
+        }
+        if (overQuota is not null)
+        {
+            if (failedForQuota == 1)
+            {
+                metrics.ImportFailed(PipelineReasonClass.Quota);
+                LogFailed(deployId, PipelineReasonClass.Quota, overQuota);
+            }
+            return;
+        }
         // The terms are recorded first, so a refused LoRA shows why; nothing is fetched for it.
         if (PolicyGate.Check(policy.CurrentValue, file.ModelId, file.License) is { } refusal)
         {

@@ -19,6 +19,8 @@ public static class PipelineReasonClass
     public const string Policy = "policy";
     /// <summary>An uploaded file's blob is gone (collected after its LoRA was deleted, or removed by hand): only a new upload brings it back.</summary>
     public const string UploadMissing = "upload_missing";
+    /// <summary>The user's stored-bytes quota (<see cref="Quotas.QuotaOptions"/>) has no room for this file.</summary>
+    public const string Quota = "quota";
 }
 
 internal static class DeployFailure
@@ -30,16 +32,22 @@ internal static class DeployFailure
     public static async Task<int> FailAsync(LoraDeployDbContext db, string deployId, string reasonClass, string reason, DateTime now, CancellationToken ct)
     {
         await using var transaction = await db.Database.BeginTransactionAsync(ct);
+        var failed = await FailWithinTransactionAsync(db, deployId, reasonClass, reason, now, ct);
+        await transaction.CommitAsync(ct);
+        return failed;
+    }
+
+    /// <summary><see cref="FailAsync"/> for a caller that already holds a transaction.</summary>
+    public static async Task<int> FailWithinTransactionAsync(LoraDeployDbContext db, string deployId, string reasonClass, string reason, DateTime now, CancellationToken ct)
+    {
         await EndImportAsync(db, deployId, now, ct);
-        var failed = await db.Deploys
+        return await db.Deploys
             .Where(d => d.Id == deployId && (d.Status == DeployStatus.Initializing || d.Status == DeployStatus.Downloading))
             .ExecuteUpdateAsync(set => set
                 .SetProperty(d => d.Status, DeployStatus.Failed)
                 .SetProperty(d => d.FailReason, reason)
                 .SetProperty(d => d.FailClass, reasonClass)
                 .SetProperty(d => d.UpdatedAt, now), ct);
-        await transaction.CommitAsync(ct);
-        return failed;
     }
 
     /// <summary>Stops a deploy's import wherever it is (its lease holder notices and lets go).</summary>
