@@ -307,6 +307,17 @@ public sealed class IdempotencyRecord
     public DateTime CreatedAt { get; set; }
 }
 
+/// <summary>
+/// One user's request count in one fixed minute of the management-route rate limit. The row is the budget every
+/// replica shares; <c>Window</c> is the minute's number since the Unix epoch, so rows of past minutes are easy to drop.
+/// </summary>
+public sealed class RateLimitWindow
+{
+    public long UserId { get; set; }
+    public long Window { get; set; }
+    public int Count { get; set; }
+}
+
 public static class DeployStatus
 {
     public const string Initializing = "initializing";
