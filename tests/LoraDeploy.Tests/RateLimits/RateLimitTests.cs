@@ -223,6 +223,38 @@ public sealed class RateLimitTests
     }
 
     [Fact]
+    public async Task Permits_are_claimed_from_the_row_in_batches_of_a_sixteenth_of_what_is_left()
+    {
+        var time = TenSecondsIntoAMinute();
+        await using var server = await StartAsync(time, new() { ["RateLimits:RequestsPerMinute"] = "160" });
+        var alice = await server.CreateUserAsync("alice");
+        var userId = await server.QueryAsync(db => db.Users.Where(u => u.Name == alice.Name).Select(u => u.Id).SingleAsync());
+        Task<int> ClaimedAsync() => server.QueryAsync(db => db.RateLimitWindows.Where(w => w.UserId == userId).Select(w => w.Count).SingleAsync());
+
+        (await alice.Client.GetAsync("/deploy/list")).EnsureSuccessStatusCode();
+        Assert.Equal(10, await ClaimedAsync()); // 160 / 16
+        for (var i = 0; i < 9; i++)
+        {
+            (await alice.Client.GetAsync("/deploy/list")).EnsureSuccessStatusCode();
+        }
+        Assert.Equal(10, await ClaimedAsync()); // served from the batch: no write
+        (await alice.Client.GetAsync("/deploy/list")).EnsureSuccessStatusCode();
+        Assert.Equal(10 + 150 / 16, await ClaimedAsync());
+    }
+
+    [Fact]
+    public async Task Many_concurrent_requests_let_exactly_the_limit_through()
+    {
+        var time = TenSecondsIntoAMinute();
+        await using var server = await StartAsync(time, new() { ["RateLimits:RequestsPerMinute"] = "64" });
+        var alice = await server.CreateUserAsync("alice");
+
+        var statuses = await Task.WhenAll(Enumerable.Range(0, 100).Select(async _ => (await alice.Client.GetAsync("/deploy/list")).StatusCode));
+        Assert.Equal(64, statuses.Count(s => s == HttpStatusCode.OK));
+        Assert.Equal(36, statuses.Count(s => s == HttpStatusCode.TooManyRequests));
+    }
+
+    [Fact]
     public async Task An_override_out_of_range_stops_the_host_at_start_naming_the_setting()
     {
         var error = await Assert.ThrowsAnyAsync<Exception>(() => StartAsync(TenSecondsIntoAMinute(), new()

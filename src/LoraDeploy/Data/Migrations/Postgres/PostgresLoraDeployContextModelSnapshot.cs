@@ -709,6 +709,9 @@ namespace LoraDeploy.Data.Migrations.Postgres
                     b.Property<long>("Window")
                         .HasColumnType("bigint");
 
+                    b.Property<int>("Claimed")
+                        .HasColumnType("integer");
+
                     b.Property<int>("Count")
                         .HasColumnType("integer");
 

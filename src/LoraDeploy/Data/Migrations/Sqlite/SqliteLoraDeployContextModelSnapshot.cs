@@ -694,6 +694,9 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                     b.Property<long>("Window")
                         .HasColumnType("INTEGER");
 
+                    b.Property<int>("Claimed")
+                        .HasColumnType("INTEGER");
+
                     b.Property<int>("Count")
                         .HasColumnType("INTEGER");
 

@@ -16,7 +16,8 @@ namespace LoraDeploy.Data.Migrations.Postgres
                 {
                     UserId = table.Column<long>(type: "bigint", nullable: false),
                     Window = table.Column<long>(type: "bigint", nullable: false),
-                    Count = table.Column<int>(type: "integer", nullable: false)
+                    Count = table.Column<int>(type: "integer", nullable: false),
+                    Claimed = table.Column<int>(type: "integer", nullable: false)
                 },
                 constraints: table =>
                 {

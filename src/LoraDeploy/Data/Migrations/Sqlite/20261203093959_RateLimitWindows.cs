@@ -16,7 +16,8 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                 {
                     UserId = table.Column<long>(type: "INTEGER", nullable: false),
                     Window = table.Column<long>(type: "INTEGER", nullable: false),
-                    Count = table.Column<int>(type: "INTEGER", nullable: false)
+                    Count = table.Column<int>(type: "INTEGER", nullable: false),
+                    Claimed = table.Column<int>(type: "INTEGER", nullable: false)
                 },
                 constraints: table =>
                 {
