@@ -11,9 +11,11 @@ using LoraDeploy.Observability;
 using LoraDeploy.OpenApi;
 using LoraDeploy.Pipeline;
 using LoraDeploy.Quotas;
+using LoraDeploy.RateLimits;
 using LoraDeploy.Sources;
 using LoraDeploy.Storage;
 using LoraDeploy.Workers;
+using Microsoft.Extensions.DependencyInjection.Extensions;
 
 namespace LoraDeploy;
 
@@ -31,12 +33,14 @@ public static class ServerApp
         // First, so settings a host adds (tests, tools) are seen by every registration below.
         configure?.Invoke(builder);
         builder.WebHost.ConfigureKestrel(kestrel => kestrel.Limits.MaxRequestBodySize = 1024 * 1024);
-        builder.Services.AddSingleton(TimeProvider.System);
+        // TryAdd: a test host may bring its own clock (to step over a rate-limit window, say).
+        builder.Services.TryAddSingleton(TimeProvider.System);
         builder.Services.AddApiJson();
 
         builder.Services.AddDatabase(builder.Configuration);
         builder.Services.AddHealth();
         builder.Services.AddTokenAuth();
+        builder.Services.AddRateLimits();
         builder.Services.AddBaseModels();
         builder.Services.AddLoraApi();
         builder.Services.AddDeployApi();
@@ -59,19 +63,24 @@ public static class ServerApp
         app.UseStaticFiles(DashboardHeaders.StaticFiles());
         app.UseAuthentication();
         app.UseAuthorization();
+        app.UseRateLimiter();
 
         app.MapHealth();
         app.MapMetrics();
         app.MapApiDocumentation();
-        app.MapBaseModels();
-        app.MapLoras();
-        app.MapLoraModels();
-        app.MapDeploys();
-        app.MapExports();
+        // The management routes: everything an API token calls that is not inference, under one per-user budget.
+        // Health, metrics, docs, the worker protocol and inference (which has its per-pool limit) stay outside.
+        var management = app.MapGroup("").RequireRateLimiting(ManagementRateLimitPolicy.Name);
+        management.MapBaseModels();
+        management.MapLoras();
+        management.MapLoraModels();
+        management.MapDeploys();
+        management.MapExports();
+        management.MapTokens();
+        management.MapAudit();
+        management.MapQuotas();
+        app.MapRateLimits();
         app.MapWorkerApi();
-        app.MapTokens();
-        app.MapQuotas();
-        app.MapAudit();
         app.MapInference();
         return app;
     }

@@ -307,6 +307,20 @@ public sealed class IdempotencyRecord
     public DateTime CreatedAt { get; set; }
 }
 
+/// <summary>
+/// One user's claimed requests in one fixed minute of the management-route rate limit. The row is the budget every
+/// replica shares; <c>Window</c> is the minute's number since the Unix epoch, so rows of past minutes are easy to drop.
+/// </summary>
+public sealed class RateLimitWindow
+{
+    public long UserId { get; set; }
+    public long Window { get; set; }
+    /// <summary>Permits claimed so far (used, or held by a replica to hand out); never above the limit.</summary>
+    public int Count { get; set; }
+    /// <summary>The size of the last claim: what the upsert hands back to the replica that made it.</summary>
+    public int Claimed { get; set; }
+}
+
 public static class DeployStatus
 {
     public const string Initializing = "initializing";

@@ -97,7 +97,8 @@ public static partial class WorkerEndpoints
         app.MapGet("/v1/workers", ListWorkers)
             .WithTags("Workers")
             .WithSummary("Workers with their pools, slots, resident adapters and last heartbeat (admins)")
-            .RequireAuthorization(policy => policy.RequireRole("admin"));
+            .RequireAuthorization(policy => policy.RequireRole("admin"))
+            .RequireRateLimiting(RateLimits.ManagementRateLimitPolicy.Name);
         return app;
     }
 

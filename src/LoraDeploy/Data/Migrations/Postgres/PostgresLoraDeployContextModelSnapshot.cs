@@ -701,6 +701,27 @@ namespace LoraDeploy.Data.Migrations.Postgres
                     b.ToTable("loras", (string)null);
                 });
 
+            modelBuilder.Entity("LoraDeploy.Data.RateLimitWindow", b =>
+                {
+                    b.Property<long>("UserId")
+                        .HasColumnType("bigint");
+
+                    b.Property<long>("Window")
+                        .HasColumnType("bigint");
+
+                    b.Property<int>("Claimed")
+                        .HasColumnType("integer");
+
+                    b.Property<int>("Count")
+                        .HasColumnType("integer");
+
+                    b.HasKey("UserId", "Window");
+
+                    b.HasIndex("Window");
+
+                    b.ToTable("rate_limit_windows", (string)null);
+                });
+
             modelBuilder.Entity("LoraDeploy.Data.User", b =>
                 {
                     b.Property<long>("Id")

@@ -686,6 +686,27 @@ namespace LoraDeploy.Data.Migrations.Sqlite
                     b.ToTable("loras", (string)null);
                 });
 
+            modelBuilder.Entity("LoraDeploy.Data.RateLimitWindow", b =>
+                {
+                    b.Property<long>("UserId")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<long>("Window")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<int>("Claimed")
+                        .HasColumnType("INTEGER");
+
+                    b.Property<int>("Count")
+                        .HasColumnType("INTEGER");
+
+                    b.HasKey("UserId", "Window");
+
+                    b.HasIndex("Window");
+
+                    b.ToTable("rate_limit_windows", (string)null);
+                });
+
             modelBuilder.Entity("LoraDeploy.Data.User", b =>
                 {
                     b.Property<long>("Id")
