@@ -155,6 +155,7 @@ start_server() { # start_server PROVIDER_ARGS...  (sets SERVER_PID, BASE)
     --Logging:LogLevel:Default=Warning --Logging:LogLevel:Microsoft.Hosting.Lifetime=Warning \
     --Civitai:BaseUrl="$NGINX" --Network:AllowedPrivateRanges:0=127.0.0.0/8 \
     --Pipeline:PollInterval=00:00:00.200 --Pipeline:BlobGracePeriod=00:00:00 --Pipeline:CollectInterval=00:00:05 \
+    --RateLimits:Enabled=false \
     --BaseModels:$HEARTBEAT_POOL:Family=sdxl --BaseModels:$HEARTBEAT_POOL:Engine=comfyui \
     --BaseModels:$HEARTBEAT_POOL:ComfyUi:Url=http://127.0.0.1:9 --BaseModels:$HEARTBEAT_POOL:ComfyUi:Checkpoint=bench.safetensors \
     "$@" >"$WORK/server.log" 2>&1 &

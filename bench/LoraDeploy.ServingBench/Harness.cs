@@ -64,6 +64,8 @@ public sealed class Harness : IAsyncDisposable
             [DataDirectory.Key] = Path.Combine(dir, "server"),
             ["Logging:LogLevel:Default"] = Verbose ? "Information" : "Warning",
             ["Workers:Embedded"] = "false",
+            // The placement bench polls deploys far above the default 600 a minute; the limiter has its own bench.
+            ["RateLimits:Enabled"] = "false",
         };
         if (withHub)
         {

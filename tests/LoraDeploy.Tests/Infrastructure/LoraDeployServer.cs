@@ -46,6 +46,8 @@ public sealed class LoraDeployServer : IAsyncDisposable
         {
             [DataDirectory.Key] = dataDir,
             ["Logging:LogLevel:Default"] = "Warning",
+            // Tests that poll or load the API would trip the default 600 a minute; the rate-limit tests set their own.
+            ["RateLimits:RequestsPerMinute"] = "1000000",
         };
         if (database == TestDatabase.Postgres)
         {

@@ -74,6 +74,11 @@ public sealed class ServerProcess : IAsyncDisposable
         {
             start.ArgumentList.Add(arg);
         }
+        if (command[0] == "serve" && !settings.ContainsKey("RateLimits:RequestsPerMinute"))
+        {
+            // As in LoraDeployServer: polling tests would trip the default 600 a minute; the rate-limit tests set their own.
+            start.ArgumentList.Add("--RateLimits:RequestsPerMinute=1000000");
+        }
         foreach (var (key, value) in settings)
         {
             if (value is not null)
