@@ -127,8 +127,17 @@ public sealed partial class ImportPipeline
                 metrics.DedupHit("converted");
             }
 
-            lora.AdapterSha256 = derived;
+            // The converted file's size is known only now. It counts against the stored-bytes quota first as an import
+            // in flight (expected hash and size), like a CivitAI file, so a refused one leaves the failed LoRA holding
+            // no bytes; it becomes the LoRA's adapter once it fits.
+            lora.ExpectedSha256 = derived;
             lora.SizeBytes = await db.Blobs.Where(b => b.Sha256 == derived).Select(b => (long?)b.SizeBytes).FirstOrDefaultAsync(ct);
+            lora.UpdatedAt = Now;
+            if (await SaveWithinStoredBytesQuotaAsync(db, lora, deployId, ct))
+            {
+                return;
+            }
+            lora.AdapterSha256 = derived;
             lora.ExpectedSha256 = null;
             lora.WarningsJson = "[]";
             lora.UpdatedAt = Now;

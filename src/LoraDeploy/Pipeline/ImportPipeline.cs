@@ -281,28 +281,9 @@ public sealed partial class ImportPipeline(
         lora.NsfwLevel = file.License?.NsfwLevel;
         lora.CivitaiCreator = file.License?.Creator;
         lora.UpdatedAt = now;
-        // The listed size is recorded and counted against the stored-bytes quota under the user's lock, so of two
-        // imports resolved at once the second sees the first's size; one that does not fit fails before any byte moves.
-        string? overQuota;
-        var failedForQuota = 0;
-        await using (var transaction = await db.Database.BeginTransactionAsync(ct))
+        // The listed size is recorded and counted before any byte moves: a file that does not fit fails here.
+        if (await SaveWithinStoredBytesQuotaAsync(db, lora, deployId, ct))
         {
-            await Quotas.QuotaGate.LockUserAsync(db, lora.UserId, ct);
-            await db.SaveChangesAsync(ct);
-            overQuota = await quotas.RefuseStoredBytesAsync(db, lora.UserId, ct);
-            if (overQuota is not null)
-            {
-                failedForQuota = await DeployFailure.FailWithinTransactionAsync(db, deployId, PipelineReasonClass.Quota, overQuota, now, ct);
-            }
-            await transaction.CommitAsync(ct);
-        }
-        if (overQuota is not null)
-        {
-            if (failedForQuota == 1)
-            {
-                metrics.ImportFailed(PipelineReasonClass.Quota);
-                LogFailed(deployId, PipelineReasonClass.Quota, overQuota);
-            }
             return;
         }
         // The terms are recorded first, so a refused LoRA shows why; nothing is fetched for it.
@@ -536,6 +517,38 @@ public sealed partial class ImportPipeline(
         // version: equal to the listed hash when there is one (checked above)
         await AdvanceToDeployingAsync(db, deployId, sha256, ct);
         LogDeploying(deployId, report.Architecture, report.Network);
+    }
+
+    /// <summary>
+    /// Saves the LoRA with its (new) size and counts it against the owner's stored-bytes quota under the owner's lock,
+    /// so of two imports at once the second sees the first's size. True when it does not fit: the deploy has failed
+    /// (<see cref="PipelineReasonClass.Quota"/>) and the import stops.
+    /// </summary>
+    private async Task<bool> SaveWithinStoredBytesQuotaAsync(LoraDeployDbContext db, Data.Lora lora, string deployId, CancellationToken ct)
+    {
+        string? overQuota;
+        var failed = 0;
+        await using (var transaction = await db.Database.BeginTransactionAsync(ct))
+        {
+            await Quotas.QuotaGate.LockUserAsync(db, lora.UserId, ct);
+            await db.SaveChangesAsync(ct);
+            overQuota = await quotas.RefuseStoredBytesAsync(db, lora.UserId, ct);
+            if (overQuota is not null)
+            {
+                failed = await DeployFailure.FailWithinTransactionAsync(db, deployId, PipelineReasonClass.Quota, overQuota, Now, ct);
+            }
+            await transaction.CommitAsync(ct);
+        }
+        if (overQuota is null)
+        {
+            return false;
+        }
+        if (failed == 1)
+        {
+            metrics.ImportFailed(PipelineReasonClass.Quota);
+            LogFailed(deployId, PipelineReasonClass.Quota, overQuota);
+        }
+        return true;
     }
 
     /// <summary>The import is done: the job ends, the deploy moves on to deploying (placement takes it from there).</summary>

@@ -118,6 +118,42 @@ public sealed class QuotaTests
     }
 
     [Fact]
+    public async Task A_hugging_face_import_is_held_to_the_stored_bytes_by_its_converted_size_and_a_refused_one_holds_nothing()
+    {
+        var dir = Directory.CreateTempSubdirectory("quota-hf-").FullName;
+        try
+        {
+            await using var hub = await Simulator.HuggingFaceSimulator.StartAsync();
+            var model = new LoraDeploy.Lora.Tests.Support.TinyLlama().Generate();
+            var settings = Serving.LoraModelImportTests.LlmPoolSettings(hub, model.WriteGguf(Path.Combine(dir, "tiny.gguf")));
+            settings["Quotas:MaxStoredBytes"] = "1000"; // the converted GGUF is larger: only its real size shows it
+            await using var server = await LoraDeployServer.StartAsync(TestDatabase.Sqlite, settings);
+            var user = await server.CreateUserAsync("hf-quota");
+            var fixture = new LoraDeploy.Lora.Tests.Support.PeftAdapterFixture { Rank = 4, Alpha = 8 };
+            hub.AddAdapter("alice/tiny-lora", fixture.Generate(model).Safetensors().ToBytes(), config: fixture.ConfigJson());
+
+            var created = await (await user.Client.PostJsonAsync("/lora-model",
+                new { hf_model_name = "alice/tiny-lora", lora_model_name = "tiny-lora", base_model_name = Serving.LoraModelImportTests.Pool }))
+                .ExpectAsync(HttpStatusCode.OK);
+            var id = created.GetProperty("deploy_id").GetString()!;
+            var deadline = DateTime.UtcNow.AddSeconds(30);
+            JsonElement deploy;
+            while ((deploy = await (await user.Client.GetAsync($"/deploy/{id}")).ExpectAsync(HttpStatusCode.OK)).GetProperty("status").GetString() is "initializing" or "downloading")
+            {
+                Assert.True(DateTime.UtcNow < deadline, $"never settled: {deploy}");
+                await Task.Delay(50);
+            }
+            var reason = deploy.AssertFailed();
+            Assert.StartsWith("Quota max_stored_bytes exceeded: with this file your LoRAs would use ", reason);
+            Assert.Equal(0, (await QuotaOf(user)).GetProperty("stored_bytes").GetInt64());
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    [Fact]
     public async Task An_upload_counts_its_size_at_create_and_nothing_when_the_user_already_has_that_file()
     {
         var content = AdapterFiles.Flux1(seed: 61);

@@ -211,7 +211,7 @@ public sealed class LlmEndToEndTests : IAsyncLifetime
         var usage = await LoraDeploy.Tests.Dashboard.LoraDeployExe.RunAsync(
             ["create", "--hf", "a/b", "--civitai", "https://civitai.com/models/1", "--name", "x", "--server", server, "--token", user.Token]);
         Assert.Equal(2, usage.ExitCode);
-        Assert.Contains("exactly one of --civitai URL or --hf REPO", usage.StdErr);
+        Assert.Contains("exactly one of --civitai URL, --file PATH or --hf REPO", usage.StdErr);
 
         var admin = await _server.QueryAsync(db => LoraDeploy.Auth.ApiTokens.CreateForUserAsync(db, "root", isAdmin: true, "test", DateTime.UtcNow, CancellationToken.None));
         var workers = await LoraDeploy.Tests.Dashboard.LoraDeployExe.RunAsync(["workers", "--server", server, "--token", admin]);
