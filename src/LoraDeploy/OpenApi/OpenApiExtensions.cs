@@ -6,6 +6,8 @@ namespace LoraDeploy.OpenApi;
 
 public static class OpenApiExtensions
 {
+    private static readonly List<string> TagOrder = ["LoRA", "Deploy", "Inference", "Export", "Tokens", "Quotas", "Rate limits", "Audit", "Workers", "Health"];
+
     public static IServiceCollection AddApiDocumentation(this IServiceCollection services)
     {
         services.AddOpenApi(options =>
@@ -18,6 +20,12 @@ public static class OpenApiExtensions
                     Version = "v1",
                     Description = "DeepInfra-compatible LoRA deploy API. Authenticate with `Authorization: Bearer TOKEN` or `xi-api-key: TOKEN`.",
                 };
+                // Tags in reading order (the reference shows them so): what a user does first, operators' routes last.
+                // Left alone, they follow the endpoints' data sources, which puts rate limits and workers first.
+                if (document.Tags is { Count: > 1 } tags)
+                {
+                    document.Tags = new HashSet<OpenApiTag>(tags.OrderBy(t => TagOrder.IndexOf(t.Name ?? "") is var i and >= 0 ? i : TagOrder.Count));
+                }
                 document.Components ??= new OpenApiComponents();
                 document.Components.SecuritySchemes ??= new Dictionary<string, IOpenApiSecurityScheme>();
                 document.Components.SecuritySchemes["HTTPBearer"] = new OpenApiSecurityScheme
