@@ -1,6 +1,7 @@
 using System.Data.Common;
 using LoraDeploy.Data;
 using Microsoft.EntityFrameworkCore;
+using Microsoft.Extensions.Options;
 
 namespace LoraDeploy.RateLimits;
 
@@ -15,9 +16,18 @@ namespace LoraDeploy.RateLimits;
 /// SQLite (each write a commit; docs/benchmarks.md); batches make it a few dozen writes a minute per busy user, and as
 /// the budget runs out claims shrink to one permit, so the edge stays exact. The cost: permits a replica claimed but
 /// did not use are lost to the others for that minute (at most a sixteenth of what was left when it claimed).
+/// <para>
+/// On SQLite the same windows and batches are counted in this process instead: SQLite serves one replica, and there
+/// every commit to the database makes every kept <c>/deploy</c> body stale (<see cref="Deploys.DeployReads"/> watches
+/// <c>PRAGMA data_version</c>), so counting polls in the database would cost the polls themselves.
+/// </para>
 /// </remarks>
-public sealed class RateLimitCounter(IDbContextFactory<LoraDeployDbContext> contexts, TimeProvider time)
+public sealed class RateLimitCounter(IDbContextFactory<LoraDeployDbContext> contexts, IOptions<DatabaseOptions> database, TimeProvider time)
 {
+    private readonly bool _inProcess = database.Value.Provider == DatabaseProvider.Sqlite;
+    private readonly Lock _localLock = new();
+    private readonly Dictionary<long, (long Window, int Count)> _local = [];
+
     public const int WindowSeconds = 60;
 
     /// <summary>A claim takes this share of what is left of the minute's budget (at least one permit).</summary>
@@ -43,6 +53,10 @@ public sealed class RateLimitCounter(IDbContextFactory<LoraDeployDbContext> cont
     /// <summary>Claims permits of the user's budget for <paramref name="window"/>: how many (0 when the budget is spent).</summary>
     public async ValueTask<int> ClaimAsync(long userId, int limit, long window, CancellationToken ct)
     {
+        if (_inProcess)
+        {
+            return ClaimLocally(userId, limit, window);
+        }
         await using var db = await contexts.CreateDbContextAsync(ct);
         await db.Database.OpenConnectionAsync(ct);
         var first = Math.Max(1, limit / ClaimShare);
@@ -62,6 +76,13 @@ public sealed class RateLimitCounter(IDbContextFactory<LoraDeployDbContext> cont
     public async Task<(int Claimed, TimeSpan ResetAfter)> ReadAsync(long userId, CancellationToken ct)
     {
         var (window, resetAfter) = Current();
+        if (_inProcess)
+        {
+            lock (_localLock)
+            {
+                return (_local.TryGetValue(userId, out var local) && local.Window == window ? local.Count : 0, resetAfter);
+            }
+        }
         await using var db = await contexts.CreateDbContextAsync(ct);
         var claimed = await db.RateLimitWindows.Where(w => w.UserId == userId && w.Window == window).Select(w => w.Count).FirstOrDefaultAsync(ct);
         return (claimed, resetAfter);
@@ -73,6 +94,22 @@ public sealed class RateLimitCounter(IDbContextFactory<LoraDeployDbContext> cont
         var nowMs = time.GetUtcNow().ToUnixTimeMilliseconds();
         var window = Math.DivRem(nowMs, WindowSeconds * 1000L, out var intoWindow);
         return (window, TimeSpan.FromMilliseconds(WindowSeconds * 1000L - intoWindow));
+    }
+
+    /// <summary>What <see cref="ClaimSql"/> does, in memory: the first claim of a minute, then a sixteenth of what is left.</summary>
+    private int ClaimLocally(long userId, int limit, long window)
+    {
+        lock (_localLock)
+        {
+            var count = _local.TryGetValue(userId, out var local) && local.Window == window ? local.Count : 0;
+            if (count >= limit)
+            {
+                return 0;
+            }
+            var claimed = count == 0 ? Math.Max(1, limit / ClaimShare) : Math.Max(1, (limit - count) / ClaimShare);
+            _local[userId] = (window, count + claimed);
+            return claimed;
+        }
     }
 
     /// <summary>Old windows are dropped by the first claim of each minute on each replica: one indexed delete a minute.</summary>

@@ -22,7 +22,7 @@ public sealed class RateLimitTests
         return new FakeTimeProvider(new DateTimeOffset(now.Year, now.Month, now.Day, now.Hour, now.Minute, 10, TimeSpan.Zero));
     }
 
-    private static Task<LoraDeployServer> StartAsync(FakeTimeProvider time, Dictionary<string, string?>? extra = null)
+    private static Task<LoraDeployServer> StartAsync(FakeTimeProvider time, Dictionary<string, string?>? extra = null, TestDatabase database = TestDatabase.Sqlite)
     {
         var settings = new Dictionary<string, string?>
         {
@@ -33,7 +33,7 @@ public sealed class RateLimitTests
         {
             settings[key] = value;
         }
-        return LoraDeployServer.StartAsync(settings: settings, configure: builder => builder.Services.AddSingleton<TimeProvider>(time));
+        return LoraDeployServer.StartAsync(database, settings: settings, configure: builder => builder.Services.AddSingleton<TimeProvider>(time));
     }
 
     private static async Task<string> DeployIdAsync(LoraDeployServer server, string userName)
@@ -187,6 +187,21 @@ public sealed class RateLimitTests
     }
 
     [Fact]
+    public async Task On_SQLite_the_budget_is_counted_in_the_process_and_writes_nothing()
+    {
+        // Every commit would make every kept /deploy body stale (KeptReadsTests shows what that costs the polls).
+        var time = TenSecondsIntoAMinute();
+        await using var server = await StartAsync(time);
+        var alice = await server.CreateUserAsync("alice");
+        for (var i = 0; i < Limit; i++)
+        {
+            (await alice.Client.GetAsync("/deploy/list")).EnsureSuccessStatusCode();
+        }
+        await (await alice.Client.GetAsync("/deploy/list")).ExpectErrorAsync(HttpStatusCode.TooManyRequests);
+        Assert.Equal(0, await server.QueryAsync(db => db.RateLimitWindows.CountAsync()));
+    }
+
+    [Fact]
     public async Task Disabled_limits_let_everything_through_and_report_no_management_budget()
     {
         var time = TenSecondsIntoAMinute();
@@ -205,8 +220,9 @@ public sealed class RateLimitTests
     [Fact]
     public async Task Windows_older_than_the_last_minute_are_deleted_by_the_first_request_of_a_minute()
     {
+        // The windows live in the database on PostgreSQL; SQLite (one replica) counts them in the process.
         var time = TenSecondsIntoAMinute();
-        await using var server = await StartAsync(time);
+        await using var server = await StartAsync(time, database: TestDatabase.Postgres);
         var alice = await server.CreateUserAsync("alice");
         var bob = await server.CreateUserAsync("bob");
         for (var minute = 0; minute < 4; minute++)
@@ -226,7 +242,7 @@ public sealed class RateLimitTests
     public async Task Permits_are_claimed_from_the_row_in_batches_of_a_sixteenth_of_what_is_left()
     {
         var time = TenSecondsIntoAMinute();
-        await using var server = await StartAsync(time, new() { ["RateLimits:RequestsPerMinute"] = "160" });
+        await using var server = await StartAsync(time, new() { ["RateLimits:RequestsPerMinute"] = "160" }, TestDatabase.Postgres);
         var alice = await server.CreateUserAsync("alice");
         var userId = await server.QueryAsync(db => db.Users.Where(u => u.Name == alice.Name).Select(u => u.Id).SingleAsync());
         Task<int> ClaimedAsync() => server.QueryAsync(db => db.RateLimitWindows.Where(w => w.UserId == userId).Select(w => w.Count).SingleAsync());
