@@ -543,28 +543,64 @@ public sealed class ServingCoreTests : IAsyncLifetime
     [Fact]
     public async Task Metrics_show_workers_by_pool_routing_hits_adapter_loads_queue_depth_and_latency()
     {
+        // Read from this host's own meters (its IMeterFactory), not by scraping /metrics: in a test process dozens of
+        // hosts come and go, and a scrape here has shown a view without this host's instruments (never on a server,
+        // which is one host per process). /metrics itself is covered by ObservabilityTests.
+        var meters = _h.Server.Services.GetRequiredService<System.Diagnostics.Metrics.IMeterFactory>();
+        var seen = new System.Collections.Concurrent.ConcurrentQueue<(string Name, double Value, Dictionary<string, string> Tags)>();
+        using var listener = new System.Diagnostics.Metrics.MeterListener();
+        listener.InstrumentPublished = (instrument, l) =>
+        {
+            if (ReferenceEquals(instrument.Meter.Scope, meters) && instrument.Name.StartsWith("loradeploy.", StringComparison.Ordinal))
+            {
+                l.EnableMeasurementEvents(instrument);
+            }
+        };
+        void Record(System.Diagnostics.Metrics.Instrument instrument, double value, ReadOnlySpan<KeyValuePair<string, object?>> tags)
+        {
+            var named = new Dictionary<string, string>();
+            foreach (var tag in tags)
+            {
+                named[tag.Key] = Convert.ToString(tag.Value, System.Globalization.CultureInfo.InvariantCulture)!;
+            }
+            seen.Enqueue((instrument.Name, value, named));
+        }
+        listener.SetMeasurementEventCallback<long>((i, v, t, _) => Record(i, v, t));
+        listener.SetMeasurementEventCallback<int>((i, v, t, _) => Record(i, v, t));
+        listener.SetMeasurementEventCallback<double>((i, v, t, _) => Record(i, v, t));
+        listener.Start();
+
         var (id, _) = await DeployAsync("metered", seed: 15);
         await WorkerAsync("w1");
         await WaitForAsync(id, Running(1), "ran");
         await InferAsync($"{_h.User.Name}/metered");
         await InferAsync($"{_h.User.Name}/metered");
-        using var anonymous = _h.Server.CreateClient();
-        var text = "";
-        var deadline = DateTime.UtcNow.AddSeconds(10);
-        do
+
+        bool Gauge(string name, string pool, string? state, double value)
         {
-            await Task.Delay(200);
-            text = await (await anonymous.GetAsync("/metrics")).Content.ReadAsStringAsync();
+            var before = seen.Count;
+            listener.RecordObservableInstruments();
+            return seen.Skip(before).Any(m => m.Name == name && m.Tags.GetValueOrDefault("pool") == pool
+                && (state is null || m.Tags.GetValueOrDefault("state") == state) && m.Value == value);
         }
-        while (!text.Contains("loradeploy_workers{", StringComparison.Ordinal) && DateTime.UtcNow < deadline);
-        // Lines look like name{otel_scope_name="…",label="…",…} value.
-        bool Has(string name, string labels, string value) => text.Split('\n').Any(line =>
-            line.StartsWith(name + "{", StringComparison.Ordinal) && labels.Split(',').All(l => line.Contains(l, StringComparison.Ordinal))
-            && line.EndsWith("} " + value, StringComparison.Ordinal));
-        Assert.True(Has("loradeploy_workers", $"pool=\"{Pool}\",state=\"live\"", "1"), text);
-        Assert.True(Has("loradeploy_pool_queue_depth", $"pool=\"{Pool}\"", "0"), text);
-        Assert.True(Has("loradeploy_inference_routed_total", $"hit=\"true\",pool=\"{Pool}\"", "2"), text);
-        Assert.True(Has("loradeploy_inference_duration_seconds_bucket", "route=\"/v1/inference/{owner}/{lora_name}\",status=\"200\",le=\"0.5\"", "2"), text);
+        // The workers gauge samples the table every 2 s.
+        var deadline = DateTime.UtcNow.AddSeconds(10);
+        while (!Gauge("loradeploy.workers", Pool, "live", 1))
+        {
+            Assert.True(DateTime.UtcNow < deadline, "no live worker in the pool's gauge: " + string.Join(", ", seen.Select(m => m.Name)));
+            await Task.Delay(200);
+        }
+        Assert.True(Gauge("loradeploy.pool.queue_depth", Pool, null, 0));
+        // The latency is recorded as the gateway's handler ends, which can be just after the client has its answer.
+        var timedBy = DateTime.UtcNow.AddSeconds(5);
+        while (seen.Count(m => m.Name == "loradeploy.inference.duration") < 2 && DateTime.UtcNow < timedBy)
+        {
+            await Task.Delay(50);
+        }
+        var events = seen.ToList();
+        Assert.Equal(2, events.Where(m => m.Name == "loradeploy.inference.routed" && m.Tags["pool"] == Pool && m.Tags["hit"] == "True").Sum(m => m.Value));
+        Assert.Equal(2, events.Count(m => m.Name == "loradeploy.inference.duration" && m.Tags["route"] == "/v1/inference/{owner}/{lora_name}"
+            && m.Tags["status"] == "200" && m.Value <= 0.5));
     }
 
     [Fact]
