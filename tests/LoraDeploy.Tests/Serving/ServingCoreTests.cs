@@ -201,7 +201,14 @@ public sealed class ServingCoreTests : IAsyncLifetime
 
         (await _h.User.Client.PostAsync($"/deploy/{id}/start", null)).EnsureSuccessStatusCode();
         await WaitForAsync(id, Running(1), "ran again");
-        Assert.True(worker.Resident.ContainsKey(sha));
+        // running(1) can still rest on the heartbeat sent before the worker applied the drop (seen twice in CI): the
+        // worker must hold the adapter again shortly, which is what starting means.
+        var reloaded = DateTime.UtcNow.AddSeconds(10);
+        while (!(worker.Resident.TryGetValue(sha, out var held) && held.State == "ready"))
+        {
+            Assert.True(DateTime.UtcNow < reloaded, "the started deploy's adapter never came back to the worker");
+            await Task.Delay(50);
+        }
     }
 
     [Fact]
