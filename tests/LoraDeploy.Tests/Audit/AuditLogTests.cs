@@ -188,7 +188,15 @@ public sealed class AuditLogTests
         var deployId = created.GetProperty("deploy_id").GetString()!;
         (await h.WaitAsync(deployId)).AssertFailed();
 
-        var refused = Assert.Single((await AuditAsync(admin, "?action=policy.refused")).Entries);
+        // The pipeline fails the deploy first and records the refusal right after (only when it did fail it): wait for it.
+        var deadline = DateTime.UtcNow.AddSeconds(10);
+        var entries = (await AuditAsync(admin, "?action=policy.refused")).Entries;
+        while (entries.Count == 0 && DateTime.UtcNow < deadline)
+        {
+            await Task.Delay(50);
+            entries = (await AuditAsync(admin, "?action=policy.refused")).Entries;
+        }
+        var refused = Assert.Single(entries);
         Assert.Equal(h.User.Name, Text(refused, "user"));
         Assert.Equal(("deploy", deployId), (Text(refused, "object_type"), Text(refused, "object_id")));
         Assert.Equal("refused by policy: Policy:MaxNsfwLevel is R, this model is rated X", Text(refused, "detail"));
