@@ -49,6 +49,7 @@ public sealed class ImageEndToEndTests : IAsyncLifetime
         settings["Workers:HeartbeatSeconds"] = "1";
         settings["Workers:TimeoutSeconds"] = "3";
         settings["Workers:RequestTimeoutSeconds"] = "30";
+        settings[$"BaseModels:{Pool}:MaxAdaptersPerWorker"] = "2";
         _h = await PipelineHarness.StartAsync(settings: settings);
     }
 
@@ -261,6 +262,39 @@ public sealed class ImageEndToEndTests : IAsyncLifetime
         (await _h.User.Client.PostAsync($"/deploy/{id}/stop", null)).EnsureSuccessStatusCode();
         await Eventually.TrueAsync(() => !File.Exists(file), "the adapter file is removed from ComfyUI's LoRA folder");
         Assert.Equal(HttpStatusCode.Locked, (await NativeAsync($"{_h.User.Name}/evict", new { prompt = "x" })).StatusCode);
+    }
+
+    [Fact]
+    public async Task Past_max_adapters_per_worker_the_least_recently_used_file_leaves_the_lora_folder_and_comes_back_when_asked_for()
+    {
+        // MaxAdaptersPerWorker is 2 here. Unpinned (min_instances 0) deploys stay cached on the worker until a third
+        // adapter needs the room: then the least recently used one is evicted, and its file with it.
+        async Task<(string Id, string File)> UnpinnedAsync(string name, int seed)
+        {
+            var (id, sha) = await DeployAsync(name, seed);
+            (await _h.User.Client.PutAsJsonAsync($"/deploy/{id}", new { settings = new { min_instances = 0, max_instances = 1 } })).EnsureSuccessStatusCode();
+            await Eventually.TrueAsync(() => _h.Server.QueryAsync(db => db.Instances.AllAsync(i => i.DeployId != id)), $"{name} unpinned");
+            return (id, Path.Combine(_loras, $"{sha}.safetensors"));
+        }
+        async Task GenerateAsync(string name) =>
+            await (await NativeAsync($"{_h.User.Name}/{name}", new { prompt = name, width = 128, height = 128 })).ExpectAsync(HttpStatusCode.OK);
+
+        var (_, first) = await UnpinnedAsync("lru-a", seed: 21);
+        var (_, second) = await UnpinnedAsync("lru-b", seed: 22);
+        await GenerateAsync("lru-a"); // b is now the least recently used
+        Assert.True(File.Exists(first) && File.Exists(second));
+
+        var (_, third) = await UnpinnedAsync("lru-c", seed: 23);
+        await Eventually.TrueAsync(() => !File.Exists(second), "the least recently used adapter's file is removed");
+        Assert.True(File.Exists(first) && File.Exists(third));
+
+        // Asked for again, b is placed again (evicting a, now the least recently used) and generates with its file.
+        await GenerateAsync("lru-c");
+        await GenerateAsync("lru-b");
+        Assert.True(File.Exists(second));
+        await Eventually.TrueAsync(() => !File.Exists(first), "the next least recently used adapter's file is removed");
+        var last = UserPrompts().Last().Graph;
+        Assert.Equal(Path.GetFileName(second), Path.GetFileName(Nodes(last, "LoraLoaderModelOnly").Single()["inputs"]!["lora_name"]!.GetValue<string>()));
     }
 
     [Fact]
