@@ -35,7 +35,10 @@ public static class InferenceEndpoints
                 ConnectTimeout = TimeSpan.FromSeconds(5),
                 // A dead worker's pooled connections must not outlive it by much.
                 PooledConnectionIdleTimeout = TimeSpan.FromSeconds(30),
-            });
+            })
+            // The factory's default logging writes four Information lines per inference call; the gateway has its own
+            // metrics (loradeploy_inference_*) and logs the failures that matter.
+            .RemoveAllLoggers();
         return services;
     }
 
@@ -90,17 +93,19 @@ public static class InferenceEndpoints
             await ErrorAsync(http, openAi, StatusCodes.Status413PayloadTooLarge, $"Request body is larger than {options.MaxRequestBytes} bytes.", null);
             return;
         }
-        JsonElement json;
+        JsonDocument document;
         try
         {
-            using var document = JsonDocument.Parse(body, new JsonDocumentOptions { MaxDepth = 32 });
-            json = document.RootElement.Clone();
+            document = JsonDocument.Parse(body, new JsonDocumentOptions { MaxDepth = 32 });
         }
         catch (JsonException)
         {
             await ErrorAsync(http, openAi, StatusCodes.Status422UnprocessableEntity, "The request body is not valid JSON.", "body");
             return;
         }
+        // Read in place while this request runs (the worker gets the original bytes), rather than cloned per request.
+        using var parsed = document;
+        var json = document.RootElement;
         if (json.ValueKind != JsonValueKind.Object)
         {
             await ErrorAsync(http, openAi, StatusCodes.Status422UnprocessableEntity, "The request body must be a JSON object.", "body");
