@@ -25,7 +25,8 @@ public static class LoraEndpoints
         lora.MapPost("/lora/create", CreateLora.HandleAsync)
             .WithName("CreateLora")
             .WithSummary("Create a LoRA from a CivitAI URL (JSON) or an uploaded .safetensors (multipart: json part, then file part) and deploy it")
-            .WithRequestBody<CreateLoraApiRequest>()
+            .WithRequestBody<CreateLoraApiRequest>(new OpenApi.MultipartUpload(UploadLora.JsonPart, UploadLora.FilePart,
+                "An upload: the json part is the create body with \"source\": {\"type\": \"upload\"}, the file part the .safetensors (up to Import:MaxFileBytes)."))
             .Produces<DeploymentOut>()
             .Produces<DeepError>(StatusCodes.Status409Conflict)
             .Produces<DeepError>(StatusCodes.Status413PayloadTooLarge)

@@ -42,14 +42,15 @@ public static class OpenApiExtensions
                 {
                     var schema = await context.GetOrCreateSchemaAsync(body.Type, null, ct);
                     context.Document!.AddComponent(body.Type.Name, schema);
-                    operation.RequestBody = new OpenApiRequestBody
+                    var content = new Dictionary<string, OpenApiMediaType>
                     {
-                        Required = true,
-                        Content = new Dictionary<string, OpenApiMediaType>
-                        {
-                            ["application/json"] = new() { Schema = new OpenApiSchemaReference(body.Type.Name, context.Document) },
-                        },
+                        ["application/json"] = new() { Schema = new OpenApiSchemaReference(body.Type.Name, context.Document) },
                     };
+                    if (body.Upload is { } upload)
+                    {
+                        content["multipart/form-data"] = UploadForm(upload);
+                    }
+                    operation.RequestBody = new OpenApiRequestBody { Required = true, Content = content };
                 }
                 var requiresAuth = context.Description.ActionDescriptor.EndpointMetadata
                     .OfType<Microsoft.AspNetCore.Authorization.IAuthorizeData>().Any()
@@ -71,6 +72,23 @@ public static class OpenApiExtensions
         });
         return services;
     }
+
+    /// <summary>A form of two parts in this order: the JSON body (sent as <c>application/json</c>), then the file.</summary>
+    private static OpenApiMediaType UploadForm(MultipartUpload upload) => new()
+    {
+        Schema = new OpenApiSchema
+        {
+            Type = JsonSchemaType.Object,
+            Description = upload.Description,
+            Required = new HashSet<string> { upload.JsonPart, upload.FilePart },
+            Properties = new Dictionary<string, IOpenApiSchema>
+            {
+                [upload.JsonPart] = new OpenApiSchema { Type = JsonSchemaType.String, Description = "The create body as JSON; comes first." },
+                [upload.FilePart] = new OpenApiSchema { Type = JsonSchemaType.String, Format = "binary", Description = "The .safetensors file; comes last." },
+            },
+        },
+        Encoding = new Dictionary<string, OpenApiEncoding> { [upload.JsonPart] = new() { ContentType = "application/json" } },
+    };
 
     /// <summary>
     /// <c>/openapi/v1.json</c> and the Scalar reference at <c>/docs</c>. A self-hosted, possibly air-gapped server's

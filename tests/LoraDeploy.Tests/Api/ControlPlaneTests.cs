@@ -754,6 +754,13 @@ public abstract partial class ControlPlaneTests(ServerFixture fixture)
         Assert.EndsWith("/DeploymentOut", Ok("/deploy/{deploy_id}").GetProperty("$ref").GetString());
         Assert.Equal("array", Ok("/deploy/list").GetProperty("type").GetString());
         Assert.EndsWith("/DeploymentOut", Ok("/deploy/list").GetProperty("items").GetProperty("$ref").GetString());
+        // Create takes JSON (DeepInfra's body) or an upload: a multipart form with the json part first, then the file.
+        var create = paths.GetProperty("/v1/lora/create").GetProperty("post").GetProperty("requestBody").GetProperty("content");
+        Assert.EndsWith("/CreateLoraApiRequest", create.GetProperty("application/json").GetProperty("schema").GetProperty("$ref").GetString());
+        var form = create.GetProperty("multipart/form-data");
+        Assert.Equal(["json", "file"], form.GetProperty("schema").GetProperty("required").EnumerateArray().Select(e => e.GetString()!).Order().Reverse());
+        Assert.Equal("binary", form.GetProperty("schema").GetProperty("properties").GetProperty("file").GetProperty("format").GetString());
+        Assert.Equal("application/json", form.GetProperty("encoding").GetProperty("json").GetProperty("contentType").GetString());
 
         var docs = await client.GetAsync("/docs");
         Assert.Equal(HttpStatusCode.OK, docs.StatusCode);
