@@ -6,22 +6,28 @@ namespace LoraDeploy.Tests;
 
 /// <summary>
 /// Two <c>loradeploy serve</c> processes (<see cref="A"/>, <see cref="B"/>) on one throwaway PostgreSQL database, each
-/// with its own data folder. By default the pipeline is off and blobs go to a folder of their own; the caller's settings
-/// go on top. Creating the database comes first, so without PostgreSQL the test skips (or fails under CI) there.
+/// with its own data folder (nothing of the shared state lives there), started at the same moment. By default the
+/// pipeline is off and both share one blob folder; the caller's settings go on top. Creating the database comes first, so without PostgreSQL the test skips (or fails under CI) there.
 /// </summary>
 public sealed class PostgresReplicas : IAsyncDisposable
 {
     private readonly string _root;
 
-    private PostgresReplicas(string connectionString, string root, ServerProcess a, ServerProcess b)
+    private PostgresReplicas(string connectionString, string root, IReadOnlyDictionary<string, string?> settings, ServerProcess a, ServerProcess b)
     {
         ConnectionString = connectionString;
         _root = root;
+        Settings = settings;
         A = a;
         B = b;
     }
 
     public string ConnectionString { get; }
+    /// <summary>What both replicas were started with.</summary>
+    public IReadOnlyDictionary<string, string?> Settings { get; }
+    /// <summary>The blob folder both replicas share (unless the settings store blobs elsewhere).</summary>
+    public string StoragePath => Settings["Storage:Path"]!;
+    public string Logs => $"--- replica A (pid {A.ProcessId}) ---\n{A.Output}\n--- replica B (pid {B.ProcessId}) ---\n{B.Output}";
     public ServerProcess A { get; }
     public ServerProcess B { get; }
 
@@ -61,7 +67,7 @@ public sealed class PostgresReplicas : IAsyncDisposable
             DeleteQuietly(root);
             throw;
         }
-        return new PostgresReplicas(connectionString, root, starts[0].Result, starts[1].Result);
+        return new PostgresReplicas(connectionString, root, all, starts[0].Result, starts[1].Result);
     }
 
     public PostgresLoraDeployContext OpenDatabase()

@@ -1,6 +1,5 @@
 using System.Net;
 using System.Text.Json;
-using LoraDeploy.Auth;
 using LoraDeploy.Data;
 using LoraDeploy.Tests.Pipeline;
 using LoraDeploy.Tests.Simulator;
@@ -150,73 +149,44 @@ public sealed class ReplicaTests
         }
     }
 
-    /// <summary>A CivitAI simulator, a throwaway PostgreSQL database, one shared blob folder and two replicas started together.</summary>
+    /// <summary>A CivitAI simulator and two replicas on a throwaway PostgreSQL database with one shared blob folder.</summary>
     private sealed class Cluster : IAsyncDisposable
     {
-        private readonly string _root;
+        private readonly PostgresReplicas _replicas;
 
-        private Cluster(CivitaiSimulator simulator, string connectionString, string root, ServerProcess a, ServerProcess b)
+        private Cluster(CivitaiSimulator simulator, PostgresReplicas replicas)
         {
             Simulator = simulator;
-            ConnectionString = connectionString;
-            _root = root;
-            A = a;
-            B = b;
+            _replicas = replicas;
         }
 
         public CivitaiSimulator Simulator { get; }
-        public string ConnectionString { get; }
-        public ServerProcess A { get; }
-        public ServerProcess B { get; }
-        public string StoragePath => Path.Combine(_root, "shared-blobs");
-        public string Logs => $"--- replica A (pid {A.ProcessId}) ---\n{A.Output}\n--- replica B (pid {B.ProcessId}) ---\n{B.Output}";
+        public ServerProcess A => _replicas.A;
+        public ServerProcess B => _replicas.B;
+        public string ConnectionString => _replicas.ConnectionString;
+        public string StoragePath => _replicas.StoragePath;
+        public string Logs => _replicas.Logs;
 
         public static async Task<Cluster> StartAsync()
         {
-            var connectionString = await TestBackend.CreatePostgresDatabaseAsync();
             var simulator = await CivitaiSimulator.StartAsync();
-            var root = Path.Combine(Path.GetTempPath(), "loradeploy-tests", Guid.NewGuid().ToString("N"));
-            var settings = PipelineHarness.ServerSettings(simulator);
-            settings["Database:Provider"] = "postgres";
-            settings["ConnectionStrings:Postgres"] = connectionString;
-            settings["Storage:Path"] = Path.Combine(root, "shared-blobs");
-
-            // Each replica has its own data dir (nothing of the shared state lives there) and starts at the same moment.
-            var dirs = new[] { Path.Combine(root, "a"), Path.Combine(root, "b") };
-            foreach (var dir in dirs)
-            {
-                Directory.CreateDirectory(dir);
-            }
-            var starts = dirs.Select(dir => ServerProcess.StartAsync(dir, settings)).ToArray();
             try
             {
-                await Task.WhenAll(starts);
+                var settings = PipelineHarness.ServerSettings(simulator);
+                settings["Pipeline:Enabled"] = "true";
+                settings["Logging:LogLevel:Default"] = "Information"; // the logs go into failure messages
+                return new Cluster(simulator, await PostgresReplicas.StartAsync(settings));
             }
             catch
             {
-                foreach (var start in starts.Where(s => s.IsCompletedSuccessfully))
-                {
-                    await start.Result.DisposeAsync();
-                }
                 await simulator.DisposeAsync();
-                await TestBackend.DropPostgresDatabaseAsync(connectionString);
                 throw;
             }
-            return new Cluster(simulator, connectionString, root, starts[0].Result, starts[1].Result);
         }
 
-        public PostgresLoraDeployContext OpenDatabase()
-        {
-            var options = new DbContextOptionsBuilder<PostgresLoraDeployContext>();
-            DatabaseExtensions.ConfigurePostgres(options, ConnectionString);
-            return new PostgresLoraDeployContext(options.Options);
-        }
+        public PostgresLoraDeployContext OpenDatabase() => _replicas.OpenDatabase();
 
-        public async Task<string> CreateTokenAsync(string user)
-        {
-            await using var db = OpenDatabase();
-            return await ApiTokens.CreateForUserAsync(db, user, isAdmin: false, "test", DateTime.UtcNow, CancellationToken.None);
-        }
+        public Task<string> CreateTokenAsync(string user) => _replicas.CreateTokenAsync(user);
 
         public long StagedBytes()
         {
@@ -234,17 +204,8 @@ public sealed class ReplicaTests
 
         public async ValueTask DisposeAsync()
         {
-            await A.DisposeAsync();
-            await B.DisposeAsync();
+            await _replicas.DisposeAsync();
             await Simulator.DisposeAsync();
-            await TestBackend.DropPostgresDatabaseAsync(ConnectionString);
-            try
-            {
-                Directory.Delete(_root, recursive: true);
-            }
-            catch (IOException)
-            {
-            }
         }
     }
 }
