@@ -222,7 +222,7 @@ internal sealed class LoadedAdapter
             var b = Require(p, module, "embedding_b");
             Check(module, a.Shape.Length == 2 && b.Shape.Length == 2 && b.Shape[1] == a.Shape[0],
                 $"lora_embedding_A {Shape(a.Shape)} and lora_embedding_B {Shape(b.Shape)} are not [r, vocab] and [dim, r]");
-            // PEFT: the embedding's delta is (B·A)ᵀ = Aᵀ·Bᵀ, [vocab, dim].
+            // PEFT: the embedding's delta is (B·A)ᵀ = Aᵀ·Bᵀ, [vocab, dim]; float factors, so the blocked kernel takes it.
             int rank = (int)a.Shape[0], vocab = (int)a.Shape[1], dim = (int)b.Shape[0];
             delta = new LowRankDelta(Transpose(a.Values, rank, vocab), Transpose(b.Values, dim, rank), rank)
             {
@@ -530,9 +530,9 @@ internal sealed class LoadedAdapter
         return values;
     }
 
-    private static double[] Transpose(float[] values, int rows, int columns)
+    private static T[] Transpose<T>(T[] values, int rows, int columns)
     {
-        var transposed = new double[values.Length];
+        var transposed = new T[values.Length];
         for (var r = 0; r < rows; r++)
         {
             for (var c = 0; c < columns; c++)

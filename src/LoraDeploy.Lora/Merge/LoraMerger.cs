@@ -13,12 +13,12 @@ namespace LoraDeploy.Lora.Merge;
 /// <para>Memory: every adapter is read in full (they are small); of the base, one tensor at a time (its bytes plus an
 /// F32 copy) for tensors an adapter changes or the output dtype converts, and a fixed buffer for the rest, which are
 /// copied byte for byte.</para>
-/// <para>Math (reference lora-formats.md §4): W' = W + strength·scale·ΔW, ΔW's products summed in double, the sum
-/// rounded once to F32 per adapter, then to the output dtype (round to nearest even). Adapters apply in the order
-/// given, each to the result of the ones before. DoRA: PEFT's <c>lora_magnitude_vector</c> follows PEFT's merge
-/// (V = W + strength·scale·ΔW; W' = V·m/‖V‖ per output row, no ε); LyCORIS' <c>dora_scale</c> follows LyCORIS
-/// (V = W + scale·ΔW; W' = V·(1 + strength·(m/(‖V‖+ε) − 1)), the norm per output row for [out,1,…] and per input
-/// channel for [1,in,…]).</para>
+/// <para>Math (reference lora-formats.md §4): W' = W + strength·scale·ΔW, accumulated in F32 (a LoRA's U·V with
+/// fused multiply-add) or, for the other forms, summed in double and rounded once to F32 per adapter; then rounded to
+/// the output dtype (to nearest even). Adapters apply in the order given, each to the result of the ones before.
+/// DoRA: PEFT's <c>lora_magnitude_vector</c> follows PEFT's merge (V = W + strength·scale·ΔW; W' = V·m/‖V‖ per
+/// output row, no ε); LyCORIS' <c>dora_scale</c> follows LyCORIS (V = W + scale·ΔW;
+/// W' = V·(1 + strength·(m/(‖V‖+ε) − 1)), the norm per output row for [out,1,…] and per input channel for [1,in,…]).</para>
 /// <para>Output: tensors in the base's order, the header space-padded so data starts 8-aligned, written to
 /// <c>OUT.part</c>, flushed to disk and renamed; on any failure the <c>.part</c> is deleted. Metadata: the base's,
 /// plus <c>loradeploy.merge</c> (JSON: each adapter's file name, SHA-256, strength and module count, appended to an
