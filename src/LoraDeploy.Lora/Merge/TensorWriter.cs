@@ -4,8 +4,9 @@ using LoraDeploy.Lora.Safetensors;
 namespace LoraDeploy.Lora.Merge;
 
 /// <summary>
-/// Writes output tensors one at a time: copies untouched ones byte for byte through a fixed buffer, and decodes,
-/// patches and re-encodes merged ones. Its buffers grow to the largest tensor merged and are reused.
+/// Writes output tensors one at a time: copies untouched ones byte for byte (in the kernel into an output file, else
+/// through a fixed buffer), and decodes, patches and re-encodes merged ones. Its buffers grow to the largest tensor
+/// merged and are reused.
 /// </summary>
 internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream output)
 {
@@ -18,11 +19,24 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
     private float[] _values = [];
     private byte[] _encoded = [];
     private double[] _row = [];
+    private bool _kernelCopy = true;
 
     public void Copy(SafetensorsTensor tensor)
     {
         var position = dataOffset + tensor.DataStart;
         var remaining = tensor.ByteLength;
+        // Into the output file itself, the kernel copies; other streams (GGUF's writer, the tests' full disk) and
+        // file systems it cannot copy between take the buffer below, from where the kernel stopped.
+        if (_kernelCopy && output is FileStream file)
+        {
+            file.Flush();
+            var at = file.Position;
+            var copied = KernelFileCopy.Copy(input, position, file.SafeFileHandle, at, remaining, out var unsupported);
+            file.Position = at + copied;
+            position += copied;
+            remaining -= copied;
+            _kernelCopy = !unsupported;
+        }
         while (remaining > 0)
         {
             var chunk = _copyBuffer.AsSpan(0, (int)Math.Min(remaining, _copyBuffer.Length));

@@ -51,6 +51,66 @@ public sealed class MergeOutputTests : IDisposable
         Assert.Equal(positions.Values.SelectMany(v => BitConverter.GetBytes((long)v)).ToArray(), merged[positions.Name].Bytes);
     }
 
+    [Fact]
+    public void Untouched_tensors_larger_than_the_copy_buffer_are_byte_identical_around_a_merged_one()
+    {
+        var (basePath, bytes) = LargeBase(_dir);
+        var output = Path.Combine(_dir, "out.safetensors");
+        var result = LoraMerger.Merge(basePath, [new MergeAdapter(SmallAdapter())], output);
+
+        Assert.Equal(1, result.TensorsMerged);
+        AssertUntouchedCopied(bytes, output);
+    }
+
+    [Fact]
+    public void A_base_on_another_file_system_is_copied_in_user_space_byte_for_byte()
+    {
+        // The kernel copies only within one file system (EXDEV across): the merge must carry on with its own copy.
+        Assert.SkipUnless(Directory.Exists("/dev/shm") && OperatingSystem.IsLinux(), "needs a tmpfs at /dev/shm beside the temp folder");
+        var shm = Path.Combine("/dev/shm", "loradeploy-lora-tests-" + Guid.NewGuid().ToString("n"));
+        Directory.CreateDirectory(shm);
+        try
+        {
+            var (basePath, bytes) = LargeBase(shm);
+            var output = Path.Combine(_dir, "out.safetensors");
+            LoraMerger.Merge(basePath, [new MergeAdapter(SmallAdapter())], output);
+
+            AssertUntouchedCopied(bytes, output);
+        }
+        finally
+        {
+            Directory.Delete(shm, recursive: true);
+        }
+    }
+
+    /// <summary>A base whose untouched tensors (5 MiB and 3 MiB + 2 bytes, F16 and I8) sit before and after a merged one.</summary>
+    private (string Path, Dictionary<string, byte[]> Untouched) LargeBase(string dir)
+    {
+        var before = new byte[5 << 20];
+        var after = new byte[(3 << 20) + 2];
+        _random.NextBytes(before);
+        _random.NextBytes(after);
+        var weight = Random(_random, Weight, [64, 32]);
+        var path = new SafetensorsWriter()
+            .Tensor("first_stage_model.decoder.conv_in.weight", "F16", [before.Length / 2], before)
+            .Tensor(weight.Name, "F32", weight.Shape, Encode(weight.Values, "F32"))
+            .Tensor("model.diffusion_model.out.0.weight", "I8", [after.Length], after)
+            .WriteTo(Path.Combine(dir, "base.safetensors"));
+        return (path, new() { ["first_stage_model.decoder.conv_in.weight"] = before, ["model.diffusion_model.out.0.weight"] = after });
+    }
+
+    private string SmallAdapter() => Write(Path.Combine(_dir, "adapter.safetensors"),
+        [Random(_random, Module + ".lora_down.weight", [4, 32]), Random(_random, Module + ".lora_up.weight", [64, 4])]);
+
+    private static void AssertUntouchedCopied(Dictionary<string, byte[]> untouched, string output)
+    {
+        var merged = Read(output, out _);
+        foreach (var (name, bytes) in untouched)
+        {
+            Assert.True(bytes.AsSpan().SequenceEqual(merged[name].Bytes), $"{name} is not byte-identical");
+        }
+    }
+
     [Theory]
     [InlineData(MergeDtype.F16, "F16")]
     [InlineData(MergeDtype.BF16, "BF16")]
