@@ -31,6 +31,7 @@ public static class LoraMerger
     public const string MergeRecordKey = "loradeploy.merge";
 
     private const int MaxListed = 10;
+    private const long WritebackStep = 32 << 20;
     private static readonly string[] StaleHashKeys = ["modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash"];
 
     /// <exception cref="LoraMergeException">An input is unusable or the output could not be written; no output file is left.</exception>
@@ -65,12 +66,13 @@ public static class LoraMerger
             int merged = 0, copied = 0, converted = 0;
             try
             {
-                using (var output = options.OpenOutput?.Invoke(part) ?? new FileStream(part, FileMode.Create, FileAccess.Write, FileShare.None, bufferSize: 1 << 20))
+                using (var output = options.OpenOutput?.Invoke(part) ?? DirectOutputStream.Create(part))
                 using (var input = File.OpenHandle(basePath, FileMode.Open, FileAccess.Read, FileShare.Read))
                 {
                     output.Write(headerBytes);
                     var writer = new TensorWriter(input, header.DataOffset, output);
                     long done = headerBytes.Length;
+                    long writtenBack = 0;
                     for (var i = 0; i < layout.Count; i++)
                     {
                         cancellationToken.ThrowIfCancellationRequested();
@@ -92,12 +94,23 @@ public static class LoraMerger
                             copied++;
                         }
                         done += entry.ByteLength;
+                        if (output is FileStream file && done - writtenBack >= WritebackStep)
+                        {
+                            // Hand what is written so far to the disk now, so the closing fsync has little left.
+                            file.Flush();
+                            LinuxFiles.StartWriteback(file.SafeFileHandle, writtenBack, done - writtenBack);
+                            writtenBack = done;
+                        }
                         options.Progress?.Report(new MergeProgress(i + 1, layout.Count, done, bytesWritten));
                     }
                     output.Flush();
-                    if (output is FileStream file)
+                    if (output is FileStream outputFile)
                     {
-                        file.Flush(flushToDisk: true);
+                        outputFile.Flush(flushToDisk: true);
+                    }
+                    else if (output is DirectOutputStream direct)
+                    {
+                        direct.FlushToDisk();
                     }
                 }
                 File.Move(part, outputPath, overwrite: true);

@@ -31,7 +31,7 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
         {
             file.Flush();
             var at = file.Position;
-            var copied = KernelFileCopy.Copy(input, position, file.SafeFileHandle, at, remaining, out var unsupported);
+            var copied = LinuxFiles.Copy(input, position, file.SafeFileHandle, at, remaining, out var unsupported);
             file.Position = at + copied;
             position += copied;
             remaining -= copied;

@@ -51,12 +51,14 @@ public sealed class MergeOutputTests : IDisposable
         Assert.Equal(positions.Values.SelectMany(v => BitConverter.GetBytes((long)v)).ToArray(), merged[positions.Name].Bytes);
     }
 
-    [Fact]
-    public void Untouched_tensors_larger_than_the_copy_buffer_are_byte_identical_around_a_merged_one()
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void Untouched_tensors_larger_than_the_copy_buffer_are_byte_identical_around_a_merged_one(bool direct)
     {
         var (basePath, bytes) = LargeBase(_dir);
         var output = Path.Combine(_dir, "out.safetensors");
-        var result = LoraMerger.Merge(basePath, [new MergeAdapter(SmallAdapter())], output);
+        var result = LoraMerger.Merge(basePath, [new MergeAdapter(SmallAdapter())], output, Output(direct));
 
         Assert.Equal(1, result.TensorsMerged);
         AssertUntouchedCopied(bytes, output);
@@ -66,6 +68,7 @@ public sealed class MergeOutputTests : IDisposable
     public void A_base_on_another_file_system_is_copied_in_user_space_byte_for_byte()
     {
         // The kernel copies only within one file system (EXDEV across): the merge must carry on with its own copy.
+        // Into a plain FileStream, as where O_DIRECT is not available, since only there does the kernel copy.
         Assert.SkipUnless(Directory.Exists("/dev/shm") && OperatingSystem.IsLinux(), "needs a tmpfs at /dev/shm beside the temp folder");
         var shm = Path.Combine("/dev/shm", "loradeploy-lora-tests-" + Guid.NewGuid().ToString("n"));
         Directory.CreateDirectory(shm);
@@ -73,7 +76,7 @@ public sealed class MergeOutputTests : IDisposable
         {
             var (basePath, bytes) = LargeBase(shm);
             var output = Path.Combine(_dir, "out.safetensors");
-            LoraMerger.Merge(basePath, [new MergeAdapter(SmallAdapter())], output);
+            LoraMerger.Merge(basePath, [new MergeAdapter(SmallAdapter())], output, Output(direct: false));
 
             AssertUntouchedCopied(bytes, output);
         }
@@ -98,6 +101,13 @@ public sealed class MergeOutputTests : IDisposable
             .WriteTo(Path.Combine(dir, "base.safetensors"));
         return (path, new() { ["first_stage_model.decoder.conv_in.weight"] = before, ["model.diffusion_model.out.0.weight"] = after });
     }
+
+    /// <summary>
+    /// Direct: the merge's own output (O_DIRECT where the file system allows it). Not: a plain FileStream, the output
+    /// where O_DIRECT is not available, into which untouched tensors are copied in the kernel (copy_file_range).
+    /// </summary>
+    private static MergeOptions? Output(bool direct) =>
+        direct ? null : new MergeOptions { OpenOutput = path => new FileStream(path, FileMode.Create, FileAccess.Write, FileShare.None, bufferSize: 1 << 20) };
 
     private string SmallAdapter() => Write(Path.Combine(_dir, "adapter.safetensors"),
         [Random(_random, Module + ".lora_down.weight", [4, 32]), Random(_random, Module + ".lora_up.weight", [64, 4])]);
