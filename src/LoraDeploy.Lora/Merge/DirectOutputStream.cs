@@ -6,7 +6,8 @@ namespace LoraDeploy.Lora.Merge;
 /// <summary>
 /// A write-only, sequential file stream that writes with O_DIRECT: bytes go from aligned staging buffers to the disk
 /// instead of being copied into the page cache (in the benchmark's VM that copy took as much CPU as the merge's
-/// arithmetic) and left dirty for the closing fsync. One buffer is written in the background while the next fills.
+/// arithmetic) and left dirty for the closing fsync. Full buffers are written in the background while the next fill,
+/// so a whole tensor can be handed over and the disk keeps writing while the next one is computed.
 /// The tail that does not fill an aligned block is written without O_DIRECT, as is everything after a direct write
 /// the file system refused.
 /// </summary>
@@ -14,14 +15,16 @@ internal sealed class DirectOutputStream : Stream
 {
     private const int Alignment = 4096;
     private const int BufferSize = 8 << 20;
+    private const int BufferCount = 4;
 
     private readonly SafeFileHandle _file;
-    private readonly Memory<byte>[] _buffers = [Aligned(), Aligned()];
-    private bool _direct = true;
+    private readonly Memory<byte>[] _buffers = [.. Enumerable.Range(0, BufferCount).Select(_ => Aligned())];
+    private readonly Task[] _pending = [.. Enumerable.Repeat(Task.CompletedTask, BufferCount)];
+    // Cleared (by whichever write finds O_DIRECT refused) for all later writes.
+    private volatile bool _direct = true;
     private int _current;
     private int _filled;
     private long _position;
-    private Task _pending = Task.CompletedTask;
 
     private DirectOutputStream(SafeFileHandle file) => _file = file;
 
@@ -54,14 +57,14 @@ internal sealed class DirectOutputStream : Stream
             buffer = buffer[count..];
             if (_filled == BufferSize)
             {
-                // Wait for the other buffer's write, then write this one while the caller fills the other.
-                _pending.GetAwaiter().GetResult();
+                // Write this one in the background; the next buffer is free once its previous write is done.
                 var full = _buffers[_current];
                 var at = _position;
-                _pending = Task.Run(() => WriteOut(full.Span, at));
+                _pending[_current] = Task.Run(() => WriteOut(full.Span, at));
                 _position += BufferSize;
-                _current ^= 1;
+                _current = (_current + 1) % BufferCount;
                 _filled = 0;
+                _pending[_current].GetAwaiter().GetResult();
             }
         }
     }
@@ -69,7 +72,7 @@ internal sealed class DirectOutputStream : Stream
     /// <summary>Writes out everything written so far (not to disk: <see cref="FlushToDisk"/>).</summary>
     public override void Flush()
     {
-        _pending.GetAwaiter().GetResult();
+        WaitForWrites();
         var rest = _buffers[_current].Span[.._filled];
         var aligned = rest.Length / Alignment * Alignment;
         WriteOut(rest[..aligned], _position);
@@ -92,17 +95,28 @@ internal sealed class DirectOutputStream : Stream
     {
         if (disposing)
         {
-            try
+            foreach (var write in _pending)
             {
-                _pending.GetAwaiter().GetResult();
-            }
-            catch (IOException)
-            {
-                // Only a merge that already failed disposes with a write outstanding; its error is the one reported.
+                try
+                {
+                    write.GetAwaiter().GetResult();
+                }
+                catch (IOException)
+                {
+                    // Only a merge that already failed disposes with a write outstanding; its error is the one reported.
+                }
             }
             _file.Dispose();
         }
         base.Dispose(disposing);
+    }
+
+    private void WaitForWrites()
+    {
+        foreach (var write in _pending)
+        {
+            write.GetAwaiter().GetResult();
+        }
     }
 
     private void WriteOut(ReadOnlySpan<byte> bytes, long at)
