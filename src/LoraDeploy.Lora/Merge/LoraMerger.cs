@@ -61,6 +61,17 @@ public static class LoraMerger
             var records = loaded.Select(a => new MergedAdapterRecord(Path.GetFileName(a.Path), a.Sha256, a.Strength, a.Modules.Count)).ToList();
             var headerBytes = HeaderBytes(header.Metadata, layout, records, anyChange: plan.Count > 0 || layout.Any(l => l.OutputDtype != l.Tensor.Dtype));
 
+            // The next tensor to merge after layout[i], read meanwhile into a second buffer: only one whose F32 values
+            // take no more than the base's largest tensor, so memory stays within twice that plus the adapters.
+            var largest = tensors.Count == 0 ? 0 : tensors.Max(t => t.ByteLength);
+            var nextDecoded = new SafetensorsTensor?[layout.Count];
+            for (var i = layout.Count - 2; i >= 0; i--)
+            {
+                var after = layout[i + 1];
+                nextDecoded[i] = plan.ContainsKey(after.Tensor.Name) || after.OutputDtype != after.Tensor.Dtype ? after.Tensor : nextDecoded[i + 1];
+            }
+            SafetensorsTensor? Prefetchable(int i) => nextDecoded[i] is { } next && next.ElementCount * 4 <= largest ? next : null;
+
             var part = outputPath + ".part";
             var bytesWritten = headerBytes.Length + layout.Sum(l => l.ByteLength);
             int merged = 0, copied = 0, converted = 0;
@@ -79,12 +90,12 @@ public static class LoraMerger
                         var entry = layout[i];
                         if (plan.TryGetValue(entry.Tensor.Name, out var patches))
                         {
-                            writer.Merge(entry, patches);
+                            writer.Merge(entry, patches, Prefetchable(i));
                             merged++;
                         }
                         else if (entry.OutputDtype != entry.Tensor.Dtype)
                         {
-                            writer.Merge(entry, []);
+                            writer.Merge(entry, [], Prefetchable(i));
                             copied++;
                             converted++;
                         }

@@ -122,6 +122,49 @@ public sealed class MergeOutputTests : IDisposable
     }
 
     [Theory]
+    [InlineData("BF16")]
+    [InlineData("F16")]
+    [InlineData("F32")]
+    public void Tensors_read_ahead_while_the_one_before_merges_come_out_as_merged_one_by_one(string dtype)
+    {
+        // Three merged tensors in a row (each read and decoded while the one before is merged), small enough beside the
+        // untouched one to be read ahead; factors on a 2⁻⁸ grid and c = 0.5 so the result is exactly the rounded sum.
+        (string Module, string Weight, long Rows)[] targets =
+        [
+            ("lora_unet_input_blocks_4_1_proj_in", "model.diffusion_model.input_blocks.4.1.proj_in.weight", 24),
+            ("lora_unet_input_blocks_4_1_proj_out", Weight, 40),
+            ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight", 16),
+        ];
+        var writer = new SafetensorsWriter();
+        var untouched = Representable(Random(_random, "first_stage_model.decoder.conv_in.weight", [64, 64]), dtype);
+        writer.Tensor(untouched.Name, dtype, untouched.Shape, Encode(untouched.Values, dtype));
+        var adapter = new List<TestTensor>();
+        var expected = new Dictionary<string, double[]>();
+        foreach (var (module, name, rows) in targets)
+        {
+            var weight = Representable(Random(_random, name, [rows, 32]), dtype);
+            writer.Tensor(weight.Name, dtype, weight.Shape, Encode(weight.Values, dtype));
+            var down = OnGrid(Random(_random, module + ".lora_down.weight", [4, 32]));
+            var up = OnGrid(Random(_random, module + ".lora_up.weight", [rows, 4]));
+            adapter.AddRange([down, up]);
+            expected[name] = [.. MergeExactnessTests.Add(weight, MergeExactnessTests.MatMul(up, down), 0.5).Select(v => RoundTo(dtype, (float)v))];
+        }
+        var basePath = writer.WriteTo(Path.Combine(_dir, "base.safetensors"));
+        var adapterPath = Write(Path.Combine(_dir, "adapter.safetensors"), [.. adapter]);
+
+        var output = Path.Combine(_dir, "out.safetensors");
+        var result = LoraMerger.Merge(basePath, [new MergeAdapter(adapterPath, 0.5)], output);
+
+        Assert.Equal(3, result.TensorsMerged);
+        var merged = Read(output, out _);
+        foreach (var (name, values) in expected)
+        {
+            Assert.Equal(values, merged[name].Values);
+        }
+        Assert.Equal(Encode(untouched.Values, dtype), merged[untouched.Name].Bytes);
+    }
+
+    [Theory]
     [InlineData(MergeDtype.F16, "F16")]
     [InlineData(MergeDtype.BF16, "BF16")]
     public void Output_dtype_converts_every_float_tensor(MergeDtype option, string dtype)
