@@ -1,4 +1,5 @@
 using System.Globalization;
+using System.Runtime.InteropServices;
 using System.Text.RegularExpressions;
 using LoraDeploy.Lora.Peft;
 using LoraDeploy.Lora.Safetensors;
@@ -123,11 +124,20 @@ internal sealed class LoadedAdapter
                 {
                     throw new LoraMergeException($"adapter {path}: tensor '{tensor.Name}' is {tensor.ByteLength} bytes, too large for an adapter factor");
                 }
-                var bytes = new byte[tensor.ByteLength];
-                header.ReadTensor(file, tensor.Name, bytes);
                 var values = new float[tensor.ElementCount];
-                FloatCodec.Decode(bytes, tensor.Dtype, values);
-                var bad = Array.FindIndex(values, v => !float.IsFinite(v));
+                if (tensor.Dtype == "F32" && BitConverter.IsLittleEndian)
+                {
+                    // The file's bytes are the values: read them in place, without a second buffer per tensor (for a
+                    // large adapter that garbage would add its whole size to the merge's peak memory).
+                    header.ReadTensor(file, tensor.Name, MemoryMarshal.AsBytes(values.AsSpan()));
+                }
+                else
+                {
+                    var bytes = new byte[tensor.ByteLength];
+                    header.ReadTensor(file, tensor.Name, bytes);
+                    FloatCodec.Decode(bytes, tensor.Dtype, values);
+                }
+                var bad = FloatCodec.IndexOfNonFinite(values);
                 if (bad >= 0)
                 {
                     throw new LoraMergeException($"adapter {path}: tensor '{tensor.Name}' holds {values[bad]} at element {bad}; an adapter with NaN/Inf cannot be merged");
