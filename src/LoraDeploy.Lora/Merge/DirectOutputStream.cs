@@ -6,10 +6,11 @@ namespace LoraDeploy.Lora.Merge;
 /// <summary>
 /// A write-only, sequential file stream that writes with O_DIRECT: bytes go from aligned staging buffers to the disk
 /// instead of being copied into the page cache (in the benchmark's VM that copy took as much CPU as the merge's
-/// arithmetic) and left dirty for the closing fsync. Full buffers are written in the background while the next fill,
-/// so a whole tensor can be handed over and the disk keeps writing while the next one is computed.
-/// The tail that does not fill an aligned block is written without O_DIRECT, as is everything after a direct write
-/// the file system refused.
+/// arithmetic) and left dirty for the closing fsync. Full buffers are written in the background while the next ones
+/// fill, so a whole tensor can be handed over and the disk keeps writing while the next one is computed. The tail that
+/// does not fill an aligned block is written without O_DIRECT, as is everything after a direct write the file system
+/// refused. Disposing does not write what is still buffered (a failed merge's output is deleted anyway): call
+/// <see cref="FlushToDisk"/> first.
 /// </summary>
 internal sealed class DirectOutputStream : Stream
 {

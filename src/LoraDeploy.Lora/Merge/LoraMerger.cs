@@ -10,9 +10,10 @@ namespace LoraDeploy.Lora.Merge;
 /// Merges LoRA-family adapters into a base safetensors file, streaming tensor by tensor.
 /// </summary>
 /// <remarks>
-/// <para>Memory: every adapter is read in full (they are small); of the base, one tensor at a time (its bytes plus an
-/// F32 copy) for tensors an adapter changes or the output dtype converts, and a fixed buffer for the rest, which are
-/// copied byte for byte.</para>
+/// <para>Memory: every adapter is read in full (they are small); of the base, for tensors an adapter changes or the
+/// output dtype converts, the current one as F32 and its encoded bytes, and the next one as F32 (read ahead when no
+/// larger than the base's largest tensor); a fixed buffer for the rest, which are copied byte for byte; and the
+/// output's staging buffers (32 MiB).</para>
 /// <para>Math (reference lora-formats.md §4): W' = W + strength·scale·ΔW, accumulated in F32 (a LoRA's U·V with
 /// fused multiply-add) or, for the other forms, summed in double and rounded once to F32 per adapter; then rounded to
 /// the output dtype (to nearest even). Adapters apply in the order given, each to the result of the ones before.

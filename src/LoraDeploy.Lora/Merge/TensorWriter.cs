@@ -140,7 +140,8 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
     /// <summary>
     /// Reads the tensor's bytes into the top of <paramref name="values"/> (as many bytes as its F32 values take) and
     /// decodes them in place: element i is written at 4i, below the 2-byte elements not yet read at 2·count + 2j
-    /// (j &gt; i), so one buffer serves as both; <see cref="FloatCodec.Decode"/> goes front to back.
+    /// (j &gt; i), so one buffer serves as both; <see cref="FloatCodec.Decode"/> goes front to back. F32 bytes are
+    /// already the values.
     /// </summary>
     private void Load(SafetensorsTensor tensor, float[] values)
     {
