@@ -1,4 +1,5 @@
 using System.Globalization;
+using System.Runtime.InteropServices;
 using System.Text.RegularExpressions;
 using LoraDeploy.Lora.Peft;
 using LoraDeploy.Lora.Safetensors;
@@ -123,11 +124,20 @@ internal sealed class LoadedAdapter
                 {
                     throw new LoraMergeException($"adapter {path}: tensor '{tensor.Name}' is {tensor.ByteLength} bytes, too large for an adapter factor");
                 }
-                var bytes = new byte[tensor.ByteLength];
-                header.ReadTensor(file, tensor.Name, bytes);
                 var values = new float[tensor.ElementCount];
-                FloatCodec.Decode(bytes, tensor.Dtype, values);
-                var bad = Array.FindIndex(values, v => !float.IsFinite(v));
+                if (tensor.Dtype == "F32" && BitConverter.IsLittleEndian)
+                {
+                    // The file's bytes are the values: read them in place, without a second buffer per tensor (for a
+                    // large adapter that garbage would add its whole size to the merge's peak memory).
+                    header.ReadTensor(file, tensor.Name, MemoryMarshal.AsBytes(values.AsSpan()));
+                }
+                else
+                {
+                    var bytes = new byte[tensor.ByteLength];
+                    header.ReadTensor(file, tensor.Name, bytes);
+                    FloatCodec.Decode(bytes, tensor.Dtype, values);
+                }
+                var bad = FloatCodec.IndexOfNonFinite(values);
                 if (bad >= 0)
                 {
                     throw new LoraMergeException($"adapter {path}: tensor '{tensor.Name}' holds {values[bad]} at element {bad}; an adapter with NaN/Inf cannot be merged");
@@ -222,7 +232,7 @@ internal sealed class LoadedAdapter
             var b = Require(p, module, "embedding_b");
             Check(module, a.Shape.Length == 2 && b.Shape.Length == 2 && b.Shape[1] == a.Shape[0],
                 $"lora_embedding_A {Shape(a.Shape)} and lora_embedding_B {Shape(b.Shape)} are not [r, vocab] and [dim, r]");
-            // PEFT: the embedding's delta is (B·A)ᵀ = Aᵀ·Bᵀ, [vocab, dim].
+            // PEFT: the embedding's delta is (B·A)ᵀ = Aᵀ·Bᵀ, [vocab, dim]; float factors, so the blocked kernel takes it.
             int rank = (int)a.Shape[0], vocab = (int)a.Shape[1], dim = (int)b.Shape[0];
             delta = new LowRankDelta(Transpose(a.Values, rank, vocab), Transpose(b.Values, dim, rank), rank)
             {
@@ -530,9 +540,9 @@ internal sealed class LoadedAdapter
         return values;
     }
 
-    private static double[] Transpose(float[] values, int rows, int columns)
+    private static T[] Transpose<T>(T[] values, int rows, int columns)
     {
-        var transposed = new double[values.Length];
+        var transposed = new T[values.Length];
         for (var r = 0; r < rows; r++)
         {
             for (var c = 0; c < columns; c++)

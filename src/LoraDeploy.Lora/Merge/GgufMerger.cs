@@ -286,7 +286,10 @@ public static class GgufMerger
         {
             Module = patch.Module,
             NetworkType = patch.NetworkType,
-            Delta = new PermutedRowsDelta(delta, heads) { Out = delta.Out, Rest = delta.Rest, FullShape = delta.FullShape },
+            // A LoRA's rows are U's rows: reordering U keeps it on the blocked kernel, as a converted GGUF LoRA is.
+            Delta = delta is LowRankDelta lowRank
+                ? lowRank.WithRows(row => LlamaRopePermutation.SourceRow(row, rows, heads))
+                : new PermutedRowsDelta(delta, heads) { Out = delta.Out, Rest = delta.Rest, FullShape = delta.FullShape },
             Scale = patch.Scale,
             Dora = dora,
             DottedNames = patch.DottedNames,

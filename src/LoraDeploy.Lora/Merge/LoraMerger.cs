@@ -10,15 +10,16 @@ namespace LoraDeploy.Lora.Merge;
 /// Merges LoRA-family adapters into a base safetensors file, streaming tensor by tensor.
 /// </summary>
 /// <remarks>
-/// <para>Memory: every adapter is read in full (they are small); of the base, one tensor at a time (its bytes plus an
-/// F32 copy) for tensors an adapter changes or the output dtype converts, and a fixed buffer for the rest, which are
-/// copied byte for byte.</para>
-/// <para>Math (reference lora-formats.md §4): W' = W + strength·scale·ΔW, ΔW's products summed in double, the sum
-/// rounded once to F32 per adapter, then to the output dtype (round to nearest even). Adapters apply in the order
-/// given, each to the result of the ones before. DoRA: PEFT's <c>lora_magnitude_vector</c> follows PEFT's merge
-/// (V = W + strength·scale·ΔW; W' = V·m/‖V‖ per output row, no ε); LyCORIS' <c>dora_scale</c> follows LyCORIS
-/// (V = W + scale·ΔW; W' = V·(1 + strength·(m/(‖V‖+ε) − 1)), the norm per output row for [out,1,…] and per input
-/// channel for [1,in,…]).</para>
+/// <para>Memory: every adapter is read in full (they are small); of the base, for tensors an adapter changes or the
+/// output dtype converts, the current one as F32 and its encoded bytes, and the next one as F32 (read ahead when no
+/// larger than the base's largest tensor); a fixed buffer for the rest, which are copied byte for byte; and the
+/// output's staging buffers (32 MiB).</para>
+/// <para>Math (reference lora-formats.md §4): W' = W + strength·scale·ΔW, accumulated in F32 (a LoRA's U·V with
+/// fused multiply-add) or, for the other forms, summed in double and rounded once to F32 per adapter; then rounded to
+/// the output dtype (to nearest even). Adapters apply in the order given, each to the result of the ones before.
+/// DoRA: PEFT's <c>lora_magnitude_vector</c> follows PEFT's merge (V = W + strength·scale·ΔW; W' = V·m/‖V‖ per
+/// output row, no ε); LyCORIS' <c>dora_scale</c> follows LyCORIS (V = W + scale·ΔW;
+/// W' = V·(1 + strength·(m/(‖V‖+ε) − 1)), the norm per output row for [out,1,…] and per input channel for [1,in,…]).</para>
 /// <para>Output: tensors in the base's order, the header space-padded so data starts 8-aligned, written to
 /// <c>OUT.part</c>, flushed to disk and renamed; on any failure the <c>.part</c> is deleted. Metadata: the base's,
 /// plus <c>loradeploy.merge</c> (JSON: each adapter's file name, SHA-256, strength and module count, appended to an
@@ -31,6 +32,7 @@ public static class LoraMerger
     public const string MergeRecordKey = "loradeploy.merge";
 
     private const int MaxListed = 10;
+    private const long WritebackStep = 32 << 20;
     private static readonly string[] StaleHashKeys = ["modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash"];
 
     /// <exception cref="LoraMergeException">An input is unusable or the output could not be written; no output file is left.</exception>
@@ -60,29 +62,41 @@ public static class LoraMerger
             var records = loaded.Select(a => new MergedAdapterRecord(Path.GetFileName(a.Path), a.Sha256, a.Strength, a.Modules.Count)).ToList();
             var headerBytes = HeaderBytes(header.Metadata, layout, records, anyChange: plan.Count > 0 || layout.Any(l => l.OutputDtype != l.Tensor.Dtype));
 
+            // The next tensor to merge after layout[i], read meanwhile into a second buffer: only one whose F32 values
+            // take no more than the base's largest tensor, so memory stays within twice that plus the adapters.
+            var largest = tensors.Count == 0 ? 0 : tensors.Max(t => t.ByteLength);
+            var nextDecoded = new SafetensorsTensor?[layout.Count];
+            for (var i = layout.Count - 2; i >= 0; i--)
+            {
+                var after = layout[i + 1];
+                nextDecoded[i] = plan.ContainsKey(after.Tensor.Name) || after.OutputDtype != after.Tensor.Dtype ? after.Tensor : nextDecoded[i + 1];
+            }
+            SafetensorsTensor? Prefetchable(int i) => nextDecoded[i] is { } next && next.ElementCount * 4 <= largest ? next : null;
+
             var part = outputPath + ".part";
             var bytesWritten = headerBytes.Length + layout.Sum(l => l.ByteLength);
             int merged = 0, copied = 0, converted = 0;
             try
             {
-                using (var output = options.OpenOutput?.Invoke(part) ?? new FileStream(part, FileMode.Create, FileAccess.Write, FileShare.None, bufferSize: 1 << 20))
+                using (var output = options.OpenOutput?.Invoke(part) ?? DirectOutputStream.Create(part))
                 using (var input = File.OpenHandle(basePath, FileMode.Open, FileAccess.Read, FileShare.Read))
                 {
                     output.Write(headerBytes);
                     var writer = new TensorWriter(input, header.DataOffset, output);
                     long done = headerBytes.Length;
+                    long writtenBack = 0;
                     for (var i = 0; i < layout.Count; i++)
                     {
                         cancellationToken.ThrowIfCancellationRequested();
                         var entry = layout[i];
                         if (plan.TryGetValue(entry.Tensor.Name, out var patches))
                         {
-                            writer.Merge(entry, patches);
+                            writer.Merge(entry, patches, Prefetchable(i));
                             merged++;
                         }
                         else if (entry.OutputDtype != entry.Tensor.Dtype)
                         {
-                            writer.Merge(entry, []);
+                            writer.Merge(entry, [], Prefetchable(i));
                             copied++;
                             converted++;
                         }
@@ -92,12 +106,23 @@ public static class LoraMerger
                             copied++;
                         }
                         done += entry.ByteLength;
+                        if (output is FileStream file && done - writtenBack >= WritebackStep)
+                        {
+                            // Hand what is written so far to the disk now, so the closing fsync has little left.
+                            file.Flush();
+                            LinuxFiles.StartWriteback(file.SafeFileHandle, writtenBack, done - writtenBack);
+                            writtenBack = done;
+                        }
                         options.Progress?.Report(new MergeProgress(i + 1, layout.Count, done, bytesWritten));
                     }
                     output.Flush();
-                    if (output is FileStream file)
+                    if (output is FileStream outputFile)
                     {
-                        file.Flush(flushToDisk: true);
+                        outputFile.Flush(flushToDisk: true);
+                    }
+                    else if (output is DirectOutputStream direct)
+                    {
+                        direct.FlushToDisk();
                     }
                 }
                 File.Move(part, outputPath, overwrite: true);

@@ -1,11 +1,14 @@
+using System.Runtime.InteropServices;
 using Microsoft.Win32.SafeHandles;
 using LoraDeploy.Lora.Safetensors;
 
 namespace LoraDeploy.Lora.Merge;
 
 /// <summary>
-/// Writes output tensors one at a time: copies untouched ones byte for byte through a fixed buffer, and decodes,
-/// patches and re-encodes merged ones. Its buffers grow to the largest tensor merged and are reused.
+/// Writes output tensors one at a time: copies untouched ones byte for byte (in the kernel into an output file, else
+/// through a fixed buffer), and decodes, patches and re-encodes merged ones. Its buffers grow to the largest tensor
+/// merged and are reused. While one tensor is merged, the next can be read and decoded into a second buffer
+/// (<see cref="Prefetch"/>), so that work overlaps the encoding and writing, which use one core.
 /// </summary>
 internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream output)
 {
@@ -14,15 +17,30 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
     private const int CopyBufferSize = 4 * 1024 * 1024;
 
     private readonly byte[] _copyBuffer = new byte[CopyBufferSize];
-    private byte[] _raw = [];
     private float[] _values = [];
+    private float[] _spare = [];
+    private SafetensorsTensor? _prefetched;
+    private Task _prefetch = Task.CompletedTask;
     private byte[] _encoded = [];
     private double[] _row = [];
+    private bool _kernelCopy = true;
 
     public void Copy(SafetensorsTensor tensor)
     {
         var position = dataOffset + tensor.DataStart;
         var remaining = tensor.ByteLength;
+        // Into the output file itself, the kernel copies; other streams (GGUF's writer, the tests' full disk) and
+        // file systems it cannot copy between take the buffer below, from where the kernel stopped.
+        if (_kernelCopy && output is FileStream file)
+        {
+            file.Flush();
+            var at = file.Position;
+            var copied = LinuxFiles.Copy(input, position, file.SafeFileHandle, at, remaining, out var unsupported);
+            file.Position = at + copied;
+            position += copied;
+            remaining -= copied;
+            _kernelCopy = !unsupported;
+        }
         while (remaining > 0)
         {
             var chunk = _copyBuffer.AsSpan(0, (int)Math.Min(remaining, _copyBuffer.Length));
@@ -34,14 +52,28 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
     }
 
     /// <summary>Applies <paramref name="patches"/> in order (none: a dtype conversion only) and writes the tensor in its output dtype.</summary>
-    public void Merge(LoraMerger.LayoutEntry entry, IReadOnlyList<LoraMerger.TargetedPatch> patches)
+    /// <param name="next">The tensor merged after this one, to read and decode meanwhile into a second buffer; null for none.</param>
+    public void Merge(LoraMerger.LayoutEntry entry, IReadOnlyList<LoraMerger.TargetedPatch> patches, SafetensorsTensor? next = null)
     {
         var tensor = entry.Tensor;
         var count = (int)tensor.ElementCount;
-        var raw = Grow(ref _raw, (int)tensor.ByteLength);
-        ReadExactly(dataOffset + tensor.DataStart, raw, tensor.Name);
-        var values = Grow(ref _values, count);
-        FloatCodec.Decode(raw, tensor.Dtype, values);
+        var prefetched = _prefetched == tensor;
+        _prefetched = null;
+        _prefetch.GetAwaiter().GetResult();
+        if (prefetched)
+        {
+            (_values, _spare) = (_spare, _values);
+        }
+        else
+        {
+            Grow(ref _values, count);
+            Load(tensor, _values);
+        }
+        var values = _values.AsSpan(0, count);
+        if (next is not null)
+        {
+            Prefetch(next);
+        }
 
         foreach (var patch in patches)
         {
@@ -63,13 +95,20 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
             }
         }
 
+        byte[]? raw = null;
         for (var i = FloatCodec.IndexOfNonFinite(values); i >= 0 && i < count; i++)
         {
             if (!float.IsFinite(values[i]))
             {
+                // Rare: the base's own bytes tell whether the base value was already non-finite (then it is kept).
+                if (raw is null)
+                {
+                    raw = new byte[tensor.ByteLength];
+                    ReadExactly(dataOffset + tensor.DataStart, raw, tensor.Name);
+                }
                 var original = new float[1];
-                var size = raw.Length / Math.Max(count, 1);
-                FloatCodec.Decode(raw.Slice(i * size, size), tensor.Dtype, original);
+                var size = FloatCodec.ElementSize(tensor.Dtype);
+                FloatCodec.Decode(raw.AsSpan(i * size, size), tensor.Dtype, original);
                 if (float.IsFinite(original[0]))
                 {
                     throw new LoraMergeException($"merging into '{tensor.Name}' gives {values[i]} at element {i} (base value {original[0]}); check the adapter strengths and that the adapter belongs to this base");
@@ -84,6 +123,33 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
             throw new LoraMergeException($"merged tensor '{tensor.Name}' has {values[(int)overflow]} at element {overflow}, beyond the range of {entry.OutputDtype}");
         }
         output.Write(encoded);
+    }
+
+    /// <summary>
+    /// Starts reading and decoding <paramref name="tensor"/>, the next one to merge, into the spare buffer; the
+    /// <see cref="Merge"/> of that tensor picks it up (and reports its errors).
+    /// </summary>
+    private void Prefetch(SafetensorsTensor tensor)
+    {
+        Grow(ref _spare, (int)tensor.ElementCount);
+        var buffer = _spare;
+        _prefetched = tensor;
+        _prefetch = Task.Run(() => Load(tensor, buffer));
+    }
+
+    /// <summary>
+    /// Reads the tensor's bytes into the top of <paramref name="values"/> (as many bytes as its F32 values take) and
+    /// decodes them in place: element i is written at 4i, below the 2-byte elements not yet read at 2·count + 2j
+    /// (j &gt; i), so one buffer serves as both; <see cref="FloatCodec.Decode"/> goes front to back. F32 bytes are
+    /// already the values.
+    /// </summary>
+    private void Load(SafetensorsTensor tensor, float[] values)
+    {
+        var count = (int)tensor.ElementCount;
+        var bytes = MemoryMarshal.AsBytes(values.AsSpan(0, count));
+        var raw = bytes[(bytes.Length - (int)tensor.ByteLength)..];
+        ReadExactly(dataOffset + tensor.DataStart, raw, tensor.Name);
+        FloatCodec.Decode(raw, tensor.Dtype, values.AsSpan(0, count));
     }
 
     /// <param name="buffer">The tensor's values.</param>
