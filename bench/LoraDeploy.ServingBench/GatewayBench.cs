@@ -151,6 +151,11 @@ public static class GatewayBench
                         Stats.F(pick(r).Throughput, 0), $"{Stats.F(pick(r).P50)} / {Stats.F(pick(r).P99)}",
                         Stats.F(pick(r).P50 - r.Direct.P50), Stats.F(pick(r).Throughput / r.Direct.Throughput),
                     ]));
+                var cpuAdded = results.Select(r => pick(r).CpuMicrosPerRequest - r.Direct.CpuMicrosPerRequest).ToList();
+                Stats.Note($"{name}: process CPU per request direct {Stats.Spread(results.Select(r => r.Direct.CpuMicrosPerRequest).ToList(), 0)} µs, " +
+                    $"via gateway {Stats.Spread(results.Select(r => pick(r).CpuMicrosPerRequest).ToList(), 0)} µs: the gateway adds {Stats.Spread(cpuAdded, 0)} µs; " +
+                    $"allocated per request direct {Stats.Spread(results.Select(r => r.Direct.AllocatedPerRequest / 1024).ToList(), 1)} KiB, " +
+                    $"via gateway {Stats.Spread(results.Select(r => pick(r).AllocatedPerRequest / 1024).ToList(), 1)} KiB");
                 var added = results.Select(r => pick(r).P50 - r.Direct.P50).ToList();
                 var ratio = results.Select(r => pick(r).Throughput / r.Direct.Throughput).ToList();
                 Stats.Note($"{name} adds at p50: median {Stats.Spread(added)} ms (target ≤ 1 ms: {Verdict(Stats.Median(added))})");

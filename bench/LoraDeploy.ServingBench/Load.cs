@@ -15,6 +15,10 @@ public sealed class RunResult(string name, List<double> latenciesMs, int errors,
     public double P90 => Stats.Percentile(latenciesMs, 0.90);
     public double P99 => Stats.Percentile(latenciesMs, 0.99);
     public double Max => latenciesMs.Count == 0 ? double.NaN : latenciesMs.Max();
+    /// <summary>This process's CPU time (every thread: load, server and in-process worker) per answered request, µs.</summary>
+    public double CpuMicrosPerRequest { get; init; } = double.NaN;
+    /// <summary>Bytes allocated in this process per answered request.</summary>
+    public double AllocatedPerRequest { get; init; } = double.NaN;
 }
 
 public static class Load
@@ -26,6 +30,7 @@ public static class Load
     public static async Task<RunResult> ClosedLoopAsync(string name, int connections, TimeSpan duration, Func<int, Task<HttpResponseMessage>> send)
     {
         var recorder = new Recorder(connections);
+        var (cpu, allocated) = (Process.GetCurrentProcess().TotalProcessorTime, GC.GetTotalAllocatedBytes());
         var started = Stopwatch.GetTimestamp();
         var stopAt = started + (long)(duration.TotalSeconds * Stopwatch.Frequency);
         await Task.WhenAll(Enumerable.Range(0, connections).Select(async c =>
@@ -35,7 +40,10 @@ public static class Load
                 await recorder.TimeAsync(c, () => send(c));
             }
         }));
-        return recorder.Result(name, Stopwatch.GetElapsedTime(started));
+        // CPU per request depends much less than throughput on what else the machine runs, so it shows what a side
+        // costs even when a noisy minute moves the req/s.
+        return recorder.Result(name, Stopwatch.GetElapsedTime(started),
+            Process.GetCurrentProcess().TotalProcessorTime - cpu, GC.GetTotalAllocatedBytes() - allocated);
     }
 
     /// <summary>
@@ -111,7 +119,16 @@ public static class Load
             _latencies[connection].Add(Stopwatch.GetElapsedTime(begin).TotalMilliseconds);
         }
 
-        public RunResult Result(string name, TimeSpan elapsed) => new(name, _latencies.SelectMany(l => l).ToList(), _errors, elapsed, _firstError);
+        public RunResult Result(string name, TimeSpan elapsed, TimeSpan? cpu = null, long? allocated = null)
+        {
+            var latencies = _latencies.SelectMany(l => l).ToList();
+            var answered = Math.Max(1, latencies.Count);
+            return new(name, latencies, _errors, elapsed, _firstError)
+            {
+                CpuMicrosPerRequest = cpu is { } c ? c.TotalMicroseconds / answered : double.NaN,
+                AllocatedPerRequest = allocated is { } a ? a / (double)answered : double.NaN,
+            };
+        }
 
         private void Failed(string what)
         {

@@ -6,6 +6,7 @@ using LoraDeploy.Auth;
 using LoraDeploy.BaseModels;
 using LoraDeploy.Data;
 using LoraDeploy.Workers;
+using Microsoft.EntityFrameworkCore;
 using Microsoft.Extensions.Options;
 
 namespace LoraDeploy.Inference;
@@ -127,13 +128,13 @@ public static class InferenceEndpoints
             scale = requested;
         }
 
-        var db = services.GetRequiredService<LoraDeployDbContext>();
+        var contexts = services.GetRequiredService<IDbContextFactory<LoraDeployDbContext>>();
         var (target, problem) = deployId is not null
-            ? await InferenceTargets.ResolveDeployAsync(db, registry, caller.Id, deployId, scale, ct)
-            : await InferenceTargets.ResolveModelAsync(db, registry, caller.Id, model!, scale, ct);
+            ? await InferenceTargets.ResolveDeployAsync(contexts, registry, caller.Id, deployId, scale, ct)
+            : await InferenceTargets.ResolveModelAsync(contexts, registry, caller.Id, model!, scale, ct);
         if (problem is null && json.TryGetProperty("loras", out var loras) && loras.ValueKind != JsonValueKind.Null)
         {
-            (target, problem) = await InferenceTargets.AddAdaptersAsync(db, registry, caller.Id, target!, loras, ct);
+            (target, problem) = await InferenceTargets.AddAdaptersAsync(contexts, registry, caller.Id, target!, loras, ct);
         }
         if (problem is not null)
         {

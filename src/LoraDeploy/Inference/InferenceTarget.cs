@@ -28,8 +28,9 @@ public static class InferenceTargets
 {
     public const float MaxScale = 8f;
 
+    /// <summary>A base model comes from the registry; only an adapter's name asks the database (a context just for that query).</summary>
     public static async Task<(InferenceTarget? Target, TargetProblem? Problem)> ResolveModelAsync(
-        LoraDeployDbContext db, BaseModelRegistry registry, long callerId, string model, float scale, CancellationToken ct)
+        IDbContextFactory<LoraDeployDbContext> contexts, BaseModelRegistry registry, long callerId, string model, float scale, CancellationToken ct)
     {
         if (registry.Find(model) is { } baseModel)
         {
@@ -43,6 +44,7 @@ public static class InferenceTargets
             return (null, new TargetProblem(StatusCodes.Status404NotFound, $"Model '{model}' not found: use owner/lora_name or a base model name.", "model"));
         }
         var (owner, name) = (model[..slash], model[(slash + 1)..]);
+        await using var db = await contexts.CreateDbContextAsync(ct);
         var row = await db.Deploys
             .Where(d => d.Lora!.Name == name && d.Lora.User!.Name == owner && !d.Lora.Deleted && d.Status != DeployStatus.Deleted)
             .Select(d => new Row(d.Id, d.Status, d.UserId, d.Lora!.Private, d.Lora.BaseModel, d.Lora.AdapterSha256, d.ModelName))
@@ -51,8 +53,9 @@ public static class InferenceTargets
     }
 
     public static async Task<(InferenceTarget? Target, TargetProblem? Problem)> ResolveDeployAsync(
-        LoraDeployDbContext db, BaseModelRegistry registry, long callerId, string deployId, float scale, CancellationToken ct)
+        IDbContextFactory<LoraDeployDbContext> contexts, BaseModelRegistry registry, long callerId, string deployId, float scale, CancellationToken ct)
     {
+        await using var db = await contexts.CreateDbContextAsync(ct);
         var row = await db.Deploys
             .Where(d => d.Id == deployId && d.Status != DeployStatus.Deleted && !d.Lora!.Deleted)
             .Select(d => new Row(d.Id, d.Status, d.UserId, d.Lora!.Private, d.Lora.BaseModel, d.Lora.AdapterSha256, d.ModelName))
@@ -62,7 +65,7 @@ public static class InferenceTargets
 
     /// <summary>Several adapters in one request (our extension): <c>loras: [{"model": "owner/name", "scale": 0.8}]</c>, all on one pool.</summary>
     public static async Task<(InferenceTarget? Target, TargetProblem? Problem)> AddAdaptersAsync(
-        LoraDeployDbContext db, BaseModelRegistry registry, long callerId, InferenceTarget target, JsonElement loras, CancellationToken ct)
+        IDbContextFactory<LoraDeployDbContext> contexts, BaseModelRegistry registry, long callerId, InferenceTarget target, JsonElement loras, CancellationToken ct)
     {
         if (loras.ValueKind != JsonValueKind.Array || loras.GetArrayLength() is 0 or > 8)
         {
@@ -82,7 +85,7 @@ public static class InferenceTargets
             {
                 return (null, new TargetProblem(StatusCodes.Status422UnprocessableEntity, $"{param}.scale must be a number from -{MaxScale} to {MaxScale}.", param));
             }
-            var (resolved, problem) = await ResolveModelAsync(db, registry, callerId, m.GetString()!, scale, ct);
+            var (resolved, problem) = await ResolveModelAsync(contexts, registry, callerId, m.GetString()!, scale, ct);
             if (problem is not null)
             {
                 return (null, problem with { Param = param });
