@@ -61,6 +61,10 @@ internal static class S3UploadBench
                     ["Storage:S3:AccessKey"] = "S3RVER",
                     ["Storage:S3:SecretKey"] = "S3RVER",
                 };
+                if (Environment.GetEnvironmentVariable("S3BENCH_PARTS_IN_FLIGHT") is { Length: > 0 } inFlight)
+                {
+                    settings["Storage:S3:PartsInFlight"] = inFlight; // 1 = the parts one at a time
+                }
                 if (Environment.GetEnvironmentVariable("S3BENCH_FILESYSTEM") == "1")
                 {
                     // For the breakdown: the same upload into the filesystem store (receive + checks + local commit only).

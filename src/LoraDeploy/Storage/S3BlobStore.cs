@@ -10,7 +10,7 @@ namespace LoraDeploy.Storage;
 
 /// <summary>
 /// The blob store in an S3-compatible bucket, same content-addressed names as the folder (<c>{prefix}sha256/ab/abcd…</c>).
-/// Uploads stream in parts while hashing, one part buffer in memory; an object appears only when the bytes matched and
+/// Uploads stream in parts while hashing, up to PartsInFlight part buffers in memory; an object appears only when the bytes matched and
 /// CompleteMultipartUpload (or the single PutObject) succeeded, so a row written afterwards never names a missing or
 /// partial object. Staging files stay in a local folder: resumable downloads append to them.
 /// </summary>
@@ -19,6 +19,7 @@ public sealed partial class S3BlobStore(IAmazonS3 client, S3StorageOptions optio
     private readonly string _bucket = options.Bucket!;
     private readonly string _prefix = options.KeyPrefix;
     private readonly int _partSize = options.PartSizeMiB * 1024 * 1024;
+    private readonly int _partsInFlight = options.PartsInFlight;
 
     public string Location => $"s3://{_bucket}/{_prefix}";
 
@@ -179,29 +180,22 @@ public sealed partial class S3BlobStore(IAmazonS3 client, S3StorageOptions optio
                 Key = key,
                 ContentType = "application/octet-stream",
             }, ct);
+            var parts = new List<Task<PartETag>>();
+            using var slots = new SemaphoreSlim(_partsInFlight);
             try
             {
-                var parts = new List<PartETag>();
+                // Up to PartsInFlight parts go up at once, each from its own buffer (handed over to the send, which
+                // returns it); the next part is read and hashed meanwhile. ETags are listed in part order however
+                // the sends finish.
                 while (filled > 0)
                 {
-                    using (var body = new MemoryStream(buffer, 0, filled, writable: false))
-                    {
-                        var part = await client.UploadPartAsync(new UploadPartRequest
-                        {
-                            BucketName = _bucket,
-                            Key = key,
-                            UploadId = upload.UploadId,
-                            PartNumber = parts.Count + 1,
-                            InputStream = body,
-                            PartSize = filled,
-                            MD5Digest = Md5Of(buffer, filled),
-                            UseChunkEncoding = false,
-                        }, ct);
-                        parts.Add(new PartETag(parts.Count + 1, part.ETag));
-                    }
+                    await slots.WaitAsync(ct);
+                    parts.Add(SendPartAsync(key, upload.UploadId, parts.Count + 1, buffer, filled, slots, ct));
+                    buffer = ArrayPool<byte>.Shared.Rent(_partSize);
                     filled = await FillAsync(content, buffer, ct);
                     hash.AppendData(buffer, 0, filled);
                 }
+                var etags = await Task.WhenAll(parts);
                 if (!Matches(hash, sha256))
                 {
                     await AbortAsync(key, upload.UploadId);
@@ -212,12 +206,14 @@ public sealed partial class S3BlobStore(IAmazonS3 client, S3StorageOptions optio
                     BucketName = _bucket,
                     Key = key,
                     UploadId = upload.UploadId,
-                    PartETags = parts,
+                    PartETags = [.. etags],
                 }, ct);
                 return BlobPutResult.Stored;
             }
             catch
             {
+                // Parts still being sent finish (or fail) before the abort, so none lands after it.
+                await ((Task)Task.WhenAll(parts)).ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
                 await AbortAsync(key, upload.UploadId);
                 throw;
             }
@@ -238,6 +234,32 @@ public sealed partial class S3BlobStore(IAmazonS3 client, S3StorageOptions optio
         catch (Exception e) when (e is AmazonServiceException or HttpRequestException or IOException)
         {
             LogAbortFailed(key, uploadId, e.Message);
+        }
+    }
+
+    /// <summary>Sends one part from <paramref name="buffer"/>, then returns the buffer to the pool and frees its slot.</summary>
+    private async Task<PartETag> SendPartAsync(string key, string uploadId, int number, byte[] buffer, int length, SemaphoreSlim slots, CancellationToken ct)
+    {
+        try
+        {
+            using var body = new MemoryStream(buffer, 0, length, writable: false);
+            var part = await client.UploadPartAsync(new UploadPartRequest
+            {
+                BucketName = _bucket,
+                Key = key,
+                UploadId = uploadId,
+                PartNumber = number,
+                InputStream = body,
+                PartSize = length,
+                MD5Digest = Md5Of(buffer, length),
+                UseChunkEncoding = false,
+            }, ct);
+            return new PartETag(number, part.ETag);
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
+            slots.Release();
         }
     }
 

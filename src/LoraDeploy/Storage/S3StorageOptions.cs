@@ -29,8 +29,11 @@ public sealed partial class S3StorageOptions
 
     public string? SecretKey { get; set; }
 
-    /// <summary>Multipart part size: the one buffer an upload holds in memory. S3 wants at least 5 MiB.</summary>
+    /// <summary>Multipart part size. S3 wants at least 5 MiB.</summary>
     public int PartSizeMiB { get; set; } = 8;
+
+    /// <summary>Parts of one upload sent at once; an upload holds this many part buffers in memory.</summary>
+    public int PartsInFlight { get; set; } = 4;
 
     /// <summary>The key prefix as used: empty, or ending in '/'.</summary>
     internal string KeyPrefix => string.IsNullOrEmpty(Prefix) ? "" : Prefix.EndsWith('/') ? Prefix : Prefix + "/";
@@ -84,6 +87,10 @@ public sealed partial class S3StorageOptions
             if (s3.PartSizeMiB is < 5 or > 1024)
             {
                 errors.Add($"{Section}:PartSizeMiB {s3.PartSizeMiB} is not from 5 to 1024 (S3's smallest part is 5 MiB).");
+            }
+            if (s3.PartsInFlight is < 1 or > 16)
+            {
+                errors.Add($"{Section}:PartsInFlight {s3.PartsInFlight} is not from 1 to 16 (parts of one upload sent at once).");
             }
             return errors.Count == 0 ? ValidateOptionsResult.Success : ValidateOptionsResult.Fail(errors);
         }

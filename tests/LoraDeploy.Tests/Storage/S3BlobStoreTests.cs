@@ -94,6 +94,18 @@ public sealed class S3BlobStoreTests : IAsyncLifetime
         Assert.Empty(await _s3.KeysAsync());
     }
 
+    [Fact]
+    public async Task Parts_sent_several_at_once_make_the_object_in_order()
+    {
+        // Nine parts, four in flight (the default): whichever send finishes first, the object is the bytes in order.
+        var bytes = Bytes(PartSize * 8 + 4321, seed: 7);
+        var sha = Sha(bytes);
+
+        Assert.Equal(BlobPutResult.Stored, await _store.PutAsync(sha, new MemoryStream(bytes), Ct));
+
+        Assert.Equal(bytes, await ObjectBytesAsync(_store.KeyOf(sha)));
+    }
+
     [Theory]
     [InlineData(100_000)]
     [InlineData(PartSize * 2 + 12345)] // through the multipart path

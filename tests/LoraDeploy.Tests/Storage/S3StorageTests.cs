@@ -110,11 +110,12 @@ public sealed class S3StorageTests : IAsyncLifetime
             ["Storage:S3:Endpoint"] = "minio:9000",
             ["Storage:S3:AccessKey"] = "only-the-key",
             ["Storage:S3:PartSizeMiB"] = "1",
+            ["Storage:S3:PartsInFlight"] = "0",
         };
 
         var e = await Assert.ThrowsAsync<OptionsValidationException>(() => LoraDeployServer.StartAsync(settings: settings));
 
-        foreach (var setting in new[] { "Storage:S3:Bucket", "Storage:S3:Prefix", "Storage:S3:Endpoint", "Storage:S3:SecretKey", "Storage:S3:PartSizeMiB" })
+        foreach (var setting in new[] { "Storage:S3:Bucket", "Storage:S3:Prefix", "Storage:S3:Endpoint", "Storage:S3:SecretKey", "Storage:S3:PartSizeMiB", "Storage:S3:PartsInFlight" })
         {
             Assert.Contains(setting, e.Message);
         }
