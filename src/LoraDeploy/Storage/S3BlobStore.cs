@@ -10,9 +10,9 @@ namespace LoraDeploy.Storage;
 
 /// <summary>
 /// The blob store in an S3-compatible bucket, same content-addressed names as the folder (<c>{prefix}sha256/ab/abcd…</c>).
-/// Uploads stream in parts while hashing, up to PartsInFlight part buffers in memory; an object appears only when the bytes matched and
-/// CompleteMultipartUpload (or the single PutObject) succeeded, so a row written afterwards never names a missing or
-/// partial object. Staging files stay in a local folder: resumable downloads append to them.
+/// Uploads stream in parts while hashing, up to PartsInFlight part buffers in memory; an object appears only when the
+/// bytes matched and CompleteMultipartUpload (or the single PutObject) succeeded, so a row written afterwards never names
+/// a missing or partial object. Staging files stay in a local folder: resumable downloads append to them.
 /// </summary>
 public sealed partial class S3BlobStore(IAmazonS3 client, S3StorageOptions options, StagingFolder staging, ILogger<S3BlobStore> logger) : IBlobStore
 {
@@ -190,6 +190,10 @@ public sealed partial class S3BlobStore(IAmazonS3 client, S3StorageOptions optio
                 while (filled > 0)
                 {
                     await slots.WaitAsync(ct);
+                    if (parts.FirstOrDefault(p => p.IsFaulted) is { } failed)
+                    {
+                        await failed; // a part that failed ends the upload now, not after the rest of the file is sent
+                    }
                     parts.Add(SendPartAsync(key, upload.UploadId, parts.Count + 1, buffer, filled, slots, ct));
                     buffer = ArrayPool<byte>.Shared.Rent(_partSize);
                     filled = await FillAsync(content, buffer, ct);
