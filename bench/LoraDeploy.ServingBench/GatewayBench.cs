@@ -22,7 +22,11 @@ public static class GatewayBench
     /// When 0 or more, the worker is a separate <c>loradeploy worker</c> process pinned to that CPU with <c>taskset</c>,
     /// the way a worker has its own machine; run the bench itself under <c>taskset -c</c> on the other CPU(s).
     /// </param>
-    public static async Task RunAsync(int rounds, TimeSpan duration, int connections, int workerSlots, int snapshotMs, int workerCpu)
+    /// <param name="profileSeconds">
+    /// When above 0, only the default gateway runs after the warm-up, for this long, and its CPU per request is printed:
+    /// a window to attach a profiler to (<c>perf record -p</c>), with nothing else in it.
+    /// </param>
+    public static async Task RunAsync(int rounds, TimeSpan duration, int connections, int workerSlots, int snapshotMs, int workerCpu, int profileSeconds = 0)
     {
         var model = new TinyLlama().Generate();
         Directory.CreateDirectory(BenchPaths.Scratch);
@@ -88,6 +92,26 @@ public static class GatewayBench
             if (snapshotMs > 0)
             {
                 await GatewayWith("warm-snapshot", snapshotMs, connections, TimeSpan.FromSeconds(3));
+            }
+            if (profileSeconds > 0)
+            {
+                Stats.Note($"profile window: process {Environment.ProcessId}, {profileSeconds} s from {DateTime.UtcNow:HH:mm:ss}");
+                foreach (var side in new[] { "direct", "gateway" })
+                {
+                    using var sampler = new AllocationSampler();
+                    sampler.Start();
+                    var p = side == "direct"
+                        ? await Load.ClosedLoopAsync("profile-direct", connections, TimeSpan.FromSeconds(profileSeconds), Direct)
+                        : await GatewayWith("profile", snapshotMs, connections, TimeSpan.FromSeconds(profileSeconds));
+                    var types = sampler.Stop();
+                    Stats.Note($"profile window, {side}: {Stats.F(p.Throughput, 0)} req/s, {Stats.F(p.CpuMicrosPerRequest, 0)} µs CPU and {Stats.F(p.AllocatedPerRequest / 1024, 1)} KiB per request; sampled bytes per request by type:");
+                    var answered = p.Throughput * profileSeconds;
+                    foreach (var (type, bytes) in types.Take(40))
+                    {
+                        Console.WriteLine($"#   {bytes / answered,8:F0} B  {type}");
+                    }
+                }
+                return;
             }
 
             var results = new List<(RunResult Direct, RunResult Gateway, RunResult? Snapshot)>();
