@@ -1,6 +1,5 @@
 using System.Buffers;
 using System.Diagnostics;
-using System.Net.Http.Headers;
 using System.Text.Json;
 using LoraDeploy.Auth;
 using LoraDeploy.BaseModels;
@@ -19,7 +18,8 @@ namespace LoraDeploy.Inference;
 /// </summary>
 public static class InferenceEndpoints
 {
-    /// <summary>Named client for server → worker calls: no retries (inference is not idempotent), no overall timeout (streams).</summary>
+    /// <summary>Named client for server → worker calls: no retries (inference is not idempotent), no overall timeout (streams).
+    /// The gateway uses its handler through an <see cref="HttpMessageInvoker"/>.</summary>
     public const string WorkerClientName = "LoraDeploy.Workers";
 
     public static IServiceCollection AddInferenceGateway(this IServiceCollection services)
@@ -182,7 +182,9 @@ public static class InferenceEndpoints
             return;
         }
         var requestId = NewRequestId();
-        var client = services.GetRequiredService<IHttpClientFactory>().CreateClient(WorkerClientName);
+        // The named client's handler without HttpClient around it (as a reverse proxy forwards): an invoker returns once
+        // the headers are in and adds no timeout or cancellation source of its own. Not disposed: the handler is the factory's.
+        var client = new HttpMessageInvoker(services.GetRequiredService<IHttpMessageHandlerFactory>().CreateHandler(WorkerClientName), disposeHandler: false);
         var metrics = services.GetRequiredService<InferenceMetrics>();
         if (webhook is not null)
         {
@@ -200,23 +202,23 @@ public static class InferenceEndpoints
 
     /// <summary>
     /// The one call to a worker, shared by the proxied and the webhook paths: the answer comes back once its headers
-    /// have (the body is still to be read). Throws what <see cref="HttpClient.SendAsync(HttpRequestMessage, HttpCompletionOption, CancellationToken)"/> throws.
+    /// have (the body is still to be read). Throws what <see cref="HttpMessageInvoker.SendAsync(HttpRequestMessage, CancellationToken)"/> throws.
     /// </summary>
-    private static async Task<HttpResponseMessage> CallWorkerAsync(HttpClient client, InferenceMetrics metrics, WorkerLease lease,
+    private static async Task<HttpResponseMessage> CallWorkerAsync(HttpMessageInvoker client, InferenceMetrics metrics, WorkerLease lease,
         InferenceTarget target, string operation, byte[] body, string requestId, CancellationToken ct)
     {
         // Not disposed here: the answer may arrive before the body is all sent, and the message holds only managed bytes.
-        var request = new HttpRequestMessage(HttpMethod.Post, lease.Worker.Url + WorkerProtocol.InferPath)
-        {
-            Content = new ByteArrayContent(body) { Headers = { ContentType = new MediaTypeHeaderValue("application/json") } },
-        };
-        request.Headers.Authorization = new AuthenticationHeaderValue("Bearer", lease.Worker.CallKey);
-        request.Headers.Add(WorkerProtocol.OperationHeader, operation);
-        request.Headers.Add(WorkerProtocol.PoolHeader, target.Pool.Name);
-        request.Headers.Add(WorkerProtocol.AdaptersHeader, target.AdaptersHeader);
-        request.Headers.Add(WorkerProtocol.RequestIdHeader, requestId);
-        var response = await client.SendAsync(request, HttpCompletionOption.ResponseHeadersRead, ct);
-        if (response.Headers.TryGetValues(WorkerProtocol.LoadedHeader, out var loaded))
+        // Headers are added as they are (no parse and re-format): every value is ours and well-formed.
+        var content = new ByteArrayContent(body);
+        content.Headers.TryAddWithoutValidation("Content-Type", "application/json");
+        var request = new HttpRequestMessage(HttpMethod.Post, lease.Worker.InferUri) { Content = content };
+        request.Headers.TryAddWithoutValidation("Authorization", lease.Worker.Authorization);
+        request.Headers.TryAddWithoutValidation(WorkerProtocol.OperationHeader, operation);
+        request.Headers.TryAddWithoutValidation(WorkerProtocol.PoolHeader, target.Pool.Name);
+        request.Headers.TryAddWithoutValidation(WorkerProtocol.AdaptersHeader, target.AdaptersHeader);
+        request.Headers.TryAddWithoutValidation(WorkerProtocol.RequestIdHeader, requestId);
+        var response = await client.SendAsync(request, ct);
+        if (response.Headers.NonValidated.TryGetValues(WorkerProtocol.LoadedHeader, out var loaded))
         {
             var count = loaded.SelectMany(v => v.Split(',', StringSplitOptions.RemoveEmptyEntries)).Count();
             if (count > 0)
@@ -232,18 +234,19 @@ public static class InferenceEndpoints
     /// the connection before answering → 503 at once; past <see cref="WorkersOptions.RequestTimeoutSeconds"/> → 504; a
     /// client that goes away cancels the call, and with it the work on the worker.
     /// </summary>
-    private static async Task ProxyAsync(HttpContext http, HttpClient client, InferenceMetrics metrics, WorkerLease lease, InferenceTarget target,
+    private static async Task ProxyAsync(HttpContext http, HttpMessageInvoker client, InferenceMetrics metrics, WorkerLease lease, InferenceTarget target,
         string operation, bool openAi, byte[] body, string requestId, WorkersOptions options)
     {
-        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(options.RequestTimeoutSeconds));
-        using var linked = CancellationTokenSource.CreateLinkedTokenSource(http.RequestAborted, timeout.Token);
+        // One source for both ends of the call: the client leaving, or the timeout (told apart by RequestAborted).
+        using var linked = CancellationTokenSource.CreateLinkedTokenSource(http.RequestAborted);
+        linked.CancelAfter(TimeSpan.FromSeconds(options.RequestTimeoutSeconds));
 
         HttpResponseMessage response;
         try
         {
             response = await CallWorkerAsync(client, metrics, lease, target, operation, body, requestId, linked.Token);
         }
-        catch (OperationCanceledException) when (timeout.IsCancellationRequested && !http.RequestAborted.IsCancellationRequested)
+        catch (OperationCanceledException) when (linked.IsCancellationRequested && !http.RequestAborted.IsCancellationRequested)
         {
             await ErrorAsync(http, openAi, StatusCodes.Status504GatewayTimeout, $"The request took longer than {options.RequestTimeoutSeconds} s; it was cancelled.", null);
             return;
@@ -261,11 +264,12 @@ public static class InferenceEndpoints
         using (response)
         {
             http.Response.StatusCode = (int)response.StatusCode;
-            if (response.Content.Headers.ContentType is { } contentType)
+            // Passed on as the worker wrote them (NonValidated: no parse and re-format per request).
+            if (response.Content.Headers.NonValidated.TryGetValues("Content-Type", out var contentType))
             {
                 http.Response.ContentType = contentType.ToString();
             }
-            if (response.Headers.CacheControl is { } cacheControl)
+            if (response.Headers.NonValidated.TryGetValues("Cache-Control", out var cacheControl))
             {
                 http.Response.Headers.CacheControl = cacheControl.ToString();
             }

@@ -26,7 +26,14 @@ public sealed class WorkerLease(RoutedWorker worker, Action release) : IDisposab
     }
 }
 
-public sealed record RoutedWorker(string Id, string Url, string CallKey, int Slots, IReadOnlySet<string> Resident);
+public sealed record RoutedWorker(string Id, string Url, string CallKey, int Slots, IReadOnlySet<string> Resident)
+{
+    /// <summary>The worker's inference endpoint, parsed once per read of the workers rather than once per request.</summary>
+    public Uri InferUri { get; } = new(Url.TrimEnd('/') + WorkerProtocol.InferPath);
+
+    /// <summary>The <c>Authorization</c> value the server calls this worker with.</summary>
+    public string Authorization { get; } = "Bearer " + CallKey;
+}
 
 public enum RouteRefusal
 {
@@ -68,6 +75,7 @@ public sealed class InferenceRouter(
         try
         {
             var waitUntil = time.GetUtcNow() + TimeSpan.FromMilliseconds(options.Value.HolderWaitMilliseconds);
+            string[] keys = adapters.Count == 0 ? [] : adapters.Select(sha => $"{pool}|{sha}").ToArray();
             while (true)
             {
                 var workers = await LiveWorkersAsync(pool, ct);
@@ -75,24 +83,40 @@ public sealed class InferenceRouter(
                 {
                     return (null, RouteRefusal.NoWorker);
                 }
-                var keys = adapters.Select(sha => $"{pool}|{sha}").ToList();
-                bool Holds(RoutedWorker w) => keys.All(w.Resident.Contains);
                 if (options.Value.Routing == "random")
                 {
                     workers = [workers[Random.Shared.Next(workers.Count)]];
                 }
-                bool Free(RoutedWorker w) => _inFlight.GetValueOrDefault(w.Id) < w.Slots;
-
-                var holders = workers.Where(Holds).ToList();
-                var choice = holders.Where(Free).OrderBy(Load).FirstOrDefault();
+                // One pass: the least loaded holder with a free slot, the least loaded worker with a free slot, and the
+                // least loaded worker of all (the first of equals wins each).
+                RoutedWorker? freeHolder = null, free = null, least = null;
+                var anyHolder = false;
+                foreach (var worker in workers)
+                {
+                    var holds = Holds(worker, keys);
+                    anyHolder |= holds;
+                    var isFree = _inFlight.GetValueOrDefault(worker.Id) < worker.Slots;
+                    if (holds && isFree && (freeHolder is null || Load(worker) < Load(freeHolder)))
+                    {
+                        freeHolder = worker;
+                    }
+                    if (isFree && (free is null || Load(worker) < Load(free)))
+                    {
+                        free = worker;
+                    }
+                    if (least is null || Load(worker) < Load(least))
+                    {
+                        least = worker;
+                    }
+                }
                 // Waiting is for a worker that holds the adapters; without adapters every worker is as good as another.
-                if (choice is null && adapters.Count > 0 && holders.Count > 0 && time.GetUtcNow() < waitUntil)
+                if (freeHolder is null && keys.Length > 0 && anyHolder && time.GetUtcNow() < waitUntil)
                 {
                     await Task.Delay(HolderPoll, time, ct); // a holder is busy: its slot usually frees sooner than a load
                     continue;
                 }
-                choice ??= workers.Where(Free).OrderBy(Load).FirstOrDefault() ?? workers.OrderBy(Load).First();
-                var resident = Holds(choice);
+                var choice = freeHolder ?? free ?? least!;
+                var resident = Holds(choice, keys);
                 metrics.Routed(pool, resident);
                 _inFlight.AddOrUpdate(choice.Id, 1, (_, n) => n + 1);
                 keepOutstanding = true;
@@ -115,26 +139,36 @@ public sealed class InferenceRouter(
 
     private double Load(RoutedWorker w) => (double)_inFlight.GetValueOrDefault(w.Id) / w.Slots;
 
-    private async Task<List<RoutedWorker>> LiveWorkersAsync(string pool, CancellationToken ct)
+    private static bool Holds(RoutedWorker worker, string[] keys)
+    {
+        foreach (var key in keys)
+        {
+            if (!worker.Resident.Contains(key))
+            {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    private async Task<IReadOnlyList<RoutedWorker>> LiveWorkersAsync(string pool, CancellationToken ct)
     {
         var now = time.GetUtcNow();
         var reuseFor = TimeSpan.FromMilliseconds(options.Value.RouterSnapshotMilliseconds);
-        if (_snapshot is { } kept && now - kept.ReadAt < reuseFor && Of(kept) is { Count: > 0 } fromSnapshot)
+        if (_snapshot is { } kept && now - kept.ReadAt < reuseFor && kept.Of(pool) is { Count: > 0 } fromSnapshot)
         {
             return fromSnapshot;
         }
         // No worker of the pool in the kept read is worth a fresh look: one may have registered since.
         var snapshot = new WorkersSnapshot(now, await ReadLiveWorkersAsync(now, ct));
         _snapshot = snapshot;
-        return Of(snapshot);
-
-        List<RoutedWorker> Of(WorkersSnapshot s) => s.Workers.Where(w => w.Pools.Contains(pool)).Select(w => w.Worker).ToList();
+        return snapshot.Of(pool);
     }
 
     /// <summary>A worker registered, left or changed what it holds through this replica: the next request reads the table again.</summary>
     public void Forget() => _snapshot = null;
 
-    private async Task<List<(IReadOnlyList<string> Pools, RoutedWorker Worker)>> ReadLiveWorkersAsync(DateTimeOffset now, CancellationToken ct)
+    private async Task<Dictionary<string, List<RoutedWorker>>> ReadLiveWorkersAsync(DateTimeOffset now, CancellationToken ct)
     {
         var alive = now.UtcDateTime - TimeSpan.FromSeconds(options.Value.TimeoutSeconds);
         await using var db = await contexts.CreateDbContextAsync(ct);
@@ -142,15 +176,28 @@ public sealed class InferenceRouter(
             .Where(w => w.LastHeartbeatAt >= alive)
             .Select(w => new { w.Id, w.Url, w.CallKey, w.Slots, w.PoolsJson, w.ResidentJson })
             .ToListAsync(ct);
-        return rows
-            .Select(w => ((IReadOnlyList<string>)(JsonSerializer.Deserialize(w.PoolsJson, ApiJson.Context.ListString) ?? []),
-                new RoutedWorker(w.Id, w.Url, w.CallKey, Math.Max(1, w.Slots),
-                    (JsonSerializer.Deserialize(w.ResidentJson, ApiJson.Context.ListString) ?? []).ToHashSet(StringComparer.Ordinal))))
-            .ToList();
+        var byPool = new Dictionary<string, List<RoutedWorker>>(StringComparer.Ordinal);
+        foreach (var row in rows)
+        {
+            var worker = new RoutedWorker(row.Id, row.Url, row.CallKey, Math.Max(1, row.Slots),
+                (JsonSerializer.Deserialize(row.ResidentJson, ApiJson.Context.ListString) ?? []).ToHashSet(StringComparer.Ordinal));
+            foreach (var pool in JsonSerializer.Deserialize(row.PoolsJson, ApiJson.Context.ListString) ?? [])
+            {
+                if (!byPool.TryGetValue(pool, out var workers))
+                {
+                    byPool[pool] = workers = [];
+                }
+                workers.Add(worker);
+            }
+        }
+        return byPool;
     }
 
-    /// <summary>One read of the live workers, kept for <see cref="WorkersOptions.RouterSnapshotMilliseconds"/>.</summary>
-    private sealed record WorkersSnapshot(DateTimeOffset ReadAt, List<(IReadOnlyList<string> Pools, RoutedWorker Worker)> Workers);
+    /// <summary>One read of the live workers by pool, kept for <see cref="WorkersOptions.RouterSnapshotMilliseconds"/>.</summary>
+    private sealed record WorkersSnapshot(DateTimeOffset ReadAt, Dictionary<string, List<RoutedWorker>> ByPool)
+    {
+        public IReadOnlyList<RoutedWorker> Of(string pool) => ByPool.TryGetValue(pool, out var workers) ? workers : [];
+    }
 
     private static void Release(ConcurrentDictionary<string, int> counts, string key) => counts.AddOrUpdate(key, 0, (_, n) => Math.Max(0, n - 1));
 }
