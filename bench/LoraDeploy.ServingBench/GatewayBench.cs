@@ -14,9 +14,10 @@ namespace LoraDeploy.ServingBench;
 /// </summary>
 public static class GatewayBench
 {
-    /// <param name="snapshotMs">
-    /// When above 0, each round also measures the gateway with <c>Workers:RouterSnapshotMilliseconds</c> set to this
-    /// (flipped on the running server's options), side by side with the plain read per request.
+    /// <param name="snapshotMs"><c>Workers:RouterSnapshotMilliseconds</c> for the gateway side (250, the default setting).</param>
+    /// <param name="plain">
+    /// Also measure the gateway reading the workers per request (<c>RouterSnapshotMilliseconds</c> 0, flipped on the
+    /// running server's options) as a third side.
     /// </param>
     /// <param name="workerCpu">
     /// When 0 or more, the worker is a separate <c>loradeploy worker</c> process pinned to that CPU with <c>taskset</c>,
@@ -26,7 +27,8 @@ public static class GatewayBench
     /// When above 0, only the default gateway runs after the warm-up, for this long, and its CPU per request is printed:
     /// a window to attach a profiler to (<c>perf record -p</c>), with nothing else in it.
     /// </param>
-    public static async Task RunAsync(int rounds, TimeSpan duration, int connections, int workerSlots, int snapshotMs, int workerCpu, int profileSeconds = 0)
+    /// <param name="slices">Each side's time per round is taken in this many slices, alternating with the other sides.</param>
+    public static async Task RunAsync(int rounds, TimeSpan duration, int connections, int workerSlots, int snapshotMs, int workerCpu, int profileSeconds = 0, int slices = 5, bool plain = false)
     {
         var model = new TinyLlama().Generate();
         Directory.CreateDirectory(BenchPaths.Scratch);
@@ -87,11 +89,12 @@ public static class GatewayBench
                 Stats.Note($"direct answer:  {ta}");
                 Stats.Note($"gateway answer: {tb}");
             }
-            await Load.ClosedLoopAsync("warm-direct", connections, TimeSpan.FromSeconds(5), Direct);
-            await GatewayWith("warm-gateway", 0, connections, TimeSpan.FromSeconds(5));
-            if (snapshotMs > 0)
+            // Tiered compilation is still busy about 30 s into a run (perf: its thread took 11% of the CPU 25 s in).
+            await Load.ClosedLoopAsync("warm-direct", connections, TimeSpan.FromSeconds(12), Direct);
+            await GatewayWith("warm-gateway", snapshotMs, connections, TimeSpan.FromSeconds(12));
+            if (plain)
             {
-                await GatewayWith("warm-snapshot", snapshotMs, connections, TimeSpan.FromSeconds(3));
+                await GatewayWith("warm-plain", 0, connections, TimeSpan.FromSeconds(3));
             }
             if (profileSeconds > 0)
             {
@@ -114,59 +117,66 @@ public static class GatewayBench
                 return;
             }
 
-            var results = new List<(RunResult Direct, RunResult Gateway, RunResult? Snapshot)>();
+            var results = new List<(RunResult Direct, RunResult Gateway, RunResult? Plain)>();
             var lookups = new List<(int Answers, RunResult Run)>();
-            var single = new List<(RunResult Direct, RunResult Gateway, RunResult? Snapshot)>();
+            var single = new List<(RunResult Direct, RunResult Gateway)>();
             var paced = new List<(double Rate, RunResult Direct, RunResult Gateway)>();
             for (var round = 1; round <= rounds; round++)
             {
-                // Rotate which side goes first, so a slow minute does not always hit the same one.
-                var sides = new List<Func<Task<RunResult>>>
+                // Each side's time is cut into slices taken in turn (the first side rotating by round and by slice),
+                // so a slow few seconds of this shared machine fall on every side alike rather than on one.
+                var sides = new List<Func<TimeSpan, Task<RunResult>>>
                 {
-                    () => Load.ClosedLoopAsync("direct", connections, duration, Direct),
-                    () => GatewayWith("gateway", 0, connections, duration),
+                    time => Load.ClosedLoopAsync("direct", connections, time, Direct),
+                    time => GatewayWith("gateway", snapshotMs, connections, time),
                 };
-                if (snapshotMs > 0)
+                if (plain)
                 {
-                    sides.Add(() => GatewayWith("gateway-snapshot", snapshotMs, connections, duration));
+                    sides.Add(time => GatewayWith("gateway-plain", 0, connections, time));
                 }
-                var measured = new RunResult[sides.Count];
-                for (var k = 0; k < sides.Count; k++)
+                var parts = sides.Select(_ => new List<RunResult>()).ToArray();
+                for (var slice = 0; slice < slices; slice++)
                 {
-                    var side = (k + round - 1) % sides.Count;
-                    measured[side] = await sides[side]();
+                    for (var k = 0; k < sides.Count; k++)
+                    {
+                        var side = (k + round - 1 + slice) % sides.Count;
+                        parts[side].Add(await sides[side](duration / slices));
+                    }
                 }
-                var (d, g, sn) = (measured[0], measured[1], snapshotMs > 0 ? measured[2] : null);
-                results.Add((d, g, sn));
+                var measured = parts.Select(RunResult.Combine).ToArray();
+                var (d, g, pl) = (measured[0], measured[1], plain ? measured[2] : null);
+                results.Add((d, g, pl));
                 // Counted as errors by the loop (404 is the point): its rate is answers ÷ time.
                 var l = await Load.ClosedLoopAsync("lookup-404", connections, duration, Lookup);
                 lookups.Add((l.Errors, l));
                 // One connection: no queue anywhere, so the difference of latencies is what the gateway adds per request.
                 var d1 = await Load.ClosedLoopAsync("direct-1", 1, duration / 2, Direct);
-                var g1 = await GatewayWith("gateway-1", 0, 1, duration / 2);
-                var s1 = snapshotMs > 0 ? await GatewayWith("snapshot-1", snapshotMs, 1, duration / 2) : null;
-                single.Add((d1, g1, s1));
+                var g1 = await GatewayWith("gateway-1", snapshotMs, 1, duration / 2);
+                single.Add((d1, g1));
                 // 64 connections at half the gateway's closed-loop throughput, open loop: nothing saturates, so the
                 // difference of p50s is what the gateway adds per request with 64 connections open, not a queue.
-                var rate = 0.5 * (sn ?? g).Throughput;
+                var rate = 0.5 * g.Throughput;
                 var pd = await Load.PacedAsync("direct-paced", connections, rate, duration, Direct);
                 var pg = await GatewayWith("gateway-paced", snapshotMs, connections, duration, rate);
                 paced.Add((rate, pd, pg));
                 Console.WriteLine($"round {round}: direct {Stats.F(d.Throughput, 0)} req/s p50 {Stats.F(d.P50)} p99 {Stats.F(d.P99)} ms ({d.Errors} errors) | " +
                     $"gateway {Stats.F(g.Throughput, 0)} req/s p50 {Stats.F(g.P50)} p99 {Stats.F(g.P99)} ms ({g.Errors} errors)" +
-                    (sn is null ? "" : $" | snapshot {Stats.F(sn.Throughput, 0)} req/s p50 {Stats.F(sn.P50)} p99 {Stats.F(sn.P99)} ms ({sn.Errors} errors)") +
-                    FirstError(d, g, sn));
+                    (pl is null ? "" : $" | read per request {Stats.F(pl.Throughput, 0)} req/s p50 {Stats.F(pl.P50)} p99 {Stats.F(pl.P99)} ms ({pl.Errors} errors)") +
+                    FirstError(d, g, pl));
             }
-            workersOptions.RouterSnapshotMilliseconds = 0;
+            workersOptions.RouterSnapshotMilliseconds = snapshotMs;
 
-            var variants = new List<(string Name, Func<(RunResult Direct, RunResult Gateway, RunResult? Snapshot), RunResult> Pick)> { ("gateway", r => r.Gateway) };
-            if (snapshotMs > 0)
+            var variants = new List<(string Name, Func<(RunResult Direct, RunResult Gateway, RunResult? Plain), RunResult> Pick)>
             {
-                variants.Add(($"gateway, workers read shared for {snapshotMs} ms", r => r.Snapshot!));
+                ($"gateway (workers read shared for {snapshotMs} ms)", r => r.Gateway),
+            };
+            if (plain)
+            {
+                variants.Add(("gateway reading the workers per request", r => r.Plain!));
             }
             foreach (var (name, pick) in variants)
             {
-                Stats.Table($"{name} vs direct, {connections} connections, Worker:Slots={workerSlots}, {rounds} rounds of {duration.TotalSeconds:F0} s each",
+                Stats.Table($"{name} vs direct, {connections} connections, Worker:Slots={workerSlots}, {rounds} rounds of {duration.TotalSeconds:F0} s a side in {slices} alternating slices",
                     ["round", "direct req/s", "direct p50 / p99 ms", "gateway req/s", "gateway p50 / p99 ms", "gateway adds at p50 (ms)", "throughput × direct"],
                     results.Select((r, i) => (IReadOnlyList<string>)
                     [
@@ -184,11 +194,11 @@ public static class GatewayBench
                 var ratio = results.Select(r => pick(r).Throughput / r.Direct.Throughput).ToList();
                 Stats.Note($"{name} adds at p50: median {Stats.Spread(added)} ms (target ≤ 1 ms: {Verdict(Stats.Median(added))})");
                 Stats.Note($"{name} throughput ÷ direct: median {Stats.Spread(ratio)} (target ≥ 0.8: {(Stats.Median(ratio) >= 0.8 ? "met" : "NOT met")})");
-                var addedSingle = single.Select(r => pick(r).P50 - r.Direct.P50).ToList();
-                Stats.Note($"{name}, one connection: adds at p50 median {Stats.Spread(addedSingle, 3)} ms (target ≤ 1 ms: {Verdict(Stats.Median(addedSingle))}); " +
-                    $"req/s direct {Stats.Spread(single.Select(r => r.Direct.Throughput).ToList(), 0)}, via gateway {Stats.Spread(single.Select(r => pick(r).Throughput).ToList(), 0)}");
             }
-            Stats.Table($"{connections} connections, open loop at half the gateway's closed-loop throughput (default settings), {rounds} rounds",
+            var addedSingle = single.Select(r => r.Gateway.P50 - r.Direct.P50).ToList();
+            Stats.Note($"one connection: the gateway adds at p50 median {Stats.Spread(addedSingle, 3)} ms (target ≤ 1 ms: {Verdict(Stats.Median(addedSingle))}); " +
+                $"req/s direct {Stats.Spread(single.Select(r => r.Direct.Throughput).ToList(), 0)}, via gateway {Stats.Spread(single.Select(r => r.Gateway.Throughput).ToList(), 0)}");
+            Stats.Table($"{connections} connections, open loop at half the gateway's closed-loop throughput, {rounds} rounds",
                 ["round", "offered req/s", "direct req/s, p50 / p99 ms", "gateway req/s, p50 / p99 ms", "gateway adds at p50 (ms)"],
                 paced.Select((r, i) => (IReadOnlyList<string>)
                 [
@@ -201,14 +211,14 @@ public static class GatewayBench
             var addedPaced = paced.Select(r => r.Gateway.P50 - r.Direct.P50).ToList();
             Stats.Note($"open loop, {connections} connections at half load: the gateway adds at p50 median {Stats.Spread(addedPaced, 3)} ms (target ≤ 1 ms: {Verdict(Stats.Median(addedPaced))}); " +
                 $"errors direct {paced.Sum(r => r.Direct.Errors)}, gateway {paced.Sum(r => r.Gateway.Errors)}");
-            if (snapshotMs > 0)
+            if (plain)
             {
-                var gain = results.Select(r => r.Snapshot!.Throughput / r.Gateway.Throughput).ToList();
-                Stats.Note($"snapshot ÷ plain gateway throughput, per round: {Stats.Spread(gain)}");
+                var loss = results.Select(r => r.Plain!.Throughput / r.Gateway.Throughput).ToList();
+                Stats.Note($"reading the workers per request ÷ shared read, throughput per round: {Stats.Spread(loss)}");
             }
             Stats.Note($"unknown model → 404 through the gateway (auth, body, model lookup; no routing, no worker): " +
                 $"{Stats.Spread(lookups.Select(l => l.Answers / (duration.TotalSeconds)).ToList(), 0)} answers/s per round");
-            Stats.Note($"errors: direct {results.Sum(r => r.Direct.Errors)}, gateway {results.Sum(r => r.Gateway.Errors)}, snapshot {results.Sum(r => r.Snapshot?.Errors ?? 0)}");
+            Stats.Note($"errors: direct {results.Sum(r => r.Direct.Errors)}, gateway {results.Sum(r => r.Gateway.Errors)}, read per request {results.Sum(r => r.Plain?.Errors ?? 0)}");
         }
         finally
         {
@@ -227,7 +237,7 @@ public static class GatewayBench
     /// </summary>
     private static string Verdict(double addedMs) => addedMs < 0 ? "not comparable: the gateway queues in front of the worker, see p99" : addedMs <= 1 ? "met" : "NOT met";
 
-    private static string FirstError(RunResult d, RunResult g, RunResult? sn) => (g.FirstError ?? sn?.FirstError ?? d.FirstError) is { } e ? " first error: " + e : "";
+    private static string FirstError(RunResult d, RunResult g, RunResult? pl) => (g.FirstError ?? pl?.FirstError ?? d.FirstError) is { } e ? " first error: " + e : "";
 
     private static ByteArrayContent Json(byte[] body) => new(body) { Headers = { ContentType = new MediaTypeHeaderValue("application/json") } };
 }

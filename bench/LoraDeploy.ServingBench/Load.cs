@@ -7,6 +7,8 @@ namespace LoraDeploy.ServingBench;
 public sealed class RunResult(string name, List<double> latenciesMs, int errors, TimeSpan elapsed, string? firstError)
 {
     public string Name => name;
+    public TimeSpan Elapsed => elapsed;
+    private List<double> Latencies => latenciesMs;
     public int Count => latenciesMs.Count;
     public int Errors => errors;
     public string? FirstError => firstError;
@@ -19,6 +21,18 @@ public sealed class RunResult(string name, List<double> latenciesMs, int errors,
     public double CpuMicrosPerRequest { get; init; } = double.NaN;
     /// <summary>Bytes allocated in this process per answered request.</summary>
     public double AllocatedPerRequest { get; init; } = double.NaN;
+
+    /// <summary>Several runs of one side as one: every latency, the summed time, and CPU and allocations per request over all.</summary>
+    public static RunResult Combine(IReadOnlyList<RunResult> runs)
+    {
+        var total = Math.Max(1, runs.Sum(r => r.Count));
+        return new(runs[0].Name, runs.SelectMany(r => r.Latencies).ToList(), runs.Sum(r => r.Errors),
+            TimeSpan.FromTicks(runs.Sum(r => r.Elapsed.Ticks)), runs.Select(r => r.FirstError).FirstOrDefault(e => e is not null))
+        {
+            CpuMicrosPerRequest = runs.Sum(r => r.CpuMicrosPerRequest * r.Count) / total,
+            AllocatedPerRequest = runs.Sum(r => r.AllocatedPerRequest * r.Count) / total,
+        };
+    }
 }
 
 public static class Load

@@ -15,7 +15,7 @@ switch (command)
 {
     case "gateway":
         await GatewayBench.RunAsync(rounds: Arg("rounds", 5), duration: TimeSpan.FromSeconds(Arg("seconds", 6)), connections: Arg("connections", 64), workerSlots: Arg("slots", 4),
-            snapshotMs: Arg("snapshot-ms", 250), workerCpu: Arg("worker-cpu", -1), profileSeconds: Arg("profile-seconds", 0));
+            snapshotMs: Arg("snapshot-ms", 250), workerCpu: Arg("worker-cpu", -1), profileSeconds: Arg("profile-seconds", 0), slices: Math.Max(1, Arg("slices", 5)), plain: Arg("plain", 0) == 1);
         break;
     case "affinity":
         await AffinityBench.RunAsync(rounds: Arg("rounds", 3), requests: Arg("requests", 600), concurrency: Arg("concurrency", 8),
