@@ -1,4 +1,5 @@
 using System.Numerics;
+using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
 
@@ -127,6 +128,28 @@ internal sealed class LowRankDelta : DeltaSource
         }
     }
 
+    /// <summary>
+    /// <see cref="AddTo"/> for rows <paramref name="first"/> to <paramref name="first"/> + <paramref name="count"/> − 1
+    /// only, on the calling thread: row o goes to <c>weights[offset + o·rest]</c> (so <paramref name="offset"/> may be
+    /// negative for a buffer that holds only those rows). Every element gets the same sums as through <see cref="AddTo"/>.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public void AddRows(float[] weights, int offset, double c, int first, int count)
+    {
+        var rest = (int)Rest;
+        var end = first + count;
+        var o = first;
+        for (; o + 4 <= end; o += 4)
+        {
+            AddBlock(weights, offset, o, 4, rest, _rank, _uFloat!, _vFloat!, (float)c);
+        }
+        if (o < end)
+        {
+            AddBlock(weights, offset, o, end - o, rest, _rank, _uFloat!, _vFloat!, (float)c);
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void AddBlock(float[] weights, int offset, int first, int count, int rest, int rank, float[] u, float[] v, float c)
     {
         var j = 0;
@@ -155,6 +178,7 @@ internal sealed class LowRankDelta : DeltaSource
     }
 
     /// <summary>4 rows × 32 columns per step; returns the first column not done.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static int AddBlock512(float[] weights, int offset, int first, int rest, int rank, float[] u, float[] v, float c)
     {
         var j = 0;
@@ -184,6 +208,7 @@ internal sealed class LowRankDelta : DeltaSource
     }
 
     /// <summary>4 rows × 16 columns per step from column <paramref name="j"/>; returns the first column not done.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static int AddBlock256(float[] weights, int offset, int first, int j, int rest, int rank, float[] u, float[] v, float c)
     {
         for (; j <= rest - 16; j += 16)

@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
 
@@ -11,6 +12,7 @@ internal static class FloatCodec
 
     public static int ElementSize(string dtype) => dtype == "F32" ? 4 : 2;
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void Decode(ReadOnlySpan<byte> source, string dtype, Span<float> destination)
     {
         switch (dtype)
@@ -56,6 +58,7 @@ internal static class FloatCodec
     }
 
     /// <summary>Encodes <paramref name="source"/>; returns the index of the first finite value that became infinite (overflow), or -1.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static long Encode(ReadOnlySpan<float> source, string dtype, Span<byte> destination)
     {
         long overflow = -1;
@@ -105,6 +108,7 @@ internal static class FloatCodec
     }
 
     /// <summary>The index of the first NaN or ±Inf in <paramref name="values"/>, or -1.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static int IndexOfNonFinite(ReadOnlySpan<float> values)
     {
         var bits = MemoryMarshal.Cast<float, uint>(values);
@@ -134,6 +138,7 @@ internal static class FloatCodec
     /// <see cref="ToBFloat16Bits"/> 16 values at a time, for as many whole groups of 16 as there are; a group with a NaN
     /// or an overflow is left to the scalar loop (returns where it stopped), so both give the same bits.
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static int EncodeBFloat16Vectors(ReadOnlySpan<float> source, Span<ushort> destination)
     {
         var bits = MemoryMarshal.Cast<float, uint>(source);

@@ -1,3 +1,5 @@
+using System.Buffers;
+using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using Microsoft.Win32.SafeHandles;
 using LoraDeploy.Lora.Safetensors;
@@ -15,6 +17,7 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
     // torch.finfo(torch.float32).eps, the ε LyCORIS and ComfyUI add to DoRA's norm.
     private const double DoraEpsilon = 1.1920928955078125e-07;
     private const int CopyBufferSize = 4 * 1024 * 1024;
+    private const int ChunkElements = 64 * 1024;
 
     private readonly byte[] _copyBuffer = new byte[CopyBufferSize];
     private float[] _values = [];
@@ -55,6 +58,11 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
     /// <param name="next">The tensor merged after this one, to read and decode meanwhile into a second buffer; null for none.</param>
     public void Merge(LoraMerger.LayoutEntry entry, IReadOnlyList<LoraMerger.TargetedPatch> patches, SafetensorsTensor? next = null)
     {
+        if (InRowChunks(entry, patches))
+        {
+            MergeInChunks(entry, patches);
+            return;
+        }
         var tensor = entry.Tensor;
         var count = (int)tensor.ElementCount;
         var prefetched = _prefetched == tensor;
@@ -123,6 +131,130 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
             throw new LoraMergeException($"merged tensor '{tensor.Name}' has {values[(int)overflow]} at element {overflow}, beyond the range of {entry.OutputDtype}");
         }
         output.Write(encoded);
+    }
+
+    /// <summary>
+    /// Plain LoRA patches (and dtype conversions) need no whole-tensor pass such as DoRA's norm: their rows are
+    /// independent, so the tensor is merged a few rows at a time while those rows are in cache, on every core.
+    /// </summary>
+    private static bool InRowChunks(LoraMerger.LayoutEntry entry, IReadOnlyList<LoraMerger.TargetedPatch> patches) =>
+        entry.Tensor.ElementCount > 0 && (patches.Count == 0 || entry.Tensor.Shape.Length >= 2
+            && patches.All(p => !p.IsBias && p.Patch.Dora is null && p.Patch.Delta is LowRankDelta { HasBlockedPath: true }));
+
+    /// <summary>
+    /// Each chunk of rows, on whichever core is free: read, decode to F32, add every patch's rows, check for values that
+    /// became non-finite, encode into its place in the output bytes. The same sums as the whole-tensor path
+    /// (<see cref="LowRankDelta.AddRows"/>), without passing a whole F32 tensor through memory four times.
+    /// </summary>
+    private void MergeInChunks(LoraMerger.LayoutEntry entry, IReadOnlyList<LoraMerger.TargetedPatch> patches)
+    {
+        _prefetch.GetAwaiter().GetResult();
+        _prefetched = null;
+        var tensor = entry.Tensor;
+        var rows = (int)(tensor.Shape.Length == 0 ? 1 : tensor.Shape[0]);
+        var rest = (int)(tensor.ElementCount / rows);
+        // Rows per chunk: a few hundred KiB of F32, a multiple of the kernel's 4-row blocks.
+        var chunkRows = Math.Max(1, ChunkElements / rest);
+        if (chunkRows > 4)
+        {
+            chunkRows &= ~3;
+        }
+        var chunks = (rows + chunkRows - 1) / chunkRows;
+        var encoded = Grow(ref _encoded, (int)entry.ByteLength);
+        var encodedArray = _encoded;
+        ChunkProblem? problem = null;
+        var gate = new Lock();
+
+        Parallel.For(0, chunks, () => ArrayPool<float>.Shared.Rent(chunkRows * rest), (k, _, scratch) =>
+        {
+            var first = k * chunkRows;
+            if (MergeChunk(entry, patches, first, Math.Min(chunkRows, rows - first), rest, scratch, encodedArray) is { } found)
+            {
+                lock (gate)
+                {
+                    // The first by kind, then by position, whichever chunk finds it first: the same error every run.
+                    if (problem is null || found.IsNonFinite && !problem.IsNonFinite || found.IsNonFinite == problem.IsNonFinite && found.Index < problem.Index)
+                    {
+                        problem = found;
+                    }
+                }
+            }
+            return scratch;
+        }, scratch => ArrayPool<float>.Shared.Return(scratch));
+
+        if (problem is { IsNonFinite: true })
+        {
+            throw new LoraMergeException($"merging into '{tensor.Name}' gives {problem.Value} at element {problem.Index} (base value {problem.BaseValue}); check the adapter strengths and that the adapter belongs to this base");
+        }
+        if (problem is not null)
+        {
+            throw new LoraMergeException($"merged tensor '{tensor.Name}' has {problem.Value} at element {problem.Index}, beyond the range of {entry.OutputDtype}");
+        }
+        output.Write(encoded);
+    }
+
+    /// <summary>Rows <paramref name="first"/> to <paramref name="first"/> + <paramref name="count"/> − 1 of the tensor, merged and encoded into <paramref name="encoded"/>; a value that cannot be written is returned, not thrown.</summary>
+    /// <remarks>Optimised at once, as the kernel and codec it calls are: a merge runs its loops for seconds and then
+    /// ends, and tiered compilation spent a third of the merge's CPU running them unoptimised and recompiling them.</remarks>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private ChunkProblem? MergeChunk(LoraMerger.LayoutEntry entry, IReadOnlyList<LoraMerger.TargetedPatch> patches, int first, int count, int rest,
+        float[] scratch, byte[] encoded)
+    {
+        var tensor = entry.Tensor;
+        var inSize = FloatCodec.ElementSize(tensor.Dtype);
+        var outSize = FloatCodec.ElementSize(entry.OutputDtype);
+        var values = scratch.AsSpan(0, count * rest);
+        var bytes = MemoryMarshal.AsBytes(values);
+        // Read into the top of the buffer and decoded in place, as Load does.
+        var raw = bytes[(bytes.Length - count * rest * inSize)..];
+        var start = (long)first * rest;
+        ReadExactly(dataOffset + tensor.DataStart + start * inSize, raw, tensor.Name);
+        FloatCodec.Decode(raw, tensor.Dtype, values);
+        foreach (var patch in patches)
+        {
+            var delta = (LowRankDelta)patch.Patch.Delta;
+            var patchFirst = (int)patch.RowStart;
+            var from = Math.Max(first, patchFirst);
+            var to = Math.Min(first + count, patchFirst + (int)delta.Out);
+            if (from < to)
+            {
+                delta.AddRows(scratch, (patchFirst - first) * rest, patch.Adapter.Strength * patch.Patch.Scale, from - patchFirst, to - from);
+            }
+        }
+        if (NonFiniteFromMerge(tensor, values, start) is { } nonFinite)
+        {
+            return nonFinite;
+        }
+        var overflow = FloatCodec.Encode(values, entry.OutputDtype, encoded.AsSpan((int)(start * outSize), count * rest * outSize));
+        return overflow >= 0 ? new ChunkProblem(start + overflow, values[(int)overflow], null) : null;
+    }
+
+    /// <summary>The first value of a chunk that is NaN or ±Inf where the base value was finite, or null.</summary>
+    private ChunkProblem? NonFiniteFromMerge(SafetensorsTensor tensor, Span<float> values, long start)
+    {
+        var size = FloatCodec.ElementSize(tensor.Dtype);
+        Span<byte> raw = stackalloc byte[4];
+        Span<float> original = stackalloc float[1];
+        for (var i = FloatCodec.IndexOfNonFinite(values); i >= 0 && i < values.Length; i++)
+        {
+            if (!float.IsFinite(values[i]))
+            {
+                // Rare: the base's own bytes tell whether the base value was already non-finite (then it is kept).
+                ReadExactly(dataOffset + tensor.DataStart + (start + i) * size, raw[..size], tensor.Name);
+                FloatCodec.Decode(raw[..size], tensor.Dtype, original);
+                if (float.IsFinite(original[0]))
+                {
+                    return new ChunkProblem(start + i, values[i], original[0]);
+                }
+            }
+        }
+        return null;
+    }
+
+    /// <summary>A merged value that cannot be written: non-finite where the base was finite (with <see cref="BaseValue"/>), or beyond the output dtype.</summary>
+    private sealed record ChunkProblem(long Index, float Value, float? BaseValue)
+    {
+        public bool IsNonFinite => BaseValue is not null;
     }
 
     /// <summary>

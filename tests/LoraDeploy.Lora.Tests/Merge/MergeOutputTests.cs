@@ -127,8 +127,9 @@ public sealed class MergeOutputTests : IDisposable
     [InlineData("F32")]
     public void Tensors_read_ahead_while_the_one_before_merges_come_out_as_merged_one_by_one(string dtype)
     {
-        // Three merged tensors in a row (each read and decoded while the one before is merged), small enough beside the
-        // untouched one to be read ahead; factors on a 2⁻⁸ grid and c = 0.5 so the result is exactly the rounded sum.
+        // Three merged tensors in a row, small beside the untouched one (plain LoRA, so each goes through the row-chunk
+        // path; read-ahead is left to whole-tensor merges such as DoRA's); factors on a 2⁻⁸ grid and c = 0.5 so the
+        // result is exactly the rounded sum.
         (string Module, string Weight, long Rows)[] targets =
         [
             ("lora_unet_input_blocks_4_1_proj_in", "model.diffusion_model.input_blocks.4.1.proj_in.weight", 24),
@@ -260,7 +261,7 @@ public sealed class MergeOutputTests : IDisposable
     }
 
     /// <summary>The value of <paramref name="value"/> in <paramref name="dtype"/>, rounded to nearest even by searching the neighbours (independent of the codec).</summary>
-    private static double RoundTo(string dtype, float value)
+    internal static double RoundTo(string dtype, float value)
     {
         if (dtype == "F32")
         {
