@@ -51,6 +51,8 @@ internal sealed class LoadedAdapter
         {
             throw new LoraMergeException($"adapter {adapter.Path}: strength {adapter.Strength} is not a finite number");
         }
+        // Hashed on another core while the tensors are read (the record needs it only once the merge writes its header).
+        var sha256 = Task.Run(() => SafetensorsHashes.FileSha256(adapter.Path));
         var tensors = ReadTensors(adapter.Path, out var metadata);
         var config = adapter.PeftConfig;
         if (config is null && tensors.Keys.Any(name => name.Contains(".lora_A.", StringComparison.Ordinal) || name.EndsWith(".lora_A", StringComparison.Ordinal)))
@@ -86,7 +88,7 @@ internal sealed class LoadedAdapter
         return new LoadedAdapter
         {
             Path = adapter.Path,
-            Sha256 = SafetensorsHashes.FileSha256(adapter.Path),
+            Sha256 = sha256.GetAwaiter().GetResult(),
             Strength = adapter.Strength,
             Modules = modules,
         };
@@ -112,9 +114,8 @@ internal sealed class LoadedAdapter
         using (header)
         {
             metadata = header.Metadata;
-            var tensors = new Dictionary<string, AdapterTensor>(StringComparer.Ordinal);
-            using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 1);
-            foreach (var tensor in header.Tensors)
+            var list = header.Tensors;
+            foreach (var tensor in list)
             {
                 if (!FloatCodec.IsSupported(tensor.Dtype))
                 {
@@ -124,27 +125,69 @@ internal sealed class LoadedAdapter
                 {
                     throw new LoraMergeException($"adapter {path}: tensor '{tensor.Name}' is {tensor.ByteLength} bytes, too large for an adapter factor");
                 }
-                var values = new float[tensor.ElementCount];
-                if (tensor.Dtype == "F32" && BitConverter.IsLittleEndian)
+            }
+            // Read and checked on every core: a large adapter is read into memory the process touches for the first
+            // time, which is slow in a VM, and the merge cannot start before it is in.
+            var values = new float[list.Count][];
+            var nonFinite = new int[list.Count];
+            try
+            {
+                using var file = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.Read);
+                Parallel.For(0, list.Count, i =>
                 {
-                    // The file's bytes are the values: read them in place, without a second buffer per tensor (for a
-                    // large adapter that garbage would add its whole size to the merge's peak memory).
-                    header.ReadTensor(file, tensor.Name, MemoryMarshal.AsBytes(values.AsSpan()));
-                }
-                else
+                    var tensor = list[i];
+                    var tensorValues = new float[tensor.ElementCount];
+                    if (tensor.Dtype == "F32" && BitConverter.IsLittleEndian)
+                    {
+                        // The file's bytes are the values: read them in place, without a second buffer per tensor (for a
+                        // large adapter that garbage would add its whole size to the merge's peak memory).
+                        ReadExactly(file, header.DataOffset + tensor.DataStart, MemoryMarshal.AsBytes(tensorValues.AsSpan()), path, tensor.Name);
+                    }
+                    else
+                    {
+                        var bytes = new byte[tensor.ByteLength];
+                        ReadExactly(file, header.DataOffset + tensor.DataStart, bytes, path, tensor.Name);
+                        FloatCodec.Decode(bytes, tensor.Dtype, tensorValues);
+                    }
+                    values[i] = tensorValues;
+                    nonFinite[i] = FloatCodec.IndexOfNonFinite(tensorValues);
+                });
+            }
+            catch (AggregateException e)
+            {
+                // Reported as one read would have: the first failure (an I/O error or a file that ended early).
+                var first = e.Flatten().InnerExceptions[0];
+                throw first is LoraMergeException merge ? merge : new LoraMergeException($"adapter {path}: {first.Message}", first);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                throw new LoraMergeException($"adapter {path}: {e.Message}", e);
+            }
+
+            var tensors = new Dictionary<string, AdapterTensor>(StringComparer.Ordinal);
+            for (var i = 0; i < list.Count; i++)
+            {
+                if (nonFinite[i] >= 0)
                 {
-                    var bytes = new byte[tensor.ByteLength];
-                    header.ReadTensor(file, tensor.Name, bytes);
-                    FloatCodec.Decode(bytes, tensor.Dtype, values);
+                    throw new LoraMergeException($"adapter {path}: tensor '{list[i].Name}' holds {values[i][nonFinite[i]]} at element {nonFinite[i]}; an adapter with NaN/Inf cannot be merged");
                 }
-                var bad = FloatCodec.IndexOfNonFinite(values);
-                if (bad >= 0)
-                {
-                    throw new LoraMergeException($"adapter {path}: tensor '{tensor.Name}' holds {values[bad]} at element {bad}; an adapter with NaN/Inf cannot be merged");
-                }
-                tensors.Add(tensor.Name, new AdapterTensor(tensor.Name, tensor.Shape, values));
+                tensors.Add(list[i].Name, new AdapterTensor(list[i].Name, list[i].Shape, values[i]));
             }
             return tensors;
+        }
+    }
+
+    private static void ReadExactly(Microsoft.Win32.SafeHandles.SafeFileHandle file, long position, Span<byte> destination, string path, string name)
+    {
+        while (destination.Length > 0)
+        {
+            var read = RandomAccess.Read(file, destination, position);
+            if (read == 0)
+            {
+                throw new LoraMergeException($"adapter {path} ended while reading tensor '{name}' (was it changed during the merge?)");
+            }
+            destination = destination[read..];
+            position += read;
         }
     }
 
