@@ -103,32 +103,15 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
             }
         }
 
-        byte[]? raw = null;
-        for (var i = FloatCodec.IndexOfNonFinite(values); i >= 0 && i < count; i++)
+        if (NonFiniteFromMerge(tensor, values, 0) is { } nonFinite)
         {
-            if (!float.IsFinite(values[i]))
-            {
-                // Rare: the base's own bytes tell whether the base value was already non-finite (then it is kept).
-                if (raw is null)
-                {
-                    raw = new byte[tensor.ByteLength];
-                    ReadExactly(dataOffset + tensor.DataStart, raw, tensor.Name);
-                }
-                var original = new float[1];
-                var size = FloatCodec.ElementSize(tensor.Dtype);
-                FloatCodec.Decode(raw.AsSpan(i * size, size), tensor.Dtype, original);
-                if (float.IsFinite(original[0]))
-                {
-                    throw new LoraMergeException($"merging into '{tensor.Name}' gives {values[i]} at element {i} (base value {original[0]}); check the adapter strengths and that the adapter belongs to this base");
-                }
-            }
+            throw Refusal(entry, nonFinite);
         }
-
         var encoded = Grow(ref _encoded, (int)entry.ByteLength);
         var overflow = FloatCodec.Encode(values, entry.OutputDtype, encoded);
         if (overflow >= 0)
         {
-            throw new LoraMergeException($"merged tensor '{tensor.Name}' has {values[(int)overflow]} at element {overflow}, beyond the range of {entry.OutputDtype}");
+            throw Refusal(entry, new ChunkProblem(overflow, values[(int)overflow], null));
         }
         output.Write(encoded);
     }
@@ -182,13 +165,9 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
             return scratch;
         }, scratch => ArrayPool<float>.Shared.Return(scratch));
 
-        if (problem is { IsNonFinite: true })
-        {
-            throw new LoraMergeException($"merging into '{tensor.Name}' gives {problem.Value} at element {problem.Index} (base value {problem.BaseValue}); check the adapter strengths and that the adapter belongs to this base");
-        }
         if (problem is not null)
         {
-            throw new LoraMergeException($"merged tensor '{tensor.Name}' has {problem.Value} at element {problem.Index}, beyond the range of {entry.OutputDtype}");
+            throw Refusal(entry, problem);
         }
         output.Write(encoded);
     }
@@ -229,7 +208,7 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
         return overflow >= 0 ? new ChunkProblem(start + overflow, values[(int)overflow], null) : null;
     }
 
-    /// <summary>The first value of a chunk that is NaN or ±Inf where the base value was finite, or null.</summary>
+    /// <summary>The first of <paramref name="values"/> (the tensor's from element <paramref name="start"/>) that is NaN or ±Inf where the base value was finite, or null.</summary>
     private ChunkProblem? NonFiniteFromMerge(SafetensorsTensor tensor, Span<float> values, long start)
     {
         var size = FloatCodec.ElementSize(tensor.Dtype);
@@ -250,6 +229,10 @@ internal sealed class TensorWriter(SafeFileHandle input, long dataOffset, Stream
         }
         return null;
     }
+
+    private static LoraMergeException Refusal(LoraMerger.LayoutEntry entry, ChunkProblem problem) => problem.IsNonFinite
+        ? new LoraMergeException($"merging into '{entry.Tensor.Name}' gives {problem.Value} at element {problem.Index} (base value {problem.BaseValue}); check the adapter strengths and that the adapter belongs to this base")
+        : new LoraMergeException($"merged tensor '{entry.Tensor.Name}' has {problem.Value} at element {problem.Index}, beyond the range of {entry.OutputDtype}");
 
     /// <summary>A merged value that cannot be written: non-finite where the base was finite (with <see cref="BaseValue"/>), or beyond the output dtype.</summary>
     private sealed record ChunkProblem(long Index, float Value, float? BaseValue)
