@@ -1,6 +1,7 @@
 using System.Net;
 using System.Text.Json;
 using LoraDeploy.Auth;
+using LoraDeploy.Data;
 using LoraDeploy.Lora.Tests.Support;
 using LoraDeploy.Tests.Simulator;
 using Microsoft.EntityFrameworkCore;
@@ -119,9 +120,11 @@ public sealed class WorkerProcessTests : IAsyncLifetime
 
         await workers[holder].KillAsync();
         var killedAt = DateTime.UtcNow;
-        await DeployAsync(id, d => d.GetProperty("status").GetString() == "running"
-            && _server.QueryAsync(db => db.Instances.AnyAsync(i => i.DeployId == id && i.WorkerId == other)).Result,
+        // The survivor's copy ready first, then the deploy read after it: a status read before the re-placement still
+        // says "running" from the killed holder's copy (CI once saw that, then 423 "deploying" from the next request).
+        await DeployAsync(id, _ => _server.QueryAsync(db => db.Instances.AnyAsync(i => i.DeployId == id && i.WorkerId == other && i.State == InstanceState.Ready)).Result,
             "moved to the surviving worker", TimeSpan.FromSeconds(30));
+        await DeployAsync(id, d => d.GetProperty("status").GetString() == "running", "ran again", TimeSpan.FromSeconds(30));
         Assert.True(DateTime.UtcNow - killedAt < TimeSpan.FromSeconds(15), "re-placed within seconds");
         Assert.Equal([other], await HoldersAsync(id));
         Assert.Equal(answer, await ChatAsync($"{_user.Name}/procs"));
