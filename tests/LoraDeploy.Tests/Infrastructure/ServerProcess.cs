@@ -3,6 +3,7 @@ using System.Net;
 using System.Net.Http.Headers;
 using System.Net.Sockets;
 using System.Text;
+using System.Text.RegularExpressions;
 
 namespace LoraDeploy.Tests;
 
@@ -10,22 +11,24 @@ namespace LoraDeploy.Tests;
 /// The real <c>loradeploy serve</c> as a child process (the build output next to the tests), for tests that
 /// kill a server mid-work or run several replicas. Output is captured for failure messages.
 /// </summary>
-public sealed class ServerProcess : IAsyncDisposable
+public sealed partial class ServerProcess : IAsyncDisposable
 {
     private readonly Process _process;
     private readonly StringBuilder _output = new();
 
-    private ServerProcess(Process process, Uri baseUrl)
+    private readonly TaskCompletionSource<Uri> _listening = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    private ServerProcess(Process process)
     {
         _process = process;
-        BaseUrl = baseUrl;
         process.OutputDataReceived += (_, e) => Append(e.Data);
         process.ErrorDataReceived += (_, e) => Append(e.Data);
         process.BeginOutputReadLine();
         process.BeginErrorReadLine();
     }
 
-    public Uri BaseUrl { get; }
+    /// <summary>Where it listens: the port it was given by the system, as it printed it.</summary>
+    public Uri BaseUrl { get; private set; } = null!;
 
     public string Output
     {
@@ -46,7 +49,7 @@ public sealed class ServerProcess : IAsyncDisposable
     public static string ExecutablePath => Path.Combine(AppContext.BaseDirectory, "loradeploy.dll");
 
     /// <summary>
-    /// Starts <c>serve</c> in <paramref name="dataDir"/> on a free loopback port with <paramref name="settings"/> as
+    /// Starts <c>serve</c> in <paramref name="dataDir"/> on a loopback port the system picks, with <paramref name="settings"/> as
     /// <c>--Key=value</c>; waits until ready. Without <paramref name="dataDirArgument"/> no <c>--data-dir</c> is given,
     /// so the server picks its data folder by the default rule (./data of its working directory).
     /// </summary>
@@ -60,7 +63,6 @@ public sealed class ServerProcess : IAsyncDisposable
     private static async Task<ServerProcess> StartAsync(string[] command, string dataDir, IReadOnlyDictionary<string, string?> settings, TimeSpan? readyTimeout,
         bool dataDirArgument)
     {
-        var port = FreePort();
         var start = new ProcessStartInfo("dotnet")
         {
             RedirectStandardOutput = true,
@@ -69,7 +71,9 @@ public sealed class ServerProcess : IAsyncDisposable
             WorkingDirectory = dataDir,
         };
         string[] dataDirArgs = dataDirArgument ? ["--data-dir", dataDir] : [];
-        string[] serveArgs = [ExecutablePath, .. command, "--urls", $"http://127.0.0.1:{port}", .. dataDirArgs];
+        // Port 0: the server binds a port the system picks and prints it. A port found free beforehand can be taken by
+        // another test's server before this one binds it, and that server would then answer this one's readiness check.
+        string[] serveArgs = [ExecutablePath, .. command, "--urls", "http://127.0.0.1:0", .. dataDirArgs];
         foreach (var arg in serveArgs)
         {
             start.ArgumentList.Add(arg);
@@ -88,7 +92,7 @@ public sealed class ServerProcess : IAsyncDisposable
         }
         start.Environment["DOTNET_NOLOGO"] = "1";
         var process = Process.Start(start) ?? throw new InvalidOperationException("dotnet did not start");
-        var server = new ServerProcess(process, new Uri($"http://127.0.0.1:{port}"));
+        var server = new ServerProcess(process);
         await server.WaitReadyAsync(readyTimeout ?? TimeSpan.FromSeconds(60));
         return server;
     }
@@ -115,14 +119,21 @@ public sealed class ServerProcess : IAsyncDisposable
 
     private async Task WaitReadyAsync(TimeSpan timeout)
     {
-        using var client = new HttpClient { BaseAddress = BaseUrl, Timeout = TimeSpan.FromSeconds(2) };
         var deadline = DateTime.UtcNow + timeout;
+        while (!_listening.Task.IsCompleted)
+        {
+            ThrowIfExited();
+            if (DateTime.UtcNow >= deadline)
+            {
+                throw new TimeoutException($"loradeploy did not say where it listens within {timeout}:\n{Output}");
+            }
+            await Task.Delay(50);
+        }
+        BaseUrl = await _listening.Task;
+        using var client = new HttpClient { BaseAddress = BaseUrl, Timeout = TimeSpan.FromSeconds(2) };
         while (DateTime.UtcNow < deadline)
         {
-            if (_process.HasExited)
-            {
-                throw new InvalidOperationException($"loradeploy serve exited with {_process.ExitCode}:\n{Output}");
-            }
+            ThrowIfExited();
             try
             {
                 if ((await client.GetAsync("/ready")).StatusCode == HttpStatusCode.OK)
@@ -141,6 +152,14 @@ public sealed class ServerProcess : IAsyncDisposable
         throw new TimeoutException($"loradeploy serve was not ready within {timeout}:\n{Output}");
     }
 
+    private void ThrowIfExited()
+    {
+        if (_process.HasExited)
+        {
+            throw new InvalidOperationException($"loradeploy serve exited with {_process.ExitCode}:\n{Output}");
+        }
+    }
+
     private void Append(string? line)
     {
         if (line is null)
@@ -150,6 +169,11 @@ public sealed class ServerProcess : IAsyncDisposable
         lock (_output)
         {
             _output.AppendLine(line);
+        }
+        // "LoraDeploy is listening on http://127.0.0.1:PORT (…)" from serve, "LoraDeploy worker is listening on …" from worker.
+        if (!_listening.Task.IsCompleted && ListeningLine().Match(line) is { Success: true } listening)
+        {
+            _listening.TrySetResult(new Uri(listening.Groups[1].Value));
         }
     }
 
@@ -165,4 +189,7 @@ public sealed class ServerProcess : IAsyncDisposable
         await KillAsync();
         _process.Dispose();
     }
+
+    [GeneratedRegex(@"^LoraDeploy (?:worker )?is listening on (http://127\.0\.0\.1:\d+)")]
+    private static partial Regex ListeningLine();
 }
