@@ -156,8 +156,8 @@ public sealed class WorkerInferTests
         using var client = worker.CreateClient();
 
         var requests = Enumerable.Range(0, 5).Select(_ => client.SendAsync(WorkerHarness.Infer())).ToList();
-        await Eventually.TrueAsync(() => worker.Unit.Slots is { BusySlots: 2, QueueDepth: 3 }, "two run, three queue");
-        Assert.Equal(2, worker.Engine.Running);
+        // A slot counts as busy a moment before the engine's own counter sees the request, so wait for both.
+        await Eventually.TrueAsync(() => worker.Unit.Slots is { BusySlots: 2, QueueDepth: 3 } && worker.Engine.Running == 2, "two run, three queue");
 
         worker.Engine.ReleaseRequests();
         foreach (var response in await Task.WhenAll(requests))
