@@ -50,6 +50,21 @@ public sealed class FakeWorkerServer : IAsyncDisposable
     /// <summary>What every heartbeat is answered with.</summary>
     public WorkerAssignments Assignments { get; set; } = new([], []);
 
+    private readonly Dictionary<string, WorkerAssignments> _answered = [];
+    private readonly HashSet<WorkerAssignments> _delivered = new(ReferenceEqualityComparer.Instance);
+
+    /// <summary>
+    /// Whether a worker has applied <paramref name="assignments"/> (this instance, as set on <see cref="Assignments"/>):
+    /// it heartbeated again after an answer that carried them.
+    /// </summary>
+    public bool Applied(WorkerAssignments assignments)
+    {
+        lock (_answered)
+        {
+            return _delivered.Contains(assignments);
+        }
+    }
+
     /// <summary>The heartbeat period the registration answer gives (seconds).</summary>
     public int HeartbeatSeconds { get; set; } = 1;
 
@@ -88,8 +103,19 @@ public sealed class FakeWorkerServer : IAsyncDisposable
             {
                 return Results.NotFound();
             }
+            // Read before the heartbeat is counted, so a test that counts heartbeats knows which answers can be the old one.
+            var assignments = server.Assignments;
+            lock (server._answered)
+            {
+                // A worker applies an answer before it sends its next heartbeat: this one proves the last answer arrived.
+                if (server._answered.TryGetValue(id, out var previous))
+                {
+                    server._delivered.Add(previous);
+                }
+                server._answered[id] = assignments;
+            }
             server.Heartbeats.Enqueue((id, beat!));
-            return Results.Json(server.Assignments, WorkerJsonContext.Default.WorkerAssignments);
+            return Results.Json(assignments, WorkerJsonContext.Default.WorkerAssignments);
         });
         app.MapGet("/internal/v1/workers/blobs/{sha}", (Func<string, HttpContext, Task>)server.ServeBlobAsync);
         app.MapPost("/internal/v1/workers/{id}/leave", (string id) =>

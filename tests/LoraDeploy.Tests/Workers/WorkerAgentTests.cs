@@ -229,6 +229,8 @@ public sealed class WorkerAgentTests
         worker.Server.Unavailable = false;
         var beats = worker.Server.Heartbeats.Count;
         await Eventually.TrueAsync(() => worker.Server.Heartbeats.Count > beats, "heartbeats succeed again");
+        // The fake server counts a heartbeat before it answers; the worker logs once the answer is in.
+        await Eventually.TrueAsync(() => worker.Log.Entries.Any(e => e.Message.Contains("answers again", StringComparison.Ordinal)), "the recovery is logged");
         Assert.Single(worker.Log.Entries, e => e.Message.Contains("answers again", StringComparison.Ordinal));
         Assert.Single(worker.Log.Entries, e => e.Message.Contains("cannot be reached or refused", StringComparison.Ordinal));
     }
@@ -290,9 +292,9 @@ public sealed class WorkerAgentTests
         var request = client.SendAsync(WorkerHarness.Infer(adapters: $"{sha}:1"));
         await Eventually.TrueAsync(() => worker.Engine.Running == 1, "the request runs");
 
-        var beats = worker.Server.Heartbeats.Count;
-        worker.Server.Assignments = new WorkerAssignments([], [sha]);
-        await Eventually.TrueAsync(() => worker.Server.Heartbeats.Count >= beats + 2, "the drop reaches the worker");
+        var drop = new WorkerAssignments([], [sha]);
+        worker.Server.Assignments = drop;
+        await Eventually.TrueAsync(() => worker.Server.Applied(drop), "the drop reaches the worker");
         Assert.Empty(worker.Engine.Unloads);
         Assert.Null(worker.Reported(sha));
 

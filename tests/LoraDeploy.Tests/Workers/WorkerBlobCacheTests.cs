@@ -10,7 +10,8 @@ public sealed class WorkerBlobCacheTests
     [Fact]
     public async Task Over_its_byte_budget_the_cache_deletes_the_least_recently_used_unpinned_files()
     {
-        await using var worker = await WorkerHarness.StartAsync(new Dictionary<string, string> { ["Worker:CacheBytes"] = (1024 * 1024).ToString() });
+        // Every heartbeat's answer pins the server's holds (none here) over the test's own pin: no heartbeats after the first.
+        await using var worker = await WorkerHarness.StartAsync(new Dictionary<string, string> { ["Worker:CacheBytes"] = (1024 * 1024).ToString() }, heartbeatSeconds: 300);
         var cache = worker.Cache;
         var (a, b, c, d) = (Blob(worker), Blob(worker), Blob(worker), Blob(worker));
 

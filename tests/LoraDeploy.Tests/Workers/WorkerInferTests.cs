@@ -119,10 +119,9 @@ public sealed class WorkerInferTests
         Assert.Equal([(WorkerHarness.Pool, b)], worker.Engine.Unloads);
 
         // Pinned by the server: a stays however old it gets; the others take turns.
-        var beats = worker.Server.Heartbeats.Count;
-        worker.Server.Assignments = new WorkerAssignments([new AdapterAssignment(a, WorkerHarness.Pool, 1000)], []);
-        // The second heartbeat from now comes after a reply that carried the hold, which the worker applied.
-        await Eventually.TrueAsync(() => worker.Server.Heartbeats.Count >= beats + 2, "the hold reaches the worker");
+        var hold = new WorkerAssignments([new AdapterAssignment(a, WorkerHarness.Pool, 1000)], []);
+        worker.Server.Assignments = hold;
+        await Eventually.TrueAsync(() => worker.Server.Applied(hold), "the hold reaches the worker");
         await InferAsync(client, c);
         await InferAsync(client, b); // evicts c (a is pinned)
         await InferAsync(client, d); // evicts b
@@ -140,7 +139,9 @@ public sealed class WorkerInferTests
 
         worker.Engine.UnloadGate = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         var evicting = InferAsync(client, b); // loads b, evicts a: the unload of a hangs on the gate
-        await Eventually.TrueAsync(() => worker.Engine.Loads.Count(l => l.Sha256 == b) == 1, "b loaded");
+        // b loaded and a taken out of the residents (a moment after the engine's load returns), its unload hanging.
+        await Eventually.TrueAsync(() => worker.Engine.Loads.Count(l => l.Sha256 == b) == 1
+            && worker.Unit.Residency.Snapshot().All(r => r.Sha256 != a), "b loaded, a evicted");
         var again = InferAsync(client, a); // a is gone from the residents but not yet from the engine
         await Task.Delay(200);
         worker.Engine.UnloadGate.SetResult();
