@@ -1,4 +1,3 @@
-using System.Diagnostics.Metrics;
 using System.Net;
 using System.Text.Json;
 using LoraDeploy.Deploys;
@@ -16,7 +15,7 @@ public sealed class KeptReadsTests
     public async Task Polls_are_answered_from_kept_bodies_until_another_connection_commits()
     {
         await using var server = await LoraDeployServer.StartAsync(TestDatabase.Sqlite, ServerFixture.ControlPlaneOnly);
-        using var answers = new AnswerCounter(server);
+        using var answers = new HostMeasurements(server.Services);
         var alice = await server.CreateUserAsync("alice");
         var id = await CreateAsync(alice, "kept");
 
@@ -25,7 +24,8 @@ public sealed class KeptReadsTests
             Assert.Equal(1, MaxInstances(await GetAsync(alice, $"/deploy/{id}")));
             Assert.Equal(1, MaxInstances((await GetAsync(alice, "/deploy/list")).EnumerateArray().Single()));
         }
-        Assert.True(answers.Kept >= 8, $"{answers.Kept} of {answers.Kept + answers.Read} polls were answered from kept bodies");
+        var kept = Answers(answers, "kept");
+        Assert.True(kept >= 8, $"{kept} of {kept + Answers(answers, "database")} polls were answered from kept bodies");
 
         // Another connection, outside the server's own: SQLite tells the reads about its commit as it would about
         // another process's. Each change must show in the very next read of both routes.
@@ -75,7 +75,7 @@ public sealed class KeptReadsTests
     public async Task A_kept_body_is_still_only_its_owners()
     {
         await using var server = await LoraDeployServer.StartAsync(TestDatabase.Sqlite, ServerFixture.ControlPlaneOnly);
-        using var answers = new AnswerCounter(server);
+        using var answers = new HostMeasurements(server.Services);
         var alice = await server.CreateUserAsync("alice");
         var bob = await server.CreateUserAsync("bob");
         var id = await CreateAsync(alice, "private");
@@ -87,7 +87,7 @@ public sealed class KeptReadsTests
             await (await bob.Client.GetAsync($"/deploy/{id}")).ExpectErrorAsync(HttpStatusCode.NotFound);
             Assert.Equal("[]", await (await bob.Client.GetAsync("/deploy/list")).Content.ReadAsStringAsync());
         }
-        Assert.True(answers.Kept >= 3, "bob's lookups of alice's deploy were answered from her kept body");
+        Assert.True(Answers(answers, "kept") >= 3, "bob's lookups of alice's deploy were answered from her kept body");
         Assert.Equal(id, (await GetAsync(alice, $"/deploy/{id}")).GetProperty("deploy_id").GetString());
     }
 
@@ -96,7 +96,7 @@ public sealed class KeptReadsTests
     {
         var settings = new Dictionary<string, string?>(ServerFixture.ControlPlaneOnly) { ["Deploy:ReadCacheBytes"] = "0" };
         await using var server = await LoraDeployServer.StartAsync(TestDatabase.Sqlite, settings);
-        using var answers = new AnswerCounter(server);
+        using var answers = new HostMeasurements(server.Services);
         var alice = await server.CreateUserAsync("alice");
         var id = await CreateAsync(alice, "uncached");
         for (var i = 0; i < 3; i++)
@@ -104,8 +104,9 @@ public sealed class KeptReadsTests
             await GetAsync(alice, $"/deploy/{id}");
             await GetAsync(alice, "/deploy/list");
         }
-        Assert.Equal(0, answers.Kept);
-        Assert.True(answers.Read >= 6, $"{answers.Read} answers read from the database");
+        Assert.Equal(0, Answers(answers, "kept"));
+        var read = Answers(answers, "database");
+        Assert.True(read >= 6, $"{read} answers read from the database");
     }
 
     private static async Task<string> CreateAsync(TestUser user, string name)
@@ -125,39 +126,6 @@ public sealed class KeptReadsTests
 
     private static int MaxInstances(JsonElement deploy) => deploy.GetProperty("settings").GetProperty("max_instances").GetInt32();
 
-    /// <summary>Counts this server's <c>loradeploy.deploy_reads</c> answers (other tests' servers have other meters).</summary>
-    private sealed class AnswerCounter : IDisposable
-    {
-        private readonly MeterListener _listener = new();
-        private long _kept, _read;
-
-        public AnswerCounter(LoraDeployServer server)
-        {
-            var meters = server.Services.GetRequiredService<IMeterFactory>();
-            _listener.InstrumentPublished = (instrument, listener) =>
-            {
-                if (instrument.Name == "loradeploy.deploy_reads" && ReferenceEquals(instrument.Meter.Scope, meters))
-                {
-                    listener.EnableMeasurementEvents(instrument);
-                }
-            };
-            _listener.SetMeasurementEventCallback<long>((_, value, tags, _) =>
-            {
-                foreach (var tag in tags)
-                {
-                    if (tag.Key == "source")
-                    {
-                        Interlocked.Add(ref tag.Value as string == "kept" ? ref _kept : ref _read, value);
-                    }
-                }
-            });
-            _listener.Start();
-        }
-
-        public long Kept => Interlocked.Read(ref _kept);
-
-        public long Read => Interlocked.Read(ref _read);
-
-        public void Dispose() => _listener.Dispose();
-    }
+    private static double Answers(HostMeasurements measured, string source) =>
+        measured.Sum("loradeploy.deploy_reads", m => m.Tag("source") == source);
 }

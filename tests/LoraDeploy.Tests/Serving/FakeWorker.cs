@@ -65,11 +65,14 @@ public sealed class FakeWorker : IAsyncDisposable
         return worker;
     }
 
-    /// <summary>A graceful stop: the worker says it leaves, then stops.</summary>
+    /// <summary>A graceful stop, in the real worker's order: heartbeats end, the worker says it leaves, then stops.</summary>
     public async Task<HttpStatusCode> LeaveAsync()
     {
+        // A heartbeat after the leave would be answered 404 and register the worker again.
+        await _stop.CancelAsync();
+        await _agent;
         var response = await _server.PostAsync(string.Format(WorkerProtocol.LeavePathFormat, Id), null);
-        await KillAsync();
+        await _app.StopAsync(TimeSpan.Zero);
         return response.StatusCode;
     }
 
@@ -116,8 +119,9 @@ public sealed class FakeWorker : IAsyncDisposable
                     var assignments = (await response.Content.ReadFromJsonAsync(WorkerJsonContext.Default.WorkerAssignments, _stop.Token))!;
                     foreach (var sha in assignments.Drop)
                     {
-                        Resident.TryRemove(sha, out _);
+                        // Recorded first: a test that sees the adapter gone may look for its drop at once.
                         Drops.Enqueue(sha);
+                        Resident.TryRemove(sha, out _);
                     }
                     foreach (var hold in assignments.Hold.Where(h => !Resident.ContainsKey(h.Sha256)))
                     {
