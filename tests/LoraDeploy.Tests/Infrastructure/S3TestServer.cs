@@ -1,6 +1,6 @@
 using System.Diagnostics;
-using System.Net.Sockets;
 using System.Text;
+using System.Text.RegularExpressions;
 using Amazon.S3;
 using Amazon.S3.Model;
 using LoraDeploy.Storage;
@@ -8,11 +8,11 @@ using LoraDeploy.Storage;
 namespace LoraDeploy.Tests;
 
 /// <summary>
-/// A real S3-compatible server (the <c>s3rver</c> npm package) on a free loopback port over a temp folder, with one
-/// empty bucket. It is found through <c>LORADEPLOY_S3RVER</c> (the executable's path; .ci/run installs it) or on PATH.
+/// A real S3-compatible server (the <c>s3rver</c> npm package) on a loopback port it picks itself, over a temp folder,
+/// with one empty bucket. It is found through <c>LORADEPLOY_S3RVER</c> (the executable's path; .ci/run installs it) or on PATH.
 /// Missing: S3 tests are skipped, except under <c>CI=true</c>, where that is a failure.
 /// </summary>
-public sealed class S3TestServer : IAsyncDisposable
+public sealed partial class S3TestServer : IAsyncDisposable
 {
     public const string Variable = "LORADEPLOY_S3RVER";
     public const string AccessKey = "S3RVER"; // s3rver's built-in account
@@ -20,21 +20,20 @@ public sealed class S3TestServer : IAsyncDisposable
 
     private readonly Process _process;
     private readonly StringBuilder _output = new();
+    private readonly TaskCompletionSource<Uri> _listening = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
-    private S3TestServer(Process process, string directory, Uri endpoint, string bucket)
+    private S3TestServer(Process process, string directory, string bucket)
     {
         _process = process;
         Directory = directory;
-        Endpoint = endpoint;
         Bucket = bucket;
-        Client = S3BlobStore.CreateClient(Options());
     }
 
     /// <summary>The folder s3rver keeps its buckets in (parts of unfinished uploads show there too).</summary>
     public string Directory { get; }
-    public Uri Endpoint { get; }
+    public Uri Endpoint { get; private set; } = null!;
     public string Bucket { get; }
-    public IAmazonS3 Client { get; }
+    public IAmazonS3 Client { get; private set; } = null!;
 
     public string Output
     {
@@ -73,26 +72,35 @@ public sealed class S3TestServer : IAsyncDisposable
     {
         var executable = RequireExecutable();
         var directory = System.IO.Directory.CreateTempSubdirectory("loradeploy-s3-").FullName;
-        var port = ServerProcess.FreePort();
         var start = new ProcessStartInfo(executable)
         {
             RedirectStandardOutput = true,
             RedirectStandardError = true,
             UseShellExecute = false,
         };
-        foreach (var arg in new[] { "--directory", directory, "--port", port.ToString(), "--address", "127.0.0.1", "--silent" })
+        foreach (var arg in new[] { "--directory", directory, "--port", "0", "--address", "127.0.0.1", "--silent" })
         {
             start.ArgumentList.Add(arg);
         }
         var process = Process.Start(start) ?? throw new InvalidOperationException("s3rver did not start");
-        var server = new S3TestServer(process, directory, new Uri($"http://127.0.0.1:{port}"), $"blobs-{Guid.NewGuid().ToString("N")[..8]}");
+        var server = new S3TestServer(process, directory, $"blobs-{Guid.NewGuid().ToString("N")[..8]}");
         process.OutputDataReceived += (_, e) => server.Append(e.Data);
         process.ErrorDataReceived += (_, e) => server.Append(e.Data);
         process.BeginOutputReadLine();
         process.BeginErrorReadLine();
-        await server.WaitReadyAsync(port);
-        await server.Client.PutBucketAsync(new PutBucketRequest { BucketName = server.Bucket });
-        return server;
+        // Its own port, read from its output: a port found free beforehand could be taken by another test's server first.
+        try
+        {
+            server.Endpoint = await server.WaitListeningAsync();
+            server.Client = S3BlobStore.CreateClient(server.Options());
+            await server.Client.PutBucketAsync(new PutBucketRequest { BucketName = server.Bucket });
+            return server;
+        }
+        catch
+        {
+            await server.DisposeAsync();
+            throw;
+        }
     }
 
     /// <summary>Store settings for this server, with <paramref name="prefix"/> under the bucket.</summary>
@@ -125,27 +133,23 @@ public sealed class S3TestServer : IAsyncDisposable
         return (listed.S3Objects ?? []).Select(o => o.Key).ToList();
     }
 
-    private async Task WaitReadyAsync(int port)
+    private async Task<Uri> WaitListeningAsync()
     {
-        var deadline = DateTime.UtcNow.AddSeconds(30);
-        while (DateTime.UtcNow < deadline)
+        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+        var exited = _process.WaitForExitAsync(timeout.Token);
+        try
         {
-            if (_process.HasExited)
+            var first = await Task.WhenAny(_listening.Task, exited).WaitAsync(timeout.Token);
+            if (first == _listening.Task)
             {
-                throw new InvalidOperationException($"s3rver exited with {_process.ExitCode}:\n{Output}");
-            }
-            try
-            {
-                using var socket = new TcpClient();
-                await socket.ConnectAsync("127.0.0.1", port);
-                return;
-            }
-            catch (SocketException)
-            {
-                await Task.Delay(100);
+                return await _listening.Task;
             }
         }
-        throw new TimeoutException($"s3rver did not listen on {port} within 30 s:\n{Output}");
+        catch (OperationCanceledException)
+        {
+            throw new TimeoutException($"s3rver did not say where it listens within 30 s:\n{Output}");
+        }
+        throw new InvalidOperationException($"s3rver exited with {_process.ExitCode}:\n{Output}");
     }
 
     private void Append(string? line)
@@ -158,11 +162,15 @@ public sealed class S3TestServer : IAsyncDisposable
         {
             _output.AppendLine(line);
         }
+        if (!_listening.Task.IsCompleted && ListeningLine().Match(line) is { Success: true } listening)
+        {
+            _listening.TrySetResult(new Uri($"http://127.0.0.1:{listening.Groups[1].Value}"));
+        }
     }
 
     public async ValueTask DisposeAsync()
     {
-        Client.Dispose();
+        Client?.Dispose(); // null when the start failed
         if (!_process.HasExited)
         {
             _process.Kill(entireProcessTree: true);
@@ -177,4 +185,8 @@ public sealed class S3TestServer : IAsyncDisposable
         {
         }
     }
+
+    // Printed by s3rver's command line (bin/s3rver.js) once it listens, also with --silent.
+    [GeneratedRegex(@"^S3rver listening on 127\.0\.0\.1:(\d+)$")]
+    private static partial Regex ListeningLine();
 }

@@ -15,7 +15,8 @@ public sealed class CrashRecoveryTests
         await using var simulator = await CivitaiSimulator.StartAsync();
         var content = AdapterFiles.Flux1(seed: 7, rank: 32);
         var version = simulator.AddLora(content, baseModel: "Flux.1 D");
-        version.File.Faults.ChunkDelay = TimeSpan.FromMilliseconds(40);
+        // About 5 s for the whole file: seconds to notice a third of it staged and kill the server, even on a busy machine.
+        version.File.Faults.ChunkDelay = TimeSpan.FromMilliseconds(100);
 
         var dataDir = Path.Combine(Path.GetTempPath(), "loradeploy-tests", Guid.NewGuid().ToString("N"));
         Directory.CreateDirectory(dataDir);
