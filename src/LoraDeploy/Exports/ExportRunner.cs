@@ -1,4 +1,3 @@
-using System.Collections.Concurrent;
 using System.Data.Common;
 using LoraDeploy.BaseModels;
 using LoraDeploy.Data;
@@ -28,7 +27,7 @@ public sealed partial class ExportRunner(
     ILogger<ExportRunner> logger) : BackgroundService
 {
     private readonly string _owner = $"{Environment.MachineName}:{Environment.ProcessId}:{Guid.NewGuid().ToString("N")[..6]}";
-    private readonly ConcurrentDictionary<string, Task> _running = new();
+    private readonly RunningTasks<string> _running = new();
     private ExportOptions Options => options.Value;
     private DateTime Now => time.GetUtcNow().UtcDateTime;
 
@@ -68,7 +67,7 @@ public sealed partial class ExportRunner(
             }
         }
         // Merges stop with the host; their rows keep their leases, so a restart (or another replica) runs them again.
-        await Task.WhenAll(_running.Values).ContinueWith(_ => { }, CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
+        await _running.WhenAll().ContinueWith(_ => { }, CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
     }
 
     private TimeSpan CollectInterval => TimeSpan.FromTicks(Math.Min(Options.Retention.Ticks / 4, TimeSpan.FromMinutes(5).Ticks));
@@ -83,7 +82,7 @@ public sealed partial class ExportRunner(
         var claimed = await ClaimAsync(free, ct);
         foreach (var id in claimed)
         {
-            _running[id] = Task.Run(async () =>
+            _running.TryStart(id, async () =>
             {
                 try
                 {
@@ -93,12 +92,7 @@ public sealed partial class ExportRunner(
                 {
                     logger.LogError(e, "Export {ExportId} crashed; its lease will expire and it will be run again", id);
                 }
-                finally
-                {
-                    _running.TryRemove(id, out _);
-                    signal.Wake();
-                }
-            }, CancellationToken.None);
+            }, signal.Wake);
         }
         return claimed.Count > 0;
     }

@@ -41,11 +41,11 @@ public sealed partial class ImportPipeline
     /// </summary>
     public void Adopt(string deployId)
     {
-        if (!Options.Enabled || _resolutions.ContainsKey(deployId))
+        if (Options.Enabled)
         {
-            return; // a replica without a pipeline leaves the job to the others once its lease lapses
+            _resolutions.TryStart(deployId, () => RunResolutionAsync(deployId, _stopping), signal.Wake);
         }
-        _resolutions[deployId] = Task.Run(() => RunResolutionAsync(deployId, _stopping), CancellationToken.None);
+        // else a replica without a pipeline leaves the job to the others once its lease lapses
     }
 
     /// <summary>

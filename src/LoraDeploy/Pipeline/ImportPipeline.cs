@@ -1,4 +1,3 @@
-using System.Collections.Concurrent;
 using System.Text.Json;
 using System.Text.Json.Serialization;
 using LoraDeploy.BaseModels;
@@ -36,8 +35,8 @@ public sealed partial class ImportPipeline(
     ILogger<ImportPipeline> logger) : BackgroundService
 {
     private readonly string _owner = $"{Environment.MachineName}:{Environment.ProcessId}:{Guid.NewGuid().ToString("N")[..6]}";
-    private readonly ConcurrentDictionary<long, Task> _downloads = new();
-    private readonly ConcurrentDictionary<string, Task> _resolutions = new();
+    private readonly RunningTasks<long> _downloads = new();
+    private readonly RunningTasks<string> _resolutions = new();
     private CancellationToken _stopping = CancellationToken.None;
     private PipelineOptions Options => options.Value;
     private DateTime Now => time.GetUtcNow().UtcDateTime;
@@ -81,7 +80,7 @@ public sealed partial class ImportPipeline(
             }
         }
         // Downloads stop with the host; their rows keep their leases and staging files, so a restart resumes them.
-        await Task.WhenAll(_downloads.Values.Concat(_resolutions.Values)).ContinueWith(_ => { }, CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
+        await Task.WhenAll(_downloads.WhenAll(), _resolutions.WhenAll()).ContinueWith(_ => { }, CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
     }
 
     // ---- step 1: resolve new deploys ----
@@ -100,7 +99,7 @@ public sealed partial class ImportPipeline(
         var claimed = await ClaimNewDeploysAsync(free, ct);
         foreach (var deployId in claimed)
         {
-            _resolutions[deployId] = Task.Run(() => RunResolutionAsync(deployId, ct), CancellationToken.None);
+            _resolutions.TryStart(deployId, () => RunResolutionAsync(deployId, ct), signal.Wake);
         }
         return claimed.Count > 0;
     }
@@ -132,8 +131,6 @@ public sealed partial class ImportPipeline(
         {
             await work.CancelAsync();
             await renewal;
-            _resolutions.TryRemove(deployId, out _);
-            signal.Wake();
         }
     }
 
@@ -691,7 +688,7 @@ public sealed partial class ImportPipeline(
         var started = false;
         foreach (var downloadId in candidates)
         {
-            if (_downloads.ContainsKey(downloadId))
+            if (_downloads.Contains(downloadId))
             {
                 continue;
             }
@@ -702,7 +699,7 @@ public sealed partial class ImportPipeline(
                 continue;
             }
             started = true;
-            _downloads[downloadId] = Task.Run(async () =>
+            _downloads.TryStart(downloadId, async () =>
             {
                 try
                 {
@@ -713,12 +710,7 @@ public sealed partial class ImportPipeline(
                 {
                     logger.LogError(e, "Download {DownloadId} crashed; its lease will expire and it will be retried", downloadId);
                 }
-                finally
-                {
-                    _downloads.TryRemove(downloadId, out _);
-                    signal.Wake();
-                }
-            }, CancellationToken.None);
+            }, signal.Wake);
         }
         return started;
     }
