@@ -192,7 +192,9 @@ public static class GatewayBench
                     $"via gateway {Stats.Spread(results.Select(r => pick(r).AllocatedPerRequest / 1024).ToList(), 1)} KiB");
                 var added = results.Select(r => pick(r).P50 - r.Direct.P50).ToList();
                 var ratio = results.Select(r => pick(r).Throughput / r.Direct.Throughput).ToList();
-                Stats.Note($"{name} adds at p50: median {Stats.Spread(added)} ms (target ≤ 1 ms: {Verdict(Stats.Median(added))})");
+                // Saturated, a closed loop's p50 is connections ÷ throughput: this difference is the throughput ratio
+                // again (queueing), so the ≤ 1 ms target is judged where nothing queues (one connection, open loop).
+                Stats.Note($"{name} adds at p50, closed loop: median {Stats.Spread(added)} ms (queueing: p50 ≈ {connections} ÷ throughput; the ≤ 1 ms target is judged on one connection and the open loop)");
                 Stats.Note($"{name} throughput ÷ direct: median {Stats.Spread(ratio)} (target ≥ 0.8: {(Stats.Median(ratio) >= 0.8 ? "met" : "NOT met")})");
             }
             var addedSingle = single.Select(r => r.Gateway.P50 - r.Direct.P50).ToList();
