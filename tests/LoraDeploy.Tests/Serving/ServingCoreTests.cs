@@ -175,7 +175,7 @@ public sealed class ServingCoreTests : IAsyncLifetime
         Assert.False(await _h.Server.QueryAsync(db => db.Workers.AnyAsync(w => w.Id == "leaving")));
         // The new copy ready first, then the deploy read after it: a read before the placement pass still shows the
         // leaver's copy as running.
-        await WaitForAsync(id, _ => _h.Server.QueryAsync(db => db.Instances.AnyAsync(i => i.DeployId == id && i.WorkerId == "staying" && i.State == InstanceState.Ready)).Result, "moved");
+        await Eventually.TrueAsync(() => _h.Server.QueryAsync(db => db.Instances.AnyAsync(i => i.DeployId == id && i.WorkerId == "staying" && i.State == InstanceState.Ready)), "moved");
         await WaitForAsync(id, Running(1), "ran again");
         Assert.Equal("staying", (await (await InferAsync($"{_h.User.Name}/leaver")).ExpectAsync(HttpStatusCode.OK)).GetProperty("worker").GetString());
         using var client = _h.Server.CreateClient(_workerToken);

@@ -4,6 +4,7 @@ using LoraDeploy.Auth;
 using LoraDeploy.Data;
 using LoraDeploy.Lora.Tests.Support;
 using LoraDeploy.Tests.Simulator;
+using LoraDeploy.Tests.Workers;
 using Microsoft.EntityFrameworkCore;
 
 namespace LoraDeploy.Tests.Serving;
@@ -122,8 +123,8 @@ public sealed class WorkerProcessTests : IAsyncLifetime
         var killedAt = DateTime.UtcNow;
         // The survivor's copy ready first, then the deploy read after it: a status read before the re-placement still
         // says "running" from the killed holder's copy (CI once saw that, then 423 "deploying" from the next request).
-        await DeployAsync(id, _ => _server.QueryAsync(db => db.Instances.AnyAsync(i => i.DeployId == id && i.WorkerId == other && i.State == InstanceState.Ready)).Result,
-            "moved to the surviving worker", TimeSpan.FromSeconds(30));
+        await Eventually.TrueAsync(() => _server.QueryAsync(db => db.Instances.AnyAsync(i => i.DeployId == id && i.WorkerId == other && i.State == InstanceState.Ready)),
+            "moved to the surviving worker");
         await DeployAsync(id, d => d.GetProperty("status").GetString() == "running", "ran again", TimeSpan.FromSeconds(30));
         Assert.True(DateTime.UtcNow - killedAt < TimeSpan.FromSeconds(15), "re-placed within seconds");
         Assert.Equal([other], await HoldersAsync(id));

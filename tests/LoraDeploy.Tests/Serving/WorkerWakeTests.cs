@@ -38,7 +38,7 @@ public sealed class WorkerWakeTests : IAsyncLifetime
         _engine = new TestEchoEngine(Engines.ComfyUi);
         _worker = WorkerHost.Build(args, [_engine], builder => builder.Logging.AddFilter("Microsoft", LogLevel.Warning));
         await _worker.StartAsync();
-        await Eventually.TrueAsync(() => _h.Server.QueryAsync(db => db.Workers.AnyAsync()).Result, "the worker registers");
+        await Eventually.TrueAsync(() => _h.Server.QueryAsync(db => db.Workers.AnyAsync()), "the worker registers");
     }
 
     public async ValueTask DisposeAsync()
