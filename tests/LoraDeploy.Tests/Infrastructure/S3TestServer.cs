@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using System.Text;
 using System.Text.RegularExpressions;
 using Amazon.S3;
 using Amazon.S3.Model;
@@ -19,12 +18,12 @@ public sealed partial class S3TestServer : IAsyncDisposable
     public const string SecretKey = "S3RVER";
 
     private readonly Process _process;
-    private readonly StringBuilder _output = new();
-    private readonly TaskCompletionSource<Uri> _listening = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly ProcessOutput _output;
 
     private S3TestServer(Process process, string directory, string bucket)
     {
         _process = process;
+        _output = new ProcessOutput(process, ListeningLine(), match => new Uri($"http://127.0.0.1:{match.Groups[1].Value}"));
         Directory = directory;
         Bucket = bucket;
     }
@@ -35,16 +34,7 @@ public sealed partial class S3TestServer : IAsyncDisposable
     public string Bucket { get; }
     public IAmazonS3 Client { get; private set; } = null!;
 
-    public string Output
-    {
-        get
-        {
-            lock (_output)
-            {
-                return _output.ToString();
-            }
-        }
-    }
+    public string Output => _output.Text;
 
     public static string RequireExecutable()
     {
@@ -84,14 +74,9 @@ public sealed partial class S3TestServer : IAsyncDisposable
         }
         var process = Process.Start(start) ?? throw new InvalidOperationException("s3rver did not start");
         var server = new S3TestServer(process, directory, $"blobs-{Guid.NewGuid().ToString("N")[..8]}");
-        process.OutputDataReceived += (_, e) => server.Append(e.Data);
-        process.ErrorDataReceived += (_, e) => server.Append(e.Data);
-        process.BeginOutputReadLine();
-        process.BeginErrorReadLine();
-        // Its own port, read from its output: a port found free beforehand could be taken by another test's server first.
         try
         {
-            server.Endpoint = await server.WaitListeningAsync();
+            server.Endpoint = await server._output.ListeningAsync("s3rver", TimeSpan.FromSeconds(30));
             server.Client = S3BlobStore.CreateClient(server.Options());
             await server.Client.PutBucketAsync(new PutBucketRequest { BucketName = server.Bucket });
             return server;
@@ -131,41 +116,6 @@ public sealed partial class S3TestServer : IAsyncDisposable
     {
         var listed = await Client.ListObjectsV2Async(new ListObjectsV2Request { BucketName = Bucket });
         return (listed.S3Objects ?? []).Select(o => o.Key).ToList();
-    }
-
-    private async Task<Uri> WaitListeningAsync()
-    {
-        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(30));
-        var exited = _process.WaitForExitAsync(timeout.Token);
-        try
-        {
-            var first = await Task.WhenAny(_listening.Task, exited).WaitAsync(timeout.Token);
-            if (first == _listening.Task)
-            {
-                return await _listening.Task;
-            }
-        }
-        catch (OperationCanceledException)
-        {
-            throw new TimeoutException($"s3rver did not say where it listens within 30 s:\n{Output}");
-        }
-        throw new InvalidOperationException($"s3rver exited with {_process.ExitCode}:\n{Output}");
-    }
-
-    private void Append(string? line)
-    {
-        if (line is null)
-        {
-            return;
-        }
-        lock (_output)
-        {
-            _output.AppendLine(line);
-        }
-        if (!_listening.Task.IsCompleted && ListeningLine().Match(line) is { Success: true } listening)
-        {
-            _listening.TrySetResult(new Uri($"http://127.0.0.1:{listening.Groups[1].Value}"));
-        }
     }
 
     public async ValueTask DisposeAsync()

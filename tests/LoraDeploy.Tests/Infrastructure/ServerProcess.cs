@@ -2,7 +2,6 @@ using System.Diagnostics;
 using System.Net;
 using System.Net.Http.Headers;
 using System.Net.Sockets;
-using System.Text;
 using System.Text.RegularExpressions;
 
 namespace LoraDeploy.Tests;
@@ -14,32 +13,19 @@ namespace LoraDeploy.Tests;
 public sealed partial class ServerProcess : IAsyncDisposable
 {
     private readonly Process _process;
-    private readonly StringBuilder _output = new();
-
-    private readonly TaskCompletionSource<Uri> _listening = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly ProcessOutput _output;
 
     private ServerProcess(Process process)
     {
         _process = process;
-        process.OutputDataReceived += (_, e) => Append(e.Data);
-        process.ErrorDataReceived += (_, e) => Append(e.Data);
-        process.BeginOutputReadLine();
-        process.BeginErrorReadLine();
+        // "LoraDeploy is listening on http://127.0.0.1:PORT (…)" from serve, "LoraDeploy worker is listening on …" from worker.
+        _output = new ProcessOutput(process, ListeningLine(), match => new Uri(match.Groups[1].Value));
     }
 
     /// <summary>Where it listens: the port it was given by the system, as it printed it.</summary>
     public Uri BaseUrl { get; private set; } = null!;
 
-    public string Output
-    {
-        get
-        {
-            lock (_output)
-            {
-                return _output.ToString();
-            }
-        }
-    }
+    public string Output => _output.Text;
 
     public bool HasExited => _process.HasExited;
 
@@ -120,16 +106,7 @@ public sealed partial class ServerProcess : IAsyncDisposable
     private async Task WaitReadyAsync(TimeSpan timeout)
     {
         var deadline = DateTime.UtcNow + timeout;
-        while (!_listening.Task.IsCompleted)
-        {
-            ThrowIfExited();
-            if (DateTime.UtcNow >= deadline)
-            {
-                throw new TimeoutException($"loradeploy did not say where it listens within {timeout}:\n{Output}");
-            }
-            await Task.Delay(50);
-        }
-        BaseUrl = await _listening.Task;
+        BaseUrl = await _output.ListeningAsync("loradeploy", timeout);
         using var client = new HttpClient { BaseAddress = BaseUrl, Timeout = TimeSpan.FromSeconds(2) };
         while (DateTime.UtcNow < deadline)
         {
@@ -157,23 +134,6 @@ public sealed partial class ServerProcess : IAsyncDisposable
         if (_process.HasExited)
         {
             throw new InvalidOperationException($"loradeploy serve exited with {_process.ExitCode}:\n{Output}");
-        }
-    }
-
-    private void Append(string? line)
-    {
-        if (line is null)
-        {
-            return;
-        }
-        lock (_output)
-        {
-            _output.AppendLine(line);
-        }
-        // "LoraDeploy is listening on http://127.0.0.1:PORT (…)" from serve, "LoraDeploy worker is listening on …" from worker.
-        if (!_listening.Task.IsCompleted && ListeningLine().Match(line) is { Success: true } listening)
-        {
-            _listening.TrySetResult(new Uri(listening.Groups[1].Value));
         }
     }
 
