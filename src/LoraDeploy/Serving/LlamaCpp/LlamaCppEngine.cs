@@ -43,8 +43,17 @@ public sealed class LlamaCppEngine : IAsyncDisposable
         _vocabSize = weights.Vocab.Count;
         _capacity = new SemaphoreSlim(options.Slots, options.Slots);
         Model = new LlamaCppModelInfo((int)options.ContextSize, _vocabSize, weights.NativeHandle.ContextSize,
-            weights.Vocab.ShouldAddBOS, weights.NativeHandle.GetTemplate(strict: false));
+            weights.Vocab.ShouldAddBOS, ChatTemplate(weights));
     }
+
+    /// <summary>
+    /// The model's default chat template (what <c>llama_model_chat_template(model, NULL)</c> returns), read from the
+    /// metadata LLamaSharp copied out with its length. Not <c>SafeLlamaModelHandle.GetTemplate</c>: it finds the end of
+    /// the C string with a vectorised <c>IndexOf</c> over an <c>int.MaxValue</c>-long span, which reads past the
+    /// terminator and crashed a CI run (AccessViolationException) when the string ended just before an unmapped page.
+    /// </summary>
+    private static string? ChatTemplate(LLamaWeights weights) =>
+        weights.Metadata.TryGetValue("tokenizer.chat_template", out var template) ? template : null;
 
     /// <summary>Loads the base model (once); contexts are created when requests need them.</summary>
     /// <exception cref="LlamaCppEngineException">llama.cpp could not load the model; the message carries its reason.</exception>
