@@ -359,6 +359,7 @@ public sealed partial class ExportRunner(
         var cutoff = Now - Options.Retention;
         var expired = await db.ExportJobs
             .Where(j => (j.Status == ExportJobStatus.Done || j.Status == ExportJobStatus.Failed) && j.FinishedAt < cutoff)
+            .OrderBy(j => j.FinishedAt) // oldest first, and a stable batch
             .Select(j => j.Id)
             .Take(100)
             .ToListAsync(ct);

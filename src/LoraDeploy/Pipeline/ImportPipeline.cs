@@ -762,6 +762,7 @@ public sealed partial class ImportPipeline(
         var cutoff = Now - Options.BlobGracePeriod;
         var orphans = await db.Blobs
             .Where(b => b.CreatedAt < cutoff && !db.Loras.Any(l => !l.Deleted && (l.AdapterSha256 == b.Sha256 || l.ExpectedSha256 == b.Sha256)))
+            .OrderBy(b => b.CreatedAt) // oldest first, and a stable batch
             .Select(b => b.Sha256)
             .Take(100)
             .ToListAsync(ct);
